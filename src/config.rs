@@ -1,0 +1,492 @@
+//! The service's configuration: one typed struct, loaded and validated once at
+//! start-up, before anything binds.
+//!
+//! Sources, later ones winning: built-in defaults, `--config FILE` (YAML or
+//! TOML), the Redis variables operators of the earlier tool use (`REDIS_URL`,
+//! `REDIS_PASSWORD`, ...), environment variables `ACTIVESCALE_<FIELD>` (for
+//! example `ACTIVESCALE_POD_TTL=20s`), then command-line flags. Every field has
+//! a default; durations are written the humantime way (`15s`, `500ms`, `2m`).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::sink::names;
+
+/// Which store backs the sink and the scaler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In-process; one replica only.
+    #[default]
+    Memory,
+    /// Redis or Valkey, shared by every replica.
+    Redis,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Every setting of the service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the Envoy metrics sink (gRPC `StreamMetrics`) listens.
+    pub sink_addr: SocketAddr,
+    /// Where KEDA's external scaler gRPC service listens.
+    pub scaler_addr: SocketAddr,
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/v1/pods` are served.
+    pub http_addr: SocketAddr,
+    /// A pod not heard from for this long drops out of every answer
+    /// (three Envoy flushes by default).
+    #[serde(with = "humantime_serde")]
+    pub pod_ttl: Duration,
+    /// `memory` (one replica) or `redis` (several replicas, one view).
+    pub store: StoreKind,
+    /// Largest Envoy message accepted, in bytes. A full Envoy stats dump can
+    /// exceed gRPC's usual 4 MiB.
+    pub max_message_bytes: usize,
+    /// Stat-name globs the sink keeps (`*` matches anything).
+    pub metric_include: Vec<String>,
+    /// Stat-name globs the sink drops even when included.
+    pub metric_exclude: Vec<String>,
+    /// Also drop the sink's own inbound scope
+    /// (`http.inbound_0.0.0.0_<sink port>;`), where the scaler's sidecar counts
+    /// Envoy's long-lived metrics streams as requests in flight.
+    pub exclude_sink_scope: bool,
+    /// Longest `window` a trigger may ask for; pod history older than this is
+    /// forgotten.
+    #[serde(with = "humantime_serde")]
+    pub max_window: Duration,
+    /// After start-up, envoy-source answers are UNAVAILABLE for this long so
+    /// that an empty store is not read as "no load" before sidecars have
+    /// reconnected. Unset: 10s with the memory store, 0s with Redis (its data
+    /// outlives a restart).
+    #[serde(with = "humantime_serde")]
+    pub warmup: Option<Duration>,
+    /// Let a trigger's `namespace` metadata read pods of another namespace.
+    /// Off: a trigger sees only its ScaledObject's namespace.
+    pub allow_cross_namespace: bool,
+    /// Parsed trigger metadata kept (one entry per ScaledObject trigger).
+    pub metadata_cache_size: usize,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// How often the ingest and API summary lines are logged.
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
+    /// On SIGTERM, how long open streams and calls get to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// HTTP/2 keepalive ping interval on both gRPC ports, so idle
+    /// StreamIsActive and Envoy streams survive proxies and NAT.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+
+    /// Redis/Valkey URL: `redis://`, `rediss://` (TLS). Also `REDIS_URL`.
+    pub redis_url: String,
+    /// ACL user name (`REDIS_USERNAME`).
+    pub redis_username: Option<String>,
+    /// Password (`REDIS_PASSWORD`).
+    pub redis_password: Option<String>,
+    /// Database number (`REDIS_DB`); not available with cluster mode.
+    pub redis_db: Option<i64>,
+    /// Use TLS even with a `redis://` URL (`REDIS_TLS=true`).
+    pub redis_tls: bool,
+    /// CA bundle to verify the server with (`REDIS_CA_FILE`).
+    pub redis_ca_file: Option<PathBuf>,
+    /// Skip server certificate verification (`REDIS_TLS_INSECURE=true`). Never in production.
+    pub redis_tls_insecure: bool,
+    /// Client certificate for mutual TLS (`REDIS_CERT_FILE`).
+    pub redis_cert_file: Option<PathBuf>,
+    /// Client key for mutual TLS (`REDIS_KEY_FILE`).
+    pub redis_key_file: Option<PathBuf>,
+    /// Redis Cluster / Valkey cluster mode (`REDIS_CLUSTER=true`).
+    pub redis_cluster: bool,
+    /// Connections in the command pool.
+    pub redis_pool_size: usize,
+    /// Deadline for one Redis command or pipeline.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// Prefix of every key and channel, so several installs can share one Redis.
+    pub redis_key_prefix: String,
+
+    /// Inject `namespace="<ScaledObject namespace>"` into every vector selector
+    /// of prometheus-source queries.
+    pub prometheus_enforce_namespace: bool,
+    /// How long a Prometheus result is reused for the same (server, query).
+    #[serde(with = "humantime_serde")]
+    pub prometheus_cache_ttl: Duration,
+    /// How often StreamIsActive re-reads prometheus-source triggers.
+    #[serde(with = "humantime_serde")]
+    pub prometheus_poll_interval: Duration,
+    /// Default query timeout when the trigger sets none.
+    #[serde(with = "humantime_serde")]
+    pub prometheus_timeout: Duration,
+
+    /// PEM certificate chain for TLS on both gRPC ports.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// How often the TLS files are checked for changes (cert-manager rotation).
+    #[serde(with = "humantime_serde")]
+    pub tls_reload_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            sink_addr: ([0, 0, 0, 0], 9000).into(),
+            scaler_addr: ([0, 0, 0, 0], 9090).into(),
+            http_addr: ([0, 0, 0, 0], 8080).into(),
+            pod_ttl: Duration::from_secs(15),
+            store: StoreKind::Memory,
+            max_message_bytes: 16 * 1024 * 1024,
+            metric_include: names::default_include(),
+            metric_exclude: names::default_exclude(),
+            exclude_sink_scope: true,
+            max_window: Duration::from_secs(600),
+            warmup: None,
+            allow_cross_namespace: false,
+            metadata_cache_size: 10_000,
+            log_format: LogFormat::Text,
+            summary_interval: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_username: None,
+            redis_password: None,
+            redis_db: None,
+            redis_tls: false,
+            redis_ca_file: None,
+            redis_tls_insecure: false,
+            redis_cert_file: None,
+            redis_key_file: None,
+            redis_cluster: false,
+            redis_pool_size: 16,
+            redis_timeout: Duration::from_millis(500),
+            redis_key_prefix: "activescale".into(),
+            prometheus_enforce_namespace: true,
+            prometheus_cache_ttl: Duration::from_secs(2),
+            prometheus_poll_interval: Duration::from_secs(5),
+            prometheus_timeout: Duration::from_secs(5),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A setting that cannot be used; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Environment variables kept from the earlier tool, and the field each sets.
+pub const LEGACY_ENV: &[(&str, &str)] = &[
+    ("REDIS_URL", "redis_url"),
+    ("REDIS_USERNAME", "redis_username"),
+    ("REDIS_PASSWORD", "redis_password"),
+    ("REDIS_DB", "redis_db"),
+    ("REDIS_TLS", "redis_tls"),
+    ("REDIS_CA_FILE", "redis_ca_file"),
+    ("REDIS_TLS_INSECURE", "redis_tls_insecure"),
+    ("REDIS_CERT_FILE", "redis_cert_file"),
+    ("REDIS_KEY_FILE", "redis_key_file"),
+    ("REDIS_CLUSTER", "redis_cluster"),
+];
+
+/// Fields that hold lists (comma-separated in the environment and on flags).
+const LIST_FIELDS: &[&str] = &["metric_include", "metric_exclude"];
+
+impl Config {
+    /// Loads defaults, then `file`, then the environment, then `overrides`
+    /// (field name → value, from command-line flags), and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars(), overrides)
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(&str, String)],
+    ) -> Result<Self, ConfigError> {
+        let err = |e: config::ConfigError| ConfigError(e.to_string());
+        let defaults = config::Config::try_from(&Config::default()).map_err(err)?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        for (var, field) in LEGACY_ENV {
+            if let Some((_, v)) = env.iter().find(|(k, _)| k == var) {
+                builder = set(builder, field, v).map_err(err)?;
+            }
+        }
+        for (var, value) in &env {
+            if let Some(field) = var.strip_prefix("ACTIVESCALE_") {
+                if is_service_link(field) {
+                    continue;
+                }
+                let field = field.to_ascii_lowercase();
+                builder = set(builder, &field, value).map_err(err)?;
+            }
+        }
+        for (field, value) in overrides {
+            builder = set(builder, field, value).map_err(err)?;
+        }
+        let cfg: Config = builder
+            .build()
+            .map_err(err)?
+            .try_deserialize()
+            .map_err(err)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ranges, pairs of settings, files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, why: &str| Err(ConfigError(format!("{field}: {why}")));
+        if self.pod_ttl.is_zero() {
+            return bad("pod_ttl", "must be greater than 0");
+        }
+        if self.max_message_bytes < 1024 {
+            return bad("max_message_bytes", "must be at least 1024");
+        }
+        if self.metric_include.is_empty() {
+            return bad("metric_include", "needs at least one pattern");
+        }
+        if self.summary_interval.is_zero() {
+            return bad("summary_interval", "must be greater than 0");
+        }
+        if self.metadata_cache_size == 0 {
+            return bad("metadata_cache_size", "must be at least 1");
+        }
+        if self.redis_pool_size == 0 {
+            return bad("redis_pool_size", "must be at least 1");
+        }
+        if self.redis_timeout.is_zero() {
+            return bad("redis_timeout", "must be greater than 0");
+        }
+        if self.prometheus_poll_interval.is_zero() {
+            return bad("prometheus_poll_interval", "must be greater than 0");
+        }
+        if self.redis_key_prefix.is_empty() || self.redis_key_prefix.contains(['{', '}']) {
+            return bad("redis_key_prefix", "must be non-empty and free of '{' and '}'");
+        }
+        if self.store == StoreKind::Redis {
+            let scheme = self.redis_url.split("://").next().unwrap_or("");
+            if !matches!(scheme, "redis" | "rediss" | "redis+cluster" | "rediss+cluster") || !self.redis_url.contains("://") {
+                return bad(
+                    "redis_url",
+                    &format!("{:?} is not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL", self.redis_url),
+                );
+            }
+            if self.redis_cert_file.is_some() != self.redis_key_file.is_some() {
+                return bad("redis_cert_file", "redis_cert_file and redis_key_file go together");
+            }
+            for (field, path) in [
+                ("redis_ca_file", &self.redis_ca_file),
+                ("redis_cert_file", &self.redis_cert_file),
+                ("redis_key_file", &self.redis_key_file),
+            ] {
+                readable(field, path.as_deref())?;
+            }
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_cert", "tls_cert and tls_key go together");
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return bad("tls_client_ca", "client verification needs tls_cert and tls_key");
+        }
+        for (field, path) in [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_client_ca", &self.tls_client_ca),
+        ] {
+            readable(field, path.as_deref())?;
+        }
+        Ok(())
+    }
+
+    /// The warm-up that applies to this store (see [`Config::warmup`]).
+    pub fn effective_warmup(&self) -> Duration {
+        self.warmup.unwrap_or(match self.store {
+            StoreKind::Memory => Duration::from_secs(10),
+            StoreKind::Redis => Duration::ZERO,
+        })
+    }
+
+    /// Redis cluster mode, from the flag or a `redis+cluster://` URL.
+    pub fn redis_cluster_mode(&self) -> bool {
+        self.redis_cluster || self.redis_url.contains("+cluster://")
+    }
+}
+
+fn set(
+    builder: config::ConfigBuilder<config::builder::DefaultState>,
+    field: &str,
+    value: &str,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
+    if LIST_FIELDS.contains(&field) {
+        let items: Vec<String> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        builder.set_override(field, items)
+    } else {
+        builder.set_override(field, value)
+    }
+}
+
+/// Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_9000_TCP`, ...
+/// for every Service of the namespace; a Service named `activescale` produces
+/// `ACTIVESCALE_*` variables that are not settings.
+fn is_service_link(field: &str) -> bool {
+    field.starts_with("SERVICE_HOST")
+        || field.starts_with("SERVICE_PORT")
+        || field == "PORT"
+        || field.starts_with("PORT_")
+}
+
+fn readable(field: &str, path: Option<&Path>) -> Result<(), ConfigError> {
+    match path {
+        Some(p) => std::fs::metadata(p)
+            .map(drop)
+            .map_err(|e| ConfigError(format!("{field}: cannot read {}: {e}", p.display()))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let overrides: Vec<(&str, String)> = overrides.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        Config::load_from(None, env, &overrides)
+    }
+
+    #[test]
+    fn defaults_are_the_contract() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.sink_addr.port(), 9000);
+        assert_eq!(c.scaler_addr.port(), 9090);
+        assert_eq!(c.http_addr.port(), 8080);
+        assert_eq!(c.pod_ttl, Duration::from_secs(15));
+        assert_eq!(c.store, StoreKind::Memory);
+        assert_eq!(c.max_message_bytes, 16 << 20);
+    }
+
+    #[test]
+    fn env_then_flags_win() {
+        let c = load(
+            &[("ACTIVESCALE_POD_TTL", "20s"), ("ACTIVESCALE_SINK_ADDR", "127.0.0.1:1")],
+            &[("pod_ttl", "30s")],
+        )
+        .unwrap();
+        assert_eq!(c.pod_ttl, Duration::from_secs(30));
+        assert_eq!(c.sink_addr, "127.0.0.1:1".parse().unwrap());
+    }
+
+    #[test]
+    fn legacy_redis_variables() {
+        let c = load(
+            &[
+                ("REDIS_URL", "rediss://cache:6380"),
+                ("REDIS_PASSWORD", "s3cret"),
+                ("REDIS_DB", "2"),
+                ("REDIS_TLS_INSECURE", "true"),
+            ],
+            &[("store", "redis")],
+        )
+        .unwrap();
+        assert_eq!(c.redis_url, "rediss://cache:6380");
+        assert_eq!(c.redis_password.as_deref(), Some("s3cret"));
+        assert_eq!(c.redis_db, Some(2));
+        assert!(c.redis_tls_insecure);
+        // The prefixed name wins over the legacy one.
+        let c = load(&[("REDIS_URL", "redis://a"), ("ACTIVESCALE_REDIS_URL", "redis://b")], &[]).unwrap();
+        assert_eq!(c.redis_url, "redis://b");
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_not_settings() {
+        let c = load(
+            &[
+                ("ACTIVESCALE_SERVICE_HOST", "10.0.0.1"),
+                ("ACTIVESCALE_SERVICE_PORT_GRPC_SCALER", "9090"),
+                ("ACTIVESCALE_PORT", "tcp://10.0.0.1:9000"),
+                ("ACTIVESCALE_PORT_9000_TCP_ADDR", "10.0.0.1"),
+            ],
+            &[],
+        );
+        assert_eq!(c.unwrap(), Config::default());
+    }
+
+    #[test]
+    fn lists_are_comma_separated() {
+        let c = load(&[("ACTIVESCALE_METRIC_EXCLUDE", "a.*, b.*")], &[]).unwrap();
+        assert_eq!(c.metric_exclude, vec!["a.*", "b.*"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (env, field) in [
+            (("ACTIVESCALE_POD_TTL", "soon"), "pod_ttl"),
+            (("ACTIVESCALE_POD_TTL", "0s"), "pod_ttl"),
+            (("ACTIVESCALE_STORE", "etcd"), "store"),
+            (("ACTIVESCALE_SINK_ADDR", "nowhere"), "sink_addr"),
+            (("ACTIVESCALE_MAX_MESSAGE_BYTES", "12"), "max_message_bytes"),
+            (("ACTIVESCALE_TLS_CERT", "/nonexistent.pem"), "tls_cert"),
+            (("ACTIVESCALE_NO_SUCH_SETTING", "1"), "no_such_setting"),
+        ] {
+            let e = load(&[env], &[]).unwrap_err().to_string();
+            assert!(e.contains(field), "{e:?} should name {field}");
+        }
+        let e = load(&[("REDIS_URL", "http://x")], &[("store", "redis")]).unwrap_err();
+        assert!(e.to_string().contains("redis_url"), "{e}");
+    }
+
+    #[test]
+    fn config_file_between_defaults_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "pod_ttl: 45s\nstore: memory\nhttp_addr: 127.0.0.1:18080\n").unwrap();
+        let env = vec![("ACTIVESCALE_POD_TTL".to_string(), "50s".to_string())];
+        let c = Config::load_from(Some(&path), env, &[]).unwrap();
+        assert_eq!(c.pod_ttl, Duration::from_secs(50));
+        assert_eq!(c.http_addr.port(), 18080);
+    }
+
+    #[test]
+    fn warmup_depends_on_the_store() {
+        let mut c = Config::default();
+        assert_eq!(c.effective_warmup(), Duration::from_secs(10));
+        c.store = StoreKind::Redis;
+        assert_eq!(c.effective_warmup(), Duration::ZERO);
+        c.warmup = Some(Duration::from_secs(3));
+        assert_eq!(c.effective_warmup(), Duration::from_secs(3));
+    }
+}

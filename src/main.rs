@@ -1,0 +1,173 @@
+//! The `activescale` binary: parse flags, load config, set up logs, bind, run.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use activescale::{Listeners, config::Config};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Envoy sink, the KEDA scaler and the HTTP port.
+    Serve(ServeArgs),
+}
+
+/// Flags override the config file and the environment. Each sets the config
+/// field of the same name (`--pod-ttl` sets `pod_ttl`); see README.
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// YAML or TOML file with any config fields.
+    #[arg(long, env = "ACTIVESCALE_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    sink_addr: Option<String>,
+    #[arg(long)]
+    scaler_addr: Option<String>,
+    #[arg(long)]
+    http_addr: Option<String>,
+    #[arg(long)]
+    pod_ttl: Option<String>,
+    /// memory | redis
+    #[arg(long)]
+    store: Option<String>,
+    #[arg(long)]
+    max_message_bytes: Option<String>,
+    /// Comma-separated stat-name globs to keep.
+    #[arg(long)]
+    metric_include: Option<String>,
+    /// Comma-separated stat-name globs to drop.
+    #[arg(long)]
+    metric_exclude: Option<String>,
+    #[arg(long)]
+    max_window: Option<String>,
+    #[arg(long)]
+    warmup: Option<String>,
+    #[arg(long)]
+    allow_cross_namespace: Option<String>,
+    /// text | json
+    #[arg(long)]
+    log_format: Option<String>,
+    #[arg(long)]
+    summary_interval: Option<String>,
+    #[arg(long)]
+    drain_timeout: Option<String>,
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Redis Cluster / Valkey cluster mode (or use a redis+cluster:// URL).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    redis_cluster: Option<String>,
+    #[arg(long)]
+    redis_pool_size: Option<String>,
+    #[arg(long)]
+    redis_timeout: Option<String>,
+    #[arg(long)]
+    redis_key_prefix: Option<String>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    prometheus_enforce_namespace: Option<String>,
+    #[arg(long)]
+    prometheus_cache_ttl: Option<String>,
+    #[arg(long)]
+    prometheus_poll_interval: Option<String>,
+    #[arg(long)]
+    tls_cert: Option<String>,
+    #[arg(long)]
+    tls_key: Option<String>,
+    #[arg(long)]
+    tls_client_ca: Option<String>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Vec<(&'static str, String)> {
+        [
+            ("sink_addr", &self.sink_addr),
+            ("scaler_addr", &self.scaler_addr),
+            ("http_addr", &self.http_addr),
+            ("pod_ttl", &self.pod_ttl),
+            ("store", &self.store),
+            ("max_message_bytes", &self.max_message_bytes),
+            ("metric_include", &self.metric_include),
+            ("metric_exclude", &self.metric_exclude),
+            ("max_window", &self.max_window),
+            ("warmup", &self.warmup),
+            ("allow_cross_namespace", &self.allow_cross_namespace),
+            ("log_format", &self.log_format),
+            ("summary_interval", &self.summary_interval),
+            ("drain_timeout", &self.drain_timeout),
+            ("redis_url", &self.redis_url),
+            ("redis_cluster", &self.redis_cluster),
+            ("redis_pool_size", &self.redis_pool_size),
+            ("redis_timeout", &self.redis_timeout),
+            ("redis_key_prefix", &self.redis_key_prefix),
+            ("prometheus_enforce_namespace", &self.prometheus_enforce_namespace),
+            ("prometheus_cache_ttl", &self.prometheus_cache_ttl),
+            ("prometheus_poll_interval", &self.prometheus_poll_interval),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_client_ca", &self.tls_client_ca),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = match Config::load(args.config.as_deref(), &args.overrides()) {
+        Ok(c) => c,
+        Err(e) => {
+            // One line naming the setting, non-zero exit, nothing bound.
+            eprintln!("activescale: {e}");
+            std::process::exit(2);
+        }
+    };
+    activescale::telemetry::init(config.log_format);
+    if config.redis_tls_insecure {
+        tracing::warn!(
+            "REDIS_TLS_INSECURE is set: the Redis server's certificate is NOT verified; \
+             anyone on the path can read and forge scaling data"
+        );
+    }
+    let listeners = Listeners::bind(&config).await.context("binding ports")?;
+    activescale::run(config, listeners, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,287 @@
+//! The embedded store: one replica, nothing to install.
+//!
+//! Pods live in a map per namespace, so a query touches one namespace only.
+//! Reads filter out pods past their TTL themselves; a background sweeper only
+//! reclaims their memory and tells watchers that the pod is gone.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, RwLock, Weak},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use tokio::{sync::watch, time::Instant};
+
+use super::{
+    Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError, pod_value, window,
+};
+use crate::selector::Labels;
+
+/// Handle on the in-memory store; clones share the same data.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // std RwLock, not tokio's: every critical section is a few map operations
+    // with no await inside, and the sink takes the write side once per message.
+    namespaces: RwLock<HashMap<Box<str>, HashMap<Box<str>, Pod>>>,
+    // Label sets shared by all pods of a workload are stored once.
+    labels: std::sync::Mutex<HashSet<Arc<Labels>>>,
+    notifier: Notifier,
+    ttl: Duration,
+    /// History older than this is forgotten: no window may be longer.
+    max_window: Duration,
+    origin: Instant,
+}
+
+struct Pod {
+    identity: Arc<PodIdentity>,
+    /// Latest value per kept stat family; a handful at most.
+    families: Vec<(Box<str>, f64)>,
+    value: f64,
+    last_seen_ms: u64,
+    history: Vec<window::Point>,
+}
+
+impl MemoryStore {
+    /// Creates the store and starts its expiry sweeper on the current runtime.
+    /// The sweeper stops when the last handle is dropped.
+    pub fn new(ttl: Duration, max_window: Duration) -> Self {
+        let inner = Arc::new(Inner {
+            namespaces: RwLock::default(),
+            labels: Default::default(),
+            notifier: Notifier::default(),
+            ttl,
+            max_window,
+            origin: Instant::now(),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+}
+
+impl Inner {
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn is_live(&self, pod: &Pod, now_ms: u64) -> bool {
+        now_ms.saturating_sub(pod.last_seen_ms) < self.ttl.as_millis() as u64
+    }
+
+    fn intern(&self, identity: &PodIdentity) -> Arc<PodIdentity> {
+        let mut table = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+        let labels = match table.get(&*identity.labels) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                table.insert(Arc::clone(&identity.labels));
+                Arc::clone(&identity.labels)
+            }
+        };
+        Arc::new(PodIdentity {
+            labels,
+            ..identity.clone()
+        })
+    }
+
+    /// Removes expired pods; returns the namespaces that lost one.
+    fn expire(&self) -> Vec<Box<str>> {
+        let now = self.now_ms();
+        let mut changed = Vec::new();
+        let mut namespaces = self.namespaces.write().unwrap_or_else(|e| e.into_inner());
+        namespaces.retain(|ns, pods| {
+            let before = pods.len();
+            pods.retain(|_, pod| self.is_live(pod, now));
+            if pods.len() != before {
+                changed.push(ns.clone());
+            }
+            !pods.is_empty()
+        });
+        changed
+    }
+}
+
+async fn sweep(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => (i.ttl / 8).clamp(Duration::from_millis(20), Duration::from_secs(1)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        for ns in inner.expire() {
+            inner.notifier.notify(&ns);
+        }
+        if let Ok(mut table) = inner.labels.lock() {
+            // Label sets no pod uses any more (only the table holds them).
+            table.retain(|labels| Arc::strong_count(labels) > 1);
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn record(
+        &self,
+        pod: &PodIdentity,
+        families: &[(String, f64)],
+    ) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let now = inner.now_ms();
+        let changed = {
+            let mut namespaces = inner.namespaces.write().unwrap_or_else(|e| e.into_inner());
+            let pods = match namespaces.get_mut(pod.namespace.as_str()) {
+                Some(p) => p,
+                None => namespaces.entry(pod.namespace.as_str().into()).or_default(),
+            };
+            match pods.get_mut(pod.name.as_str()) {
+                Some(entry) if inner.is_live(entry, now) && *entry.identity == *pod => {
+                    let before = entry.value;
+                    for (name, value) in families {
+                        match entry.families.iter_mut().find(|(n, _)| **n == **name) {
+                            Some(slot) => slot.1 = *value,
+                            None => entry.families.push((name.as_str().into(), *value)),
+                        }
+                    }
+                    entry.value = pod_value(entry.families.iter().map(|(_, v)| v));
+                    entry.last_seen_ms = now;
+                    window::push(&mut entry.history, now, entry.value, inner.max_window);
+                    entry.value != before
+                }
+                _ => {
+                    // New pod, a pod back after expiry, or new labels: start afresh.
+                    let families: Vec<(Box<str>, f64)> = families
+                        .iter()
+                        .map(|(n, v)| (n.as_str().into(), *v))
+                        .collect();
+                    let value = pod_value(families.iter().map(|(_, v)| v));
+                    let mut history = Vec::new();
+                    window::push(&mut history, now, value, inner.max_window);
+                    pods.insert(
+                        pod.name.as_str().into(),
+                        Pod {
+                            identity: inner.intern(pod),
+                            families,
+                            value,
+                            last_seen_ms: now,
+                            history,
+                        },
+                    );
+                    true
+                }
+            }
+        };
+        if changed {
+            inner.notifier.notify(&pod.namespace);
+        }
+        Ok(())
+    }
+
+    async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
+        let inner = &*self.inner;
+        let now = inner.now_ms();
+        let namespaces = inner.namespaces.read().unwrap_or_else(|e| e.into_inner());
+        let Some(pods) = namespaces.get(query.namespace.as_str()) else {
+            return Ok(Vec::new());
+        };
+        Ok(pods
+            .values()
+            .filter(|p| inner.is_live(p, now) && query.selector.matches(&p.identity))
+            .map(|p| match query.window {
+                Some(w) => window::reduce(&p.history, now, w).unwrap_or(p.value),
+                None => p.value,
+            })
+            .collect())
+    }
+
+    async fn pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+    ) -> Result<Vec<PodView>, StoreError> {
+        let inner = &*self.inner;
+        let now = inner.now_ms();
+        let namespaces = inner.namespaces.read().unwrap_or_else(|e| e.into_inner());
+        let Some(pods) = namespaces.get(namespace) else {
+            return Ok(Vec::new());
+        };
+        let mut views: Vec<PodView> = pods
+            .values()
+            .filter(|p| inner.is_live(p, now) && selector.is_none_or(|s| s.matches(&p.identity)))
+            .map(|p| PodView {
+                identity: (*p.identity).clone(),
+                value: p.value,
+                families: p.families.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+                age: Duration::from_millis(now.saturating_sub(p.last_seen_ms)),
+            })
+            .collect();
+        views.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
+        Ok(views)
+    }
+
+    fn watch(&self, namespace: &str) -> watch::Receiver<u64> {
+        self.inner.notifier.subscribe(namespace)
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn tracked_pods(&self) -> Option<u64> {
+        let namespaces = self.inner.namespaces.read().unwrap_or_else(|e| e.into_inner());
+        Some(namespaces.values().map(|p| p.len() as u64).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selector::Selector;
+
+    fn pod(ns: &str, name: &str, app: &str) -> PodIdentity {
+        PodIdentity {
+            namespace: ns.into(),
+            name: name.into(),
+            workload: Some(app.into()),
+            labels: Arc::new([("app".to_string(), app.to_string())].into_iter().collect()),
+        }
+    }
+
+    fn query(ns: &str, app: &str) -> PodQuery {
+        PodQuery {
+            namespace: ns.into(),
+            selector: PodSelector::Labels(Selector::parse(&format!("app={app}")).unwrap()),
+            window: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_wakes_watchers_and_frees_the_pod() {
+        let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
+        let mut rx = store.watch("ns");
+        store.record(&pod("ns", "p1", "web"), &[("f".into(), 2.0)]).await.unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(store.values(&query("ns", "web")).await.unwrap(), vec![2.0]);
+        // Nothing else happens until the sweeper sees the pod expire.
+        rx.changed().await.unwrap();
+        assert!(store.values(&query("ns", "web")).await.unwrap().is_empty());
+        assert_eq!(store.tracked_pods(), Some(0));
+        assert!(Instant::now() - store.inner.origin >= Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn label_sets_are_shared_between_pods() {
+        let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
+        store.record(&pod("ns", "p1", "web"), &[]).await.unwrap();
+        store.record(&pod("ns", "p2", "web"), &[]).await.unwrap();
+        assert_eq!(store.inner.labels.lock().unwrap().len(), 1);
+        let namespaces = store.inner.namespaces.read().unwrap();
+        let pods = &namespaces["ns"];
+        assert!(Arc::ptr_eq(&pods["p1"].identity.labels, &pods["p2"].identity.labels));
+    }
+}

@@ -1,0 +1,86 @@
+//! The one start-the-server helper every integration test uses, plus clients
+//! and fake sidecars. Real sockets, real tonic clients, real `run`.
+#![allow(dead_code)]
+
+pub mod envoy;
+pub mod prometheus_server;
+pub mod redis_server;
+
+use std::{net::SocketAddr, time::Duration};
+
+use activescale::{Listeners, config::Config, proto::external_scaler_client::ExternalScalerClient};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// A running server on ephemeral loopback ports.
+pub struct TestServer {
+    pub sink: SocketAddr,
+    pub scaler: SocketAddr,
+    pub http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<activescale::Result<()>>>,
+}
+
+/// A config for tests: loopback port 0 everywhere, no warm-up, the sink scope
+/// exclusion derived from port 9000 as in production.
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.sink_addr = "127.0.0.1:0".parse().unwrap();
+    c.scaler_addr = "127.0.0.1:0".parse().unwrap();
+    c.http_addr = "127.0.0.1:0".parse().unwrap();
+    c.warmup = Some(Duration::ZERO);
+    c
+}
+
+/// Starts `activescale::run` with `config` (its addresses are overridden by
+/// ephemeral ones) and returns once every port accepts connections.
+pub async fn start_server(config: Config) -> TestServer {
+    let listeners = Listeners::bind(&config).await.expect("bind");
+    let (sink, scaler, http) = listeners.addrs().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(activescale::run(config, listeners, async move {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        sink,
+        scaler,
+        http,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestServer {
+    pub async fn scaler_client(&self) -> ExternalScalerClient<Channel> {
+        ExternalScalerClient::connect(format!("http://{}", self.scaler))
+            .await
+            .expect("connect to scaler")
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// Stops the server and waits for `run` to return.
+    pub async fn stop(mut self) -> activescale::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.take().unwrap().await.expect("run panicked")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A GET over plain HTTP/1.1 to the server's HTTP port.
+pub async fn http_get(url: &str) -> (u16, String) {
+    let resp = reqwest::get(url).await.expect("http get");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
