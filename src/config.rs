@@ -289,18 +289,31 @@ impl Config {
             return bad("prometheus_poll_interval", "must be greater than 0");
         }
         if self.redis_key_prefix.is_empty() || self.redis_key_prefix.contains(['{', '}']) {
-            return bad("redis_key_prefix", "must be non-empty and free of '{' and '}'");
+            return bad(
+                "redis_key_prefix",
+                "must be non-empty and free of '{' and '}'",
+            );
         }
         if self.store == StoreKind::Redis {
             let scheme = self.redis_url.split("://").next().unwrap_or("");
-            if !matches!(scheme, "redis" | "rediss" | "redis+cluster" | "rediss+cluster") || !self.redis_url.contains("://") {
+            if !matches!(
+                scheme,
+                "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
+            ) || !self.redis_url.contains("://")
+            {
                 return bad(
                     "redis_url",
-                    &format!("{:?} is not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL", self.redis_url),
+                    &format!(
+                        "{:?} is not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL",
+                        self.redis_url
+                    ),
                 );
             }
             if self.redis_cert_file.is_some() != self.redis_key_file.is_some() {
-                return bad("redis_cert_file", "redis_cert_file and redis_key_file go together");
+                return bad(
+                    "redis_cert_file",
+                    "redis_cert_file and redis_key_file go together",
+                );
             }
             for (field, path) in [
                 ("redis_ca_file", &self.redis_ca_file),
@@ -314,7 +327,10 @@ impl Config {
             return bad("tls_cert", "tls_cert and tls_key go together");
         }
         if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
-            return bad("tls_client_ca", "client verification needs tls_cert and tls_key");
+            return bad(
+                "tls_client_ca",
+                "client verification needs tls_cert and tls_key",
+            );
         }
         for (field, path) in [
             ("tls_cert", &self.tls_cert),
@@ -383,7 +399,8 @@ mod tests {
 
     fn load(env: &[(&str, &str)], overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        let overrides: Vec<(&str, String)> = overrides.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let overrides: Vec<(&str, String)> =
+            overrides.iter().map(|(k, v)| (*k, v.to_string())).collect();
         Config::load_from(None, env, &overrides)
     }
 
@@ -402,7 +419,10 @@ mod tests {
     #[test]
     fn env_then_flags_win() {
         let c = load(
-            &[("ACTIVESCALE_POD_TTL", "20s"), ("ACTIVESCALE_SINK_ADDR", "127.0.0.1:1")],
+            &[
+                ("ACTIVESCALE_POD_TTL", "20s"),
+                ("ACTIVESCALE_SINK_ADDR", "127.0.0.1:1"),
+            ],
             &[("pod_ttl", "30s")],
         )
         .unwrap();
@@ -427,7 +447,14 @@ mod tests {
         assert_eq!(c.redis_db, Some(2));
         assert!(c.redis_tls_insecure);
         // The prefixed name wins over the legacy one.
-        let c = load(&[("REDIS_URL", "redis://a"), ("ACTIVESCALE_REDIS_URL", "redis://b")], &[]).unwrap();
+        let c = load(
+            &[
+                ("REDIS_URL", "redis://a"),
+                ("ACTIVESCALE_REDIS_URL", "redis://b"),
+            ],
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.redis_url, "redis://b");
     }
 
@@ -473,7 +500,11 @@ mod tests {
     fn config_file_between_defaults_and_env() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
-        std::fs::write(&path, "pod_ttl: 45s\nstore: memory\nhttp_addr: 127.0.0.1:18080\n").unwrap();
+        std::fs::write(
+            &path,
+            "pod_ttl: 45s\nstore: memory\nhttp_addr: 127.0.0.1:18080\n",
+        )
+        .unwrap();
         let env = vec![("ACTIVESCALE_POD_TTL".to_string(), "50s".to_string())];
         let c = Config::load_from(Some(&path), env, &[]).unwrap();
         assert_eq!(c.pod_ttl, Duration::from_secs(50));

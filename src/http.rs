@@ -47,7 +47,11 @@ async fn readyz(State(s): State<AppState>) -> Response {
     if s.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: store unreachable\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: store unreachable\n",
+        )
+            .into_response()
     }
 }
 

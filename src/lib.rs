@@ -110,7 +110,10 @@ impl Listeners {
 
     /// The bound addresses (sink, scaler, http).
     pub fn addrs(&self) -> Result<(SocketAddr, SocketAddr, SocketAddr)> {
-        let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Io("local address".into(), e));
+        let addr = |l: &TcpListener| {
+            l.local_addr()
+                .map_err(|e| Error::Io("local address".into(), e))
+        };
         Ok((addr(&self.sink)?, addr(&self.scaler)?, addr(&self.http)?))
     }
 }
@@ -118,7 +121,10 @@ impl Listeners {
 /// Builds the store the config asks for.
 pub async fn open_store(config: &Config) -> Result<SharedStore> {
     Ok(match config.store {
-        StoreKind::Memory => Arc::new(store::memory::MemoryStore::new(config.pod_ttl, config.max_window)),
+        StoreKind::Memory => Arc::new(store::memory::MemoryStore::new(
+            config.pod_ttl,
+            config.max_window,
+        )),
         StoreKind::Redis => Arc::new(store::redis::RedisStore::connect(config).await?),
     })
 }
@@ -140,7 +146,8 @@ pub async fn run(
     let filter = sink::names::NameFilter::new(
         &config.metric_include,
         &config.metric_exclude,
-        config.exclude_sink_scope.then_some(config.sink_addr.port()),
+        // The bound port: what the scaler's own sidecar names its inbound scope by.
+        config.exclude_sink_scope.then_some(sink_addr.port()),
     );
     let sink = sink::Sink::new(store.clone(), filter, metrics.clone(), token.clone());
     let prom_settings = prometheus::PromSettings {
@@ -177,22 +184,35 @@ pub async fn run(
     let sink_server = server()
         .add_service(health_service.clone())
         .add_service(
-            sink::MetricsServiceServer::new(sink).max_decoding_message_size(config.max_message_bytes),
+            sink::MetricsServiceServer::new(sink)
+                .max_decoding_message_size(config.max_message_bytes),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.sink), token.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.sink),
+            token.clone().cancelled_owned(),
+        );
     let scaler_server = server()
         .add_service(health_service)
         .add_service(scaler::ExternalScalerServer::new(scaler))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.scaler), token.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.scaler),
+            token.clone().cancelled_owned(),
+        );
     let app = http::router(http::AppState {
         store: store.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
     });
-    let http_server = axum::serve(listeners.http, app).with_graceful_shutdown(token.clone().cancelled_owned());
+    let http_server =
+        axum::serve(listeners.http, app).with_graceful_shutdown(token.clone().cancelled_owned());
 
     let readiness = tokio::spawn(watch_readiness(store.clone(), ready, health, token.clone()));
-    let summary = tokio::spawn(summarise(metrics.clone(), store.clone(), config.summary_interval, token.clone()));
+    let summary = tokio::spawn(summarise(
+        metrics.clone(),
+        store.clone(),
+        config.summary_interval,
+        token.clone(),
+    ));
     info!(%sink_addr, %scaler_addr, %http_addr, store = ?config.store, pod_ttl = ?config.pod_ttl, "activescale serving");
 
     let sink_task = tokio::spawn(sink_server);
@@ -207,7 +227,11 @@ pub async fn run(
     token.cancel();
     let drain = async {
         let (a, b, c) = tokio::join!(sink_task, scaler_task, http_task);
-        for (what, r) in [("sink", a.map(|r| r.map_err(|e| e.to_string()))), ("scaler", b.map(|r| r.map_err(|e| e.to_string()))), ("http", c.map(|r| r.map_err(|e| e.to_string())))] {
+        for (what, r) in [
+            ("sink", a.map(|r| r.map_err(|e| e.to_string()))),
+            ("scaler", b.map(|r| r.map_err(|e| e.to_string()))),
+            ("http", c.map(|r| r.map_err(|e| e.to_string()))),
+        ] {
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => error!(server = what, error = %e, "server failed"),
@@ -215,7 +239,10 @@ pub async fn run(
             }
         }
     };
-    if tokio::time::timeout(config.drain_timeout, drain).await.is_err() {
+    if tokio::time::timeout(config.drain_timeout, drain)
+        .await
+        .is_err()
+    {
         warn!(timeout = ?config.drain_timeout, "drain timed out; closing what is left");
     }
     readiness.abort();
@@ -265,7 +292,12 @@ async fn watch_readiness(
 }
 
 /// Logs one line for ingest and one for the API every `period`.
-async fn summarise(metrics: Arc<Metrics>, store: SharedStore, period: Duration, token: CancellationToken) {
+async fn summarise(
+    metrics: Arc<Metrics>,
+    store: SharedStore,
+    period: Duration,
+    token: CancellationToken,
+) {
     let mut tick = tokio::time::interval(period);
     tick.tick().await;
     let counters = |m: &Metrics| {

@@ -109,7 +109,10 @@ impl ServeArgs {
             ("redis_pool_size", &self.redis_pool_size),
             ("redis_timeout", &self.redis_timeout),
             ("redis_key_prefix", &self.redis_key_prefix),
-            ("prometheus_enforce_namespace", &self.prometheus_enforce_namespace),
+            (
+                "prometheus_enforce_namespace",
+                &self.prometheus_enforce_namespace,
+            ),
             ("prometheus_cache_ttl", &self.prometheus_cache_ttl),
             ("prometheus_poll_interval", &self.prometheus_poll_interval),
             ("tls_cert", &self.tls_cert),

@@ -19,8 +19,8 @@ use crate::{
     Error,
     prometheus::{PromBackend, PromError},
     proto::{
-        GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse,
-        MetricSpec, MetricValue, ScaledObjectRef, external_scaler_server::ExternalScaler,
+        GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+        MetricValue, ScaledObjectRef, external_scaler_server::ExternalScaler,
     },
     store::{SharedStore, StoreError},
     telemetry::{MethodLabel, Metrics, RpcLabels},
@@ -54,7 +54,9 @@ pub fn status_of(error: &Error) -> Status {
     match error {
         Error::Metadata(MetadataError::CrossNamespace(_)) => Status::permission_denied(msg),
         Error::Metadata(_) | Error::UnknownMetric { .. } => Status::invalid_argument(msg),
-        Error::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => Status::unavailable(msg),
+        Error::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
+            Status::unavailable(msg)
+        }
         Error::Store(StoreError::Corrupt(_)) => Status::internal(msg),
         Error::Prometheus(PromError::Unavailable(_)) => Status::unavailable(msg),
         Error::Prometheus(PromError::Empty(_)) => Status::not_found(msg),
@@ -85,7 +87,9 @@ impl Scaler {
     }
 
     fn trigger(&self, r: &ScaledObjectRef) -> Result<Arc<Trigger>, Error> {
-        Ok(self.triggers.get(&r.namespace, &r.name, &r.scaler_metadata)?)
+        Ok(self
+            .triggers
+            .get(&r.namespace, &r.name, &r.scaler_metadata)?)
     }
 
     /// The trigger's current value.
@@ -130,7 +134,10 @@ impl Scaler {
         if result.is_err() {
             self.metrics.api_errors.inc();
         }
-        self.metrics.rpc_requests.get_or_create(&RpcLabels { method, code }).inc();
+        self.metrics
+            .rpc_requests
+            .get_or_create(&RpcLabels { method, code })
+            .inc();
         self.metrics
             .rpc_duration
             .get_or_create(&MethodLabel { method })
@@ -283,7 +290,11 @@ impl ExternalScaler for Scaler {
 impl Scaler {
     /// Body of one StreamIsActive stream: the state when it opens, then each
     /// change, never a repeat (KEDA treats every `true` as fresh activity).
-    async fn push_activity(self, trigger: Arc<Trigger>, tx: mpsc::Sender<Result<IsActiveResponse, Status>>) {
+    async fn push_activity(
+        self,
+        trigger: Arc<Trigger>,
+        tx: mpsc::Sender<Result<IsActiveResponse, Status>>,
+    ) {
         self.metrics.scaler_streams.inc();
         let _guard = GaugeGuard(&self.metrics.scaler_streams);
         debug!("stream opened");
@@ -292,7 +303,10 @@ impl Scaler {
                 Some(self.store.watch(&query.namespace)),
                 query.window.map(|_| WINDOW_RECHECK),
             ),
-            Source::Prometheus(_) => (None, Some(self.triggers.settings().prometheus.poll_interval)),
+            Source::Prometheus(_) => (
+                None,
+                Some(self.triggers.settings().prometheus.poll_interval),
+            ),
         };
         tokio::select! {
             _ = tokio::time::sleep_until(self.warm_at) => {}
@@ -310,7 +324,11 @@ impl Scaler {
                     let active = v > trigger.activation;
                     if last != Some(active) {
                         debug!(active, value = v, "activity changed");
-                        if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
+                        if tx
+                            .send(Ok(IsActiveResponse { result: active }))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                         self.metrics.scaler_pushes.inc();

@@ -118,7 +118,10 @@ fn parse_term(term: &str) -> Result<Requirement, SelectorError> {
         return Ok(Requirement::DoesNotExist(key_of(key.trim())?));
     }
     if let Some((k, v)) = term.split_once("!=") {
-        return Ok(Requirement::NotEquals(key_of(k.trim())?, value_of(v.trim())?));
+        return Ok(Requirement::NotEquals(
+            key_of(k.trim())?,
+            value_of(v.trim())?,
+        ));
     }
     if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
         return Ok(Requirement::Equals(key_of(k.trim())?, value_of(v.trim())?));
@@ -157,7 +160,9 @@ fn key_of(key: &str) -> Result<String, SelectorError> {
             && p.len() <= 253
             && p.split('.').all(|part| {
                 !part.is_empty()
-                    && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     && !part.starts_with('-')
                     && !part.ends_with('-')
             })
@@ -174,7 +179,9 @@ fn value_of(value: &str) -> Result<String, SelectorError> {
     if value.is_empty() || is_label_value(value) {
         Ok(value.to_owned())
     } else {
-        Err(SelectorError(format!("`{value}` is not a valid label value")))
+        Err(SelectorError(format!(
+            "`{value}` is not a valid label value"
+        )))
     }
 }
 

@@ -26,12 +26,18 @@ use crate::config::LogFormat;
 pub fn init(format: LogFormat) {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.is_empty() => EnvFilter::new(spec),
-        _ => EnvFilter::new(level_for_verbosity(std::env::var("LOG_VERBOSITY").ok().as_deref())),
+        _ => EnvFilter::new(level_for_verbosity(
+            std::env::var("LOG_VERBOSITY").ok().as_deref(),
+        )),
     };
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true)).try_init(),
-        LogFormat::Text => registry.with(fmt::layer()).try_init(),
+        LogFormat::Json => registry
+            .with(fmt::layer().json().flatten_event(true))
+            .try_init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())))
+            .try_init(),
     };
 }
 
@@ -128,21 +134,61 @@ impl Metrics {
             api_errors: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("sink_messages", "Envoy metrics messages received", m.sink_messages.clone());
-        registry.register("sink_families", "Metric families received, by outcome", m.sink_families.clone());
+        registry.register(
+            "sink_messages",
+            "Envoy metrics messages received",
+            m.sink_messages.clone(),
+        );
+        registry.register(
+            "sink_families",
+            "Metric families received, by outcome",
+            m.sink_families.clone(),
+        );
         registry.register(
             "sink_identity_missing",
             "Messages on streams without a usable pod identity",
             m.sink_identity_missing.clone(),
         );
-        registry.register("sink_stream_errors", "Envoy streams ended by an error, by reason", m.sink_stream_errors.clone());
-        registry.register("sink_store_errors", "Messages whose samples the store did not take", m.sink_store_errors.clone());
-        registry.register("sink_streams_open", "Envoy metrics streams open", m.sink_streams.clone());
-        registry.register("pods_tracked", "Pods with a live sample in the store", m.pods_tracked.clone());
-        registry.register("rpc_requests", "KEDA external scaler RPCs, by method and code", m.rpc_requests.clone());
-        registry.register("rpc_duration_seconds", "KEDA external scaler RPC latency", m.rpc_duration.clone());
-        registry.register("scaler_streams_open", "StreamIsActive streams open", m.scaler_streams.clone());
-        registry.register("scaler_pushes", "StreamIsActive messages sent", m.scaler_pushes.clone());
+        registry.register(
+            "sink_stream_errors",
+            "Envoy streams ended by an error, by reason",
+            m.sink_stream_errors.clone(),
+        );
+        registry.register(
+            "sink_store_errors",
+            "Messages whose samples the store did not take",
+            m.sink_store_errors.clone(),
+        );
+        registry.register(
+            "sink_streams_open",
+            "Envoy metrics streams open",
+            m.sink_streams.clone(),
+        );
+        registry.register(
+            "pods_tracked",
+            "Pods with a live sample in the store",
+            m.pods_tracked.clone(),
+        );
+        registry.register(
+            "rpc_requests",
+            "KEDA external scaler RPCs, by method and code",
+            m.rpc_requests.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "KEDA external scaler RPC latency",
+            m.rpc_duration.clone(),
+        );
+        registry.register(
+            "scaler_streams_open",
+            "StreamIsActive streams open",
+            m.scaler_streams.clone(),
+        );
+        registry.register(
+            "scaler_pushes",
+            "StreamIsActive messages sent",
+            m.scaler_pushes.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -155,7 +201,9 @@ impl Metrics {
     }
 
     pub fn family(&self, outcome: &'static str) -> Counter {
-        self.sink_families.get_or_create(&OutcomeLabel { outcome }).clone()
+        self.sink_families
+            .get_or_create(&OutcomeLabel { outcome })
+            .clone()
     }
 }
 
@@ -226,6 +274,9 @@ mod tests {
         m.family("kept").inc_by(3);
         let text = m.encode();
         assert!(text.contains("activescale_sink_messages_total 1"), "{text}");
-        assert!(text.contains("activescale_sink_families_total{outcome=\"kept\"} 3"), "{text}");
+        assert!(
+            text.contains("activescale_sink_families_total{outcome=\"kept\"} 3"),
+            "{text}"
+        );
     }
 }

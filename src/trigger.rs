@@ -147,7 +147,11 @@ impl<'a> Metadata<'a> {
     }
 
     /// A finite number, optionally bounded below.
-    pub fn number(&self, key: &str, min: Option<(f64, bool)>) -> Result<Option<f64>, MetadataError> {
+    pub fn number(
+        &self,
+        key: &str,
+        min: Option<(f64, bool)>,
+    ) -> Result<Option<f64>, MetadataError> {
         let Some(raw) = self.get(key) else {
             return Ok(None);
         };
@@ -189,7 +193,11 @@ impl<'a> Metadata<'a> {
     }
 
     /// One of a fixed set of words.
-    pub fn choice<T: Copy>(&self, key: &str, options: &[(&str, T)]) -> Result<Option<T>, MetadataError> {
+    pub fn choice<T: Copy>(
+        &self,
+        key: &str,
+        options: &[(&str, T)],
+    ) -> Result<Option<T>, MetadataError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
@@ -249,7 +257,9 @@ pub fn parse(
     let source = meta
         .choice("source", &[("envoy", false), ("prometheus", true)])?
         .unwrap_or(false);
-    let activation = meta.number("activationValue", Some((0.0, false)))?.unwrap_or(0.0);
+    let activation = meta
+        .number("activationValue", Some((0.0, false)))?
+        .unwrap_or(0.0);
     let metric_name = meta.get("metricName").map(str::to_owned);
     if let Some(name) = &metric_name
         && !is_metric_name(name)
@@ -269,7 +279,10 @@ pub fn parse(
         )?;
         let parsed = PromTrigger::parse(&meta, namespace, &settings.prometheus)?;
         let target = target.or(parsed.default_target).ok_or_else(|| {
-            MetadataError::missing("targetValue", "a number greater than 0 (the per-replica target)")
+            MetadataError::missing(
+                "targetValue",
+                "a number greater than 0 (the per-replica target)",
+            )
         })?;
         return Ok(Trigger {
             metric_name: metric_name.unwrap_or_else(|| parsed.default_metric_name.to_string()),
@@ -281,7 +294,10 @@ pub fn parse(
 
     meta.reject_unknown(&[COMMON_KEYS, ENVOY_KEYS, KEDA_CLIENT_KEYS], &[])?;
     let target = target.ok_or_else(|| {
-        MetadataError::missing("targetValue", "a number greater than 0 (in-flight requests per replica)")
+        MetadataError::missing(
+            "targetValue",
+            "a number greater than 0 (in-flight requests per replica)",
+        )
     })?;
     let selector = match (meta.get("labelSelector"), meta.get("workload")) {
         (Some(_), Some(_)) => {
@@ -290,7 +306,11 @@ pub fn parse(
             ));
         }
         (Some(s), None) => PodSelector::Labels(Selector::parse(s).map_err(|e| {
-            MetadataError::invalid("labelSelector", s, format!("a Kubernetes label selector ({e})"))
+            MetadataError::invalid(
+                "labelSelector",
+                s,
+                format!("a Kubernetes label selector ({e})"),
+            )
         })?),
         (None, Some(w)) => PodSelector::Workload(w.to_owned()),
         (None, None) => {
@@ -303,7 +323,11 @@ pub fn parse(
     let aggregation = meta
         .choice(
             "aggregation",
-            &[("sum", Aggregation::Sum), ("max", Aggregation::Max), ("avg", Aggregation::Avg)],
+            &[
+                ("sum", Aggregation::Sum),
+                ("max", Aggregation::Max),
+                ("avg", Aggregation::Avg),
+            ],
         )?
         .unwrap_or_default();
     let window_reduce = meta.choice(
@@ -462,7 +486,10 @@ pub(crate) mod tests {
     }
 
     fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn ok(pairs: &[(&str, &str)]) -> Trigger {
@@ -470,7 +497,9 @@ pub(crate) mod tests {
     }
 
     fn err(pairs: &[(&str, &str)]) -> String {
-        parse("shop", &meta(pairs), &settings()).unwrap_err().to_string()
+        parse("shop", &meta(pairs), &settings())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -502,7 +531,10 @@ pub(crate) mod tests {
             ("window", "30s"),
             ("windowAggregation", "avg"),
         ]);
-        assert_eq!((t.target, t.activation, t.metric_name.as_str()), (2.5, 1.0, "web_inflight"));
+        assert_eq!(
+            (t.target, t.activation, t.metric_name.as_str()),
+            (2.5, 1.0, "web_inflight")
+        );
         let Source::Envoy { query, aggregation } = t.source else {
             panic!()
         };
@@ -520,26 +552,135 @@ pub(crate) mod tests {
     #[test]
     fn every_error_names_key_value_and_expectation() {
         let cases: &[(&[(&str, &str)], &[&str])] = &[
-            (&[("labelSelector", "app=web")], &["targetValue", "required"]),
-            (&[("labelSelector", "app=web"), ("targetValue", "abc")], &["targetValue", "\"abc\"", "greater than 0"]),
-            (&[("labelSelector", "app=web"), ("targetValue", "0")], &["targetValue", "\"0\""]),
-            (&[("labelSelector", "app=web"), ("targetValue", "-1")], &["targetValue"]),
-            (&[("labelSelector", "app=web"), ("targetValue", "NaN")], &["targetValue", "NaN"]),
-            (&[("labelSelector", "app=web"), ("targetValue", "inf")], &["targetValue"]),
-            (&[("targetValue", "1")], &["labelSelector", "required", "workload"]),
-            (&[("labelSelector", "app=web"), ("workload", "w"), ("targetValue", "1")], &["labelSelector", "workload", "not both"]),
-            (&[("labelSelector", "app in (x"), ("targetValue", "1")], &["labelSelector", "app in (x", "label selector"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("activationValue", "-2")], &["activationValue", "-2", "at least 0"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("aggregation", "median")], &["aggregation", "median", "sum, max, avg"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("window", "soon")], &["window", "soon", "duration"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("window", "2h")], &["window", "2h", "10m"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("window", "0s")], &["window"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("windowAggregation", "avg")], &["windowAggregation", "window"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("windowAggregation", "p99"), ("window", "1m")], &["windowAggregation", "p99", "max, avg"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("metricName", "bad name!")], &["metricName", "bad name!"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("source", "kafka")], &["source", "kafka", "envoy, prometheus"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("targetvalue", "1")], &["targetvalue", "not a known key", "targetValue"]),
-            (&[("labelSelector", "a"), ("targetValue", "1"), ("namespace", "other")], &["namespace", "other", "allow_cross_namespace"]),
+            (
+                &[("labelSelector", "app=web")],
+                &["targetValue", "required"],
+            ),
+            (
+                &[("labelSelector", "app=web"), ("targetValue", "abc")],
+                &["targetValue", "\"abc\"", "greater than 0"],
+            ),
+            (
+                &[("labelSelector", "app=web"), ("targetValue", "0")],
+                &["targetValue", "\"0\""],
+            ),
+            (
+                &[("labelSelector", "app=web"), ("targetValue", "-1")],
+                &["targetValue"],
+            ),
+            (
+                &[("labelSelector", "app=web"), ("targetValue", "NaN")],
+                &["targetValue", "NaN"],
+            ),
+            (
+                &[("labelSelector", "app=web"), ("targetValue", "inf")],
+                &["targetValue"],
+            ),
+            (
+                &[("targetValue", "1")],
+                &["labelSelector", "required", "workload"],
+            ),
+            (
+                &[
+                    ("labelSelector", "app=web"),
+                    ("workload", "w"),
+                    ("targetValue", "1"),
+                ],
+                &["labelSelector", "workload", "not both"],
+            ),
+            (
+                &[("labelSelector", "app in (x"), ("targetValue", "1")],
+                &["labelSelector", "app in (x", "label selector"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("activationValue", "-2"),
+                ],
+                &["activationValue", "-2", "at least 0"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("aggregation", "median"),
+                ],
+                &["aggregation", "median", "sum, max, avg"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("window", "soon"),
+                ],
+                &["window", "soon", "duration"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("window", "2h"),
+                ],
+                &["window", "2h", "10m"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("window", "0s"),
+                ],
+                &["window"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("windowAggregation", "avg"),
+                ],
+                &["windowAggregation", "window"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("windowAggregation", "p99"),
+                    ("window", "1m"),
+                ],
+                &["windowAggregation", "p99", "max, avg"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("metricName", "bad name!"),
+                ],
+                &["metricName", "bad name!"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("source", "kafka"),
+                ],
+                &["source", "kafka", "envoy, prometheus"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("targetvalue", "1"),
+                ],
+                &["targetvalue", "not a known key", "targetValue"],
+            ),
+            (
+                &[
+                    ("labelSelector", "a"),
+                    ("targetValue", "1"),
+                    ("namespace", "other"),
+                ],
+                &["namespace", "other", "allow_cross_namespace"],
+            ),
         ];
         for (pairs, needles) in cases {
             let e = err(pairs);
@@ -551,13 +692,21 @@ pub(crate) mod tests {
 
     #[test]
     fn own_namespace_is_always_allowed_and_cross_namespace_when_enabled() {
-        let t = ok(&[("labelSelector", "a"), ("targetValue", "1"), ("namespace", "shop")]);
+        let t = ok(&[
+            ("labelSelector", "a"),
+            ("targetValue", "1"),
+            ("namespace", "shop"),
+        ]);
         assert!(matches!(t.source, Source::Envoy { query, .. } if query.namespace == "shop"));
         let mut s = settings();
         s.allow_cross_namespace = true;
         let t = parse(
             "shop",
-            &meta(&[("labelSelector", "a"), ("targetValue", "1"), ("namespace", "other")]),
+            &meta(&[
+                ("labelSelector", "a"),
+                ("targetValue", "1"),
+                ("namespace", "other"),
+            ]),
             &s,
         )
         .unwrap();
@@ -599,7 +748,11 @@ pub(crate) mod tests {
         let d = cache.get("other", "so", &m1).unwrap();
         assert!(!Arc::ptr_eq(&a, &d));
         assert_eq!(cache.len(), 3);
-        assert!(cache.get("shop", "so", &meta(&[("targetValue", "1")])).is_err());
+        assert!(
+            cache
+                .get("shop", "so", &meta(&[("targetValue", "1")]))
+                .is_err()
+        );
         assert_eq!(cache.len(), 3, "errors are not cached");
     }
 
@@ -607,7 +760,10 @@ pub(crate) mod tests {
     fn cache_is_bounded() {
         let cache = TriggerCache::new(settings(), 2);
         for i in 0..5 {
-            let m = meta(&[("labelSelector", "app=web"), ("targetValue", &format!("{}", i + 1))]);
+            let m = meta(&[
+                ("labelSelector", "app=web"),
+                ("targetValue", &format!("{}", i + 1)),
+            ]);
             cache.get("shop", "so", &m).unwrap();
         }
         assert!(cache.len() <= 2);

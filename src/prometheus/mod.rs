@@ -48,7 +48,9 @@ impl PromTrigger {
         _namespace: &str,
         _settings: &PromSettings,
     ) -> Result<ParsedProm, MetadataError> {
-        Err(MetadataError::Conflict("source `prometheus` is not built yet".into()))
+        Err(MetadataError::Conflict(
+            "source `prometheus` is not built yet".into(),
+        ))
     }
 }
 

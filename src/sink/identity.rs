@@ -28,7 +28,10 @@ pub enum IdentityError {
 /// Learns the pod from Envoy's `Node`.
 pub fn from_node(node: &Node) -> Result<PodIdentity, IdentityError> {
     let meta = node.metadata.as_ref();
-    let text = |key: &str| meta.and_then(|m| string_field(m, key)).filter(|s| !s.is_empty());
+    let text = |key: &str| {
+        meta.and_then(|m| string_field(m, key))
+            .filter(|s| !s.is_empty())
+    };
     let (name, namespace) = match (text("NAME"), text("NAMESPACE")) {
         (Some(n), Some(ns)) => (n.to_owned(), ns.to_owned()),
         _ => parse_node_id(&node.id).ok_or_else(|| IdentityError::Missing(node.id.clone()))?,
@@ -94,7 +97,8 @@ fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -119,7 +123,10 @@ mod tests {
         Node {
             id: id.into(),
             metadata: Some(Struct {
-                fields: fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                fields: fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
             }),
             ..Default::default()
         }
@@ -129,9 +136,17 @@ mod tests {
     fn metadata_wins_and_carries_labels_and_workload() {
         let labels = Value {
             kind: Some(Kind::StructValue(Struct {
-                fields: [("app".to_string(), string("web")), ("n".to_string(), Value { kind: Some(Kind::NumberValue(1.0)) })]
-                    .into_iter()
-                    .collect(),
+                fields: [
+                    ("app".to_string(), string("web")),
+                    (
+                        "n".to_string(),
+                        Value {
+                            kind: Some(Kind::NumberValue(1.0)),
+                        },
+                    ),
+                ]
+                .into_iter()
+                .collect(),
             })),
         };
         let n = node(
@@ -148,14 +163,23 @@ mod tests {
         assert_eq!(id.namespace, "shop");
         assert_eq!(id.workload.as_deref(), Some("web"));
         assert_eq!(id.labels.get("app").map(String::as_str), Some("web"));
-        assert!(!id.labels.contains_key("n"), "non-string label values are ignored");
+        assert!(
+            !id.labels.contains_key("n"),
+            "non-string label values are ignored"
+        );
     }
 
     #[test]
     fn node_id_fallback_splits_at_the_last_dot() {
-        let n = node("sidecar~10.0.0.1~web.v2-abc.shop~shop.svc.cluster.local", vec![]);
+        let n = node(
+            "sidecar~10.0.0.1~web.v2-abc.shop~shop.svc.cluster.local",
+            vec![],
+        );
         let id = from_node(&n).unwrap();
-        assert_eq!((id.name.as_str(), id.namespace.as_str()), ("web.v2-abc", "shop"));
+        assert_eq!(
+            (id.name.as_str(), id.namespace.as_str()),
+            ("web.v2-abc", "shop")
+        );
         assert!(id.labels.is_empty());
         assert_eq!(id.workload, None);
     }
@@ -181,9 +205,21 @@ mod tests {
         ] {
             assert!(from_node(&node(id, vec![])).is_err(), "{id:?}");
         }
-        let bad_ns = node("", vec![("NAME", string("p")), ("NAMESPACE", string("Shop_1"))]);
-        assert_eq!(from_node(&bad_ns), Err(IdentityError::BadNamespace("Shop_1".into())));
-        let bad_pod = node("", vec![("NAME", string("p/../x")), ("NAMESPACE", string("shop"))]);
-        assert!(matches!(from_node(&bad_pod), Err(IdentityError::BadPodName(_))));
+        let bad_ns = node(
+            "",
+            vec![("NAME", string("p")), ("NAMESPACE", string("Shop_1"))],
+        );
+        assert_eq!(
+            from_node(&bad_ns),
+            Err(IdentityError::BadNamespace("Shop_1".into()))
+        );
+        let bad_pod = node(
+            "",
+            vec![("NAME", string("p/../x")), ("NAMESPACE", string("shop"))],
+        );
+        assert!(matches!(
+            from_node(&bad_pod),
+            Err(IdentityError::BadPodName(_))
+        ));
     }
 }

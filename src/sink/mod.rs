@@ -31,7 +31,10 @@ use wire::{KeptFamily, RawMessage};
 
 /// Generated server for the metrics service, using [`codec::RawCodec`].
 pub mod server {
-    include!(concat!(env!("OUT_DIR"), "/raw/envoy.service.metrics.v3.MetricsService.rs"));
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/raw/envoy.service.metrics.v3.MetricsService.rs"
+    ));
 }
 
 pub use server::metrics_service_server::MetricsServiceServer;
@@ -122,7 +125,12 @@ impl Sink {
                 value => {
                     rejected += 1;
                     if let Some(held_back) = REJECTED_LOG.check() {
-                        warn!(name = family.name, ?value, held_back, "rejected metric value");
+                        warn!(
+                            name = family.name,
+                            ?value,
+                            held_back,
+                            "rejected metric value"
+                        );
                     }
                 }
             }
@@ -134,7 +142,11 @@ impl Sink {
             .inc_by(total - samples.len() as u64 - rejected);
         match self.store.record(pod, &samples).await {
             Ok(()) => {
-                debug!(families = samples.len(), value = samples.iter().map(|s| s.1).sum::<f64>(), "stored active_requests");
+                debug!(
+                    families = samples.len(),
+                    value = samples.iter().map(|s| s.1).sum::<f64>(),
+                    "stored active_requests"
+                );
             }
             Err(e) => {
                 self.metrics.sink_store_errors.inc();

@@ -83,7 +83,8 @@ impl NameFilter {
         {
             return false;
         }
-        self.include.iter().any(|g| g.matches(name)) && !self.exclude.iter().any(|g| g.matches(name))
+        self.include.iter().any(|g| g.matches(name))
+            && !self.exclude.iter().any(|g| g.matches(name))
     }
 }
 

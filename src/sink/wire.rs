@@ -212,7 +212,10 @@ impl<'a> Reader<'a> {
     }
 
     fn double(&mut self) -> Result<f64, WireError> {
-        let (head, tail) = self.0.split_first_chunk::<8>().ok_or(WireError::Truncated)?;
+        let (head, tail) = self
+            .0
+            .split_first_chunk::<8>()
+            .ok_or(WireError::Truncated)?;
         self.0 = tail;
         Ok(f64::from_le_bytes(*head))
     }
@@ -256,8 +259,8 @@ mod tests {
         StreamMetricsMessage, stream_metrics_message::Identifier,
     };
     use envoy_types::pb::io::prometheus::client::{Gauge, Metric, MetricFamily, MetricType};
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
 
     fn gauge(name: &str, value: f64) -> MetricFamily {
         MetricFamily {
@@ -347,7 +350,13 @@ mod tests {
         let mut msg = vec![0x12, fam.len() as u8];
         msg.extend_from_slice(&fam);
         let mut kept = Vec::new();
-        parse(&msg, &NameFilter::defaults(9000), &mut kept, &mut Vec::new()).unwrap();
+        parse(
+            &msg,
+            &NameFilter::defaults(9000),
+            &mut kept,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert_eq!(kept[0].value, Some(5.0));
     }
 
@@ -356,13 +365,16 @@ mod tests {
         let filter = NameFilter::defaults(9000);
         let mut kept = Vec::new();
         for bad in [
-            &[0x12, 0x05, 0x0a][..],   // length past the end
-            &[0x12][..],               // missing length
-            &[0x0b][..],               // start-group wire type
-            &[0xff; 11][..],           // endless varint
-            &[0x10, 0x01][..],         // field 2 as a varint
+            &[0x12, 0x05, 0x0a][..], // length past the end
+            &[0x12][..],             // missing length
+            &[0x0b][..],             // start-group wire type
+            &[0xff; 11][..],         // endless varint
+            &[0x10, 0x01][..],       // field 2 as a varint
         ] {
-            assert!(parse(bad, &filter, &mut kept, &mut Vec::new()).is_err(), "{bad:?}");
+            assert!(
+                parse(bad, &filter, &mut kept, &mut Vec::new()).is_err(),
+                "{bad:?}"
+            );
         }
     }
 
@@ -370,9 +382,17 @@ mod tests {
     fn agrees_with_prost_on_a_large_message() {
         let filter = NameFilter::defaults(9000);
         let mut families: Vec<MetricFamily> = (0..600)
-            .map(|i| gauge(&format!("cluster.outbound|{i}||svc.upstream_cx_active"), i as f64))
+            .map(|i| {
+                gauge(
+                    &format!("cluster.outbound|{i}||svc.upstream_cx_active"),
+                    i as f64,
+                )
+            })
             .collect();
-        families.insert(300, gauge("http.inbound_0.0.0.0_8080;.downstream_rq_active", 42.0));
+        families.insert(
+            300,
+            gauge("http.inbound_0.0.0.0_8080;.downstream_rq_active", 42.0),
+        );
         let bytes = encode(true, families);
         let full = StreamMetricsMessage::decode(bytes.as_slice()).unwrap();
         let mut kept = Vec::new();

@@ -216,7 +216,11 @@ impl Store for MemoryStore {
             .map(|p| PodView {
                 identity: (*p.identity).clone(),
                 value: p.value,
-                families: p.families.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+                families: p
+                    .families
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), *v))
+                    .collect(),
                 age: Duration::from_millis(now.saturating_sub(p.last_seen_ms)),
             })
             .collect();
@@ -233,7 +237,11 @@ impl Store for MemoryStore {
     }
 
     fn tracked_pods(&self) -> Option<u64> {
-        let namespaces = self.inner.namespaces.read().unwrap_or_else(|e| e.into_inner());
+        let namespaces = self
+            .inner
+            .namespaces
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         Some(namespaces.values().map(|p| p.len() as u64).sum())
     }
 }
@@ -264,7 +272,10 @@ mod tests {
     async fn expiry_wakes_watchers_and_frees_the_pod() {
         let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
         let mut rx = store.watch("ns");
-        store.record(&pod("ns", "p1", "web"), &[("f".into(), 2.0)]).await.unwrap();
+        store
+            .record(&pod("ns", "p1", "web"), &[("f".into(), 2.0)])
+            .await
+            .unwrap();
         rx.changed().await.unwrap();
         assert_eq!(store.values(&query("ns", "web")).await.unwrap(), vec![2.0]);
         // Nothing else happens until the sweeper sees the pod expire.
@@ -282,6 +293,9 @@ mod tests {
         assert_eq!(store.inner.labels.lock().unwrap().len(), 1);
         let namespaces = store.inner.namespaces.read().unwrap();
         let pods = &namespaces["ns"];
-        assert!(Arc::ptr_eq(&pods["p1"].identity.labels, &pods["p2"].identity.labels));
+        assert!(Arc::ptr_eq(
+            &pods["p1"].identity.labels,
+            &pods["p2"].identity.labels
+        ));
     }
 }

@@ -18,13 +18,19 @@ impl RedisStore {
     /// Connects (pool, subscriber) as configured. Fails only on settings that
     /// can never work; an unreachable server is retried in the background.
     pub async fn connect(_config: &Config) -> Result<Self, StoreError> {
-        Err(StoreError::Unavailable("the redis store is not built yet".into()))
+        Err(StoreError::Unavailable(
+            "the redis store is not built yet".into(),
+        ))
     }
 }
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn record(&self, _pod: &PodIdentity, _families: &[(String, f64)]) -> Result<(), StoreError> {
+    async fn record(
+        &self,
+        _pod: &PodIdentity,
+        _families: &[(String, f64)],
+    ) -> Result<(), StoreError> {
         Err(StoreError::Unavailable("not built".into()))
     }
 
@@ -32,7 +38,11 @@ impl Store for RedisStore {
         Err(StoreError::Unavailable("not built".into()))
     }
 
-    async fn pods(&self, _namespace: &str, _selector: Option<&PodSelector>) -> Result<Vec<PodView>, StoreError> {
+    async fn pods(
+        &self,
+        _namespace: &str,
+        _selector: Option<&PodSelector>,
+    ) -> Result<Vec<PodView>, StoreError> {
         Err(StoreError::Unavailable("not built".into()))
     }
 

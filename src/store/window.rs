@@ -48,7 +48,9 @@ pub fn push(history: &mut Vec<Point>, at_ms: u64, value: f64, keep: Duration) {
 pub fn reduce(history: &[Point], now_ms: u64, window: Window) -> Option<f64> {
     let start = now_ms.saturating_sub(window.length.as_millis() as u64);
     // The point in force at `start` (the last one at or before it), if any.
-    let first = history.partition_point(|&(t, _)| t <= start).saturating_sub(1);
+    let first = history
+        .partition_point(|&(t, _)| t <= start)
+        .saturating_sub(1);
     let visible = history.get(first..)?;
     if visible.is_empty() {
         return None;
@@ -65,7 +67,9 @@ pub fn reduce(history: &[Point], now_ms: u64, window: Window) -> Option<f64> {
             let mut covered = 0u64;
             for (i, &(t, v)) in visible.iter().enumerate() {
                 let from = t.max(start);
-                let to = visible.get(i + 1).map_or(now_ms, |&(next, _)| next.min(now_ms));
+                let to = visible
+                    .get(i + 1)
+                    .map_or(now_ms, |&(next, _)| next.min(now_ms));
                 if to > from {
                     weighted += v * (to - from) as f64;
                     covered += to - from;

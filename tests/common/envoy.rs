@@ -29,7 +29,8 @@ impl Sidecar {
             .expect("connect to sink")
             .max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
+        let task =
+            tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
         Self {
             tx: Some(tx),
             identifier: Some(Identifier { node: Some(node) }),
@@ -53,7 +54,8 @@ impl Sidecar {
 
     /// Pushes gauges given as (stat name, value).
     pub async fn push_gauges(&mut self, gauges: &[(&str, f64)]) {
-        self.push(gauges.iter().map(|(n, v)| gauge(n, *v)).collect()).await;
+        self.push(gauges.iter().map(|(n, v)| gauge(n, *v)).collect())
+            .await;
     }
 
     /// Ends the stream the way Envoy does on shutdown (half-close).
@@ -89,7 +91,10 @@ fn string(v: &str) -> Value {
 /// A node as Istio sends it: sidecar id plus NAME/NAMESPACE/LABELS/WORKLOAD_NAME.
 pub fn istio_node(namespace: &str, pod: &str, labels: &[(&str, &str)], workload: &str) -> Node {
     let labels = Struct {
-        fields: labels.iter().map(|(k, v)| (k.to_string(), string(v))).collect(),
+        fields: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), string(v)))
+            .collect(),
     };
     Node {
         id: format!("sidecar~10.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local"),
@@ -129,5 +134,74 @@ where
             panic!("timed out waiting for: {what}");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends raw bytes as StreamMetrics messages (for malformed input), returning
+/// how the server ended the stream.
+pub async fn send_raw(sink: SocketAddr, messages: Vec<bytes::Bytes>) -> Result<(), Status> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{sink}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(64 << 20);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unknown(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.metrics.v3.MetricsService/StreamMetrics",
+    );
+    let stream = tokio_stream::iter(messages);
+    grpc.client_streaming::<_, bytes::Bytes, StreamMetricsResponse, _>(
+        tonic::Request::new(stream),
+        path,
+        BytesCodec,
+    )
+    .await
+    .map(drop)
+}
+
+/// Encodes requests as the bytes given; decodes responses with prost.
+#[derive(Clone, Copy, Default)]
+pub struct BytesCodec;
+
+impl tonic::codec::Codec for BytesCodec {
+    type Encode = bytes::Bytes;
+    type Decode = StreamMetricsResponse;
+    type Encoder = BytesCodec;
+    type Decoder = BytesCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        BytesCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        BytesCodec
+    }
+}
+
+impl tonic::codec::Encoder for BytesCodec {
+    type Item = bytes::Bytes;
+    type Error = Status;
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for BytesCodec {
+    type Item = StreamMetricsResponse;
+    type Error = Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<StreamMetricsResponse>, Status> {
+        use prost::Message;
+        StreamMetricsResponse::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
     }
 }

@@ -80,7 +80,44 @@ impl Drop for TestServer {
 
 /// A GET over plain HTTP/1.1 to the server's HTTP port.
 pub async fn http_get(url: &str) -> (u16, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let resp = reqwest::get(url).await.expect("http get");
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap_or_default())
+}
+
+/// Trigger metadata from pairs.
+pub fn meta(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A ScaledObjectRef as KEDA sends it.
+pub fn so_ref(
+    namespace: &str,
+    name: &str,
+    pairs: &[(&str, &str)],
+) -> activescale::proto::ScaledObjectRef {
+    activescale::proto::ScaledObjectRef {
+        name: name.into(),
+        namespace: namespace.into(),
+        scaler_metadata: meta(pairs),
+    }
+}
+
+/// GetMetrics for a trigger, returning the float value or the status.
+pub async fn get_metric(
+    client: &mut ExternalScalerClient<Channel>,
+    r: &activescale::proto::ScaledObjectRef,
+) -> Result<f64, tonic::Status> {
+    let resp = client
+        .get_metrics(activescale::proto::GetMetricsRequest {
+            scaled_object_ref: Some(r.clone()),
+            metric_name: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(resp.metric_values[0].metric_value_float)
 }
