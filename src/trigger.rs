@@ -9,7 +9,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, Hash, Hasher},
+    hash::BuildHasher,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -453,9 +453,7 @@ impl TriggerCache {
 
     /// Order-independent hash of the reference: no sorting, no allocation.
     fn key(&self, namespace: &str, name: &str, metadata: &HashMap<String, String>) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        (namespace, name).hash(&mut h);
-        let mut acc = h.finish();
+        let mut acc = self.hasher.hash_one((namespace, name));
         for pair in metadata {
             acc = acc.wrapping_add(self.hasher.hash_one(pair));
         }
@@ -551,7 +549,8 @@ pub(crate) mod tests {
 
     #[test]
     fn every_error_names_key_value_and_expectation() {
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
             (
                 &[("labelSelector", "app=web")],
                 &["targetValue", "required"],

@@ -30,6 +30,7 @@ use names::NameFilter;
 use wire::{KeptFamily, RawMessage};
 
 /// Generated server for the metrics service, using [`codec::RawCodec`].
+#[allow(clippy::default_constructed_unit_structs)]
 pub mod server {
     include!(concat!(
         env!("OUT_DIR"),

@@ -24,12 +24,14 @@ pub struct TestServer {
 /// A config for tests: loopback port 0 everywhere, no warm-up, the sink scope
 /// exclusion derived from port 9000 as in production.
 pub fn test_config() -> Config {
-    let mut c = Config::default();
-    c.sink_addr = "127.0.0.1:0".parse().unwrap();
-    c.scaler_addr = "127.0.0.1:0".parse().unwrap();
-    c.http_addr = "127.0.0.1:0".parse().unwrap();
-    c.warmup = Some(Duration::ZERO);
-    c
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    Config {
+        sink_addr: loopback,
+        scaler_addr: loopback,
+        http_addr: loopback,
+        warmup: Some(Duration::ZERO),
+        ..Config::default()
+    }
 }
 
 /// Starts `activescale::run` with `config` (its addresses are overridden by
