@@ -163,20 +163,23 @@ class Lint:
         self.templates = sorted(p.name for p in (CHART / "templates").iterdir()
                                 if p.suffix == ".yaml")
 
-    def run(self, values: dict, dump: bool) -> tuple[list[dict], str]:
+    def run(self, values: dict, dump: bool, templates: list[str] | None = None) -> tuple[list[dict], str]:
         """Lints a copy of the chart with `values`; returns the lint messages
-        and what Helm logged on stderr."""
+        and what Helm logged on stderr. With `dump`, the rendered
+        `templates` (default: every manifest) are in a `fail` message."""
         with tempfile.TemporaryDirectory(prefix="helm-lint-") as tmp:
             chart = Path(tmp) / "activescale"
             shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("ci"))
             (chart / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
             if dump:
-                (chart / "templates" / "zz-render-dump.yaml").write_text(self._dump_template(), encoding="utf-8")
+                (chart / "templates" / "zz-render-dump.yaml").write_text(
+                    self._dump_template(templates or self.templates), encoding="utf-8")
             result, stderr = self._lint_capturing_stderr(str(chart))
         return result.get("Messages") or [], stderr
 
-    def _dump_template(self) -> str:
-        parts = " ".join(f'(include (print $.Template.BasePath "/{t}") .)' for t in self.templates)
+    @staticmethod
+    def _dump_template(templates: list[str]) -> str:
+        parts = " ".join(f'(include (print $.Template.BasePath "/{t}") .)' for t in templates)
         return ("{{- $docs := list " + parts + " }}\n"
                 f'{{{{- fail (printf "{DUMP_BEGIN}%s{DUMP_END}" (join "\\n---\\n" $docs)) }}}}\n')
 
@@ -455,6 +458,12 @@ def main() -> int:
             case_assertions(name, docs, values, env)
             envs[name] = [[k, e.get("value", "<from secret>")] for k, e in env.items()]
         step(f"helm lint + render: {name}", lint_case)
+    def notes():
+        _, stderr = lint.run(defaults, dump=True, templates=["NOTES.txt"])
+        (text,) = [m for m in fail_messages(stderr) if m.startswith(DUMP_BEGIN)]
+        check("-scaler." in text and f":{defaults['ports']['scaler']}" in text and f":{defaults['ports']['sink']}" in text,
+              f"NOTES.txt should give the headless scaler and the sink addresses:\n{text}")
+    step("NOTES.txt renders the addresses", notes)
     for what, over, message in REFUSALS:
         step(f"refused: {what}", expect_refusal, lint, what, deep_merge(defaults, over), message)
 
