@@ -10,6 +10,9 @@ pyyaml`). Its Lint runs without a cluster. What this script checks:
 3. `config:` in values.yaml has exactly the fields of `struct Config` in
    src/config.rs, minus the ones the chart sets from elsewhere (addresses,
    Redis URL and password, TLS files).
+   Also: the Dockerfile's ports, user and entry point match the chart, and
+   every address in scaledobjects/ is the chart's (release `activescale` in
+   namespace `keda`).
 4. Helm lint, with no warnings or errors, on the chart with its default values
    and with each ci/*.yaml merged in (lint takes no values, so each case lints
    a copy of the chart whose values.yaml is replaced).
@@ -151,6 +154,35 @@ def check_config_coverage(defaults: dict) -> list[str]:
     stale = set(SET_ELSEWHERE) - set(fields)
     check(not stale, f"SET_ELSEWHERE names fields struct Config no longer has: {sorted(stale)}")
     return fields
+
+
+def check_dockerfile(defaults: dict) -> None:
+    """The image and the chart agree on ports, user and entry point."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    exposed = set(re.findall(r"^EXPOSE\s+(.+)$", text, re.M)[-1].split())
+    ports = {str(p) for p in defaults["ports"].values()}
+    check(exposed == ports, f"Dockerfile EXPOSE {sorted(exposed)} but the chart uses ports {sorted(ports)}")
+    user = re.findall(r"^USER\s+(\d+)", text, re.M)
+    check(user and int(user[-1]) == defaults["podSecurityContext"]["runAsUser"],
+          f"Dockerfile USER {user} differs from podSecurityContext.runAsUser")
+    check('ENTRYPOINT ["/activescale", "serve"]' in text, "Dockerfile ENTRYPOINT must be /activescale serve")
+
+
+def check_example_addresses(defaults: dict) -> None:
+    """Every example dials the addresses the chart gives a release named
+    `activescale` in namespace `keda`: the headless scaler Service and the sink."""
+    scaler = f"activescale-scaler.keda.svc.cluster.local:{defaults['ports']['scaler']}"
+    sink = f"activescale.keda.svc.cluster.local:{defaults['ports']['sink']}"
+    wrong, seen = [], 0
+    for path in sorted((ROOT / "scaledobjects").rglob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"(scalerAddress|address):\s*(\S+)", text):
+            seen += 1
+            want = scaler if m.group(1) == "scalerAddress" else sink
+            if m.group(2) != want:
+                wrong.append(f"{path.relative_to(ROOT)}: {m.group(1)} {m.group(2)} (want {want})")
+    check(seen > 0, "no addresses found in scaledobjects/")
+    check(not wrong, "; ".join(wrong))
 
 
 # --- Helm lint ---------------------------------------------------------------
@@ -448,6 +480,8 @@ def main() -> int:
     step("values match values.schema.json", check_schema, defaults, cases)
     step("every .Values path in templates exists", check_values_paths, defaults)
     step("config: covers struct Config", check_config_coverage, defaults)
+    step("Dockerfile matches the chart", check_dockerfile, defaults)
+    step("scaledobjects/ use the chart's addresses", check_example_addresses, defaults)
 
     lint = Lint()
     envs = {}
