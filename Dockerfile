@@ -4,37 +4,36 @@
 #
 #   docker build -t activescale:dev .
 #
-# Two stages: a Debian 12 Rust toolchain builds a release binary, and the
-# binary runs on distroless/cc (glibc, libgcc, CA certificates, no shell) as
-# the non-root user 65532. The builder is Debian 12 too, so the binary's glibc
-# matches the runtime's.
+# A Debian 12 Rust toolchain builds a release binary, which runs on
+# distroless/cc (glibc, libgcc, CA certificates, no shell) as the non-root
+# user 65532. Builder and runtime are both Debian 12, so the binary's glibc
+# matches. The only network access during the build is crates.io.
 
 ARG RUST_VERSION=1.95
 
-FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
+FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS chef
+RUN cargo install cargo-chef --locked
 WORKDIR /src
 
-# Dependencies first, in their own layer: this step re-runs only when the
-# manifests, build script or proto change, not on every source edit. The
-# throw-away sources give cargo something to compile; build.rs (protox, no
-# system protoc) runs for real here because proto/ is already present.
-COPY Cargo.toml Cargo.lock build.rs ./
-COPY proto ./proto
-RUN mkdir src \
-    && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked --bin activescale \
-    && rm -rf src
+# The recipe holds only the manifests and Cargo.lock (with stub targets for
+# every lib, bin, test and bench they declare), so it changes, and the
+# dependency layer below is rebuilt, only when dependencies change.
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
 
-# The real sources. Touching the entry points makes cargo rebuild the crate
-# itself even where a dummy file's timestamp is newer.
-COPY src ./src
-RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --bin activescale \
+FROM chef AS build
+COPY --from=planner /src/recipe.json recipe.json
+# Builds every dependency, build-dependencies included (tonic-build,
+# protox: no system protoc), into a cached layer.
+RUN cargo chef cook --release --recipe-path recipe.json
+COPY . .
+RUN cargo build --release --locked --bin activescale \
     && cp target/release/activescale /activescale
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /activescale /activescale
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532
 # 9000: Envoy metrics sink (gRPC); 9090: KEDA external scaler (gRPC);
 # 8080: /healthz, /readyz, /metrics, /v1/pods.
