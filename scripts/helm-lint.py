@@ -1,0 +1,517 @@
+#!/usr/bin/env python3
+"""Checks the Helm chart in helm/activescale with Helm's own code.
+
+No `helm` binary is available here; the PyPI package helm-sdkpy embeds Helm's
+Go SDK (install: `pip install --ignore-requires-python helm-sdkpy jsonschema
+pyyaml`). Its Lint runs without a cluster. What this script checks:
+
+1. values.yaml and every ci/*.yaml (merged over it) against values.schema.json.
+2. Every `.Values.a.b` path the templates use exists in values.yaml.
+3. `config:` in values.yaml has exactly the fields of `struct Config` in
+   src/config.rs, minus the ones the chart sets from elsewhere (addresses,
+   Redis URL and password, TLS files).
+   Also: the Dockerfile's ports, user and entry point match the chart, and
+   every address in scaledobjects/ is the chart's (release `activescale` in
+   namespace `keda`).
+4. Helm lint, with no warnings or errors, on the chart with its default values
+   and with each ci/*.yaml merged in (lint takes no values, so each case lints
+   a copy of the chart whose values.yaml is replaced).
+5. The rendered manifests of each case, and assertions on them. helm-sdkpy
+   has no `template` action, but lint renders every template; a probe
+   template added to the copy renders the chart's files with `include` and
+   hands the result back through `fail`, whose message Helm logs on stderr.
+6. Combinations the chart must refuse (memory store with two replicas, ...)
+   make lint fail with the chart's own message.
+
+`--env-out DIR` writes each case's rendered container environment as JSON
+for tests/helm.rs, which feeds it to the service's real config loader.
+
+Exit status: 0 when everything holds, 1 on a failed check, 3 when
+helm-sdkpy (or jsonschema / PyYAML) is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+try:
+    import helm_sdkpy
+    import jsonschema
+    import yaml
+except ImportError as e:  # pragma: no cover - environment problem
+    print(f"helm-lint: missing Python package: {e.name}. Install with:\n"
+          "  pip install --ignore-requires-python helm-sdkpy jsonschema pyyaml",
+          file=sys.stderr)
+    sys.exit(3)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "activescale"
+CONFIG_RS = ROOT / "src" / "config.rs"
+RELEASE_NAMESPACE = "keda"
+
+# Config fields the chart sets from `ports`, `redis` and `tls` instead of
+# `config:`, each with the variable that carries it.
+SET_ELSEWHERE = {
+    "sink_addr": "ACTIVESCALE_SINK_ADDR",
+    "scaler_addr": "ACTIVESCALE_SCALER_ADDR",
+    "http_addr": "ACTIVESCALE_HTTP_ADDR",
+    "redis_url": "ACTIVESCALE_REDIS_URL",
+    "redis_password": "ACTIVESCALE_REDIS_PASSWORD",
+    "redis_ca_file": "ACTIVESCALE_REDIS_CA_FILE",
+    "redis_cert_file": "ACTIVESCALE_REDIS_CERT_FILE",
+    "redis_key_file": "ACTIVESCALE_REDIS_KEY_FILE",
+    "tls_cert": "ACTIVESCALE_TLS_CERT",
+    "tls_key": "ACTIVESCALE_TLS_KEY",
+    "tls_client_ca": "ACTIVESCALE_TLS_CLIENT_CA",
+}
+
+# Helm's lint severities (pkg/lint/support).
+SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
+
+DUMP_BEGIN, DUMP_END = "RENDER-DUMP-BEGIN", "RENDER-DUMP-END"
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        raise CheckFailed(what)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Helm's coalescing for plain data: maps merge, anything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+# --- static checks -----------------------------------------------------------
+
+def check_schema(defaults: dict, cases: dict[str, dict]) -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    for name, values in {"values.yaml": defaults, **cases}.items():
+        errors = sorted(validator.iter_errors(values), key=lambda e: list(e.path))
+        check(not errors, f"{name} does not match values.schema.json: "
+              + "; ".join(f"{'/'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors))
+
+
+VALUES_PATH = re.compile(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+
+
+def check_values_paths(defaults: dict) -> None:
+    missing = []
+    for tpl in sorted((CHART / "templates").iterdir()):
+        text = tpl.read_text(encoding="utf-8")
+        for m in VALUES_PATH.finditer(text):
+            node, walked = defaults, []
+            for key in m.group(1).lstrip(".").split("."):
+                walked.append(key)
+                if not isinstance(node, dict) or key not in node:
+                    line = text.count("\n", 0, m.start()) + 1
+                    missing.append(f"{tpl.name}:{line}: .Values.{'.'.join(walked)}")
+                    break
+                node = node[key]
+    check(not missing, "templates use values that values.yaml does not define: " + ", ".join(missing))
+
+
+def config_fields() -> list[str]:
+    src = CONFIG_RS.read_text(encoding="utf-8")
+    body = re.search(r"pub struct Config \{(.*?)\n\}", src, re.S)
+    check(body is not None, f"no `pub struct Config` in {CONFIG_RS}")
+    return re.findall(r"^\s*pub (\w+):", body.group(1), re.M)
+
+
+def check_config_coverage(defaults: dict) -> list[str]:
+    fields = config_fields()
+    check(len(fields) > 10, f"found only {fields} in struct Config; did its layout change?")
+    in_values = set(defaults["config"])
+    expected = set(fields) - set(SET_ELSEWHERE)
+    check(in_values == expected,
+          "values.yaml `config:` and struct Config differ: "
+          f"missing from values {sorted(expected - in_values)}, unknown to the service {sorted(in_values - expected)}")
+    stale = set(SET_ELSEWHERE) - set(fields)
+    check(not stale, f"SET_ELSEWHERE names fields struct Config no longer has: {sorted(stale)}")
+    return fields
+
+
+def check_dockerfile(defaults: dict) -> None:
+    """The image and the chart agree on ports, user and entry point."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    exposed = set(re.findall(r"^EXPOSE\s+(.+)$", text, re.M)[-1].split())
+    ports = {str(p) for p in defaults["ports"].values()}
+    check(exposed == ports, f"Dockerfile EXPOSE {sorted(exposed)} but the chart uses ports {sorted(ports)}")
+    user = re.findall(r"^USER\s+(\d+)", text, re.M)
+    check(user and int(user[-1]) == defaults["podSecurityContext"]["runAsUser"],
+          f"Dockerfile USER {user} differs from podSecurityContext.runAsUser")
+    check('ENTRYPOINT ["/activescale", "serve"]' in text, "Dockerfile ENTRYPOINT must be /activescale serve")
+
+
+def check_example_addresses(defaults: dict) -> None:
+    """Every example dials the addresses the chart gives a release named
+    `activescale` in namespace `keda`: the headless scaler Service and the sink."""
+    scaler = f"activescale-scaler.keda.svc.cluster.local:{defaults['ports']['scaler']}"
+    sink = f"activescale.keda.svc.cluster.local:{defaults['ports']['sink']}"
+    wrong, seen = [], 0
+    for path in sorted((ROOT / "scaledobjects").rglob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"(scalerAddress|address):\s*(\S+)", text):
+            seen += 1
+            want = scaler if m.group(1) == "scalerAddress" else sink
+            if m.group(2) != want:
+                wrong.append(f"{path.relative_to(ROOT)}: {m.group(1)} {m.group(2)} (want {want})")
+    check(seen > 0, "no addresses found in scaledobjects/")
+    check(not wrong, "; ".join(wrong))
+
+
+# --- Helm lint ---------------------------------------------------------------
+
+class Lint:
+    """Runs Helm's lint on copies of the chart with other values."""
+
+    def __init__(self) -> None:
+        self.config = helm_sdkpy.Configuration(namespace=RELEASE_NAMESPACE)
+        self.templates = sorted(p.name for p in (CHART / "templates").iterdir()
+                                if p.suffix == ".yaml")
+
+    def run(self, values: dict, dump: bool, templates: list[str] | None = None) -> tuple[list[dict], str]:
+        """Lints a copy of the chart with `values`; returns the lint messages
+        and what Helm logged on stderr. With `dump`, the rendered
+        `templates` (default: every manifest) are in a `fail` message."""
+        with tempfile.TemporaryDirectory(prefix="helm-lint-") as tmp:
+            chart = Path(tmp) / "activescale"
+            shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("ci"))
+            (chart / "values.yaml").write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+            if dump:
+                (chart / "templates" / "zz-render-dump.yaml").write_text(
+                    self._dump_template(templates or self.templates), encoding="utf-8")
+            result, stderr = self._lint_capturing_stderr(str(chart))
+        return result.get("Messages") or [], stderr
+
+    @staticmethod
+    def _dump_template(templates: list[str]) -> str:
+        parts = " ".join(f'(include (print $.Template.BasePath "/{t}") .)' for t in templates)
+        return ("{{- $docs := list " + parts + " }}\n"
+                f'{{{{- fail (printf "{DUMP_BEGIN}%s{DUMP_END}" (join "\\n---\\n" $docs)) }}}}\n')
+
+    def _lint_capturing_stderr(self, chart: str) -> tuple[dict, str]:
+        # Helm logs a template's `fail` message through Go's log package on
+        # file descriptor 2, and the lint result carries errors as empty
+        # objects: the fd is the only place the text appears.
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as log:
+            os.dup2(log.fileno(), 2)
+            try:
+                result = asyncio.run(helm_sdkpy.Lint(self.config).run(chart))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            log.seek(0)
+            return result, log.read().decode("utf-8", "replace")
+
+
+def go_unquote(s: str) -> str:
+    """Decodes a Go strconv.Quote body (without the quotes)."""
+    out, i = [], 0
+    simple = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "v": "\v", "'": "'"}
+    while i < len(s):
+        c = s[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        e = s[i + 1]
+        if e in simple:
+            out.append(simple[e])
+            i += 2
+        elif e == "x":
+            out.append(chr(int(s[i + 2:i + 4], 16)))
+            i += 4
+        elif e == "u":
+            out.append(chr(int(s[i + 2:i + 6], 16)))
+            i += 6
+        elif e == "U":
+            out.append(chr(int(s[i + 2:i + 10], 16)))
+            i += 10
+        else:
+            raise CheckFailed(f"cannot decode Go escape \\{e} in Helm's log")
+    return "".join(out)
+
+
+FAIL_LINE = re.compile(r'funcMap fail message="((?:[^"\\]|\\.)*)"')
+
+
+def fail_messages(stderr: str) -> list[str]:
+    return [go_unquote(m.group(1)) for m in FAIL_LINE.finditer(stderr)]
+
+
+def problems(messages: list[dict]) -> list[str]:
+    return [f"{SEVERITY.get(m.get('Severity'), m.get('Severity'))} {m.get('Path')}"
+            for m in messages if m.get("Severity", 0) >= 2]
+
+
+def render(lint: Lint, name: str, values: dict) -> list[dict]:
+    """Lints `values` (no warnings or errors allowed), then renders them."""
+    messages, stderr = lint.run(values, dump=False)
+    check(not problems(messages),
+          f"{name}: helm lint reports {problems(messages)}; Helm said: {stderr.strip() or '(nothing)'}")
+    messages, stderr = lint.run(values, dump=True)
+    fails = fail_messages(stderr)
+    # Helm lints in "lint mode", where `fail` and `required` only log: a
+    # refusal shows up here, not among the lint messages.
+    refusals = [m for m in fails if not m.startswith(DUMP_BEGIN)]
+    check(not refusals, f"{name}: the chart refuses these values: {refusals}")
+    check("Missing required value" not in stderr, f"{name}: {stderr.strip()}")
+    dumps = [m for m in fails if m.startswith(DUMP_BEGIN)]
+    check(len(dumps) == 1, f"{name}: rendering produced no manifests; Helm said: {stderr.strip()}")
+    text = dumps[0][len(DUMP_BEGIN):-len(DUMP_END)]
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    check(all("kind" in d and "apiVersion" in d for d in docs), f"{name}: a rendered document lacks kind/apiVersion")
+    return docs
+
+
+def expect_refusal(lint: Lint, name: str, values: dict, message: str) -> None:
+    """`message`: the chart's own `fail` text (logged, since lint mode turns
+    `fail` into a log line; `helm install` would stop on it). Empty: the
+    schema must refuse the values, which lint reports as an error."""
+    messages, stderr = lint.run(values, dump=False)
+    if message:
+        got = fail_messages(stderr)
+        check(any(message in m for m in got), f"{name}: expected the chart to fail with {message!r}, Helm said {got or stderr!r}")
+    else:
+        errors = [m for m in messages if m.get("Severity") == 3]
+        check(errors, f"{name}: helm lint accepted values the schema must refuse")
+
+
+# --- assertions on rendered manifests -----------------------------------------
+
+def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    found = find(docs, kind, name)
+    check(len(found) == 1, f"expected one {kind} {name}, found {len(found)} (have: "
+          + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in docs) + ")")
+    return found[0]
+
+
+def container_env(deploy: dict) -> dict[str, dict]:
+    (container,) = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "activescale"]
+    env = container.get("env") or []
+    names = [e["name"] for e in env]
+    check(len(names) == len(set(names)), f"duplicate environment variables: {names}")
+    return {e["name"]: e for e in env}
+
+
+def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
+    deploy = one(docs, "Deployment", fullname(docs))
+    spec = deploy["spec"]["template"]["spec"]
+    check(deploy["spec"]["replicas"] == values["replicaCount"], f"{name}: replicas")
+    check(spec["enableServiceLinks"] is False, f"{name}: enableServiceLinks must be false")
+    check(spec["automountServiceAccountToken"] is False, f"{name}: the service needs no API token")
+    pod_sc = spec["securityContext"]
+    check(pod_sc.get("runAsNonRoot") is True and pod_sc["seccompProfile"]["type"] == "RuntimeDefault",
+          f"{name}: pod securityContext")
+    (c,) = [c for c in spec["containers"] if c["name"] == "activescale"]
+    sc = c["securityContext"]
+    check(sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+          and sc["capabilities"]["drop"] == ["ALL"] and sc["runAsNonRoot"] is True,
+          f"{name}: container securityContext {sc}")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    check(ports == {"grpc-sink": values["ports"]["sink"], "grpc-scaler": values["ports"]["scaler"],
+                    "http": values["ports"]["http"]}, f"{name}: container ports {ports}")
+    check(c["livenessProbe"].get("httpGet", {}).get("path") == "/healthz",
+          f"{name}: liveness must be HTTP /healthz (the gRPC health follows the store)")
+    readiness = c["readinessProbe"]
+    if values["tls"]["enabled"] or not values["probes"]["grpcReadiness"]:
+        check(readiness.get("httpGet", {}).get("path") == "/readyz", f"{name}: readiness must be /readyz with TLS")
+    else:
+        check(readiness.get("grpc", {}).get("port") == values["ports"]["scaler"], f"{name}: readiness must be native gRPC")
+    annotations = deploy["spec"]["template"]["metadata"].get("annotations") or {}
+    if values["istio"]["excludeSinkPortFromSidecar"]:
+        check(annotations.get("traffic.sidecar.istio.io/excludeInboundPorts") == str(values["ports"]["sink"]),
+              f"{name}: the sink port must be excluded from the pod's own sidecar: {annotations}")
+    env = container_env(deploy)
+    for var in ["ACTIVESCALE_SINK_ADDR", "ACTIVESCALE_SCALER_ADDR", "ACTIVESCALE_HTTP_ADDR", "ACTIVESCALE_STORE"]:
+        check(var in env, f"{name}: {var} not set")
+    check(env["ACTIVESCALE_SCALER_ADDR"]["value"].endswith(f":{values['ports']['scaler']}"), f"{name}: scaler address")
+    for key, value in values["config"].items():
+        var = f"ACTIVESCALE_{key.upper()}"
+        check((var in env) == (value is not None), f"{name}: {var} set={var in env} but config.{key}={value!r}")
+
+    # Services: named ports with appProtocol grpc, and a headless scaler Service.
+    svc = one(docs, "Service", fullname(docs))
+    by_name = {p["name"]: p for p in svc["spec"]["ports"]}
+    check(set(by_name) == {"grpc-sink", "grpc-scaler", "http"}, f"{name}: Service ports {list(by_name)}")
+    check(by_name["grpc-sink"]["appProtocol"] == "grpc" and by_name["grpc-scaler"]["appProtocol"] == "grpc",
+          f"{name}: gRPC ports need appProtocol grpc")
+    if values["headlessService"]["enabled"]:
+        headless = one(docs, "Service", fullname(docs) + "-scaler")
+        check(headless["spec"]["clusterIP"] == "None", f"{name}: the scaler Service must be headless")
+        check([p["port"] for p in headless["spec"]["ports"]] == [values["ports"]["scaler"]], f"{name}: headless ports")
+    selector = deploy["spec"]["selector"]["matchLabels"]
+    for s in find(docs, "Service"):
+        if s["metadata"]["name"].startswith(fullname(docs) + "-redis"):
+            continue
+        check(s["spec"]["selector"] == selector, f"{name}: Service {s['metadata']['name']} selects other pods")
+    for tsc in spec.get("topologySpreadConstraints", []):
+        check(tsc["labelSelector"]["matchLabels"] == selector, f"{name}: topology spread selector")
+    if values["podDisruptionBudget"]["enabled"]:
+        pdb = one(docs, "PodDisruptionBudget", fullname(docs))
+        check(pdb["spec"]["selector"]["matchLabels"] == selector, f"{name}: PDB selector")
+    bundled = values["config"]["store"] == "redis" and values["redis"]["bundled"]["enabled"]
+    check(bool(find(docs, "Deployment", fullname(docs) + "-redis")) == bundled, f"{name}: bundled Valkey rendered={not bundled}")
+    if values["config"]["store"] == "redis":
+        want = values["redis"]["url"] or f"redis://{fullname(docs)}-redis:6379"
+        check(env.get("ACTIVESCALE_REDIS_URL", {}).get("value") == want, f"{name}: ACTIVESCALE_REDIS_URL")
+    return env
+
+
+def fullname(docs: list[dict]) -> str:
+    (sa,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == "scaler"]
+    return sa["metadata"]["name"]
+
+
+def case_assertions(name: str, docs: list[dict], values: dict, env: dict) -> None:
+    """What each ci/*.yaml switches on."""
+    deploy = one(docs, "Deployment", fullname(docs))
+    spec = deploy["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    (c,) = [c for c in spec["containers"] if c["name"] == "activescale"]
+    mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+    if values["tls"]["enabled"]:
+        check(volumes["tls"]["secret"]["secretName"] == values["tls"]["existingSecret"], f"{name}: TLS secret volume")
+        check("subPath" not in mounts["tls"], f"{name}: a subPath mount would never see rotated certificates")
+        check(env["ACTIVESCALE_TLS_CERT"]["value"].startswith(mounts["tls"]["mountPath"] + "/"), f"{name}: TLS cert path")
+        check(env["ACTIVESCALE_TLS_KEY"]["value"].startswith(mounts["tls"]["mountPath"] + "/"), f"{name}: TLS key path")
+        if values["tls"]["clientAuth"]["enabled"]:
+            check("ACTIVESCALE_TLS_CLIENT_CA" in env, f"{name}: client CA")
+            ca_dir = env["ACTIVESCALE_TLS_CLIENT_CA"]["value"].rsplit("/", 1)[0]
+            check(ca_dir in {m["mountPath"] for m in mounts.values()}, f"{name}: the client CA file is not in a mounted volume")
+    else:
+        check("ACTIVESCALE_TLS_CERT" not in env and "tls" not in volumes, f"{name}: TLS off but configured")
+    if values["config"]["store"] == "redis" and values["redis"]["existingSecret"]:
+        ref = env["ACTIVESCALE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        check(ref == {"name": values["redis"]["existingSecret"], "key": values["redis"]["passwordKey"]},
+              f"{name}: Redis password secret reference {ref}")
+    if values["config"]["store"] == "redis" and values["redis"]["tls"]["existingSecret"]:
+        check(volumes["redis-tls"]["secret"]["secretName"] == values["redis"]["tls"]["existingSecret"], f"{name}: Redis TLS volume")
+        for key, var in [("caKey", "ACTIVESCALE_REDIS_CA_FILE"), ("certKey", "ACTIVESCALE_REDIS_CERT_FILE"),
+                         ("keyKey", "ACTIVESCALE_REDIS_KEY_FILE")]:
+            if values["redis"]["tls"][key]:
+                check(env[var]["value"] == f"{mounts['redis-tls']['mountPath']}/{values['redis']['tls'][key]}", f"{name}: {var}")
+    policies = find(docs, "NetworkPolicy")
+    if values["networkPolicy"]["enabled"]:
+        np = one(docs, "NetworkPolicy", fullname(docs))
+        check(np["spec"]["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"], f"{name}: policy selector")
+        rules = {r["ports"][0]["port"]: r for r in np["spec"]["ingress"]}
+        check(set(rules) == {"grpc-scaler", "grpc-sink", "http"}, f"{name}: policy ports {list(rules)}")
+        scaler_from = rules["grpc-scaler"]["from"][0]
+        check(scaler_from["namespaceSelector"] == values["networkPolicy"]["scaler"]["namespaceSelector"]
+              and scaler_from["podSelector"] == values["networkPolicy"]["scaler"]["podSelector"],
+              f"{name}: only KEDA may reach the scaler port: {scaler_from}")
+        check(rules["grpc-sink"]["from"][0]["podSelector"] == values["networkPolicy"]["sink"]["podSelector"],
+              f"{name}: only meshed pods may reach the sink port")
+        bundled = values["config"]["store"] == "redis" and values["redis"]["bundled"]["enabled"]
+        check(len(policies) == (2 if bundled else 1), f"{name}: {len(policies)} NetworkPolicies")
+    else:
+        check(not policies, f"{name}: NetworkPolicy rendered while disabled")
+    check(bool(find(docs, "ServiceMonitor")) == values["serviceMonitor"]["enabled"], f"{name}: ServiceMonitor")
+
+
+# --- main --------------------------------------------------------------------
+
+REFUSALS = [
+    ("memory store with 2 replicas", {"replicaCount": 2, "config": {"store": "memory"}},
+     "replicaCount=2 with config.store=memory"),
+    ("redis.url and the bundled Valkey", {"redis": {"url": "redis://r:6379"}},
+     "redis.url is set and redis.bundled.enabled is true"),
+    ("redis store without any Redis", {"redis": {"bundled": {"enabled": False}}},
+     "config.store=redis needs redis.url"),
+    ("TLS without a Secret", {"tls": {"enabled": True}}, "tls.enabled=true needs tls.existingSecret"),
+    ("client auth without TLS", {"tls": {"clientAuth": {"enabled": True}}}, "tls.clientAuth.enabled=true needs tls.enabled"),
+    # Refused by values.schema.json inside Helm, before any template runs.
+    ("an unknown store (schema)", {"config": {"store": "etcd"}}, ""),
+    ("an unknown setting (schema)", {"config": {"pod_tll": "15s"}}, ""),
+    ("a non-Redis URL (schema)", {"redis": {"url": "http://r:6379", "bundled": {"enabled": False}}}, ""),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env-out", type=Path, help="write each case's rendered environment here as JSON")
+    args = parser.parse_args()
+
+    defaults = load_yaml(CHART / "values.yaml")
+    cases = {p.name: deep_merge(defaults, load_yaml(p) or {}) for p in sorted((CHART / "ci").glob("*.yaml"))}
+    failures = []
+
+    def step(what, fn, *a):
+        try:
+            fn(*a)
+            print(f"ok    {what}")
+        except CheckFailed as e:
+            print(f"FAIL  {what}\n      {e}")
+            failures.append(what)
+
+    step("values match values.schema.json", check_schema, defaults, cases)
+    step("every .Values path in templates exists", check_values_paths, defaults)
+    step("config: covers struct Config", check_config_coverage, defaults)
+    step("Dockerfile matches the chart", check_dockerfile, defaults)
+    step("scaledobjects/ use the chart's addresses", check_example_addresses, defaults)
+
+    lint = Lint()
+    envs = {}
+    for name, values in {"defaults": defaults, **cases}.items():
+        def lint_case(name=name, values=values):
+            docs = render(lint, name, values)
+            env = common_assertions(name, docs, values)
+            case_assertions(name, docs, values, env)
+            envs[name] = [[k, e.get("value", "<from secret>")] for k, e in env.items()]
+        step(f"helm lint + render: {name}", lint_case)
+    def notes():
+        _, stderr = lint.run(defaults, dump=True, templates=["NOTES.txt"])
+        (text,) = [m for m in fail_messages(stderr) if m.startswith(DUMP_BEGIN)]
+        check("-scaler." in text and f":{defaults['ports']['scaler']}" in text and f":{defaults['ports']['sink']}" in text,
+              f"NOTES.txt should give the headless scaler and the sink addresses:\n{text}")
+    step("NOTES.txt renders the addresses", notes)
+    for what, over, message in REFUSALS:
+        step(f"refused: {what}", expect_refusal, lint, what, deep_merge(defaults, over), message)
+
+    if args.env_out:
+        args.env_out.mkdir(parents=True, exist_ok=True)
+        for name, env in envs.items():
+            (args.env_out / f"{Path(name).stem}.env.json").write_text(json.dumps(env, indent=1), encoding="utf-8")
+
+    if failures:
+        print(f"\n{len(failures)} check(s) failed", file=sys.stderr)
+        return 1
+    print(f"\nall chart checks passed ({helm_sdkpy.get_version()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

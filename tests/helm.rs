@@ -1,0 +1,146 @@
+//! The Helm chart, checked with Helm's own lint (through `scripts/helm-lint.py`
+//! and the helm-sdkpy package), and its rendered environment fed to the
+//! service's real config loader.
+//!
+//! Needs `python3` with `helm-sdkpy`, `jsonschema` and `pyyaml`
+//! (`pip install --ignore-requires-python helm-sdkpy jsonschema pyyaml`). When
+//! they are missing the test is skipped with a loud message, unless
+//! `ACTIVESCALE_REQUIRE_HELM=1` is set (CI), where it fails.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use activescale::config::Config;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether the Python side can run; `Err` says what is missing.
+fn python_ready() -> Result<(), String> {
+    let out = Command::new("python3")
+        .args(["-c", "import helm_sdkpy, jsonschema, yaml"])
+        .output()
+        .map_err(|e| format!("python3 cannot be started: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Fails under `ACTIVESCALE_REQUIRE_HELM=1`; otherwise says loudly that the
+/// chart goes unchecked.
+fn skip_or_fail(why: &str) {
+    let required = std::env::var("ACTIVESCALE_REQUIRE_HELM").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "ACTIVESCALE_REQUIRE_HELM=1 but the chart cannot be linted: {why}"
+    );
+    eprintln!(
+        "\n*** SKIPPED: the Helm chart was NOT linted: {why}\n\
+         *** install with: pip install --ignore-requires-python helm-sdkpy jsonschema pyyaml\n"
+    );
+}
+
+/// One rendered case: `[name, value]` pairs of the activescale container.
+fn read_env(path: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let pairs: Vec<(String, String)> = serde_json::from_str(&text).unwrap();
+    pairs
+}
+
+/// Points the chart's mount paths at real files, since the loader checks
+/// that certificate files are readable.
+fn with_real_files(env: Vec<(String, String)>, dir: &Path) -> Vec<(String, String)> {
+    env.into_iter()
+        .map(|(k, v)| match v.strip_prefix("/etc/activescale/") {
+            Some(rest) => {
+                let file = dir.join(rest);
+                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                std::fs::write(&file, "PEM").unwrap();
+                (k, file.to_string_lossy().into_owned())
+            }
+            None => (k, v),
+        })
+        .collect()
+}
+
+/// Fields whose value in `cfg` equals the default.
+fn fields_at_default(cfg: &Config) -> BTreeSet<String> {
+    let got = serde_json::to_value(cfg).unwrap();
+    let default = serde_json::to_value(Config::default()).unwrap();
+    let (got, default) = (got.as_object().unwrap(), default.as_object().unwrap());
+    default
+        .iter()
+        .filter(|(k, v)| got.get(*k) == Some(v))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+#[test]
+fn chart_lints_renders_and_its_environment_loads() {
+    if let Err(why) = python_ready() {
+        skip_or_fail(&why);
+        return;
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new("python3")
+        .arg(repo().join("scripts/helm-lint.py"))
+        .arg("--env-out")
+        .arg(out_dir.path())
+        .current_dir(repo())
+        .output()
+        .expect("run scripts/helm-lint.py");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.code() == Some(3) {
+        skip_or_fail(&report);
+        return;
+    }
+    assert!(out.status.success(), "chart checks failed:\n{report}");
+    assert!(
+        report.contains("refused: memory store with 2 replicas"),
+        "{report}"
+    );
+
+    let files = tempfile::tempdir().unwrap();
+    let mut cases = 0;
+    for entry in std::fs::read_dir(out_dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let env = with_real_files(read_env(&path), files.path());
+        let cfg = Config::load_from(None, env, &[])
+            .unwrap_or_else(|e| panic!("{name}: the service refuses the chart's environment: {e}"));
+        if name == "all-settings-values.env.json" {
+            // Every setting reaches the service; these two are set to their
+            // default values (false) in ci/all-settings-values.yaml.
+            let at_default = fields_at_default(&cfg);
+            let expected: BTreeSet<String> = ["redis_tls_insecure", "redis_cluster"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            assert_eq!(
+                at_default, expected,
+                "{name}: settings that did not reach the service"
+            );
+            assert_eq!(cfg.scaler_addr.port(), 19090);
+            assert_eq!(cfg.max_message_bytes, 32 << 20);
+        }
+        if name == "defaults.env.json" {
+            assert_eq!(cfg.store, activescale::config::StoreKind::Redis);
+            assert!(cfg.redis_url.starts_with("redis://"), "{}", cfg.redis_url);
+        }
+        cases += 1;
+    }
+    assert!(
+        cases >= 6,
+        "expected the default values and five ci/*.yaml cases, got {cases}"
+    );
+}
