@@ -531,6 +531,15 @@ spec:
     }
 
     #[test]
+    fn scaled_jobs_are_checked_too() {
+        let r = run(&SO.replace("kind: ScaledObject", "kind: ScaledJob"));
+        assert_eq!(
+            lines(&r),
+            ["f.yaml doc 1 ScaledJob shop/web triggers[1] (external-push): ok"]
+        );
+    }
+
+    #[test]
     fn parser_errors_are_reported_verbatim() {
         let r = run(&SO.replace("targetValue: \"10\"", "targetValue: \"ten\""));
         assert!(r.failed());
