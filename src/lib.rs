@@ -20,6 +20,8 @@
 //! - [`selector`]: Kubernetes label selectors.
 //! - [`prometheus`]: the optional Prometheus backend (`source: prometheus`).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/v1/pods`.
+//! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
+//! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
 //! - [`config`]: the one typed configuration, validated before anything binds.
 //! - [`telemetry`]: logs, the service's own metrics, summary lines.
 //!
@@ -29,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod config;
 pub mod http;
 pub mod prometheus;
@@ -37,6 +40,7 @@ pub mod selector;
 pub mod sink;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod trigger;
 
 use std::{
@@ -49,7 +53,6 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -142,6 +145,10 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let token = CancellationToken::new();
     let store = open_store(&config).await?;
+    let tls = tls::Tls::from_config(&config)?;
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch(config.tls_reload_interval, token.clone()));
+    }
 
     let filter = sink::names::NameFilter::new(
         &config.metric_include,
@@ -188,14 +195,14 @@ pub async fn run(
                 .max_decoding_message_size(config.max_message_bytes),
         )
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.sink),
+            tls::incoming(listeners.sink, tls.clone()),
             token.clone().cancelled_owned(),
         );
     let scaler_server = server()
         .add_service(health_service)
         .add_service(scaler::ExternalScalerServer::new(scaler))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.scaler),
+            tls::incoming(listeners.scaler, tls.clone()),
             token.clone().cancelled_owned(),
         );
     let app = http::router(http::AppState {
@@ -213,7 +220,8 @@ pub async fn run(
         config.summary_interval,
         token.clone(),
     ));
-    info!(%sink_addr, %scaler_addr, %http_addr, store = ?config.store, pod_ttl = ?config.pod_ttl, "activescale serving");
+    info!(%sink_addr, %scaler_addr, %http_addr, store = ?config.store, pod_ttl = ?config.pod_ttl,
+        tls = tls.is_some(), mtls = tls.as_ref().is_some_and(|t| t.verifies_clients()), "activescale serving");
 
     let sink_task = tokio::spawn(sink_server);
     let scaler_task = tokio::spawn(scaler_server);

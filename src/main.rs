@@ -1,6 +1,6 @@
 //! The `activescale` binary: parse flags, load config, set up logs, bind, run.
 
-use std::path::PathBuf;
+use std::{io::Write, path::PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -17,10 +17,30 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Envoy sink, the KEDA scaler and the HTTP port.
     Serve(ServeArgs),
+    /// Validate the activescale triggers of ScaledObjects in Kubernetes YAML,
+    /// offline, with the server's own parser. Exits 1 on any error.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// YAML files, multi-document; `-` reads standard input.
+    #[arg(required = true)]
+    files: Vec<String>,
+    /// Glob over an external trigger's `scalerAddress` that marks it as
+    /// activescale's (repeatable; `*` checks every external trigger).
+    #[arg(long, value_name = "GLOB", default_value = activescale::check::DEFAULT_SCALER_ADDRESS)]
+    scaler_address: Vec<String>,
+    /// The server's config file, for the limits triggers are checked
+    /// against (`max_window`, `allow_cross_namespace`); default: built-in defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 /// Flags override the config file and the environment. Each sets the config
@@ -129,7 +149,32 @@ impl ServeArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
+        Command::Check(args) => check(args),
     }
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    use activescale::check;
+    let config = match &args.config {
+        // Only the file: the environment of whoever runs the check is not the server's.
+        Some(path) => Config::load_from(Some(path), std::iter::empty(), &[])?,
+        None => Config::default(),
+    };
+    let options = check::Options::new(&args.scaler_address, &config);
+    let report = check::check(&check::read_inputs(&args.files), &options);
+    let mut out = std::io::stdout().lock();
+    for finding in &report.findings {
+        // A closed pipe (`| head`) is the reader's choice, not a failure.
+        if writeln!(out, "{finding}").is_err() {
+            break;
+        }
+    }
+    drop(out);
+    eprintln!("{}", report.summary());
+    if report.failed() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -1,0 +1,603 @@
+//! TLS on the two gRPC ports (sink and scaler), optionally with client
+//! certificates (mTLS), and certificate rotation without restarts.
+//!
+//! cert-manager rotates a Secret by swapping the symlinks of the mounted
+//! volume; nothing signals the process. So [`Tls::watch`] re-reads the files
+//! every `tls_reload_interval` and, when their contents changed, builds a whole
+//! new rustls `ServerConfig` (certificate, key and client CA together, so they
+//! can never be mixed) and swaps it in. Each handshake takes the config current
+//! at accept time: new connections get the new certificate, established
+//! connections (KEDA's `StreamIsActive`, Envoy's metrics streams) keep theirs.
+//! A file that does not load leaves the previous config in place and is
+//! reported once per change.
+//!
+//! [`incoming`] turns a listener into the connection stream tonic serves:
+//! plain TCP, or TLS with handshakes running concurrently, so one slow or
+//! failing client never holds up the accept loop. The HTTP ops port stays
+//! plaintext (kubelet probes and Prometheus scrapes).
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex, RwLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer},
+    server::WebPkiClientVerifier,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ConfigError};
+
+/// A client that has not finished its handshake by then is dropped, so
+/// half-open connections cannot pile up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS files from the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files `config` names; `None` when TLS is off.
+    pub fn from_config(config: &Config) -> Option<Self> {
+        Some(Self {
+            cert: config.tls_cert.clone()?,
+            key: config.tls_key.clone()?,
+            client_ca: config.tls_client_ca.clone(),
+        })
+    }
+
+    /// Reads the three files as they are now.
+    fn read(&self) -> Result<Contents, TlsError> {
+        let read = |field: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                field,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        Ok(Contents {
+            cert: read("tls_cert", &self.cert)?,
+            key: read("tls_key", &self.key)?,
+            client_ca: self
+                .client_ca
+                .as_deref()
+                .map(|p| read("tls_client_ca", p))
+                .transpose()?,
+        })
+    }
+}
+
+/// The raw bytes a config was built from; compared to notice rotation.
+/// Contents rather than mtimes: a symlink swap can keep the target's mtime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Contents {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+/// Why the TLS files cannot be used; each message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{field}: cannot read {}: {source}", path.display())]
+    Read {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{field}: {}: {problem}", path.display())]
+    Pem {
+        field: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    #[error("tls_cert/tls_key: the certificate and key are not usable together: {0}")]
+    CertKey(#[source] rustls::Error),
+    #[error("tls_client_ca: {0}")]
+    ClientCa(String),
+}
+
+impl From<TlsError> for crate::Error {
+    /// A certificate that does not load at start-up is a configuration error:
+    /// the process exits naming the setting.
+    fn from(e: TlsError) -> Self {
+        crate::Error::Config(ConfigError(e.to_string()))
+    }
+}
+
+/// Builds the server config for `contents`. Pure apart from rustls itself.
+fn server_config(files: &TlsFiles, contents: &Contents) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = pem_certs("tls_cert", &files.cert, &contents.cert)?;
+    let key = pem_key(&files.key, &contents.key)?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::CertKey)?;
+    let mut config = match (&files.client_ca, &contents.client_ca) {
+        (Some(path), Some(pem)) => {
+            let mut roots = RootCertStore::empty();
+            for ca in pem_certs("tls_client_ca", path, pem)? {
+                roots
+                    .add(ca)
+                    .map_err(|e| TlsError::ClientCa(format!("{}: {e}", path.display())))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::ClientCa(format!("{}: {e}", path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    }
+    .with_single_cert(certs, key)
+    .map_err(TlsError::CertKey)?;
+    // gRPC is HTTP/2 only, and grpc-go (KEDA) refuses a TLS server that does
+    // not negotiate h2 by ALPN.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn pem_certs(
+    field: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let problem = |problem: String| TlsError::Pem {
+        field,
+        path: path.to_owned(),
+        problem,
+    };
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| problem(format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(problem("no PEM CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
+fn pem_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let problem = |problem: String| TlsError::Pem {
+        field: "tls_key",
+        path: path.to_owned(),
+        problem,
+    };
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| problem(format!("not valid PEM: {e}")))?
+        .ok_or_else(|| problem("no PEM private key (PKCS#8, PKCS#1 or SEC1) found".into()))
+}
+
+/// What one look at the files found.
+#[derive(Debug)]
+pub enum Reload {
+    /// Same contents as the config in use.
+    Unchanged,
+    /// New contents, loaded; new handshakes use them.
+    Reloaded,
+    /// New contents that do not load; the previous config stays in use.
+    Failed(TlsError),
+}
+
+/// The TLS state shared by both gRPC ports.
+pub struct Tls {
+    files: TlsFiles,
+    // std RwLock: read once per accepted connection (an Arc clone), written
+    // on rotation; never held across an await.
+    current: RwLock<Arc<ServerConfig>>,
+    reload: Mutex<ReloadState>,
+}
+
+struct ReloadState {
+    /// What `current` was built from.
+    loaded: Contents,
+    /// The last failure reported, so a bad file is logged once, not on
+    /// every check.
+    last_failure: Option<String>,
+}
+
+impl Tls {
+    /// Loads the files; an error here stops start-up.
+    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+        let contents = files.read()?;
+        let config = server_config(&files, &contents)?;
+        Ok(Arc::new(Self {
+            files,
+            current: RwLock::new(config),
+            reload: Mutex::new(ReloadState {
+                loaded: contents,
+                last_failure: None,
+            }),
+        }))
+    }
+
+    /// TLS as `config` asks: `None` when `tls_cert` is unset.
+    pub fn from_config(config: &Config) -> Result<Option<Arc<Self>>, TlsError> {
+        TlsFiles::from_config(config).map(Self::load).transpose()
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn verifies_clients(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// An acceptor for the config in use now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let config = self.current.read().unwrap_or_else(|e| e.into_inner());
+        TlsAcceptor::from(Arc::clone(&config))
+    }
+
+    /// Re-reads the files and swaps the config in when they changed and load.
+    /// Blocking file reads: call from a blocking context.
+    pub fn reload(&self) -> Reload {
+        let mut state = self.reload.lock().unwrap_or_else(|e| e.into_inner());
+        let outcome = match self.files.read() {
+            Ok(contents) if contents == state.loaded => Reload::Unchanged,
+            Ok(contents) => match server_config(&self.files, &contents) {
+                Ok(config) => {
+                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+                    state.loaded = contents;
+                    Reload::Reloaded
+                }
+                Err(e) => Reload::Failed(e),
+            },
+            // A rotation caught between two symlink swaps can look like a
+            // missing file for a moment; the next check sees it whole.
+            Err(e) => Reload::Failed(e),
+        };
+        match &outcome {
+            Reload::Unchanged => state.last_failure = None,
+            Reload::Reloaded => {
+                state.last_failure = None;
+                info!(
+                    cert = %self.files.cert.display(),
+                    client_ca = ?self.files.client_ca,
+                    "TLS files changed: new connections use the new certificate"
+                );
+            }
+            Reload::Failed(e) => {
+                let message = e.to_string();
+                if state.last_failure.as_ref() != Some(&message) {
+                    warn!(error = %message, "TLS files changed but do not load; keeping the previous certificate");
+                    state.last_failure = Some(message);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Checks the files every `every` until `token` is cancelled. A zero
+    /// interval turns reloading off.
+    pub async fn watch(self: Arc<Self>, every: Duration, token: CancellationToken) {
+        if every.is_zero() {
+            return;
+        }
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = token.cancelled() => return,
+            }
+            let tls = Arc::clone(&self);
+            if let Err(e) = tokio::task::spawn_blocking(move || tls.reload()).await {
+                warn!(error = %e, "TLS reload check failed");
+            }
+        }
+    }
+}
+
+/// The connections `listener` accepts, through TLS when `tls` is set.
+pub fn incoming(listener: TcpListener, tls: Option<Arc<Tls>>) -> Incoming {
+    Incoming {
+        listener,
+        tls,
+        handshakes: FuturesUnordered::new(),
+    }
+}
+
+/// A stream of accepted connections for tonic's `serve_with_incoming*`.
+///
+/// Handshakes run inside the stream (tonic polls it continuously from its
+/// accept loop), concurrently; a failed one is logged and dropped and never
+/// ends the stream. Dropping the stream closes the listener.
+pub struct Incoming {
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    handshakes: FuturesUnordered<BoxFuture<'static, Result<Conn, (SocketAddr, io::Error)>>>,
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<Conn>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match this.listener.poll_accept(cx) {
+                Poll::Ready(Ok((tcp, peer))) => {
+                    // gRPC messages are small and latency matters more than
+                    // packet count (the server builder's tcp_nodelay applies
+                    // only to tonic's own listener).
+                    let _ = tcp.set_nodelay(true);
+                    match &this.tls {
+                        None => return Poll::Ready(Some(Ok(Conn::Plain(tcp)))),
+                        Some(tls) => {
+                            this.handshakes
+                                .push(Box::pin(handshake(tls.acceptor(), tcp, peer)))
+                        }
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => break,
+            }
+        }
+        while let Poll::Ready(Some(done)) = this.handshakes.poll_next_unpin(cx) {
+            match done {
+                Ok(conn) => return Poll::Ready(Some(Ok(conn))),
+                Err((peer, e)) => log_refused(peer, &e),
+            }
+        }
+        Poll::Pending
+    }
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<Conn, (SocketAddr, io::Error)> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Ok(Conn::Tls(Box::new(stream))),
+        Ok(Err(e)) => Err((peer, e)),
+        Err(_) => Err((
+            peer,
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake not finished in time",
+            ),
+        )),
+    }
+}
+
+/// rustls reports protocol and certificate problems as `InvalidData`: those
+/// are misconfigurations worth a warning (a plaintext KEDA trigger without
+/// `enableTLS`, a client certificate from another CA). Resets and EOFs are
+/// TCP probes and port scans: debug only.
+fn log_refused(peer: SocketAddr, e: &io::Error) {
+    if e.kind() == io::ErrorKind::InvalidData {
+        warn!(%peer, error = %e, "TLS handshake refused (a plaintext client, or a certificate not trusted)");
+    } else {
+        debug!(%peer, error = %e, "TLS handshake did not complete");
+    }
+}
+
+/// An accepted connection, plain or TLS.
+pub enum Conn {
+    Plain(TcpStream),
+    // Boxed: a rustls connection is about a kilobyte, a TcpStream a few words.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connected for Conn {
+    // The TCP info in both cases, so `Request::remote_addr()` (used in the
+    // sink's logs) works the same with and without TLS.
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            Conn::Plain(s) => s.connect_info(),
+            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and a server certificate it signed, as PEM (cert, key, ca).
+    fn pki(name: &str) -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem(), ca.pem())
+    }
+
+    struct Dir {
+        _dir: tempfile::TempDir,
+        files: TlsFiles,
+    }
+
+    impl Dir {
+        fn new(with_ca: bool) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let files = TlsFiles {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+                client_ca: with_ca.then(|| dir.path().join("ca.crt")),
+            };
+            let d = Self { _dir: dir, files };
+            d.write(&pki("one"));
+            d
+        }
+
+        fn write(&self, (cert, key, ca): &(String, String, String)) {
+            std::fs::write(&self.files.cert, cert).unwrap();
+            std::fs::write(&self.files.key, key).unwrap();
+            if let Some(p) = &self.files.client_ca {
+                std::fs::write(p, ca).unwrap();
+            }
+        }
+    }
+
+    fn config_ptr(tls: &Tls) -> *const ServerConfig {
+        Arc::as_ptr(&tls.current.read().unwrap())
+    }
+
+    #[test]
+    fn loads_and_offers_h2() {
+        let d = Dir::new(true);
+        let tls = Tls::load(d.files.clone()).unwrap();
+        assert!(tls.verifies_clients());
+        assert_eq!(
+            tls.current.read().unwrap().alpn_protocols,
+            vec![b"h2".to_vec()]
+        );
+    }
+
+    #[test]
+    fn reload_swaps_only_on_new_contents() {
+        let d = Dir::new(true);
+        let tls = Tls::load(d.files.clone()).unwrap();
+        let before = config_ptr(&tls);
+        assert!(matches!(tls.reload(), Reload::Unchanged));
+        assert_eq!(config_ptr(&tls), before);
+        d.write(&pki("two"));
+        assert!(matches!(tls.reload(), Reload::Reloaded));
+        assert_ne!(config_ptr(&tls), before);
+        assert!(matches!(tls.reload(), Reload::Unchanged));
+    }
+
+    #[test]
+    fn a_bad_new_file_keeps_the_old_config() {
+        let d = Dir::new(false);
+        let tls = Tls::load(d.files.clone()).unwrap();
+        let before = config_ptr(&tls);
+        std::fs::write(&d.files.key, "not a key").unwrap();
+        let Reload::Failed(e) = tls.reload() else {
+            panic!("a broken key must not load")
+        };
+        assert!(e.to_string().contains("tls_key"), "{e}");
+        assert_eq!(config_ptr(&tls), before);
+        // A key that belongs to another certificate: also refused.
+        let (_, other_key, _) = pki("other");
+        std::fs::write(&d.files.key, other_key).unwrap();
+        let Reload::Failed(e) = tls.reload() else {
+            panic!("a mismatched key must not load")
+        };
+        assert!(e.to_string().contains("tls_cert/tls_key"), "{e}");
+        assert_eq!(config_ptr(&tls), before);
+        std::fs::remove_file(&d.files.cert).unwrap();
+        assert!(matches!(
+            tls.reload(),
+            Reload::Failed(TlsError::Read {
+                field: "tls_cert",
+                ..
+            })
+        ));
+        assert_eq!(config_ptr(&tls), before);
+    }
+
+    #[test]
+    fn start_up_errors_name_the_setting() {
+        let d = Dir::new(true);
+        std::fs::write(d.files.client_ca.as_ref().unwrap(), "garbage").unwrap();
+        let e = Tls::load(d.files.clone()).err().unwrap().to_string();
+        assert!(
+            e.contains("tls_client_ca") && e.contains("no PEM CERTIFICATE"),
+            "{e}"
+        );
+        std::fs::write(&d.files.cert, "").unwrap();
+        let e = Tls::load(d.files.clone()).err().unwrap().to_string();
+        assert!(e.contains("tls_cert"), "{e}");
+        let as_lib: crate::Error = Tls::load(d.files.clone()).err().unwrap().into();
+        assert!(
+            as_lib
+                .to_string()
+                .starts_with("invalid configuration: tls_cert"),
+            "{as_lib}"
+        );
+    }
+
+    #[test]
+    fn tls_is_off_without_a_certificate() {
+        assert!(Tls::from_config(&Config::default()).unwrap().is_none());
+    }
+}
