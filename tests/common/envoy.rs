@@ -29,7 +29,8 @@ impl Sidecar {
             .expect("connect to sink")
             .max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
+        let task =
+            tokio::spawn(async move { client.stream_metrics(ReceiverStream::new(rx)).await });
         Self {
             tx: Some(tx),
             identifier: Some(Identifier { node: Some(node) }),
@@ -53,7 +54,8 @@ impl Sidecar {
 
     /// Pushes gauges given as (stat name, value).
     pub async fn push_gauges(&mut self, gauges: &[(&str, f64)]) {
-        self.push(gauges.iter().map(|(n, v)| gauge(n, *v)).collect()).await;
+        self.push(gauges.iter().map(|(n, v)| gauge(n, *v)).collect())
+            .await;
     }
 
     /// Ends the stream the way Envoy does on shutdown (half-close).
@@ -89,7 +91,10 @@ fn string(v: &str) -> Value {
 /// A node as Istio sends it: sidecar id plus NAME/NAMESPACE/LABELS/WORKLOAD_NAME.
 pub fn istio_node(namespace: &str, pod: &str, labels: &[(&str, &str)], workload: &str) -> Node {
     let labels = Struct {
-        fields: labels.iter().map(|(k, v)| (k.to_string(), string(v))).collect(),
+        fields: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), string(v)))
+            .collect(),
     };
     Node {
         id: format!("sidecar~10.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local"),
