@@ -755,10 +755,10 @@ mod tests {
 
         #[test]
         fn arbitrary_text_never_panics(src in "[-+*/(),. 0-9a-z_eE]{0,80}") {
-            if let Ok(f) = Formula::parse(&src, &["a", "b"]) {
-                if let Ok(v) = f.eval(&[1.0, 0.0]) {
-                    prop_assert!(v.is_finite());
-                }
+            if let Ok(f) = Formula::parse(&src, &["a", "b"])
+                && let Ok(v) = f.eval(&[1.0, 0.0])
+            {
+                prop_assert!(v.is_finite());
             }
         }
     }

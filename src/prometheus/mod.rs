@@ -137,8 +137,8 @@ fn parse_in(
     let named: Vec<(&str, &str)> = {
         let mut v: Vec<(&str, &str)> = meta
             .0
-            .iter()
-            .filter_map(|(k, _)| k.strip_prefix(QUERY_PREFIX).map(|n| (k.as_str(), n)))
+            .keys()
+            .filter_map(|k| k.strip_prefix(QUERY_PREFIX).map(|n| (k.as_str(), n)))
             .collect();
         v.sort();
         v
@@ -163,16 +163,15 @@ fn parse_in(
             named[0].0
         )));
     }
-    if given[0] != "preset" {
-        if let Some(k) = ["selector"]
+    if given[0] != "preset"
+        && let Some(k) = ["selector"]
             .iter()
             .chain(presets::PARAM_KEYS)
             .find(|k| meta.get(k).is_some())
-        {
-            return Err(MetadataError::Conflict(format!(
-                "`{k}` is used only with `preset`"
-            )));
-        }
+    {
+        return Err(MetadataError::Conflict(format!(
+            "`{k}` is used only with `preset`"
+        )));
     }
 
     let prepare = |key: &str, text: &str, rewrite: Rewrite<'_>| {
@@ -693,7 +692,8 @@ mod tests {
 
     #[test]
     fn refusals_name_key_value_and_expectation() {
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
             (
                 &[],
                 &["exactly one of `query`, `preset` or `formula`", "none"],

@@ -195,7 +195,8 @@ mod tests {
 
     #[test]
     fn refusals_name_the_key() {
-        let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
             (
                 "membrane-nope",
                 &[],

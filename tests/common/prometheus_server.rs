@@ -53,7 +53,8 @@ impl Exporter {
                     .build()
                     .expect("exporter runtime");
                 rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).expect("exporter listener");
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).expect("exporter listener");
                     let app = axum::Router::new().route(
                         "/metrics",
                         axum::routing::get(move || {
@@ -70,12 +71,18 @@ impl Exporter {
 
     /// Sets gauge `name{labels}` to `value`.
     pub fn set(&self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.series.lock().unwrap().insert(series_key(name, labels), value);
+        self.series
+            .lock()
+            .unwrap()
+            .insert(series_key(name, labels), value);
     }
 
     /// Stops serving `name{labels}` (Prometheus marks it stale on the next scrape).
     pub fn remove(&self, name: &str, labels: &[(&str, &str)]) {
-        self.series.lock().unwrap().remove(&series_key(name, labels));
+        self.series
+            .lock()
+            .unwrap()
+            .remove(&series_key(name, labels));
     }
 }
 
@@ -165,7 +172,10 @@ impl Prometheus {
             .arg(script)
             .arg(PROMETHEUS_BIN)
             .arg(format!("--config.file={}", self.config.display()))
-            .arg(format!("--storage.tsdb.path={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
             .arg("--log.level=warn")
             .stdin(Stdio::piped())
@@ -269,7 +279,10 @@ pub async fn shared() -> &'static Shared {
         .get_or_init(|| async {
             let exporter = Exporter::start();
             let prometheus = Prometheus::start(&[exporter.addr]).await;
-            Shared { exporter, prometheus }
+            Shared {
+                exporter,
+                prometheus,
+            }
         })
         .await
 }
