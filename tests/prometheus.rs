@@ -606,6 +606,37 @@ async fn next(
 }
 
 #[tokio::test]
+async fn identical_concurrent_calls_cost_prometheus_one_query() {
+    let exporter = Exporter::start();
+    exporter.set("flight_probe", &[("namespace", "t-flight")], 8.0);
+    let prometheus = Prometheus::start(&[exporter.addr]).await;
+    prometheus
+        .wait_for("flight_probe{namespace=\"t-flight\"}")
+        .await;
+    // The default cache TTL (2 s), as KEDA's operator and metrics server see it.
+    let server = start_server(test_config()).await;
+    let c = server.scaler_client().await;
+    let r = so(
+        "t-flight",
+        &prometheus.url,
+        &[("query", "sum(flight_probe)"), ("targetValue", "1")],
+    );
+
+    let before = prometheus.settled_query_count().await;
+    let calls = (0..20).map(|_| {
+        let (mut c, r) = (c.clone(), r.clone());
+        async move { metrics(&mut c, &r).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    assert!(
+        answers.iter().all(|a| a.as_ref().ok() == Some(&8.0)),
+        "{answers:?}"
+    );
+    let after = prometheus.settled_query_count().await;
+    assert_eq!(after - before, 1.0, "20 identical calls, one query");
+}
+
+#[tokio::test]
 async fn stream_is_active_follows_the_query() {
     let p = shared().await;
     let ns = "t-stream";

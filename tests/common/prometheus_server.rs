@@ -254,6 +254,44 @@ impl Prometheus {
         }
     }
 
+    /// How many `/api/v1/query` requests this Prometheus has served, from its
+    /// own `/metrics` (reading that does not count as a query).
+    pub async fn api_query_count(&self) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .expect("prometheus /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|l| {
+                l.starts_with("prometheus_http_requests_total{")
+                    && l.contains("handler=\"/api/v1/query\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// [`Self::api_query_count`] once it has stopped moving: Prometheus
+    /// counts a request after answering it, so a count read right after an
+    /// answer may lag by one.
+    pub async fn settled_query_count(&self) -> f64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut last = self.api_query_count().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let now = self.api_query_count().await;
+            if now == last {
+                return now;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "query count never settled"
+            );
+            last = now;
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }
