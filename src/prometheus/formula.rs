@@ -14,6 +14,8 @@ const MAX_LEN: usize = 4096;
 /// Deepest nesting accepted: the parser and the evaluator recurse, and the
 /// text comes from users.
 const MAX_DEPTH: usize = 64;
+/// Most operators accepted: a chain of them nests as deep as it is long.
+const MAX_OPERATORS: usize = 256;
 
 /// A parsed formula; variables are indices into the names it was parsed with.
 #[derive(Clone, Debug, PartialEq)]
@@ -190,6 +192,7 @@ struct Parser<'a> {
     end: usize,
     names: &'a [&'a str],
     depth: usize,
+    operators: usize,
 }
 
 impl Parser<'_> {
@@ -230,12 +233,21 @@ impl Parser<'_> {
         Ok(())
     }
 
+    fn operator(&mut self) -> Result<(), ParseError> {
+        self.operators += 1;
+        if self.operators > MAX_OPERATORS {
+            return Err(self.error(format!("more than {MAX_OPERATORS} operators")));
+        }
+        Ok(())
+    }
+
     fn expr(&mut self) -> Result<Node, ParseError> {
         self.enter()?;
         let mut lhs = self.term()?;
         while let Some(Token::Op(c @ ('+' | '-'))) = self.peek() {
             let op = if *c == '+' { Op::Add } else { Op::Sub };
             self.pos += 1;
+            self.operator()?;
             let rhs = self.term()?;
             lhs = Node::Bin(op, Box::new(lhs), Box::new(rhs));
         }
@@ -248,6 +260,7 @@ impl Parser<'_> {
         while let Some(Token::Op(c @ ('*' | '/'))) = self.peek() {
             let op = if *c == '*' { Op::Mul } else { Op::Div };
             self.pos += 1;
+            self.operator()?;
             let rhs = self.unary()?;
             lhs = Node::Bin(op, Box::new(lhs), Box::new(rhs));
         }
@@ -355,6 +368,7 @@ impl Formula {
             end: src.len(),
             names,
             depth: 0,
+            operators: 0,
         };
         let root = p.expr()?;
         if let Some(t) = p.peek() {
@@ -549,6 +563,28 @@ mod tests {
         );
         let ok = format!("{}1{}", "(".repeat(30), ")".repeat(30));
         assert_eq!(eval_str(&ok, &[], &[]), Ok(1.0));
+    }
+
+    #[test]
+    fn the_longest_operator_chain_does_not_exhaust_the_stack() {
+        // A tokio worker's default stack; the chain nests as deep as it is long.
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let chain = format!("1{}", "+1".repeat(MAX_OPERATORS));
+                assert_eq!(eval_str(&chain, &[], &[]), Ok((MAX_OPERATORS + 1) as f64));
+                let products = format!("a{}", "*a".repeat(MAX_OPERATORS));
+                assert_eq!(eval_str(&products, &["a"], &[1.0]), Ok(1.0));
+                let longest = format!("1{}", "+1".repeat((MAX_LEN - 1) / 2));
+                assert!(
+                    eval_str(&longest, &[], &[])
+                        .unwrap_err()
+                        .contains("operators")
+                );
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
     }
 
     #[test]

@@ -17,9 +17,11 @@ use promql_parser::{
 
 /// Longest query accepted, in bytes.
 const MAX_LEN: usize = 16 * 1024;
-/// Deepest bracket nesting accepted: parsing, rewriting and dropping the AST
-/// all recurse, and the text comes from users.
+/// Deepest bracket nesting accepted, and most operators: printing, rewriting
+/// and dropping the AST all recurse, a chain of operators nests as deep as it
+/// is long, and the text comes from users.
 const MAX_DEPTH: usize = 64;
+const MAX_OPERATORS: usize = 500;
 
 /// The label namespace enforcement pins.
 pub const NAMESPACE_LABEL: &str = "namespace";
@@ -102,16 +104,39 @@ fn parse_bounded(text: &str) -> Result<Expr, String> {
     if text.len() > MAX_LEN {
         return Err(format!("it is longer than {MAX_LEN} bytes"));
     }
-    if bracket_depth(text) > MAX_DEPTH {
+    let shape = shape(text);
+    if shape.depth > MAX_DEPTH {
         return Err(format!("it nests brackets more than {MAX_DEPTH} deep"));
+    }
+    if shape.operators > MAX_OPERATORS {
+        return Err(format!("it has more than {MAX_OPERATORS} operators"));
     }
     parser::parse(text).map_err(|e| format!("it is not valid PromQL: {e}"))
 }
 
-/// Deepest `(`/`[`/`{` nesting outside string literals; an over-estimate is
-/// fine, it only bounds recursion.
-fn bracket_depth(text: &str) -> usize {
-    let (mut depth, mut max, mut quote, mut escaped) = (0usize, 0usize, None, false);
+/// Bounds on how deep a query's AST can be, read from the text.
+struct Shape {
+    /// Deepest `(`/`[`/`{` nesting outside string literals.
+    depth: usize,
+    /// Operator characters and set-operator words outside strings and label
+    /// braces. Over-estimates are fine: this only bounds recursion.
+    operators: usize,
+}
+
+fn shape(text: &str) -> Shape {
+    let (mut depth, mut max, mut operators) = (0usize, 0usize, 0usize);
+    let (mut quote, mut escaped, mut braces) = (None, false, 0usize);
+    let mut word = String::new();
+    let mut end_word = |word: &mut String, braces: usize, operators: &mut usize| {
+        if braces == 0
+            && ["and", "or", "unless", "atan2"]
+                .iter()
+                .any(|w| w.eq_ignore_ascii_case(word))
+        {
+            *operators += 1;
+        }
+        word.clear();
+    };
     for c in text.chars() {
         if let Some(q) = quote {
             if escaped {
@@ -123,17 +148,33 @@ fn bracket_depth(text: &str) -> usize {
             }
             continue;
         }
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+            continue;
+        }
+        end_word(&mut word, braces, &mut operators);
         match c {
             '"' | '\'' | '`' => quote = Some(c),
             '(' | '[' | '{' => {
                 depth += 1;
                 max = max.max(depth);
+                braces += usize::from(c == '{');
             }
-            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            ')' | ']' | '}' => {
+                depth = depth.saturating_sub(1);
+                braces = braces.saturating_sub(usize::from(c == '}'));
+            }
+            '+' | '-' | '*' | '/' | '%' | '^' | '<' | '>' | '=' | '!' if braces == 0 => {
+                operators += 1
+            }
             _ => {}
         }
     }
-    max
+    end_word(&mut word, braces, &mut operators);
+    Shape {
+        depth: max,
+        operators,
+    }
 }
 
 /// With enforcement, a selector may name only its own namespace: a matcher
@@ -409,8 +450,47 @@ mod tests {
     }
 
     #[test]
-    fn bracket_depth_ignores_strings() {
-        assert_eq!(bracket_depth("sum(x{a=\"((((\"})"), 2);
-        assert_eq!(bracket_depth("((a))"), 2);
+    fn long_operator_chains_do_not_exhaust_the_stack() {
+        // Runs on a thread with a tokio worker's default stack (2 MiB).
+        let worst = [
+            format!("x{}", " + x".repeat(MAX_OPERATORS)),
+            format!("x{}", " or x".repeat(MAX_OPERATORS)),
+            format!("{}x", "-".repeat(MAX_OPERATORS)),
+            format!("{}1", "- ".repeat(MAX_OPERATORS)),
+            format!("x{}", " + x".repeat((MAX_LEN - 1) / 4)),
+        ];
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let results: Vec<_> = worst
+                    .iter()
+                    .map(|q| {
+                        prepare(
+                            q,
+                            Rewrite {
+                                extra: &[],
+                                namespace: Some("shop"),
+                            },
+                        )
+                    })
+                    .collect();
+                assert!(
+                    results[..4].iter().all(Result::is_ok),
+                    "{:?}",
+                    results.iter().map(|r| r.as_ref().err()).collect::<Vec<_>>()
+                );
+                assert!(results[4].as_ref().unwrap_err().contains("operators"));
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+    }
+
+    #[test]
+    fn shape_ignores_strings_and_label_braces() {
+        let s = shape("sum(x{a=\"((((+-\", b!=\"c\" or d=\"e\"}) + 1 or vector(2)");
+        assert_eq!((s.depth, s.operators), (2, 2));
+        assert_eq!(shape("((a))").depth, 2);
+        assert_eq!(shape("a and b unless c / 2").operators, 3);
     }
 }
