@@ -529,6 +529,8 @@ mod tests {
             ("1e999", &["not a finite number"]),
             ("1..2", &["not a finite number"]),
             ("lag ^ 2", &["'^'"]),
+            ("lag × 2", &["'×'"]),
+            ("läg", &["'ä'"]),
         ];
         for (src, needles) in cases {
             let e = Formula::parse(src, &["lag"]).unwrap_err().to_string();

@@ -127,7 +127,7 @@ fn shape(text: &str) -> Shape {
     let (mut depth, mut max, mut operators) = (0usize, 0usize, 0usize);
     let (mut quote, mut escaped, mut braces) = (None, false, 0usize);
     let mut word = String::new();
-    let mut end_word = |word: &mut String, braces: usize, operators: &mut usize| {
+    let end_word = |word: &mut String, braces: usize, operators: &mut usize| {
         if braces == 0
             && ["and", "or", "unless", "atan2"]
                 .iter()
