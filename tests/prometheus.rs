@@ -594,6 +594,60 @@ async fn prometheus_stopped_mid_test_is_unavailable_never_zero() {
     }
 }
 
+#[tokio::test]
+async fn https_servers_need_their_ca_cert_or_unsafe_ssl() {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let exporter = Exporter::start();
+    exporter.set("tls_probe", &[("namespace", "t-tls")], 6.0);
+    let prometheus = Prometheus::start_tls(
+        &[exporter.addr],
+        &cert.pem(),
+        &key.serialize_pem(),
+        &ca.pem(),
+    )
+    .await;
+    assert!(prometheus.url.starts_with("https://"));
+    prometheus.wait_for("tls_probe{namespace=\"t-tls\"}").await;
+    let (_server, mut c) = server().await;
+    let query = [("query", "sum(tls_probe)"), ("targetValue", "1")];
+
+    let ca_file = ca_file.display().to_string();
+    let trusted = so(
+        "t-tls",
+        &prometheus.url,
+        &[query[0], query[1], ("caCert", ca_file.as_str())],
+    );
+    assert_eq!(first_value(&mut c, &trusted).await, 6.0);
+
+    let unverified = so(
+        "t-tls",
+        &prometheus.url,
+        &[query[0], query[1], ("unsafeSsl", "true")],
+    );
+    assert_eq!(first_value(&mut c, &unverified).await, 6.0);
+
+    let untrusted = so("t-tls", &prometheus.url, &query);
+    let e = metrics(&mut c, &untrusted).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unavailable,
+        "an unknown issuer must not be trusted: {e:?}"
+    );
+}
+
 async fn next(
     s: &mut tonic::Streaming<activescale::proto::IsActiveResponse>,
 ) -> Result<bool, Status> {

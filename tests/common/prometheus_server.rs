@@ -117,12 +117,29 @@ pub struct Prometheus {
     port: u16,
     dir: tempfile::TempDir,
     config: PathBuf,
+    /// `--web.config.file` (TLS) and the CA that signed its certificate.
+    web: Option<(PathBuf, reqwest::Certificate)>,
     guard: Option<(Child, ChildStdin)>,
 }
 
 impl Prometheus {
     /// Starts Prometheus scraping `targets` every second and waits for `/-/ready`.
     pub async fn start(targets: &[SocketAddr]) -> Self {
+        Self::start_with(targets, None).await
+    }
+
+    /// Like [`Self::start`], serving HTTPS with `cert_pem`/`key_pem`, which
+    /// `ca_pem` signed.
+    pub async fn start_tls(
+        targets: &[SocketAddr],
+        cert_pem: &str,
+        key_pem: &str,
+        ca_pem: &str,
+    ) -> Self {
+        Self::start_with(targets, Some((cert_pem, key_pem, ca_pem))).await
+    }
+
+    async fn start_with(targets: &[SocketAddr], tls: Option<(&str, &str, &str)>) -> Self {
         assert!(
             std::path::Path::new(PROMETHEUS_BIN).exists(),
             "{PROMETHEUS_BIN} is missing: apt-get install -y prometheus"
@@ -145,11 +162,33 @@ impl Prometheus {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        let web = tls.map(|(cert, key, ca)| {
+            let (cert_file, key_file) =
+                (dir.path().join("server.pem"), dir.path().join("server.key"));
+            std::fs::write(&cert_file, cert).expect("write cert");
+            std::fs::write(&key_file, key).expect("write key");
+            let web = dir.path().join("web.yml");
+            std::fs::write(
+                &web,
+                format!(
+                    "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+                    cert_file.display(),
+                    key_file.display()
+                ),
+            )
+            .expect("write web.yml");
+            (
+                web,
+                reqwest::Certificate::from_pem(ca.as_bytes()).expect("CA pem"),
+            )
+        });
+        let scheme = if web.is_some() { "https" } else { "http" };
         let mut p = Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             port,
             dir,
             config,
+            web,
             guard: None,
         };
         p.restart().await;
@@ -167,10 +206,12 @@ impl Prometheus {
             .expect("log file");
         // The guard kills Prometheus as soon as its stdin reaches EOF.
         let script = "\"$0\" \"$@\" & pid=$!; read _ignored; kill $pid 2>/dev/null; wait $pid";
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg(PROMETHEUS_BIN)
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script).arg(PROMETHEUS_BIN);
+        if let Some((web, _)) = &self.web {
+            command.arg(format!("--web.config.file={}", web.display()));
+        }
+        let mut child = command
             .arg(format!("--config.file={}", self.config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
@@ -188,8 +229,17 @@ impl Prometheus {
         self.wait_ready().await;
     }
 
+    /// A client that trusts this Prometheus.
+    fn http(&self) -> reqwest::Client {
+        let mut b = reqwest::Client::builder();
+        if let Some((_, ca)) = &self.web {
+            b = b.tls_certs_merge([ca.clone()]);
+        }
+        b.build().expect("http client")
+    }
+
     async fn wait_ready(&mut self) {
-        let client = reqwest::Client::new();
+        let client = self.http();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = client.get(format!("{}/-/ready", self.url)).send().await
@@ -221,7 +271,8 @@ impl Prometheus {
     /// The instant value of `query` straight from the HTTP API (scalar or
     /// one-element vector), `None` when the result is empty.
     pub async fn instant(&self, query: &str) -> Option<f64> {
-        let body: serde_json::Value = reqwest::Client::new()
+        let body: serde_json::Value = self
+            .http()
             .get(format!("{}/api/v1/query", self.url))
             .query(&[("query", query)])
             .send()
@@ -257,7 +308,10 @@ impl Prometheus {
     /// How many `/api/v1/query` requests this Prometheus has served, from its
     /// own `/metrics` (reading that does not count as a query).
     pub async fn api_query_count(&self) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.url))
+        let text = self
+            .http()
+            .get(format!("{}/metrics", self.url))
+            .send()
             .await
             .expect("prometheus /metrics")
             .text()
