@@ -1,0 +1,563 @@
+//! Talking to a Prometheus-compatible HTTP API: one reqwest client per
+//! connection setting, one instant query per (endpoint, query), results
+//! shared for `cache_ttl` and in-flight requests shared by every concurrent
+//! caller (single-flight).
+
+use std::{
+    collections::HashMap,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::Engine as _;
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use prometheus_http_query::{Client, Error as HttpQueryError, response::Data};
+use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, debug_span};
+
+use super::PromError;
+
+/// Cache entries kept before expired ones are swept.
+const SWEEP_AT: usize = 1024;
+
+/// Where and how to reach one server; everything that can change an answer
+/// (URL, TLS, credentials, headers such as a tenant id) is part of it, so it
+/// is also the "auth identity" of the result cache key.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub url: String,
+    pub timeout: Duration,
+    pub unsafe_ssl: bool,
+    /// PEM CA bundle added to the system roots.
+    pub ca_pem: Option<Vec<u8>>,
+    pub auth: Auth,
+    /// Validated header names and values (`customHeaders`).
+    pub headers: Vec<(String, String)>,
+}
+
+/// How requests authenticate.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Auth {
+    None,
+    /// `Authorization: Bearer <file contents>`, read per request (tokens rotate).
+    BearerFile(PathBuf),
+    Basic {
+        username: String,
+        password: Secret,
+    },
+}
+
+/// A password given inline or as a file read per request.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Secret {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = match &self.auth {
+            Auth::None => "none".to_owned(),
+            Auth::BearerFile(p) => format!("bearer file {}", p.display()),
+            Auth::Basic {
+                username,
+                password: Secret::Inline(_),
+            } => format!("basic {username} (inline password)"),
+            Auth::Basic {
+                username,
+                password: Secret::File(p),
+            } => {
+                format!("basic {username} (password file {})", p.display())
+            }
+        };
+        let headers: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Endpoint")
+            .field("url", &self.url)
+            .field("timeout", &self.timeout)
+            .field("unsafe_ssl", &self.unsafe_ssl)
+            .field("ca_cert", &self.ca_pem.is_some())
+            .field("auth", &auth)
+            .field("headers", &headers)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::BearerFile(p) => write!(f, "BearerFile({})", p.display()),
+            Auth::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+        }
+    }
+}
+
+impl Endpoint {
+    /// A reqwest client for this endpoint's transport settings.
+    fn build_client(&self) -> Result<Client, PromError> {
+        let mut b = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout)
+            .tls_danger_accept_invalid_certs(self.unsafe_ssl);
+        if let Some(pem) = &self.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| PromError::Unavailable(format!("caCert: {e}")))?;
+            b = b.tls_certs_merge(certs);
+        }
+        let http = b
+            .build()
+            .map_err(|e| PromError::Unavailable(format!("building the HTTP client: {e}")))?;
+        Client::from(http, &self.url)
+            .map_err(|e| PromError::Unavailable(format!("serverAddress: {e}")))
+    }
+
+    /// The per-request headers: custom ones and credentials, read now.
+    async fn headers(&self) -> Result<Vec<(HeaderName, HeaderValue)>, PromError> {
+        let mut out = Vec::with_capacity(self.headers.len() + 1);
+        for (k, v) in &self.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| PromError::Unavailable(format!("customHeaders {k}: {e}")))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|e| PromError::Unavailable(format!("customHeaders {k}: {e}")))?;
+            out.push((name, value));
+        }
+        let credential = match &self.auth {
+            Auth::None => None,
+            Auth::BearerFile(path) => Some(format!("Bearer {}", read_secret(path).await?)),
+            Auth::Basic { username, password } => {
+                let password = match password {
+                    Secret::Inline(p) => p.clone(),
+                    Secret::File(path) => read_secret(path).await?,
+                };
+                let raw = format!("{username}:{password}");
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                ))
+            }
+        };
+        if let Some(c) = credential {
+            let mut v = HeaderValue::from_str(&c).map_err(|_| {
+                PromError::Unavailable(
+                    "credentials contain characters not allowed in a header".into(),
+                )
+            })?;
+            v.set_sensitive(true);
+            out.push((AUTHORIZATION, v));
+        }
+        Ok(out)
+    }
+}
+
+/// A credential file's contents without surrounding whitespace. The message
+/// names the file, never its contents.
+async fn read_secret(path: &std::path::Path) -> Result<String, PromError> {
+    match tokio::fs::read_to_string(path).await {
+        Ok(s) => Ok(s.trim().to_owned()),
+        Err(e) => Err(PromError::Unavailable(format!(
+            "reading credential file {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// What a successful query said.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Outcome {
+    Value(f64),
+    /// No series: an absent target, a typo in a label, a stopped exporter.
+    Empty,
+}
+
+/// Turns a query answer into one number, or says why it cannot be one.
+pub fn outcome_of(data: &Data) -> Result<Outcome, PromError> {
+    let v = match data {
+        Data::Scalar(s) => s.value(),
+        Data::Vector(v) => match v.as_slice() {
+            [] => return Ok(Outcome::Empty),
+            [one] => one.sample().value(),
+            many => {
+                return Err(PromError::BadValue(format!(
+                    "the query returned {} series; it must return one (aggregate it, e.g. sum(...) or max(...))",
+                    many.len()
+                )));
+            }
+        },
+        Data::Matrix(m) if m.is_empty() => return Ok(Outcome::Empty),
+        Data::Matrix(_) => {
+            return Err(PromError::BadValue(
+                "the query returned a range vector".into(),
+            ));
+        }
+    };
+    if v.is_finite() {
+        Ok(Outcome::Value(v))
+    } else {
+        Err(PromError::BadValue(format!("the query returned {v}")))
+    }
+}
+
+/// Maps a client error: the server's own refusals of the query are
+/// `Rejected`; transport, HTTP and server-side trouble is `Unavailable`.
+fn classify(e: HttpQueryError) -> PromError {
+    match &e {
+        HttpQueryError::Prometheus(p)
+            if p.is_bad_data() || p.is_execution() || p.is_not_found() =>
+        {
+            PromError::Rejected(e.to_string())
+        }
+        HttpQueryError::Client(c) => match c.inner() {
+            Some(inner) => PromError::Unavailable(format!("{e}: {inner}")),
+            None => PromError::Unavailable(e.to_string()),
+        },
+        _ => PromError::Unavailable(e.to_string()),
+    }
+}
+
+type Flight = Shared<BoxFuture<'static, Result<Outcome, PromError>>>;
+
+enum Slot {
+    Done { outcome: Outcome, at: Instant },
+    Running(Flight),
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key(Arc<Endpoint>, String);
+
+/// Reqwest clients and recent results, shared by every clone of the backend.
+pub struct Connections {
+    ttl: Duration,
+    // std Mutex: held for a map probe, never across an await.
+    clients: Mutex<HashMap<Arc<Endpoint>, Client>>,
+    results: Arc<Mutex<HashMap<Key, Slot>>>,
+}
+
+impl Connections {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            clients: Mutex::default(),
+            results: Arc::default(),
+        }
+    }
+
+    fn client(&self, endpoint: &Arc<Endpoint>) -> Result<Client, PromError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let c = endpoint.build_client()?;
+        clients.insert(Arc::clone(endpoint), c.clone());
+        Ok(c)
+    }
+
+    /// One instant query, from the cache, from a request already in flight,
+    /// or sent now.
+    pub async fn query(&self, endpoint: &Arc<Endpoint>, query: &str) -> Result<Outcome, PromError> {
+        let client = self.client(endpoint)?;
+        let endpoint = Arc::clone(endpoint);
+        let query = query.to_owned();
+        self.shared(Key(endpoint.clone(), query.clone()), move || {
+            let span = debug_span!("prometheus_query", server = %endpoint.url, query = %query);
+            async move { fetch(&client, &endpoint, &query).await }
+                .instrument(span)
+                .boxed()
+        })
+        .await
+    }
+
+    async fn shared(
+        &self,
+        key: Key,
+        fetch: impl FnOnce() -> BoxFuture<'static, Result<Outcome, PromError>>,
+    ) -> Result<Outcome, PromError> {
+        let flight = {
+            let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+            match results.get(&key) {
+                Some(Slot::Done { outcome, at }) if at.elapsed() < self.ttl => return Ok(*outcome),
+                Some(Slot::Running(f)) => f.clone(),
+                _ => {
+                    // The request runs in its own task so that it completes
+                    // and fills the cache even if every caller gives up.
+                    let (results_ref, key_ref) = (Arc::clone(&self.results), key.clone());
+                    let request = fetch();
+                    let task = tokio::spawn(async move {
+                        let r = request.await;
+                        let mut results = results_ref.lock().unwrap_or_else(|e| e.into_inner());
+                        match &r {
+                            Ok(outcome) => {
+                                results.insert(
+                                    key_ref,
+                                    Slot::Done {
+                                        outcome: *outcome,
+                                        at: Instant::now(),
+                                    },
+                                );
+                            }
+                            // Failures are not remembered: the next caller asks again.
+                            Err(_) => {
+                                results.remove(&key_ref);
+                            }
+                        }
+                        r
+                    });
+                    let flight = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(PromError::Unavailable(format!("query task ended: {e}")))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    if results.len() >= SWEEP_AT {
+                        let ttl = self.ttl;
+                        results.retain(
+                            |_, s| !matches!(s, Slot::Done { at, .. } if at.elapsed() >= ttl),
+                        );
+                    }
+                    results.insert(key, Slot::Running(flight.clone()));
+                    flight
+                }
+            }
+        };
+        flight.await
+    }
+}
+
+async fn fetch(client: &Client, endpoint: &Endpoint, query: &str) -> Result<Outcome, PromError> {
+    let mut q = client
+        .query(query)
+        .timeout(i64::try_from(endpoint.timeout.as_millis()).unwrap_or(i64::MAX));
+    for (k, v) in endpoint.headers().await? {
+        q = q.header(k, v);
+    }
+    // reqwest's own timeout covers connect and body; this one also covers
+    // anything slower that is not I/O.
+    let answer = tokio::time::timeout(endpoint.timeout + Duration::from_millis(100), q.get())
+        .await
+        .map_err(|_| PromError::Unavailable(format!("no answer within {:?}", endpoint.timeout)))?
+        .map_err(classify)?;
+    let outcome = outcome_of(answer.data());
+    debug!(?outcome, "answered");
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn endpoint(url: &str) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            url: url.into(),
+            timeout: Duration::from_secs(2),
+            unsafe_ssl: false,
+            ca_pem: None,
+            auth: Auth::None,
+            headers: vec![],
+        })
+    }
+
+    fn counting(
+        calls: &Arc<AtomicUsize>,
+        result: Result<Outcome, PromError>,
+    ) -> BoxFuture<'static, Result<Outcome, PromError>> {
+        let calls = Arc::clone(calls);
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            result
+        }
+        .boxed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_identical_queries_share_one_request_and_the_result_is_reused_for_ttl() {
+        let c = Connections::new(Duration::from_secs(2));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let key = Key(endpoint("http://127.0.0.1:1"), "up".into());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let all = futures::future::join_all((0..10).map(|_| {
+            let (calls, gate) = (calls.clone(), gate.clone());
+            c.shared(key.clone(), move || {
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    gate.notified().await;
+                    Ok(Outcome::Value(4.0))
+                }
+                .boxed()
+            })
+        }));
+        let waiter = async {
+            // Let every caller reach the shared request, then release it.
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            gate.notify_one();
+        };
+        let (results, ()) = tokio::join!(all, waiter);
+        assert!(
+            results.iter().all(|r| *r == Ok(Outcome::Value(4.0))),
+            "{results:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        let again = c
+            .shared(key.clone(), || counting(&calls, Ok(Outcome::Value(9.0))))
+            .await;
+        assert_eq!(again, Ok(Outcome::Value(4.0)), "served from the cache");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let fresh = c
+            .shared(key.clone(), || counting(&calls, Ok(Outcome::Value(9.0))))
+            .await;
+        assert_eq!(fresh, Ok(Outcome::Value(9.0)), "re-read after the TTL");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_cached_and_keys_differ_by_identity() {
+        let c = Connections::new(Duration::from_secs(60));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let key = Key(endpoint("http://127.0.0.1:1"), "up".into());
+        let e = c
+            .shared(key.clone(), || {
+                counting(&calls, Err(PromError::Unavailable("down".into())))
+            })
+            .await;
+        assert!(matches!(e, Err(PromError::Unavailable(_))));
+        let ok = c
+            .shared(key.clone(), || counting(&calls, Ok(Outcome::Empty)))
+            .await;
+        assert_eq!(ok, Ok(Outcome::Empty));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        let mut tenant_b = (*endpoint("http://127.0.0.1:1")).clone();
+        tenant_b.headers.push(("X-Scope-OrgID".into(), "b".into()));
+        let other = c
+            .shared(Key(Arc::new(tenant_b), "up".into()), || {
+                counting(&calls, Ok(Outcome::Value(1.0)))
+            })
+            .await;
+        assert_eq!(
+            other,
+            Ok(Outcome::Value(1.0)),
+            "another tenant header is another cache entry"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // A port that was free a moment ago: connection refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = Connections::new(Duration::from_secs(1));
+        let e = c
+            .query(&endpoint(&format!("http://127.0.0.1:{port}")), "up")
+            .await;
+        assert!(matches!(e, Err(PromError::Unavailable(_))), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn headers_and_credentials_are_sent() {
+        use axum::{Json, Router, extract::State, http::HeaderMap, routing::get};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let seen: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
+        let app = Router::new()
+            .route(
+                "/api/v1/query",
+                get(|State(seen): State<Arc<Mutex<Vec<HeaderMap>>>>, headers: HeaderMap| async move {
+                    seen.lock().unwrap().push(headers);
+                    Json(serde_json::json!({
+                        "status": "success",
+                        "data": {"resultType": "vector", "result": [{"metric": {}, "value": [1.0, "7"]}]}
+                    }))
+                }),
+            )
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "first\n").unwrap();
+        let mut e = (*endpoint(&format!("http://{addr}"))).clone();
+        e.auth = Auth::BearerFile(token.clone());
+        e.headers = vec![("X-Scope-OrgID".into(), "tenant".into())];
+        let c = Connections::new(Duration::ZERO);
+        let e = Arc::new(e);
+        assert_eq!(c.query(&e, "up").await.unwrap(), Outcome::Value(7.0));
+        std::fs::write(&token, "second").unwrap();
+        assert_eq!(c.query(&e, "up").await.unwrap(), Outcome::Value(7.0));
+
+        let mut basic = (*e).clone();
+        basic.auth = Auth::Basic {
+            username: "u".into(),
+            password: Secret::Inline("p".into()),
+        };
+        c.query(&Arc::new(basic), "up").await.unwrap();
+
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0]["x-scope-orgid"], "tenant");
+        assert_eq!(seen[0]["authorization"], "Bearer first");
+        assert_eq!(
+            seen[1]["authorization"], "Bearer second",
+            "token files are re-read (rotation)"
+        );
+        assert_eq!(seen[2]["authorization"], "Basic dTpw");
+    }
+
+    #[test]
+    fn answers_become_one_number_or_a_reason() {
+        let parse = |s: &str| serde_json::from_str::<Data>(s).unwrap();
+        assert_eq!(
+            outcome_of(&parse(r#"{"resultType":"scalar","result":[1,"2.5"]}"#)).unwrap(),
+            Outcome::Value(2.5)
+        );
+        assert_eq!(
+            outcome_of(&parse(r#"{"resultType":"vector","result":[]}"#)).unwrap(),
+            Outcome::Empty
+        );
+        let two = r#"{"resultType":"vector","result":[{"metric":{"a":"1"},"value":[1,"1"]},{"metric":{"a":"2"},"value":[1,"2"]}]}"#;
+        assert!(
+            matches!(outcome_of(&parse(two)), Err(PromError::BadValue(m)) if m.contains("2 series"))
+        );
+        for bad in ["NaN", "+Inf", "-Inf"] {
+            let d = parse(&format!(
+                r#"{{"resultType":"scalar","result":[1,"{bad}"]}}"#
+            ));
+            assert!(
+                matches!(outcome_of(&d), Err(PromError::BadValue(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let mut e = (*endpoint("http://x")).clone();
+        e.auth = Auth::Basic {
+            username: "u".into(),
+            password: Secret::Inline("hunter2".into()),
+        };
+        e.headers = vec![("X-Scope-OrgID".into(), "secret-tenant".into())];
+        let shown = format!("{e:?} {:?}", e.auth);
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("secret-tenant"),
+            "{shown}"
+        );
+    }
+}
