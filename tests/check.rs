@@ -337,11 +337,8 @@ fn the_servers_config_sets_the_limits() {
     assert_eq!(out.code, 0, "{}", out.stdout);
 }
 
-/// PROMETHEUS: `source: prometheus` parsing lands with the Prometheus backend
-/// (issue 4); until then the parser refuses every prometheus trigger. This
-/// test only asserts that check reports a line for the trigger and warns about
-/// the ratio preset. After the merge, the lead can tighten it: exit 0 and an
-/// `ok` line (see the commented assertions).
+/// A prometheus-source trigger goes through the same parser: ok, plus the
+/// ratio-preset warning until `metricType: Value` is set.
 #[test]
 fn prometheus_trigger_is_reported_and_ratio_preset_warned() {
     let meta = "        source: prometheus\n        serverAddress: http://prometheus.monitoring:9090\n        preset: membrane-capacity\n";
@@ -349,11 +346,8 @@ fn prometheus_trigger_is_reported_and_ratio_preset_warned() {
     let out = check(&["-"], Some(&text));
     let prefix = "<stdin> doc 1 ScaledObject shop/web triggers[0] (external)";
     let lines = out.lines();
-    assert!(
-        lines[0].starts_with(&format!("{prefix}: ok"))
-            || lines[0].starts_with(&format!("{prefix}: error: ")),
-        "{lines:?}"
-    );
+    assert_eq!(lines[0], format!("{prefix}: ok"), "{lines:?}");
+    assert_eq!(out.code, 0);
     assert!(
         lines.contains(&format!(
             "{prefix}: warning: preset `membrane-capacity` is a utilisation ratio: set `metricType: Value` \
@@ -362,10 +356,6 @@ fn prometheus_trigger_is_reported_and_ratio_preset_warned() {
         ).as_str()),
         "{lines:?}"
     );
-    // After the merge of the Prometheus backend:
-    // assert_eq!(lines[0], format!("{prefix}: ok"));
-    // assert_eq!(out.code, 0);
-
     // With `metricType: Value` there is no warning.
     let text = text.replace(
         "    - type: external\n",
