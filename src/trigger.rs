@@ -253,6 +253,13 @@ pub fn parse(
             "the ScaledObject reference has no namespace".into(),
         ));
     }
+    let resolved;
+    let metadata = if metadata.keys().any(|k| k.ends_with(FROM_ENV)) {
+        resolved = resolve_from_env(metadata)?;
+        &resolved
+    } else {
+        metadata
+    };
     let meta = Metadata(metadata);
     let source = meta
         .choice("source", &[("envoy", false), ("prometheus", true)])?
@@ -378,6 +385,27 @@ pub fn parse(
             aggregation,
         },
     })
+}
+
+/// KEDA resolves `<key>FromEnv: VAR` from the target's environment and passes
+/// the value on under the `<key>FromEnv` name.
+const FROM_ENV: &str = "FromEnv";
+
+/// Renames `<key>FromEnv` to `<key>`; both forms of one key is an error.
+fn resolve_from_env(
+    metadata: &HashMap<String, String>,
+) -> Result<HashMap<String, String>, MetadataError> {
+    let mut out = HashMap::with_capacity(metadata.len());
+    for (k, v) in metadata {
+        let key = k.strip_suffix(FROM_ENV).filter(|b| !b.is_empty()).unwrap_or(k);
+        if key != k && metadata.contains_key(key) {
+            return Err(MetadataError::Conflict(format!(
+                "give either `{key}` or `{k}`, not both"
+            )));
+        }
+        out.insert(key.to_owned(), v.clone());
+    }
+    Ok(out)
 }
 
 fn is_metric_name(s: &str) -> bool {
@@ -710,6 +738,14 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert!(matches!(t.source, Source::Envoy { query, .. } if query.namespace == "other"));
+    }
+
+    #[test]
+    fn keys_resolved_from_env_by_keda_count_as_the_key() {
+        let t = ok(&[("labelSelector", "app=web"), ("targetValueFromEnv", "7")]);
+        assert_eq!(t.target, 7.0);
+        let e = err(&[("labelSelector", "a"), ("targetValue", "1"), ("targetValueFromEnv", "2")]);
+        assert!(e.contains("targetValueFromEnv") && e.contains("not both"), "{e}");
     }
 
     #[test]
