@@ -51,6 +51,13 @@ impl RedisServer {
         s
     }
 
+    /// A plain server's port and directory, not started yet: [`RedisServer::restart`]
+    /// starts it (to test a process that starts before Redis).
+    pub fn reserve() -> Self {
+        let port = free_port();
+        Self::new(port, vec!["--port".into(), port.to_string()], None)
+    }
+
     /// A TLS-only server; with `client_certs`, clients must present a
     /// certificate signed by the test CA.
     pub fn start_tls(client_certs: bool) -> Self {
@@ -191,15 +198,20 @@ impl TlsFiles {
     /// A CA, a server certificate for 127.0.0.1/localhost and a client
     /// certificate, all signed by the CA, written to `dir`.
     pub fn generate(dir: &Path) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct subjects: OpenSSL takes a leaf whose subject equals its
+        // issuer for self-signed and refuses it.
+        ca_params.distinguished_name.push(DnType::CommonName, "activescale test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let leaf = |names: Vec<String>| {
             let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(names).unwrap().signed_by(&key, &issuer).unwrap();
+            let mut params = CertificateParams::new(names.clone()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, names[0].as_str());
+            let cert = params.signed_by(&key, &issuer).unwrap();
             (cert.pem(), key.serialize_pem())
         };
         let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
