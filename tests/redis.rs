@@ -8,7 +8,10 @@ use std::{sync::Arc, time::Duration};
 
 use activescale::{
     config::Config,
-    proto::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef, external_scaler_client::ExternalScalerClient},
+    proto::{
+        GetMetricsRequest, IsActiveResponse, ScaledObjectRef,
+        external_scaler_client::ExternalScalerClient,
+    },
     store::{PodIdentity, PodQuery, PodSelector, Store, redis::RedisStore},
 };
 use common::{
@@ -42,29 +45,45 @@ async fn get_metrics(client: &ExternalScalerClient<Channel>, ns: &str) -> Result
 
 async fn is_active(client: &ExternalScalerClient<Channel>, ns: &str) -> Result<bool, Status> {
     let mut c = client.clone();
-    c.is_active(scaled_object(ns, "app=web")).await.map(|r| r.into_inner().result)
+    c.is_active(scaled_object(ns, "app=web"))
+        .await
+        .map(|r| r.into_inner().result)
 }
 
 async fn await_value(client: &ExternalScalerClient<Channel>, ns: &str, want: f64) {
-    eventually(Duration::from_secs(10), &format!("GetMetrics = {want}"), || async {
-        get_metrics(client, ns).await.is_ok_and(|v| v == want)
-    })
+    eventually(
+        Duration::from_secs(10),
+        &format!("GetMetrics = {want}"),
+        || async { get_metrics(client, ns).await.is_ok_and(|v| v == want) },
+    )
     .await;
 }
 
 async fn await_code(client: &ExternalScalerClient<Channel>, ns: &str, code: Code) {
-    eventually(Duration::from_secs(10), &format!("GetMetrics fails with {code:?}"), || async {
-        get_metrics(client, ns).await.is_err_and(|s| s.code() == code)
-    })
+    eventually(
+        Duration::from_secs(10),
+        &format!("GetMetrics fails with {code:?}"),
+        || async {
+            get_metrics(client, ns)
+                .await
+                .is_err_and(|s| s.code() == code)
+        },
+    )
     .await;
 }
 
 async fn await_ready(server: &TestServer, status: u16) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let url = server.http_url("/readyz");
-    eventually(Duration::from_secs(10), &format!("/readyz {status}"), || async {
-        reqwest::get(&url).await.is_ok_and(|r| r.status().as_u16() == status)
-    })
+    eventually(
+        Duration::from_secs(10),
+        &format!("/readyz {status}"),
+        || async {
+            reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().as_u16() == status)
+        },
+    )
     .await;
 }
 
@@ -138,7 +157,10 @@ async fn redis_outage_gives_errors_then_heals_without_restart() {
     // Redis goes away: errors, never 0 or the last value.
     redis.stop();
     await_code(&client, "shop", Code::Unavailable).await;
-    assert_eq!(is_active(&client, "shop").await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        is_active(&client, "shop").await.unwrap_err().code(),
+        Code::Unavailable
+    );
     await_ready(&server, 503).await;
     // The sink keeps the Envoy stream and counts what it could not store.
     let metrics_url = server.http_url("/metrics");
@@ -151,11 +173,16 @@ async fn redis_outage_gives_errors_then_heals_without_restart() {
     };
     let before = store_errors().await;
     sidecar.push_gauges(&[(&inbound(8080), 5.0)]).await;
-    eventually(Duration::from_secs(10), "a failed write is counted", || async {
-        store_errors().await > before
-    })
+    eventually(
+        Duration::from_secs(10),
+        "a failed write is counted",
+        || async { store_errors().await > before },
+    )
     .await;
-    assert!(!sidecar.task.is_finished(), "the sink ended the Envoy stream");
+    assert!(
+        !sidecar.task.is_finished(),
+        "the sink ended the Envoy stream"
+    );
 
     // Redis is back (empty: no persistence here); the next flush refills it.
     redis.restart();
@@ -220,14 +247,26 @@ fn web_query(ns: &str) -> PodQuery {
 }
 
 async fn ready_soon(s: &RedisStore) {
-    eventually(Duration::from_secs(10), "store ready", || async { s.ready().await.is_ok() }).await;
+    eventually(Duration::from_secs(10), "store ready", || async {
+        s.ready().await.is_ok()
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn acl_user_and_password() {
     let redis = RedisServer::start_with(&[
-        "--user", "default", "off",
-        "--user", "scaler", "on", ">s3cret", "~activescale:*", "~{activescale:*", "&activescale:*", "+@all",
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "scaler",
+        "on",
+        ">s3cret",
+        "~activescale:*",
+        "~{activescale:*",
+        "&activescale:*",
+        "+@all",
     ]);
     let mut config = redis_config(&redis.url());
     config.redis_username = Some("scaler".into());
@@ -250,7 +289,13 @@ async fn acl_user_and_password() {
     wrong.redis_password = Some("nope".into());
     let bad = start_server(wrong).await;
     await_code(&bad.scaler_client().await, "shop", Code::Unavailable).await;
-    assert_eq!(is_active(&bad.scaler_client().await, "shop").await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        is_active(&bad.scaler_client().await, "shop")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable
+    );
     await_ready(&bad, 503).await;
 }
 
@@ -285,7 +330,10 @@ async fn three_master_cluster() {
             .unwrap();
         masters_used.insert(slot * 3 / 16384);
     }
-    assert!(masters_used.len() > 1, "the test namespaces all landed on one master");
+    assert!(
+        masters_used.len() > 1,
+        "the test namespaces all landed on one master"
+    );
 
     // StreamIsActive across replicas on a cluster.
     let mut stream = b_client
@@ -300,12 +348,23 @@ async fn three_master_cluster() {
 }
 
 /// Commands of the server's `INFO commandstats` (calls from scripts included).
-async fn command_calls(conn: &mut redis::aio::MultiplexedConnection) -> std::collections::HashMap<String, u64> {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
+async fn command_calls(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> std::collections::HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
     info.lines()
         .filter_map(|l| {
             let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
             Some((name.to_string(), calls))
         })
         .collect()
@@ -323,7 +382,9 @@ fn pod(ns: &str, name: &str) -> PodIdentity {
 #[tokio::test]
 async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config())).await.unwrap();
+    let store = RedisStore::connect(&redis.config(test_config()))
+        .await
+        .unwrap();
     ready_soon(&store).await;
     let mut raw = redis.client().await;
     let p = pod("shop", "web-1");
@@ -348,8 +409,15 @@ async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
 
     store.record(&p, &[("f".to_string(), 4.0)]).await.unwrap();
     let changed = command_calls(&mut raw).await;
-    assert_eq!(changed["hset"] - after.get("hset").copied().unwrap_or(0), 2, "state and history");
-    assert_eq!(changed["publish"] - after.get("publish").copied().unwrap_or(0), 1);
+    assert_eq!(
+        changed["hset"] - after.get("hset").copied().unwrap_or(0),
+        2,
+        "state and history"
+    );
+    assert_eq!(
+        changed["publish"] - after.get("publish").copied().unwrap_or(0),
+        1
+    );
 }
 
 #[tokio::test]
@@ -359,27 +427,53 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
     one.redis_key_prefix = "one".into();
     let mut two = one.clone();
     two.redis_key_prefix = "two".into();
-    let (one, two) = (RedisStore::connect(&one).await.unwrap(), RedisStore::connect(&two).await.unwrap());
+    let (one, two) = (
+        RedisStore::connect(&one).await.unwrap(),
+        RedisStore::connect(&two).await.unwrap(),
+    );
     ready_soon(&one).await;
-    one.record(&pod("shop", "web-1"), &[("f".into(), 1.0)]).await.unwrap();
-    two.record(&pod("shop", "web-1"), &[("f".into(), 2.0)]).await.unwrap();
-    one.record(&pod("other", "web-1"), &[("f".into(), 9.0)]).await.unwrap();
+    one.record(&pod("shop", "web-1"), &[("f".into(), 1.0)])
+        .await
+        .unwrap();
+    two.record(&pod("shop", "web-1"), &[("f".into(), 2.0)])
+        .await
+        .unwrap();
+    one.record(&pod("other", "web-1"), &[("f".into(), 9.0)])
+        .await
+        .unwrap();
     assert_eq!(one.values(&web_query("shop")).await.unwrap(), vec![1.0]);
     assert_eq!(two.values(&web_query("shop")).await.unwrap(), vec![2.0]);
     let mut raw = redis.client().await;
-    let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut raw).await.unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
     keys.sort();
     assert_eq!(
         keys,
         [
-            "{one:other}:h", "{one:other}:id", "{one:other}:seen", "{one:other}:st",
-            "{one:shop}:h", "{one:shop}:id", "{one:shop}:seen", "{one:shop}:st",
-            "{two:shop}:h", "{two:shop}:id", "{two:shop}:seen", "{two:shop}:st",
+            "{one:other}:h",
+            "{one:other}:id",
+            "{one:other}:seen",
+            "{one:other}:st",
+            "{one:shop}:h",
+            "{one:shop}:id",
+            "{one:shop}:seen",
+            "{one:shop}:st",
+            "{two:shop}:h",
+            "{two:shop}:id",
+            "{two:shop}:seen",
+            "{two:shop}:st",
         ]
     );
     // Every key has a TTL: an abandoned namespace disappears.
     for k in &keys {
-        let ttl: i64 = redis::cmd("PTTL").arg(k).query_async(&mut raw).await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         assert!(ttl > 0, "{k} has no TTL");
     }
     let before = command_calls(&mut raw).await;
@@ -404,7 +498,11 @@ async fn measure_memory_per_1000_pods() {
     let used = |raw: &mut redis::aio::MultiplexedConnection| {
         let mut raw = raw.clone();
         async move {
-            let info: String = redis::cmd("INFO").arg("memory").query_async(&mut raw).await.unwrap();
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
             info.lines()
                 .find_map(|l| l.strip_prefix("used_memory:"))
                 .unwrap()
@@ -435,7 +533,10 @@ async fn measure_memory_per_1000_pods() {
         // A few value changes each, as a busy pod has within max_window.
         for v in [1.0, 3.0, 2.0, 5.0] {
             store
-                .record(&p, &[("http.inbound_0.0.0.0_8080;.downstream_rq_active".into(), v)])
+                .record(
+                    &p,
+                    &[("http.inbound_0.0.0.0_8080;.downstream_rq_active".into(), v)],
+                )
                 .await
                 .unwrap();
         }
@@ -443,9 +544,97 @@ async fn measure_memory_per_1000_pods() {
     let total = used(&mut raw).await - base;
     for k in ["seen", "id", "st", "h"] {
         let key = format!("{{activescale:shop}}:{k}");
-        let bytes: i64 = redis::cmd("MEMORY").arg("USAGE").arg(&key).arg("SAMPLES").arg(0).query_async(&mut raw).await.unwrap();
+        let bytes: i64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         println!("{key}: {bytes} bytes for 1000 pods");
     }
     println!("used_memory grew by {total} bytes for 1000 pods");
     assert!(total > 0);
+}
+
+/// The real `activescale` binary, killed on drop.
+struct Process {
+    child: std::process::Child,
+    sink: std::net::SocketAddr,
+    scaler: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+}
+
+impl Process {
+    /// `activescale serve` with the Redis store, configured the way operators
+    /// of the earlier tool do (`REDIS_URL`).
+    fn spawn(redis_url: &str) -> Self {
+        use common::redis_server::free_port;
+        let addr = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        let (sink, scaler, http) = (addr(free_port()), addr(free_port()), addr(free_port()));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_activescale"))
+            .args(["serve", "--store", "redis"])
+            .args(["--sink-addr", &sink.to_string()])
+            .args(["--scaler-addr", &scaler.to_string()])
+            .args(["--http-addr", &http.to_string()])
+            .args(["--warmup", "0s"])
+            .env("REDIS_URL", redis_url)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn activescale");
+        Self {
+            child,
+            sink,
+            scaler,
+            http,
+        }
+    }
+
+    async fn ready(&self) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = format!("http://{}/readyz", self.http);
+        eventually(Duration::from_secs(20), "process ready", || async {
+            reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    async fn client(&self) -> ExternalScalerClient<Channel> {
+        ExternalScalerClient::connect(format!("http://{}", self.scaler))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn two_scaler_processes_share_one_redis() {
+    let redis = RedisServer::start();
+    let (a, b) = (Process::spawn(&redis.url()), Process::spawn(&redis.url()));
+    a.ready().await;
+    b.ready().await;
+    let b_client = b.client().await;
+    let mut stream = b_client
+        .clone()
+        .stream_is_active(scaled_object("shop", "app=web"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!next(&mut stream).await);
+    let mut sidecar = Sidecar::connect(a.sink, web_node("shop", "web-1")).await;
+    sidecar.push_gauges(&[(&inbound(8080), 2.0)]).await;
+    assert!(next(&mut stream).await, "B's stream flips on A's ingest");
+    await_value(&b_client, "shop", 2.0).await;
+    await_value(&a.client().await, "shop", 2.0).await;
 }

@@ -13,7 +13,11 @@ use activescale::config::{Config, StoreKind};
 
 /// A free loopback port (the listener is closed before the server binds it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One `redis-server` process.
@@ -46,7 +50,8 @@ impl RedisServer {
     pub fn start_with(extra: &[&str]) -> Self {
         let port = free_port();
         let mut s = Self::new(port, extra.iter().map(|s| s.to_string()).collect(), None);
-        s.args.splice(0..0, ["--port".to_string(), port.to_string()]);
+        s.args
+            .splice(0..0, ["--port".to_string(), port.to_string()]);
         s.launch();
         s
     }
@@ -65,11 +70,18 @@ impl RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let files = TlsFiles::generate(dir.path());
         let mut args: Vec<String> = [
-            "--port", "0", "--tls-port", &port.to_string(),
-            "--tls-cert-file", files.server_cert.to_str().unwrap(),
-            "--tls-key-file", files.server_key.to_str().unwrap(),
-            "--tls-ca-cert-file", files.ca.to_str().unwrap(),
-            "--tls-auth-clients", if client_certs { "yes" } else { "no" },
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            files.server_cert.to_str().unwrap(),
+            "--tls-key-file",
+            files.server_key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            files.ca.to_str().unwrap(),
+            "--tls-auth-clients",
+            if client_certs { "yes" } else { "no" },
         ]
         .map(String::from)
         .to_vec();
@@ -118,7 +130,11 @@ impl RedisServer {
             .spawn()
             .expect("redis-server not installed? (apt-get install -y redis-server)");
         self.child = Some(child);
-        wait_for_log(&log, "Ready to accept connections", self.child.as_mut().unwrap());
+        wait_for_log(
+            &log,
+            "Ready to accept connections",
+            self.child.as_mut().unwrap(),
+        );
     }
 
     /// Kills the server; the port stays reserved for [`RedisServer::restart`].
@@ -165,7 +181,10 @@ impl RedisServer {
             .unwrap(),
             None => redis::Client::open(self.url()).unwrap(),
         };
-        client.get_multiplexed_async_connection().await.expect("connect to test redis")
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
     }
 }
 
@@ -188,7 +207,10 @@ fn wait_for_log(log: &Path, what: &str, child: &mut Child) {
             );
         }
         if Instant::now() > deadline {
-            panic!("redis-server not ready: {}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "redis-server not ready: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -204,13 +226,17 @@ impl TlsFiles {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         // Distinct subjects: OpenSSL takes a leaf whose subject equals its
         // issuer for self-signed and refuses it.
-        ca_params.distinguished_name.push(DnType::CommonName, "activescale test CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "activescale test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let leaf = |names: Vec<String>| {
             let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::new(names.clone()).unwrap();
-            params.distinguished_name.push(DnType::CommonName, names[0].as_str());
+            params
+                .distinguished_name
+                .push(DnType::CommonName, names[0].as_str());
             let cert = params.signed_by(&key, &issuer).unwrap();
             (cert.pem(), key.serialize_pem())
         };
@@ -244,8 +270,14 @@ impl RedisCluster {
                 let mut s = RedisServer::new(
                     port,
                     [
-                        "--port", &port.to_string(), "--cluster-enabled", "yes",
-                        "--cluster-port", &bus.to_string(), "--cluster-config-file", "nodes.conf",
+                        "--port",
+                        &port.to_string(),
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        &bus.to_string(),
+                        "--cluster-config-file",
+                        "nodes.conf",
                     ]
                     .map(String::from)
                     .to_vec(),
@@ -265,7 +297,11 @@ impl RedisCluster {
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli");
-        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         for n in &nodes {
             loop {
@@ -285,7 +321,11 @@ impl RedisCluster {
 
     /// `redis+cluster://` with every node as a seed.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         format!("redis+cluster://{}", hosts.join(","))
     }
 }

@@ -117,7 +117,8 @@ impl RedisStore {
     /// on settings that can never work (a bad URL, unreadable or invalid
     /// certificate files); an unreachable server is retried in the background.
     pub async fn connect(config: &Config) -> Result<Self, StoreError> {
-        let settings = Settings::from_config(config).map_err(|e| StoreError::Unavailable(format!("redis settings: {e}")))?;
+        let settings = Settings::from_config(config)
+            .map_err(|e| StoreError::Unavailable(format!("redis settings: {e}")))?;
         Ok(Self::with_settings(settings, config))
     }
 
@@ -153,8 +154,16 @@ impl RedisStore {
             sweep: Script::new(include_str!("sweep.lua")),
             stop: CancellationToken::new(),
         });
-        tokio::spawn(subscribe(Arc::downgrade(&inner), subscriber, inner.stop.clone()));
-        tokio::spawn(sweep(Arc::downgrade(&inner), inner.stop.clone(), config.pod_ttl));
+        tokio::spawn(subscribe(
+            Arc::downgrade(&inner),
+            subscriber,
+            inner.stop.clone(),
+        ));
+        tokio::spawn(sweep(
+            Arc::downgrade(&inner),
+            inner.stop.clone(),
+            config.pod_ttl,
+        ));
         Self { inner }
     }
 }
@@ -166,7 +175,10 @@ fn keys(prefix: &str, namespace: &str) -> [String; 4] {
 
 impl Inner {
     /// Runs a script with one deadline over checkout and command.
-    async fn eval<T: redis::FromRedisValue>(&self, call: &redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
         let deadline = Instant::now() + self.timeout;
         let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
             Err(_) => return Err(StoreError::Timeout(self.timeout)),
@@ -180,7 +192,11 @@ impl Inner {
                 Err(StoreError::Timeout(self.timeout))
             }
             Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error() {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
                     conn.broken = true;
                 }
                 Err(redis_error(e, self.timeout))
@@ -214,7 +230,9 @@ fn redis_error(e: RedisError, timeout: Duration) -> StoreError {
         return StoreError::Timeout(timeout);
     }
     match e.kind() {
-        redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType => StoreError::Corrupt(e.to_string()),
+        redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType => {
+            StoreError::Corrupt(e.to_string())
+        }
         _ => StoreError::Unavailable(e.to_string()),
     }
 }
@@ -259,14 +277,19 @@ impl Snapshot {
     fn parse(namespace: &str, raw: Vec<Option<String>>) -> Result<Self, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt(format!("namespace {namespace}: {what}"));
         let mut it = raw.into_iter();
-        let now_ms = number("now", &it.next().flatten().ok_or_else(|| corrupt("no time"))?)? as u64;
+        let now_ms = number(
+            "now",
+            &it.next().flatten().ok_or_else(|| corrupt("no time"))?,
+        )? as u64;
         let mut pods = Vec::new();
         // Pods of one workload share a label set: parse each distinct one once.
         let mut labels: Vec<(String, Arc<Labels>, Option<String>)> = Vec::new();
         loop {
             let Some(name) = it.next() else { break };
             let name = name.ok_or_else(|| corrupt("pod without a name"))?;
-            let (Some(seen), Some(id), Some(st), Some(h)) = (it.next(), it.next(), it.next(), it.next()) else {
+            let (Some(seen), Some(id), Some(st), Some(h)) =
+                (it.next(), it.next(), it.next(), it.next())
+            else {
                 return Err(corrupt("short reply"));
             };
             // A pod removed between the ZSET read and the hash reads cannot
@@ -285,9 +308,12 @@ impl Snapshot {
                     (w, l)
                 }
             };
-            let state: Vec<String> =
-                serde_json::from_str(&st).map_err(|e| corrupt(&format!("state of pod {name}: {e}")))?;
-            let value = number("value", state.first().ok_or_else(|| corrupt("empty state"))?)?;
+            let state: Vec<String> = serde_json::from_str(&st)
+                .map_err(|e| corrupt(&format!("state of pod {name}: {e}")))?;
+            let value = number(
+                "value",
+                state.first().ok_or_else(|| corrupt("empty state"))?,
+            )?;
             let families = state[1..]
                 .chunks(2)
                 .map(|c| match c {
@@ -297,8 +323,8 @@ impl Snapshot {
                 .collect::<Result<_, _>>()?;
             let history = match h {
                 Some(h) => {
-                    let flat: Vec<String> =
-                        serde_json::from_str(&h).map_err(|e| corrupt(&format!("history of pod {name}: {e}")))?;
+                    let flat: Vec<String> = serde_json::from_str(&h)
+                        .map_err(|e| corrupt(&format!("history of pod {name}: {e}")))?;
                     flat.chunks(2)
                         .map(|c| match c {
                             [t, v] => Ok((number("time", t)? as u64, number("history value", v)?)),
@@ -327,7 +353,11 @@ impl Snapshot {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn record(&self, pod: &PodIdentity, families: &[(String, f64)]) -> Result<(), StoreError> {
+    async fn record(
+        &self,
+        pod: &PodIdentity,
+        families: &[(String, f64)],
+    ) -> Result<(), StoreError> {
         let inner = &*self.inner;
         let mut call = inner.record.prepare_invoke();
         for k in keys(&inner.prefix, &pod.namespace) {
@@ -353,7 +383,10 @@ impl Store for RedisStore {
     }
 
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
-        let snap = self.inner.read(&query.namespace, query.window.is_some()).await?;
+        let snap = self
+            .inner
+            .read(&query.namespace, query.window.is_some())
+            .await?;
         Ok(snap
             .pods
             .iter()
@@ -365,7 +398,11 @@ impl Store for RedisStore {
             .collect())
     }
 
-    async fn pods(&self, namespace: &str, selector: Option<&PodSelector>) -> Result<Vec<PodView>, StoreError> {
+    async fn pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+    ) -> Result<Vec<PodView>, StoreError> {
         let snap = self.inner.read(namespace, false).await?;
         let mut views: Vec<PodView> = snap
             .pods
@@ -394,7 +431,12 @@ impl Store for RedisStore {
             Ok(Err(e)) => return Err(pool_error(e, inner.timeout)),
             Ok(Ok(c)) => c,
         };
-        match tokio::time::timeout_at(deadline, redis::cmd("PING").query_async::<String>(&mut *conn)).await {
+        match tokio::time::timeout_at(
+            deadline,
+            redis::cmd("PING").query_async::<String>(&mut *conn),
+        )
+        .await
+        {
             Err(_) => {
                 conn.broken = true;
                 return Err(StoreError::Timeout(inner.timeout));
@@ -406,7 +448,9 @@ impl Store for RedisStore {
             Ok(Ok(_)) => {}
         }
         if !inner.subscribed.load(Ordering::Acquire) {
-            return Err(StoreError::Unavailable("the change subscription is down; reconnecting".into()));
+            return Err(StoreError::Unavailable(
+                "the change subscription is down; reconnecting".into(),
+            ));
         }
         Ok(())
     }
@@ -446,12 +490,17 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<Pooled, RedisError> {
         let conn = match &self.backend {
-            Backend::Single { client, config } => {
-                Connection::Single(client.get_multiplexed_async_connection_with_config(config).await?)
-            }
+            Backend::Single { client, config } => Connection::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await?,
+            ),
             Backend::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
         };
-        Ok(Pooled { conn, broken: false })
+        Ok(Pooled {
+            conn,
+            broken: false,
+        })
     }
 
     async fn recycle(&self, conn: &mut Pooled, _: &Metrics) -> RecycleResult<RedisError> {
@@ -504,7 +553,10 @@ async fn subscribe(inner: Weak<Inner>, clients: Vec<redis::Client>, stop: Cancel
     let mut next = 0usize;
     loop {
         let Some(this) = inner.upgrade() else { return };
-        let (channel, timeout) = (this.channel.clone(), this.timeout.max(Duration::from_secs(1)));
+        let (channel, timeout) = (
+            this.channel.clone(),
+            this.timeout.max(Duration::from_secs(1)),
+        );
         drop(this);
         let client = &clients[next % clients.len()];
         next += 1;
@@ -633,7 +685,11 @@ mod tests {
             namespace: "ns".into(),
             name: "p".into(),
             workload: Some("web".into()),
-            labels: Arc::new([("b", "2"), ("a", "1")].map(|(k, v)| (k.to_string(), v.to_string())).into()),
+            labels: Arc::new(
+                [("b", "2"), ("a", "1")]
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .into(),
+            ),
         };
         let json = identity_json(&pod);
         assert_eq!(json, r#"{"w":"web","l":{"a":"1","b":"2"}}"#);
@@ -656,11 +712,20 @@ mod tests {
         assert_eq!(snap.now_ms, 1000);
         let p = &snap.pods[0];
         assert_eq!((p.value, p.last_seen_ms), (3.0, 990));
-        assert_eq!(p.families, vec![("a".to_string(), 1.0), ("b".to_string(), 2.0)]);
+        assert_eq!(
+            p.families,
+            vec![("a".to_string(), 1.0), ("b".to_string(), 2.0)]
+        );
         assert_eq!(p.history, vec![(900, 1.0), (950, 3.0)]);
         let bad = vec![s("1000"), s("p1"), s("990"), s("{}"), s(r#"["x"]"#), None];
-        assert!(matches!(Snapshot::parse("ns", bad), Err(StoreError::Corrupt(_))));
-        assert!(matches!(Snapshot::parse("ns", vec![s("1000"), s("p1")]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            Snapshot::parse("ns", bad),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            Snapshot::parse("ns", vec![s("1000"), s("p1")]),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]

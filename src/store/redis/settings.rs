@@ -31,7 +31,9 @@ impl Settings {
         let cluster = cluster_scheme || config.redis_cluster;
         let certs = certificates(config)?;
         if certs.is_some() && !tls {
-            warn!("redis_ca_file / redis_cert_file are set but the connection is not TLS (use rediss:// or redis_tls); they are ignored");
+            warn!(
+                "redis_ca_file / redis_cert_file are set but the connection is not TLS (use rediss:// or redis_tls); they are ignored"
+            );
         }
         let mut infos = Vec::with_capacity(seeds.len());
         for seed in &seeds {
@@ -49,7 +51,9 @@ impl Settings {
             }
             if let Some(db) = config.redis_db {
                 if cluster && db != 0 {
-                    return Err(format!("redis_db {db}: a Redis Cluster has only database 0"));
+                    return Err(format!(
+                        "redis_db {db}: a Redis Cluster has only database 0"
+                    ));
                 }
                 redis = redis.set_db(db);
             }
@@ -72,7 +76,11 @@ impl Settings {
             if let (Some(c), true) = (&certs, tls) {
                 builder = builder.certs(c.clone());
             }
-            Backend::Cluster(builder.build().map_err(|e| format!("redis cluster settings: {e}"))?)
+            Backend::Cluster(
+                builder
+                    .build()
+                    .map_err(|e| format!("redis cluster settings: {e}"))?,
+            )
         } else {
             if seeds.len() > 1 {
                 return Err("redis_url lists several hosts: that needs cluster mode (redis+cluster:// or redis_cluster)".into());
@@ -101,7 +109,11 @@ fn split_url(url: &str) -> Result<(bool, bool, Vec<String>), String> {
         "rediss" => (true, false),
         "redis+cluster" => (false, true),
         "rediss+cluster" => (true, true),
-        _ => return Err(bad("the scheme must be redis, rediss, redis+cluster or rediss+cluster")),
+        _ => {
+            return Err(bad(
+                "the scheme must be redis, rediss, redis+cluster or rediss+cluster",
+            ));
+        }
     };
     let split_at = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(split_at);
@@ -161,7 +173,12 @@ fn certificates(config: &Config) -> Result<Option<TlsCertificates>, String> {
         (None, None) => None,
         _ => return Err("redis_cert_file and redis_key_file go together".into()),
     };
-    Ok((root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates { client_tls, root_cert }))
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -202,9 +219,19 @@ mod tests {
         assert!(Settings::from_config(&c).err().unwrap().contains("cluster"));
         c.redis_url = "redis+cluster://a:1".into();
         c.redis_db = Some(3);
-        assert!(Settings::from_config(&c).err().unwrap().contains("redis_db"));
+        assert!(
+            Settings::from_config(&c)
+                .err()
+                .unwrap()
+                .contains("redis_db")
+        );
         c.redis_db = None;
         c.redis_ca_file = Some("/nonexistent/ca.pem".into());
-        assert!(Settings::from_config(&c).err().unwrap().contains("redis_ca_file"));
+        assert!(
+            Settings::from_config(&c)
+                .err()
+                .unwrap()
+                .contains("redis_ca_file")
+        );
     }
 }
