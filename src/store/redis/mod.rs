@@ -284,8 +284,7 @@ impl Snapshot {
         let mut pods = Vec::new();
         // Pods of one workload share a label set: parse each distinct one once.
         let mut labels: Vec<(String, Arc<Labels>, Option<String>)> = Vec::new();
-        loop {
-            let Some(name) = it.next() else { break };
+        while let Some(name) = it.next() {
             let name = name.ok_or_else(|| corrupt("pod without a name"))?;
             let (Some(seen), Some(id), Some(st), Some(h)) =
                 (it.next(), it.next(), it.next(), it.next())
