@@ -638,3 +638,24 @@ async fn two_scaler_processes_share_one_redis() {
     await_value(&b_client, "shop", 2.0).await;
     await_value(&a.client().await, "shop", 2.0).await;
 }
+
+#[tokio::test]
+async fn slow_redis_is_a_timeout_not_a_value() {
+    let redis = RedisServer::start();
+    let mut config = redis.config(test_config());
+    config.redis_timeout = Duration::from_millis(200);
+    let store = RedisStore::connect(&config).await.unwrap();
+    ready_soon(&store).await;
+    store.record(&pod("shop", "web-1"), &[("f".into(), 3.0)]).await.unwrap();
+    let mut raw = redis.client().await;
+    // Every client's commands wait until the pause ends (3 s).
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query_async(&mut raw).await.unwrap();
+    let e = store.values(&web_query("shop")).await.unwrap_err();
+    assert!(matches!(e, activescale::store::StoreError::Timeout(_)), "{e}");
+    assert!(store.record(&pod("shop", "web-1"), &[("f".into(), 4.0)]).await.is_err());
+    assert!(store.ready().await.is_err());
+    eventually(Duration::from_secs(10), "answers again", || async {
+        store.values(&web_query("shop")).await.is_ok_and(|v| v == vec![3.0])
+    })
+    .await;
+}
