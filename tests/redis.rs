@@ -263,7 +263,6 @@ async fn acl_user_and_password() {
         "scaler",
         "on",
         ">s3cret",
-        "~activescale:*",
         "~{activescale:*",
         "&activescale:*",
         "+@all",
