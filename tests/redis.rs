@@ -645,16 +645,85 @@ async fn slow_redis_is_a_timeout_not_a_value() {
     config.redis_timeout = Duration::from_millis(200);
     let store = RedisStore::connect(&config).await.unwrap();
     ready_soon(&store).await;
-    store.record(&pod("shop", "web-1"), &[("f".into(), 3.0)]).await.unwrap();
+    store
+        .record(&pod("shop", "web-1"), &[("f".into(), 3.0)])
+        .await
+        .unwrap();
     let mut raw = redis.client().await;
     // Every client's commands wait until the pause ends (3 s).
-    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query_async(&mut raw).await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("ALL")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
     let e = store.values(&web_query("shop")).await.unwrap_err();
-    assert!(matches!(e, activescale::store::StoreError::Timeout(_)), "{e}");
-    assert!(store.record(&pod("shop", "web-1"), &[("f".into(), 4.0)]).await.is_err());
+    assert!(
+        matches!(e, activescale::store::StoreError::Timeout(_)),
+        "{e}"
+    );
+    assert!(
+        store
+            .record(&pod("shop", "web-1"), &[("f".into(), 4.0)])
+            .await
+            .is_err()
+    );
     assert!(store.ready().await.is_err());
     eventually(Duration::from_secs(10), "answers again", || async {
-        store.values(&web_query("shop")).await.is_ok_and(|v| v == vec![3.0])
+        store
+            .values(&web_query("shop"))
+            .await
+            .is_ok_and(|v| v == vec![3.0])
     })
+    .await;
+}
+
+async fn uptime_secs(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_young_redis_is_not_read_as_no_load() {
+    // A Redis that just (re)started may have lost what the sidecars reported:
+    // values are refused until it has been up for `warmup`.
+    let redis = RedisServer::start();
+    let mut config = redis.config(test_config());
+    config.warmup = Some(Duration::from_secs(3));
+    let store = RedisStore::connect(&config).await.unwrap();
+    ready_soon(&store).await;
+    store
+        .record(&pod("shop", "web-1"), &[("f".into(), 5.0)])
+        .await
+        .unwrap();
+    let early = store.values(&web_query("shop")).await;
+    let mut raw = redis.client().await;
+    // Checked after the call: if the server is still young now, it was then.
+    if uptime_secs(&mut raw).await < 3 {
+        let e = early.unwrap_err();
+        assert!(e.to_string().contains("warming up"), "{e}");
+    }
+    // The debug view is not a scaling answer: it shows what is there.
+    assert_eq!(store.pods("shop", None).await.unwrap().len(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "answers once Redis is old enough",
+        || async {
+            store
+                .values(&web_query("shop"))
+                .await
+                .is_ok_and(|v| v == vec![5.0])
+        },
+    )
     .await;
 }

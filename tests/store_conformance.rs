@@ -40,6 +40,8 @@ async fn store(kind: Kind, ttl: Duration) -> Under {
             let mut config = server.config(Config::default());
             config.pod_ttl = ttl;
             config.max_window = max_window;
+            // The server was just started: no young-server warm-up here.
+            config.warmup = Some(Duration::ZERO);
             let store = RedisStore::connect(&config).await.expect("connect");
             // Ready means subscribed: the subscription's first wake-up is over.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -99,6 +99,9 @@ struct Inner {
     ttl_ms: u64,
     max_window_ms: u64,
     key_ttl_ms: u64,
+    /// Values are refused while the Redis node holding a namespace has been up
+    /// for less than this: pods may not have reported since it (re)started.
+    young_server: Duration,
     record: Script,
     read: Script,
     sweep: Script,
@@ -149,6 +152,7 @@ impl RedisStore {
             ttl_ms,
             max_window_ms: config.max_window.as_millis() as u64,
             key_ttl_ms: 2 * ttl_ms + 60_000,
+            young_server: config.warmup.unwrap_or(YOUNG_SERVER),
             record: Script::new(include_str!("record.lua")),
             read: Script::new(include_str!("read.lua")),
             sweep: Script::new(include_str!("sweep.lua")),
@@ -167,6 +171,10 @@ impl RedisStore {
         Self { inner }
     }
 }
+
+/// Default of [`Inner::young_server`] when `warmup` is not set: two Envoy
+/// flushes, as the memory store's warm-up.
+const YOUNG_SERVER: Duration = Duration::from_secs(10);
 
 /// The four keys of a namespace, in the order the scripts take them.
 fn keys(prefix: &str, namespace: &str) -> [String; 4] {
@@ -265,6 +273,8 @@ struct StoredPod {
 /// The answer of `read.lua`.
 struct Snapshot {
     now_ms: u64,
+    /// How long the Redis node that answered has been up.
+    uptime: Duration,
     pods: Vec<StoredPod>,
 }
 
@@ -281,6 +291,11 @@ impl Snapshot {
             "now",
             &it.next().flatten().ok_or_else(|| corrupt("no time"))?,
         )? as u64;
+        let uptime = number(
+            "uptime",
+            &it.next().flatten().ok_or_else(|| corrupt("no uptime"))?,
+        )?;
+        let uptime = Duration::from_secs(uptime as u64);
         let mut pods = Vec::new();
         // Pods of one workload share a label set: parse each distinct one once.
         let mut labels: Vec<(String, Arc<Labels>, Option<String>)> = Vec::new();
@@ -346,7 +361,11 @@ impl Snapshot {
                 history,
             });
         }
-        Ok(Self { now_ms, pods })
+        Ok(Self {
+            now_ms,
+            uptime,
+            pods,
+        })
     }
 }
 
@@ -386,6 +405,13 @@ impl Store for RedisStore {
             .inner
             .read(&query.namespace, query.window.is_some())
             .await?;
+        if snap.uptime < self.inner.young_server {
+            // An empty or partly refilled store read as "no load" would be a lie.
+            return Err(StoreError::Unavailable(format!(
+                "redis has been up for {:?} only: warming up for {:?} until the sidecars have reported again",
+                snap.uptime, self.inner.young_server
+            )));
+        }
         Ok(snap
             .pods
             .iter()
@@ -701,6 +727,7 @@ mod tests {
         let s = |x: &str| Some(x.to_string());
         let raw = vec![
             s("1000"),
+            s("42"),
             s("p1"),
             s("990"),
             s(r#"{"w":null,"l":{}}"#),
@@ -708,7 +735,7 @@ mod tests {
             s(r#"["900","1","950","3"]"#),
         ];
         let snap = Snapshot::parse("ns", raw).unwrap();
-        assert_eq!(snap.now_ms, 1000);
+        assert_eq!((snap.now_ms, snap.uptime), (1000, Duration::from_secs(42)));
         let p = &snap.pods[0];
         assert_eq!((p.value, p.last_seen_ms), (3.0, 990));
         assert_eq!(
@@ -716,7 +743,15 @@ mod tests {
             vec![("a".to_string(), 1.0), ("b".to_string(), 2.0)]
         );
         assert_eq!(p.history, vec![(900, 1.0), (950, 3.0)]);
-        let bad = vec![s("1000"), s("p1"), s("990"), s("{}"), s(r#"["x"]"#), None];
+        let bad = vec![
+            s("1000"),
+            s("1"),
+            s("p1"),
+            s("990"),
+            s("{}"),
+            s(r#"["x"]"#),
+            None,
+        ];
         assert!(matches!(
             Snapshot::parse("ns", bad),
             Err(StoreError::Corrupt(_))

@@ -1,12 +1,15 @@
 -- The live pods of one namespace, read-only.
 -- KEYS: 1 seen, 2 id, 3 st, 4 h   ARGV: 1 pod_ttl ms, 2 '1' to include history
--- Returns a flat array: now ms, then per live pod: name, last seen ms,
--- identity, state, history (false when not asked or missing).
+-- Returns a flat array: now ms, the server's uptime in seconds, then per live
+-- pod: name, last seen ms, identity, state, history (false when not asked).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function fmt(x) return string.format('%.17g', x) end
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. fmt(now - tonumber(ARGV[1])), '+inf', 'WITHSCORES')
-local out = {fmt(now)}
+-- A server up for less than a flush or two may have lost what the sidecars
+-- reported before it started (a restart without persistence).
+local uptime = string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)') or '0'
+local out = {fmt(now), uptime}
 -- HMGET in chunks: unpack() is limited by the Lua C stack.
 local function hmget(key, names)
   local all = {}
