@@ -52,6 +52,10 @@
 //! unreachable or refusing server gives [`StoreError::Unavailable`]. Neither
 //! is ever turned into a value. Connections that failed are dropped from the
 //! pool and new ones are made on the next call, so the store heals by itself.
+//! A Redis node that has been up for less than `warmup` (default 10 s) may
+//! have lost what sidecars reported before it (re)started: `values` of its
+//! namespaces fail with [`StoreError::Unavailable`] until then, as the memory
+//! store does after a restart of the process (`read.lua` returns the uptime).
 //! [`RedisStore::connect`] connects nothing: the process starts not-ready and
 //! becomes ready when Redis answers.
 
