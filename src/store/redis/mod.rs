@@ -82,7 +82,7 @@ use tracing::{debug, info, warn};
 use super::{Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError, window};
 use crate::{config::Config, selector::Labels};
 
-pub use settings::Settings;
+use settings::Settings;
 
 /// Handle on the Redis store; clones share the pool and the subscriber.
 #[derive(Clone)]
@@ -486,7 +486,7 @@ impl Store for RedisStore {
 }
 
 /// Where the pool's connections go.
-pub enum Backend {
+enum Backend {
     Single {
         client: redis::Client,
         config: redis::AsyncConnectionConfig,
