@@ -71,7 +71,8 @@ pub struct Config {
     /// After start-up, envoy-source answers are UNAVAILABLE for this long so
     /// that an empty store is not read as "no load" before sidecars have
     /// reconnected. Unset: 10s with the memory store, 0s with Redis (its data
-    /// outlives a restart).
+    /// outlives a restart). With Redis, the same span (unset: 10s) applies
+    /// after a restart of the Redis node instead.
     #[serde(with = "humantime_serde")]
     pub warmup: Option<Duration>,
     /// Let a trigger's `namespace` metadata read pods of another namespace.

@@ -163,6 +163,13 @@ impl Notifier {
         }
     }
 
+    /// Namespaces that have at least one watcher; forgets the others.
+    pub fn watched(&self) -> Vec<String> {
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, tx| tx.receiver_count() > 0);
+        map.keys().cloned().collect()
+    }
+
     /// Wakes every watcher (after a reconnect, when changes may have been missed).
     pub fn notify_all(&self) {
         let map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -200,5 +207,8 @@ mod tests {
         drop(n.subscribe("gone"));
         n.notify("gone");
         assert!(n.channels.lock().unwrap().is_empty());
+        let _kept = n.subscribe("kept");
+        drop(n.subscribe("dropped"));
+        assert_eq!(n.watched(), vec!["kept".to_string()]);
     }
 }

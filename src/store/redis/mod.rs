@@ -1,0 +1,774 @@
+//! Redis/Valkey store shared by several replicas.
+//!
+//! Every replica writes what its sidecars report and reads every pod, so
+//! KEDA may ask any replica. Redis is the single truth; a replica keeps no
+//! pod data of its own, only change signals.
+//!
+//! # Data model
+//!
+//! Per namespace four keys that share the hash tag `{<prefix>:<namespace>}`,
+//! so one script can touch all of them on a Redis Cluster too:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `{p:ns}:seen` | ZSET | member pod name, score last report (ms, Redis clock): the expiry index |
+//! | `{p:ns}:id` | HASH | pod → identity JSON `{"w": workload, "l": labels}` |
+//! | `{p:ns}:st` | HASH | pod → state `["value", "family", "value", ...]` |
+//! | `{p:ns}:h` | HASH | pod → change points `["ms", "value", ...]` for `window` triggers |
+//!
+//! Numbers are kept as `%.17g` strings: they round-trip exactly, unlike
+//! cjson's 14-digit numbers.
+//!
+//! - **One round trip per Envoy message**: `record` is one `EVALSHA` of
+//!   `record.lua`. It updates the last-seen score always, and the state and
+//!   history only when a family's value changed; an unchanged pod costs one
+//!   `ZADD` and the key `PEXPIRE`s.
+//! - **TTL**: Redis 7.0 has no per-field hash TTL, so the ZSET score is the
+//!   clock. Reads take only members with `score > now - pod_ttl`; expired
+//!   members are removed lazily by the next `record` of the namespace and by
+//!   a light sweeper (below). Every key gets a `PEXPIRE` of
+//!   `2 × pod_ttl + 60s` at each write, so an abandoned namespace disappears.
+//!   All times are the Redis server's (`TIME` inside the scripts), so replicas
+//!   with skewed clocks agree. All replicas must use the same `pod_ttl`.
+//! - **Reads** (`values`, `pods`) are one `EVALSHA` of `read.lua` over the
+//!   asked namespace's keys: no `KEYS`/`SCAN` anywhere. Selectors are matched
+//!   here, windows reduced here with [`window::reduce`]; `record.lua` keeps
+//!   the history with the same rule as [`window::push`].
+//! - **Change signals**: a script that changes a namespace (a pod added, a
+//!   value changed, a pod expired) `PUBLISH`es the namespace on
+//!   `<prefix>:changes`. Each process holds one subscriber connection that
+//!   feeds the [`Notifier`]; it resubscribes after a reconnect and then wakes
+//!   every watcher, since changes may have been missed (and on a disconnect,
+//!   so that open streams re-read and report the outage). On a cluster the
+//!   classic `PUBLISH` reaches every node, so the subscriber uses any one.
+//! - **Expiry signals**: for namespaces with local watchers only, a sweeper
+//!   runs `sweep.lua`, which removes expired pods, publishes when it removed
+//!   one, and says when the next pod will expire.
+//!
+//! # Failure
+//!
+//! Each call has one deadline (`redis_timeout`) covering the pool checkout
+//! and the command: past it the call fails with [`StoreError::Timeout`]; an
+//! unreachable or refusing server gives [`StoreError::Unavailable`]. Neither
+//! is ever turned into a value. Connections that failed are dropped from the
+//! pool and new ones are made on the next call, so the store heals by itself.
+//! A Redis node that has been up for less than `warmup` (default 10 s) may
+//! have lost what sidecars reported before it (re)started: `values` of its
+//! namespaces fail with [`StoreError::Unavailable`] until then, as the memory
+//! store does after a restart of the process (`read.lua` returns the uptime).
+//! [`RedisStore::connect`] connects nothing: the process starts not-ready and
+//! becomes ready when Redis answers.
+
+mod settings;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult, Timeouts};
+use futures::StreamExt;
+use redis::{RedisError, RedisFuture, Script, aio::ConnectionLike, cluster::ClusterClient};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError, window};
+use crate::{config::Config, selector::Labels};
+
+use settings::Settings;
+
+/// Handle on the Redis store; clones share the pool and the subscriber.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool<Manager>,
+    notifier: Notifier,
+    /// Set while the change subscription is up: without it StreamIsActive on
+    /// this replica would miss ingests of the others, so the replica is not
+    /// ready.
+    subscribed: AtomicBool,
+    prefix: String,
+    channel: String,
+    timeout: Duration,
+    ttl_ms: u64,
+    max_window_ms: u64,
+    key_ttl_ms: u64,
+    /// Values are refused while the Redis node holding a namespace has been up
+    /// for less than this: pods may not have reported since it (re)started.
+    young_server: Duration,
+    record: Script,
+    read: Script,
+    sweep: Script,
+    /// Stops the subscriber and the sweeper when the last handle goes.
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl RedisStore {
+    /// Builds the pool and starts the subscriber and the sweeper. Fails only
+    /// on settings that can never work (a bad URL, unreadable or invalid
+    /// certificate files); an unreachable server is retried in the background.
+    pub async fn connect(config: &Config) -> Result<Self, StoreError> {
+        let settings = Settings::from_config(config)
+            .map_err(|e| StoreError::Unavailable(format!("redis settings: {e}")))?;
+        Ok(Self::with_settings(settings, config))
+    }
+
+    fn with_settings(settings: Settings, config: &Config) -> Self {
+        let timeout = config.redis_timeout;
+        let subscriber = settings.subscriber_clients.clone();
+        let pool = Pool::builder(Manager {
+            backend: settings.backend,
+        })
+        .max_size(config.redis_pool_size)
+        .runtime(deadpool::Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(timeout),
+            create: Some(timeout),
+            recycle: Some(timeout),
+        })
+        .build()
+        .expect("a runtime is set, so building the pool cannot fail");
+        let prefix = config.redis_key_prefix.clone();
+        let ttl_ms = config.pod_ttl.as_millis() as u64;
+        let inner = Arc::new(Inner {
+            pool,
+            notifier: Notifier::default(),
+            subscribed: AtomicBool::new(false),
+            channel: format!("{prefix}:changes"),
+            prefix,
+            timeout,
+            ttl_ms,
+            max_window_ms: config.max_window.as_millis() as u64,
+            key_ttl_ms: 2 * ttl_ms + 60_000,
+            young_server: config.warmup.unwrap_or(YOUNG_SERVER),
+            record: Script::new(include_str!("record.lua")),
+            read: Script::new(include_str!("read.lua")),
+            sweep: Script::new(include_str!("sweep.lua")),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(subscribe(
+            Arc::downgrade(&inner),
+            subscriber,
+            inner.stop.clone(),
+        ));
+        tokio::spawn(sweep(
+            Arc::downgrade(&inner),
+            inner.stop.clone(),
+            config.pod_ttl,
+        ));
+        Self { inner }
+    }
+}
+
+/// Default of [`Inner::young_server`] when `warmup` is not set: two Envoy
+/// flushes, as the memory store's warm-up.
+const YOUNG_SERVER: Duration = Duration::from_secs(10);
+
+/// The four keys of a namespace, in the order the scripts take them.
+fn keys(prefix: &str, namespace: &str) -> [String; 4] {
+    ["seen", "id", "st", "h"].map(|k| format!("{{{prefix}:{namespace}}}:{k}"))
+}
+
+impl Inner {
+    /// Runs a script with one deadline over checkout and command.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Err(_) => return Err(StoreError::Timeout(self.timeout)),
+            Ok(Err(e)) => return Err(pool_error(e, self.timeout)),
+            Ok(Ok(c)) => c,
+        };
+        match tokio::time::timeout_at(deadline, call.invoke_async::<T>(&mut *conn)).await {
+            Err(_) => {
+                // The reply may still come; the connection is not trusted again.
+                conn.broken = true;
+                Err(StoreError::Timeout(self.timeout))
+            }
+            Ok(Err(e)) => {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
+                    conn.broken = true;
+                }
+                Err(redis_error(e, self.timeout))
+            }
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// The live pods of `namespace`, with their history when `history`.
+    async fn read(&self, namespace: &str, history: bool) -> Result<Snapshot, StoreError> {
+        let mut call = self.read.prepare_invoke();
+        for k in keys(&self.prefix, namespace) {
+            call.key(k);
+        }
+        call.arg(self.ttl_ms).arg(if history { "1" } else { "0" });
+        let raw: Vec<Option<String>> = self.eval(&call).await?;
+        Snapshot::parse(namespace, raw)
+    }
+}
+
+fn pool_error(e: managed::PoolError<RedisError>, timeout: Duration) -> StoreError {
+    match e {
+        managed::PoolError::Timeout(_) => StoreError::Timeout(timeout),
+        managed::PoolError::Backend(e) => redis_error(e, timeout),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn redis_error(e: RedisError, timeout: Duration) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::Timeout(timeout);
+    }
+    match e.kind() {
+        redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType => {
+            StoreError::Corrupt(e.to_string())
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// A pod's identity as stored: the name and namespace are in the key already.
+#[derive(Serialize, Deserialize)]
+struct StoredIdentity<'a> {
+    #[serde(borrow)]
+    w: Option<std::borrow::Cow<'a, str>>,
+    l: std::borrow::Cow<'a, Labels>,
+}
+
+fn identity_json(pod: &PodIdentity) -> String {
+    serde_json::to_string(&StoredIdentity {
+        w: pod.workload.as_deref().map(Into::into),
+        l: std::borrow::Cow::Borrowed(&*pod.labels),
+    })
+    .expect("string maps always serialise")
+}
+
+/// One pod as read back.
+struct StoredPod {
+    identity: PodIdentity,
+    last_seen_ms: u64,
+    value: f64,
+    families: Vec<(String, f64)>,
+    history: Vec<window::Point>,
+}
+
+/// The answer of `read.lua`.
+struct Snapshot {
+    now_ms: u64,
+    /// How long the Redis node that answered has been up.
+    uptime: Duration,
+    pods: Vec<StoredPod>,
+}
+
+fn number(field: &str, s: &str) -> Result<f64, StoreError> {
+    s.parse::<f64>()
+        .map_err(|_| StoreError::Corrupt(format!("{field}: {s:?} is not a number")))
+}
+
+impl Snapshot {
+    fn parse(namespace: &str, raw: Vec<Option<String>>) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("namespace {namespace}: {what}"));
+        let mut it = raw.into_iter();
+        let now_ms = number(
+            "now",
+            &it.next().flatten().ok_or_else(|| corrupt("no time"))?,
+        )? as u64;
+        let uptime = number(
+            "uptime",
+            &it.next().flatten().ok_or_else(|| corrupt("no uptime"))?,
+        )?;
+        let uptime = Duration::from_secs(uptime as u64);
+        let mut pods = Vec::new();
+        // Pods of one workload share a label set: parse each distinct one once.
+        let mut labels: Vec<(String, Arc<Labels>, Option<String>)> = Vec::new();
+        while let Some(name) = it.next() {
+            let name = name.ok_or_else(|| corrupt("pod without a name"))?;
+            let (Some(seen), Some(id), Some(st), Some(h)) =
+                (it.next(), it.next(), it.next(), it.next())
+            else {
+                return Err(corrupt("short reply"));
+            };
+            // A pod removed between the ZSET read and the hash reads cannot
+            // happen inside one script; missing fields mean foreign writes.
+            let (Some(seen), Some(id), Some(st)) = (seen, id, st) else {
+                return Err(corrupt(&format!("pod {name} has missing fields")));
+            };
+            let (workload, pod_labels) = match labels.iter().find(|(raw, ..)| *raw == id) {
+                Some((_, l, w)) => (w.clone(), l.clone()),
+                None => {
+                    let parsed: StoredIdentity = serde_json::from_str(&id)
+                        .map_err(|e| corrupt(&format!("identity of pod {name}: {e}")))?;
+                    let l = Arc::new(parsed.l.into_owned());
+                    let w = parsed.w.map(|w| w.into_owned());
+                    labels.push((id, l.clone(), w.clone()));
+                    (w, l)
+                }
+            };
+            let state: Vec<String> = serde_json::from_str(&st)
+                .map_err(|e| corrupt(&format!("state of pod {name}: {e}")))?;
+            let value = number(
+                "value",
+                state.first().ok_or_else(|| corrupt("empty state"))?,
+            )?;
+            let families = state[1..]
+                .chunks(2)
+                .map(|c| match c {
+                    [n, v] => Ok((n.clone(), number("family value", v)?)),
+                    _ => Err(corrupt(&format!("state of pod {name} is odd"))),
+                })
+                .collect::<Result<_, _>>()?;
+            let history = match h {
+                Some(h) => {
+                    let flat: Vec<String> = serde_json::from_str(&h)
+                        .map_err(|e| corrupt(&format!("history of pod {name}: {e}")))?;
+                    flat.chunks(2)
+                        .map(|c| match c {
+                            [t, v] => Ok((number("time", t)? as u64, number("history value", v)?)),
+                            _ => Err(corrupt(&format!("history of pod {name} is odd"))),
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                None => Vec::new(),
+            };
+            pods.push(StoredPod {
+                identity: PodIdentity {
+                    namespace: namespace.to_owned(),
+                    name,
+                    workload,
+                    labels: pod_labels,
+                },
+                last_seen_ms: number("last seen", &seen)? as u64,
+                value,
+                families,
+                history,
+            });
+        }
+        Ok(Self {
+            now_ms,
+            uptime,
+            pods,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn record(
+        &self,
+        pod: &PodIdentity,
+        families: &[(String, f64)],
+    ) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let mut call = inner.record.prepare_invoke();
+        for k in keys(&inner.prefix, &pod.namespace) {
+            call.key(k);
+        }
+        call.arg(&pod.name)
+            .arg(identity_json(pod))
+            .arg(inner.ttl_ms)
+            .arg(inner.max_window_ms)
+            .arg(inner.key_ttl_ms)
+            .arg(&inner.channel)
+            .arg(&pod.namespace);
+        for (name, value) in families {
+            // Display of f64 is the shortest string that parses back exactly.
+            call.arg(name).arg(value.to_string());
+        }
+        let changed: i64 = inner.eval(&call).await?;
+        if changed == 1 {
+            // Local watchers need not wait for the round trip through pub/sub.
+            inner.notifier.notify(&pod.namespace);
+        }
+        Ok(())
+    }
+
+    async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
+        let snap = self
+            .inner
+            .read(&query.namespace, query.window.is_some())
+            .await?;
+        if snap.uptime < self.inner.young_server {
+            // An empty or partly refilled store read as "no load" would be a lie.
+            return Err(StoreError::Unavailable(format!(
+                "redis has been up for {:?} only: warming up for {:?} until the sidecars have reported again",
+                snap.uptime, self.inner.young_server
+            )));
+        }
+        Ok(snap
+            .pods
+            .iter()
+            .filter(|p| query.selector.matches(&p.identity))
+            .map(|p| match query.window {
+                Some(w) => window::reduce(&p.history, snap.now_ms, w).unwrap_or(p.value),
+                None => p.value,
+            })
+            .collect())
+    }
+
+    async fn pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+    ) -> Result<Vec<PodView>, StoreError> {
+        let snap = self.inner.read(namespace, false).await?;
+        let mut views: Vec<PodView> = snap
+            .pods
+            .into_iter()
+            .filter(|p| selector.is_none_or(|s| s.matches(&p.identity)))
+            .map(|p| PodView {
+                age: Duration::from_millis(snap.now_ms.saturating_sub(p.last_seen_ms)),
+                identity: p.identity,
+                value: p.value,
+                families: p.families.into_iter().collect(),
+            })
+            .collect();
+        views.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
+        Ok(views)
+    }
+
+    fn watch(&self, namespace: &str) -> watch::Receiver<u64> {
+        self.inner.notifier.subscribe(namespace)
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let deadline = Instant::now() + inner.timeout;
+        let mut conn = match tokio::time::timeout_at(deadline, inner.pool.get()).await {
+            Err(_) => return Err(StoreError::Timeout(inner.timeout)),
+            Ok(Err(e)) => return Err(pool_error(e, inner.timeout)),
+            Ok(Ok(c)) => c,
+        };
+        match tokio::time::timeout_at(
+            deadline,
+            redis::cmd("PING").query_async::<String>(&mut *conn),
+        )
+        .await
+        {
+            Err(_) => {
+                conn.broken = true;
+                return Err(StoreError::Timeout(inner.timeout));
+            }
+            Ok(Err(e)) => {
+                conn.broken = true;
+                return Err(redis_error(e, inner.timeout));
+            }
+            Ok(Ok(_)) => {}
+        }
+        if !inner.subscribed.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(
+                "the change subscription is down; reconnecting".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the pool's connections go.
+enum Backend {
+    Single {
+        client: redis::Client,
+        config: redis::AsyncConnectionConfig,
+    },
+    Cluster(ClusterClient),
+}
+
+/// Pool manager for both modes. Not deadpool-redis's managers: they `PING`
+/// on every checkout (a second round trip per Envoy message) and the cluster
+/// one cannot take client certificates. A connection is instead dropped when
+/// a command on it failed at the connection level.
+struct Manager {
+    backend: Backend,
+}
+
+enum Connection {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+struct Pooled {
+    conn: Connection,
+    /// A command failed on the connection or timed out: do not reuse it.
+    broken: bool,
+}
+
+impl managed::Manager for Manager {
+    type Type = Pooled;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<Pooled, RedisError> {
+        let conn = match &self.backend {
+            Backend::Single { client, config } => Connection::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await?,
+            ),
+            Backend::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
+        };
+        Ok(Pooled {
+            conn,
+            broken: false,
+        })
+    }
+
+    async fn recycle(&self, conn: &mut Pooled, _: &Metrics) -> RecycleResult<RedisError> {
+        if conn.broken {
+            Err(RecycleError::message("a command failed on this connection"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl ConnectionLike for Pooled {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match &mut self.conn {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match &mut self.conn {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.conn {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Reconnect backoff of the subscriber: doubling, capped.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(3))
+}
+
+/// Holds the one subscriber connection of the process and feeds the notifier.
+/// `clients` are tried in turn (the seed nodes of a cluster).
+async fn subscribe(inner: Weak<Inner>, clients: Vec<redis::Client>, stop: CancellationToken) {
+    const PING_EVERY: Duration = Duration::from_secs(5);
+    let mut attempt = 0u32;
+    let mut next = 0usize;
+    loop {
+        let Some(this) = inner.upgrade() else { return };
+        let (channel, timeout) = (
+            this.channel.clone(),
+            this.timeout.max(Duration::from_secs(1)),
+        );
+        drop(this);
+        let client = &clients[next % clients.len()];
+        next += 1;
+        let connected = async {
+            let pubsub = client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            sink.subscribe(&channel).await?;
+            Ok::<_, RedisError>((sink, stream))
+        };
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(timeout, connected) => r,
+        };
+        let (mut sink, mut stream) = match result {
+            Ok(Ok(s)) => s,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {timeout:?}"),
+                };
+                if attempt == 0 {
+                    warn!(%error, "redis change subscription failed; retrying");
+                } else {
+                    debug!(%error, attempt, "redis change subscription failed");
+                }
+                let wait = backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+        };
+        let Some(this) = inner.upgrade() else { return };
+        this.subscribed.store(true, Ordering::Release);
+        // Changes published while we were away are lost: every watcher re-reads.
+        this.notifier.notify_all();
+        drop(this);
+        if attempt > 0 {
+            info!("redis change subscription restored");
+        }
+        attempt = 0;
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                msg = stream.next() => match msg {
+                    Some(msg) => {
+                        let Some(this) = inner.upgrade() else { return };
+                        match std::str::from_utf8(msg.get_payload_bytes()) {
+                            Ok(ns) => this.notifier.notify(ns),
+                            Err(_) => this.notifier.notify_all(),
+                        }
+                    }
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    // A silent network loss would otherwise leave us subscribed to nothing.
+                    match tokio::time::timeout(timeout, sink.ping::<String>()).await {
+                        Ok(Ok(_)) => {}
+                        _ => break,
+                    }
+                }
+            }
+        }
+        warn!("redis change subscription lost; reconnecting");
+        let Some(this) = inner.upgrade() else { return };
+        this.subscribed.store(false, Ordering::Release);
+        // Open streams re-read now: they see the outage (or the current state).
+        this.notifier.notify_all();
+    }
+}
+
+/// Removes expired pods of the namespaces this process watches, so that a pod
+/// that stops reporting wakes StreamIsActive even when nothing else is
+/// ingested in its namespace.
+async fn sweep(inner: Weak<Inner>, stop: CancellationToken, ttl: Duration) {
+    let idle = (ttl / 8).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    loop {
+        let mut wait = idle;
+        {
+            let Some(this) = inner.upgrade() else { return };
+            let namespaces: HashSet<String> = this.notifier.watched().into_iter().collect();
+            for ns in namespaces {
+                let mut call = this.sweep.prepare_invoke();
+                for k in keys(&this.prefix, &ns) {
+                    call.key(k);
+                }
+                call.arg(this.ttl_ms).arg(&this.channel).arg(&ns);
+                match this.eval::<(i64, i64)>(&call).await {
+                    Ok((removed, next_in)) => {
+                        if removed > 0 {
+                            this.notifier.notify(&ns);
+                        }
+                        if next_in >= 0 {
+                            // Wake just after the next pod expires.
+                            wait = wait.min(Duration::from_millis(next_in as u64 + 1));
+                        }
+                    }
+                    Err(e) => debug!(namespace = %ns, error = %e, "expiry sweep failed"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_keys_share_one_hash_tag() {
+        let k = keys("as", "shop");
+        assert_eq!(k[0], "{as:shop}:seen");
+        assert!(k.iter().all(|k| k.starts_with("{as:shop}:")));
+    }
+
+    #[test]
+    fn identity_is_deterministic_and_round_trips() {
+        let pod = PodIdentity {
+            namespace: "ns".into(),
+            name: "p".into(),
+            workload: Some("web".into()),
+            labels: Arc::new(
+                [("b", "2"), ("a", "1")]
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .into(),
+            ),
+        };
+        let json = identity_json(&pod);
+        assert_eq!(json, r#"{"w":"web","l":{"a":"1","b":"2"}}"#);
+        let back: StoredIdentity = serde_json::from_str(&json).unwrap();
+        assert_eq!(&*back.l, &*pod.labels);
+    }
+
+    #[test]
+    fn snapshot_parses_and_rejects_garbage() {
+        let s = |x: &str| Some(x.to_string());
+        let raw = vec![
+            s("1000"),
+            s("42"),
+            s("p1"),
+            s("990"),
+            s(r#"{"w":null,"l":{}}"#),
+            s(r#"["3","a","1","b","2"]"#),
+            s(r#"["900","1","950","3"]"#),
+        ];
+        let snap = Snapshot::parse("ns", raw).unwrap();
+        assert_eq!((snap.now_ms, snap.uptime), (1000, Duration::from_secs(42)));
+        let p = &snap.pods[0];
+        assert_eq!((p.value, p.last_seen_ms), (3.0, 990));
+        assert_eq!(
+            p.families,
+            vec![("a".to_string(), 1.0), ("b".to_string(), 2.0)]
+        );
+        assert_eq!(p.history, vec![(900, 1.0), (950, 3.0)]);
+        let bad = vec![
+            s("1000"),
+            s("1"),
+            s("p1"),
+            s("990"),
+            s("{}"),
+            s(r#"["x"]"#),
+            None,
+        ];
+        assert!(matches!(
+            Snapshot::parse("ns", bad),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            Snapshot::parse("ns", vec![s("1000"), s("p1")]),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(0) < backoff(1));
+        assert_eq!(backoff(30), Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,16 @@
+-- Removes expired pods of one namespace and tells every replica when it did.
+-- KEYS: 1 seen, 2 id, 3 st, 4 h   ARGV: 1 pod_ttl ms, 2 channel, 3 namespace
+-- Returns {removed, ms until the next pod expires or -1}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.17g', now - ttl), 'LIMIT', 0, 1000)
+if #dead > 0 then
+  redis.call('ZREM', KEYS[1], unpack(dead))
+  for k = 2, 4 do redis.call('HDEL', KEYS[k], unpack(dead)) end
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local next_in = -1
+if first[2] then next_in = math.max(0, tonumber(first[2]) + ttl - now) end
+return {#dead, next_in}

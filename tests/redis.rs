@@ -1,0 +1,729 @@
+//! The Redis store end to end, against real `redis-server` processes: two
+//! replicas sharing one Redis, an outage and its healing, TLS, ACL, a
+//! 3-master cluster, and the cost of one Envoy message.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use activescale::{
+    config::Config,
+    proto::{
+        GetMetricsRequest, IsActiveResponse, ScaledObjectRef,
+        external_scaler_client::ExternalScalerClient,
+    },
+    store::{PodIdentity, PodQuery, PodSelector, Store, redis::RedisStore},
+};
+use common::{
+    envoy::*,
+    redis_server::{RedisCluster, RedisServer},
+    *,
+};
+use tonic::{Code, Status, transport::Channel};
+
+fn scaled_object(ns: &str, selector: &str) -> ScaledObjectRef {
+    ScaledObjectRef {
+        name: "web".into(),
+        namespace: ns.into(),
+        scaler_metadata: [
+            ("labelSelector".to_string(), selector.to_string()),
+            ("targetValue".to_string(), "10".to_string()),
+        ]
+        .into(),
+    }
+}
+
+async fn get_metrics(client: &ExternalScalerClient<Channel>, ns: &str) -> Result<f64, Status> {
+    let mut c = client.clone();
+    c.get_metrics(GetMetricsRequest {
+        scaled_object_ref: Some(scaled_object(ns, "app=web")),
+        metric_name: "s0-active_requests".into(),
+    })
+    .await
+    .map(|r| r.into_inner().metric_values[0].metric_value_float)
+}
+
+async fn is_active(client: &ExternalScalerClient<Channel>, ns: &str) -> Result<bool, Status> {
+    let mut c = client.clone();
+    c.is_active(scaled_object(ns, "app=web"))
+        .await
+        .map(|r| r.into_inner().result)
+}
+
+async fn await_value(client: &ExternalScalerClient<Channel>, ns: &str, want: f64) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("GetMetrics = {want}"),
+        || async { get_metrics(client, ns).await.is_ok_and(|v| v == want) },
+    )
+    .await;
+}
+
+async fn await_code(client: &ExternalScalerClient<Channel>, ns: &str, code: Code) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("GetMetrics fails with {code:?}"),
+        || async {
+            get_metrics(client, ns)
+                .await
+                .is_err_and(|s| s.code() == code)
+        },
+    )
+    .await;
+}
+
+async fn await_ready(server: &TestServer, status: u16) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let url = server.http_url("/readyz");
+    eventually(
+        Duration::from_secs(10),
+        &format!("/readyz {status}"),
+        || async {
+            reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().as_u16() == status)
+        },
+    )
+    .await;
+}
+
+/// The next StreamIsActive message, awaited as an event.
+async fn next(s: &mut tonic::Streaming<IsActiveResponse>) -> bool {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("no StreamIsActive message")
+        .unwrap()
+        .expect("stream ended")
+        .result
+}
+
+fn redis_config(redis_url: &str) -> Config {
+    let mut c = test_config();
+    c.store = activescale::config::StoreKind::Redis;
+    c.redis_url = redis_url.into();
+    c
+}
+
+fn web_node(ns: &str, pod: &str) -> envoy_types::pb::envoy::config::core::v3::Node {
+    istio_node(ns, pod, &[("app", "web")], "web")
+}
+
+#[tokio::test]
+async fn two_replicas_behave_as_one() {
+    let redis = RedisServer::start();
+    let a = start_server(redis.config(test_config())).await;
+    let b = start_server(redis.config(test_config())).await;
+    await_ready(&b, 200).await;
+    let b_client = b.scaler_client().await;
+
+    // A StreamIsActive held open on B, before anything is ingested anywhere.
+    let mut stream = b_client
+        .clone()
+        .stream_is_active(scaled_object("shop", "app=web"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!next(&mut stream).await, "nothing ingested yet");
+
+    // Ingest on A only.
+    let mut sidecar = Sidecar::connect(a.sink, web_node("shop", "web-1")).await;
+    sidecar.push_gauges(&[(&inbound(8080), 3.0)]).await;
+    assert!(next(&mut stream).await, "B's stream flips on A's ingest");
+    await_value(&b_client, "shop", 3.0).await;
+    assert!(is_active(&b_client, "shop").await.unwrap());
+
+    sidecar.push_gauges(&[(&inbound(8080), 0.0)]).await;
+    assert!(!next(&mut stream).await, "and back");
+    await_value(&b_client, "shop", 0.0).await;
+    // A sees the same.
+    await_value(&a.scaler_client().await, "shop", 0.0).await;
+}
+
+#[tokio::test]
+async fn redis_outage_gives_errors_then_heals_without_restart() {
+    // The process starts before Redis: it must come up, not ready.
+    let mut redis = RedisServer::reserve();
+    let server = start_server(redis.config(test_config())).await;
+    let client = server.scaler_client().await;
+    await_code(&client, "shop", Code::Unavailable).await;
+    await_ready(&server, 503).await;
+
+    redis.restart();
+    await_ready(&server, 200).await;
+    let mut sidecar = Sidecar::connect(server.sink, web_node("shop", "web-1")).await;
+    sidecar.push_gauges(&[(&inbound(8080), 4.0)]).await;
+    await_value(&client, "shop", 4.0).await;
+
+    // Redis goes away: errors, never 0 or the last value.
+    redis.stop();
+    await_code(&client, "shop", Code::Unavailable).await;
+    assert_eq!(
+        is_active(&client, "shop").await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    await_ready(&server, 503).await;
+    // The sink keeps the Envoy stream and counts what it could not store.
+    let metrics_url = server.http_url("/metrics");
+    let store_errors = || async {
+        let (_, body) = http_get(&metrics_url).await;
+        body.lines()
+            .find(|l| l.starts_with("activescale_sink_store_errors"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = store_errors().await;
+    sidecar.push_gauges(&[(&inbound(8080), 5.0)]).await;
+    eventually(
+        Duration::from_secs(10),
+        "a failed write is counted",
+        || async { store_errors().await > before },
+    )
+    .await;
+    assert!(
+        !sidecar.task.is_finished(),
+        "the sink ended the Envoy stream"
+    );
+
+    // Redis is back (empty: no persistence here); the next flush refills it.
+    redis.restart();
+    await_ready(&server, 200).await;
+    sidecar.push_gauges(&[(&inbound(8080), 6.0)]).await;
+    await_value(&client, "shop", 6.0).await;
+}
+
+#[tokio::test]
+async fn tls_with_a_test_ca_and_client_certificates() {
+    let redis = RedisServer::start_tls(true);
+    let files = redis.tls.as_ref().unwrap();
+    let mut config = redis_config(&redis.url());
+    config.redis_ca_file = Some(files.ca.clone());
+    config.redis_cert_file = Some(files.client_cert.clone());
+    config.redis_key_file = Some(files.client_key.clone());
+    let server = start_server(config.clone()).await;
+    await_ready(&server, 200).await;
+    let mut sidecar = Sidecar::connect(server.sink, web_node("shop", "web-1")).await;
+    sidecar.push_gauges(&[(&inbound(8080), 2.0)]).await;
+    await_value(&server.scaler_client().await, "shop", 2.0).await;
+
+    // Without the client certificate the server refuses us: errors, not zeros.
+    let mut no_cert = config.clone();
+    no_cert.redis_cert_file = None;
+    no_cert.redis_key_file = None;
+    let refused = start_server(no_cert).await;
+    await_code(&refused.scaler_client().await, "shop", Code::Unavailable).await;
+    await_ready(&refused, 503).await;
+
+    // Without our CA the server's certificate is not trusted.
+    let mut untrusted = config.clone();
+    untrusted.redis_ca_file = None;
+    let s = RedisStore::connect(&untrusted).await.unwrap();
+    let e = s.ready().await.unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+
+    // redis_tls=true upgrades a redis:// URL.
+    let mut upgraded = config.clone();
+    upgraded.redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    upgraded.redis_tls = true;
+    let s = RedisStore::connect(&upgraded).await.unwrap();
+    ready_soon(&s).await;
+    assert_eq!(s.values(&web_query("shop")).await.unwrap(), vec![2.0]);
+}
+
+#[tokio::test]
+async fn tls_insecure_skips_verification() {
+    let redis = RedisServer::start_tls(false);
+    let mut config = redis_config(&redis.url());
+    config.redis_tls_insecure = true;
+    let s = RedisStore::connect(&config).await.unwrap();
+    ready_soon(&s).await;
+}
+
+fn web_query(ns: &str) -> PodQuery {
+    PodQuery {
+        namespace: ns.into(),
+        selector: PodSelector::Labels(activescale::selector::Selector::parse("app=web").unwrap()),
+        window: None,
+    }
+}
+
+async fn ready_soon(s: &RedisStore) {
+    eventually(Duration::from_secs(10), "store ready", || async {
+        s.ready().await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn acl_user_and_password() {
+    let redis = RedisServer::start_with(&[
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "scaler",
+        "on",
+        ">s3cret",
+        "~{activescale:*",
+        "&activescale:*",
+        "+@all",
+    ]);
+    let mut config = redis_config(&redis.url());
+    config.redis_username = Some("scaler".into());
+    config.redis_password = Some("s3cret".into());
+    let server = start_server(config.clone()).await;
+    await_ready(&server, 200).await;
+    let mut sidecar = Sidecar::connect(server.sink, web_node("shop", "web-1")).await;
+    sidecar.push_gauges(&[(&inbound(8080), 7.0)]).await;
+    await_value(&server.scaler_client().await, "shop", 7.0).await;
+
+    // Credentials in the URL work too.
+    let mut in_url = redis_config(&format!("redis://scaler:s3cret@127.0.0.1:{}", redis.port));
+    in_url.pod_ttl = config.pod_ttl;
+    let s = RedisStore::connect(&in_url).await.unwrap();
+    ready_soon(&s).await;
+    assert_eq!(s.values(&web_query("shop")).await.unwrap(), vec![7.0]);
+
+    // A wrong password is an error everywhere, never an empty answer.
+    let mut wrong = config.clone();
+    wrong.redis_password = Some("nope".into());
+    let bad = start_server(wrong).await;
+    await_code(&bad.scaler_client().await, "shop", Code::Unavailable).await;
+    assert_eq!(
+        is_active(&bad.scaler_client().await, "shop")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unavailable
+    );
+    await_ready(&bad, 503).await;
+}
+
+#[tokio::test]
+async fn three_master_cluster() {
+    let cluster = RedisCluster::start();
+    let config = redis_config(&cluster.url());
+    let a = start_server(config.clone()).await;
+    let b = start_server(config).await;
+    await_ready(&b, 200).await;
+    let b_client = b.scaler_client().await;
+    // Namespaces hash to different slots, so to different masters.
+    let namespaces = ["shop", "billing", "search", "auth", "cart", "ads"];
+    let mut sidecars = Vec::new();
+    for (i, ns) in namespaces.iter().enumerate() {
+        let mut s = Sidecar::connect(a.sink, web_node(ns, "web-1")).await;
+        s.push_gauges(&[(&inbound(8080), i as f64 + 1.0)]).await;
+        sidecars.push(s);
+    }
+    for (i, ns) in namespaces.iter().enumerate() {
+        await_value(&b_client, ns, i as f64 + 1.0).await;
+    }
+    // Keys of one namespace share a hash tag: each namespace lives on one node.
+    let mut masters_used = std::collections::HashSet::new();
+    for ns in namespaces {
+        let mut raw = cluster.nodes[0].client().await;
+        let slot: u32 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("{{activescale:{ns}}}:seen"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        masters_used.insert(slot * 3 / 16384);
+    }
+    assert!(
+        masters_used.len() > 1,
+        "the test namespaces all landed on one master"
+    );
+
+    // StreamIsActive across replicas on a cluster.
+    let mut stream = b_client
+        .clone()
+        .stream_is_active(scaled_object("shop", "app=web"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next(&mut stream).await);
+    sidecars[0].push_gauges(&[(&inbound(8080), 0.0)]).await;
+    assert!(!next(&mut stream).await);
+}
+
+/// Commands of the server's `INFO commandstats` (calls from scripts included).
+async fn command_calls(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> std::collections::HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+fn pod(ns: &str, name: &str) -> PodIdentity {
+    PodIdentity {
+        namespace: ns.into(),
+        name: name.into(),
+        workload: Some("web".into()),
+        labels: Arc::new([("app".to_string(), "web".to_string())].into()),
+    }
+}
+
+#[tokio::test]
+async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.config(test_config()))
+        .await
+        .unwrap();
+    ready_soon(&store).await;
+    let mut raw = redis.client().await;
+    let p = pod("shop", "web-1");
+    let families = vec![("f".to_string(), 3.0)];
+    store.record(&p, &families).await.unwrap();
+    let before = command_calls(&mut raw).await;
+    for _ in 0..20 {
+        store.record(&p, &families).await.unwrap();
+    }
+    let after = command_calls(&mut raw).await;
+    let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
+    // The store's own commands: one EVALSHA per message, nothing else
+    // (no PING on checkout). INFO itself is ours.
+    assert_eq!(delta("evalsha"), 20);
+    for other in ["ping", "eval", "script|load"] {
+        assert_eq!(delta(other), 0, "{other}");
+    }
+    // Unchanged value: only the last-seen score is written.
+    assert_eq!(delta("hset"), 0);
+    assert_eq!(delta("zadd"), 20);
+    assert_eq!(delta("publish"), 0, "an unchanged value wakes nobody");
+
+    store.record(&p, &[("f".to_string(), 4.0)]).await.unwrap();
+    let changed = command_calls(&mut raw).await;
+    assert_eq!(
+        changed["hset"] - after.get("hset").copied().unwrap_or(0),
+        2,
+        "state and history"
+    );
+    assert_eq!(
+        changed["publish"] - after.get("publish").copied().unwrap_or(0),
+        1
+    );
+}
+
+#[tokio::test]
+async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
+    let redis = RedisServer::start();
+    let mut one = redis.config(test_config());
+    one.redis_key_prefix = "one".into();
+    let mut two = one.clone();
+    two.redis_key_prefix = "two".into();
+    let (one, two) = (
+        RedisStore::connect(&one).await.unwrap(),
+        RedisStore::connect(&two).await.unwrap(),
+    );
+    ready_soon(&one).await;
+    one.record(&pod("shop", "web-1"), &[("f".into(), 1.0)])
+        .await
+        .unwrap();
+    two.record(&pod("shop", "web-1"), &[("f".into(), 2.0)])
+        .await
+        .unwrap();
+    one.record(&pod("other", "web-1"), &[("f".into(), 9.0)])
+        .await
+        .unwrap();
+    assert_eq!(one.values(&web_query("shop")).await.unwrap(), vec![1.0]);
+    assert_eq!(two.values(&web_query("shop")).await.unwrap(), vec![2.0]);
+    let mut raw = redis.client().await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "{one:other}:h",
+            "{one:other}:id",
+            "{one:other}:seen",
+            "{one:other}:st",
+            "{one:shop}:h",
+            "{one:shop}:id",
+            "{one:shop}:seen",
+            "{one:shop}:st",
+            "{two:shop}:h",
+            "{two:shop}:id",
+            "{two:shop}:seen",
+            "{two:shop}:st",
+        ]
+    );
+    // Every key has a TTL: an abandoned namespace disappears.
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{k} has no TTL");
+    }
+    let before = command_calls(&mut raw).await;
+    one.values(&web_query("shop")).await.unwrap();
+    let after = command_calls(&mut raw).await;
+    for scan in ["keys", "scan"] {
+        assert_eq!(after.get(scan), before.get(scan), "a read used {scan}");
+    }
+}
+
+/// Not a test of behaviour: measures what 1,000 pods cost in Redis, for the
+/// README's sizing line. Run with `--ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn measure_memory_per_1000_pods() {
+    let redis = RedisServer::start();
+    let mut config = redis.config(test_config());
+    config.pod_ttl = Duration::from_secs(600);
+    let store = RedisStore::connect(&config).await.unwrap();
+    ready_soon(&store).await;
+    let mut raw = redis.client().await;
+    let used = |raw: &mut redis::aio::MultiplexedConnection| {
+        let mut raw = raw.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .unwrap()
+                .trim()
+                .parse::<i64>()
+                .unwrap()
+        }
+    };
+    let base = used(&mut raw).await;
+    for i in 0..1000 {
+        let p = PodIdentity {
+            namespace: "shop".into(),
+            name: format!("web-7d9c6b5f4-{i:05}"),
+            workload: Some("web".into()),
+            labels: Arc::new(
+                [
+                    ("app", "web"),
+                    ("pod-template-hash", "7d9c6b5f4"),
+                    ("security.istio.io/tlsMode", "istio"),
+                    ("service.istio.io/canonical-name", "web"),
+                    ("service.istio.io/canonical-revision", "v1"),
+                    ("version", "v1"),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            ),
+        };
+        // A few value changes each, as a busy pod has within max_window.
+        for v in [1.0, 3.0, 2.0, 5.0] {
+            store
+                .record(
+                    &p,
+                    &[("http.inbound_0.0.0.0_8080;.downstream_rq_active".into(), v)],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let total = used(&mut raw).await - base;
+    for k in ["seen", "id", "st", "h"] {
+        let key = format!("{{activescale:shop}}:{k}");
+        let bytes: i64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        println!("{key}: {bytes} bytes for 1000 pods");
+    }
+    println!("used_memory grew by {total} bytes for 1000 pods");
+    assert!(total > 0);
+}
+
+/// The real `activescale` binary, killed on drop.
+struct Process {
+    child: std::process::Child,
+    sink: std::net::SocketAddr,
+    scaler: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+}
+
+impl Process {
+    /// `activescale serve` with the Redis store, configured the way operators
+    /// of the earlier tool do (`REDIS_URL`).
+    fn spawn(redis_url: &str) -> Self {
+        use common::redis_server::free_port;
+        let addr = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        let (sink, scaler, http) = (addr(free_port()), addr(free_port()), addr(free_port()));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_activescale"))
+            .args(["serve", "--store", "redis"])
+            .args(["--sink-addr", &sink.to_string()])
+            .args(["--scaler-addr", &scaler.to_string()])
+            .args(["--http-addr", &http.to_string()])
+            .args(["--warmup", "0s"])
+            .env("REDIS_URL", redis_url)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn activescale");
+        Self {
+            child,
+            sink,
+            scaler,
+            http,
+        }
+    }
+
+    async fn ready(&self) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = format!("http://{}/readyz", self.http);
+        eventually(Duration::from_secs(20), "process ready", || async {
+            reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    async fn client(&self) -> ExternalScalerClient<Channel> {
+        ExternalScalerClient::connect(format!("http://{}", self.scaler))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn two_scaler_processes_share_one_redis() {
+    let redis = RedisServer::start();
+    let (a, b) = (Process::spawn(&redis.url()), Process::spawn(&redis.url()));
+    a.ready().await;
+    b.ready().await;
+    let b_client = b.client().await;
+    let mut stream = b_client
+        .clone()
+        .stream_is_active(scaled_object("shop", "app=web"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!next(&mut stream).await);
+    let mut sidecar = Sidecar::connect(a.sink, web_node("shop", "web-1")).await;
+    sidecar.push_gauges(&[(&inbound(8080), 2.0)]).await;
+    assert!(next(&mut stream).await, "B's stream flips on A's ingest");
+    await_value(&b_client, "shop", 2.0).await;
+    await_value(&a.client().await, "shop", 2.0).await;
+}
+
+#[tokio::test]
+async fn slow_redis_is_a_timeout_not_a_value() {
+    let redis = RedisServer::start();
+    let mut config = redis.config(test_config());
+    config.redis_timeout = Duration::from_millis(200);
+    let store = RedisStore::connect(&config).await.unwrap();
+    ready_soon(&store).await;
+    store
+        .record(&pod("shop", "web-1"), &[("f".into(), 3.0)])
+        .await
+        .unwrap();
+    let mut raw = redis.client().await;
+    // Every client's commands wait until the pause ends (3 s).
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("ALL")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let e = store.values(&web_query("shop")).await.unwrap_err();
+    assert!(
+        matches!(e, activescale::store::StoreError::Timeout(_)),
+        "{e}"
+    );
+    assert!(
+        store
+            .record(&pod("shop", "web-1"), &[("f".into(), 4.0)])
+            .await
+            .is_err()
+    );
+    assert!(store.ready().await.is_err());
+    eventually(Duration::from_secs(10), "answers again", || async {
+        store
+            .values(&web_query("shop"))
+            .await
+            .is_ok_and(|v| v == vec![3.0])
+    })
+    .await;
+}
+
+async fn uptime_secs(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_young_redis_is_not_read_as_no_load() {
+    // A Redis that just (re)started may have lost what the sidecars reported:
+    // values are refused until it has been up for `warmup`.
+    let redis = RedisServer::start();
+    let mut config = redis.config(test_config());
+    config.warmup = Some(Duration::from_secs(3));
+    let store = RedisStore::connect(&config).await.unwrap();
+    ready_soon(&store).await;
+    store
+        .record(&pod("shop", "web-1"), &[("f".into(), 5.0)])
+        .await
+        .unwrap();
+    let early = store.values(&web_query("shop")).await;
+    let mut raw = redis.client().await;
+    // Checked after the call: if the server is still young now, it was then.
+    if uptime_secs(&mut raw).await < 3 {
+        let e = early.unwrap_err();
+        assert!(e.to_string().contains("warming up"), "{e}");
+    }
+    // The debug view is not a scaling answer: it shows what is there.
+    assert_eq!(store.pods("shop", None).await.unwrap().len(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "answers once Redis is old enough",
+        || async {
+            store
+                .values(&web_query("shop"))
+                .await
+                .is_ok_and(|v| v == vec![5.0])
+        },
+    )
+    .await;
+}

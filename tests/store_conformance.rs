@@ -1,0 +1,428 @@
+//! One store-level suite, run against `MemoryStore` and against `RedisStore`
+//! on a real `redis-server`: both stores must answer the same.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use activescale::{
+    config::Config,
+    selector::Selector,
+    store::{
+        PodIdentity, PodQuery, PodSelector, SharedStore, Store, Window, WindowReduce,
+        memory::MemoryStore, redis::RedisStore,
+    },
+};
+use common::redis_server::RedisServer;
+use tokio::sync::watch;
+
+/// A store under test, and what keeps its backend alive.
+struct Under {
+    store: SharedStore,
+    _server: Option<RedisServer>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Memory,
+    Redis,
+}
+
+async fn store(kind: Kind, ttl: Duration) -> Under {
+    let max_window = Duration::from_secs(60);
+    match kind {
+        Kind::Memory => Under {
+            store: Arc::new(MemoryStore::new(ttl, max_window)),
+            _server: None,
+        },
+        Kind::Redis => {
+            let server = RedisServer::start();
+            let mut config = server.config(Config::default());
+            config.pod_ttl = ttl;
+            config.max_window = max_window;
+            // The server was just started: no young-server warm-up here.
+            config.warmup = Some(Duration::ZERO);
+            let store = RedisStore::connect(&config).await.expect("connect");
+            // Ready means subscribed: the subscription's first wake-up is over.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while let Err(e) = store.ready().await {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "store not ready: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Under {
+                store: Arc::new(store),
+                _server: Some(server),
+            }
+        }
+    }
+}
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn pod(ns: &str, name: &str, labels: &[(&str, &str)], workload: Option<&str>) -> PodIdentity {
+    PodIdentity {
+        namespace: ns.into(),
+        name: name.into(),
+        workload: workload.map(Into::into),
+        labels: Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+    }
+}
+
+fn web(ns: &str, name: &str) -> PodIdentity {
+    pod(ns, name, &[("app", "web")], Some("web"))
+}
+
+fn labels(ns: &str, selector: &str) -> PodQuery {
+    PodQuery {
+        namespace: ns.into(),
+        selector: PodSelector::Labels(Selector::parse(selector).unwrap()),
+        window: None,
+    }
+}
+
+fn fams(f: &[(&str, f64)]) -> Vec<(String, f64)> {
+    f.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+}
+
+async fn sorted(store: &SharedStore, q: &PodQuery) -> Vec<f64> {
+    let mut v = store.values(q).await.unwrap();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// Awaits the next wake-up of `rx`, failing the test after a generous limit.
+async fn woken(rx: &mut watch::Receiver<u64>, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .unwrap_or_else(|_| panic!("no wake-up: {what}"))
+        .unwrap();
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test] async fn $name() { super::$name(super::Kind::Memory).await } )*
+        }
+        mod redis {
+            $( #[tokio::test] async fn $name() { super::$name(super::Kind::Redis).await } )*
+        }
+    };
+}
+
+conformance!(
+    record_then_values_and_pods,
+    families_merge_across_messages,
+    value_is_the_sum_over_families,
+    selector_and_workload_filtering,
+    namespaces_are_isolated,
+    pods_drop_out_after_ttl,
+    watch_wakes_on_change,
+    watch_wakes_on_expiry,
+    window_max_sees_a_past_peak,
+    window_avg_is_between_the_steps,
+    pod_without_kept_families_counts_zero,
+    new_labels_start_afresh,
+    empty_namespace_is_no_pods,
+);
+
+async fn record_then_values_and_pods(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let p = web("shop", "web-1");
+    u.store.record(&p, &fams(&[("f", 2.0)])).await.unwrap();
+    assert_eq!(
+        u.store.values(&labels("shop", "app=web")).await.unwrap(),
+        vec![2.0]
+    );
+    let views = u.store.pods("shop", None).await.unwrap();
+    assert_eq!(views.len(), 1);
+    assert_eq!(views[0].identity, p);
+    assert_eq!(views[0].value, 2.0);
+    assert_eq!(views[0].families, [("f".to_string(), 2.0)].into());
+    assert!(views[0].age < LONG);
+}
+
+async fn families_merge_across_messages(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let p = web("shop", "web-1");
+    u.store.record(&p, &fams(&[("a", 1.0)])).await.unwrap();
+    u.store.record(&p, &fams(&[("b", 2.0)])).await.unwrap();
+    assert_eq!(
+        u.store.values(&labels("shop", "app=web")).await.unwrap(),
+        vec![3.0]
+    );
+    u.store.record(&p, &fams(&[("a", 5.0)])).await.unwrap();
+    // A message without families only refreshes the pod.
+    u.store.record(&p, &[]).await.unwrap();
+    assert_eq!(
+        u.store.values(&labels("shop", "app=web")).await.unwrap(),
+        vec![7.0]
+    );
+    let views = u.store.pods("shop", None).await.unwrap();
+    assert_eq!(
+        views[0].families,
+        [("a".to_string(), 5.0), ("b".to_string(), 2.0)].into()
+    );
+}
+
+async fn value_is_the_sum_over_families(kind: Kind) {
+    let u = store(kind, LONG).await;
+    u.store
+        .record(
+            &web("shop", "web-1"),
+            &fams(&[("a", 1.5), ("b", 2.25), ("c", 0.1)]),
+        )
+        .await
+        .unwrap();
+    u.store
+        .record(&web("shop", "web-2"), &fams(&[("a", 4.0)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        sorted(&u.store, &labels("shop", "app=web")).await,
+        vec![1.5 + 2.25 + 0.1, 4.0]
+    );
+}
+
+async fn selector_and_workload_filtering(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let s = &u.store;
+    s.record(
+        &pod("ns", "a", &[("app", "web"), ("tier", "front")], Some("web")),
+        &fams(&[("f", 1.0)]),
+    )
+    .await
+    .unwrap();
+    s.record(
+        &pod("ns", "b", &[("app", "web"), ("tier", "back")], Some("web")),
+        &fams(&[("f", 2.0)]),
+    )
+    .await
+    .unwrap();
+    s.record(
+        &pod("ns", "c", &[("app", "api")], Some("api")),
+        &fams(&[("f", 4.0)]),
+    )
+    .await
+    .unwrap();
+    s.record(
+        &pod("ns", "d", &[("app", "api")], None),
+        &fams(&[("f", 8.0)]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sorted(s, &labels("ns", "app=web")).await, vec![1.0, 2.0]);
+    assert_eq!(
+        sorted(s, &labels("ns", "app=web,tier in (back)")).await,
+        vec![2.0]
+    );
+    assert_eq!(sorted(s, &labels("ns", "app!=web")).await, vec![4.0, 8.0]);
+    assert_eq!(sorted(s, &labels("ns", "!tier")).await, vec![4.0, 8.0]);
+    let by_workload = PodQuery {
+        namespace: "ns".into(),
+        selector: PodSelector::Workload("api".into()),
+        window: None,
+    };
+    assert_eq!(sorted(s, &by_workload).await, vec![4.0]);
+    let views = s
+        .pods("ns", Some(&PodSelector::Workload("web".into())))
+        .await
+        .unwrap();
+    let names: Vec<&str> = views.iter().map(|v| v.identity.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+}
+
+async fn namespaces_are_isolated(kind: Kind) {
+    let u = store(kind, LONG).await;
+    u.store
+        .record(&web("a", "web-1"), &fams(&[("f", 1.0)]))
+        .await
+        .unwrap();
+    u.store
+        .record(&web("b", "web-1"), &fams(&[("f", 10.0)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        u.store.values(&labels("a", "app=web")).await.unwrap(),
+        vec![1.0]
+    );
+    assert_eq!(
+        u.store.values(&labels("b", "app=web")).await.unwrap(),
+        vec![10.0]
+    );
+    let views = u.store.pods("b", None).await.unwrap();
+    assert_eq!(views.len(), 1);
+    assert_eq!(views[0].identity.namespace, "b");
+}
+
+async fn pods_drop_out_after_ttl(kind: Kind) {
+    let u = store(kind, Duration::from_millis(300)).await;
+    let mut rx = u.store.watch("shop");
+    u.store
+        .record(&web("shop", "web-1"), &fams(&[("f", 3.0)]))
+        .await
+        .unwrap();
+    woken(&mut rx, "record").await;
+    assert_eq!(
+        u.store.values(&labels("shop", "app=web")).await.unwrap(),
+        vec![3.0]
+    );
+    loop {
+        woken(&mut rx, "expiry").await;
+        if u.store
+            .values(&labels("shop", "app=web"))
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+    }
+    assert!(u.store.pods("shop", None).await.unwrap().is_empty());
+    // A pod back after expiry starts afresh: its old families are gone.
+    u.store
+        .record(&web("shop", "web-1"), &fams(&[("g", 1.0)]))
+        .await
+        .unwrap();
+    let views = u.store.pods("shop", None).await.unwrap();
+    assert_eq!(views[0].families, [("g".to_string(), 1.0)].into());
+}
+
+async fn watch_wakes_on_change(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let mut a = u.store.watch("a");
+    let b = u.store.watch("b");
+    u.store
+        .record(&web("a", "web-1"), &fams(&[("f", 1.0)]))
+        .await
+        .unwrap();
+    woken(&mut a, "new pod").await;
+    a.borrow_and_update();
+    u.store
+        .record(&web("a", "web-1"), &fams(&[("f", 2.0)]))
+        .await
+        .unwrap();
+    woken(&mut a, "value changed").await;
+    assert!(
+        !b.has_changed().unwrap(),
+        "another namespace's watcher woke"
+    );
+}
+
+async fn watch_wakes_on_expiry(kind: Kind) {
+    let u = store(kind, Duration::from_millis(300)).await;
+    u.store
+        .record(&web("shop", "web-1"), &fams(&[("f", 3.0)]))
+        .await
+        .unwrap();
+    let mut rx = u.store.watch("shop");
+    rx.borrow_and_update();
+    // Wake-ups may be spurious (a shared store echoes its own ingest back
+    // through pub/sub); nothing else happens here, so only the expiry can
+    // end this loop before the limit.
+    loop {
+        woken(&mut rx, "expiry").await;
+        if u.store
+            .values(&labels("shop", "app=web"))
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+    }
+}
+
+fn windowed(reduce: WindowReduce) -> PodQuery {
+    PodQuery {
+        window: Some(Window {
+            length: Duration::from_secs(30),
+            reduce,
+        }),
+        ..labels("shop", "app=web")
+    }
+}
+
+async fn window_max_sees_a_past_peak(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let p = web("shop", "web-1");
+    u.store.record(&p, &fams(&[("f", 5.0)])).await.unwrap();
+    // Not synchronisation: the peak must last at least a clock tick (1 ms).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    u.store.record(&p, &fams(&[("f", 1.0)])).await.unwrap();
+    assert_eq!(
+        u.store.values(&labels("shop", "app=web")).await.unwrap(),
+        vec![1.0]
+    );
+    assert_eq!(
+        u.store.values(&windowed(WindowReduce::Max)).await.unwrap(),
+        vec![5.0]
+    );
+}
+
+async fn window_avg_is_between_the_steps(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let p = web("shop", "web-1");
+    u.store.record(&p, &fams(&[("f", 4.0)])).await.unwrap();
+    // Not synchronisation: each step must last at least a clock tick (1 ms)
+    // for the time-weighted average to weigh both.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    u.store.record(&p, &fams(&[("f", 2.0)])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let avg = u.store.values(&windowed(WindowReduce::Avg)).await.unwrap();
+    assert_eq!(avg.len(), 1);
+    assert!(avg[0] > 2.0 && avg[0] < 4.0, "avg {}", avg[0]);
+}
+
+async fn pod_without_kept_families_counts_zero(kind: Kind) {
+    let u = store(kind, LONG).await;
+    u.store.record(&web("shop", "web-1"), &[]).await.unwrap();
+    assert_eq!(
+        u.store.values(&labels("shop", "app=web")).await.unwrap(),
+        vec![0.0]
+    );
+    let views = u.store.pods("shop", None).await.unwrap();
+    assert!(views[0].families.is_empty());
+}
+
+async fn new_labels_start_afresh(kind: Kind) {
+    let u = store(kind, LONG).await;
+    u.store
+        .record(&web("shop", "p"), &fams(&[("a", 1.0)]))
+        .await
+        .unwrap();
+    let moved = pod("shop", "p", &[("app", "api")], Some("api"));
+    u.store.record(&moved, &fams(&[("b", 2.0)])).await.unwrap();
+    assert!(
+        u.store
+            .values(&labels("shop", "app=web"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        u.store.values(&labels("shop", "app=api")).await.unwrap(),
+        vec![2.0]
+    );
+    let views = u.store.pods("shop", None).await.unwrap();
+    assert_eq!(views[0].families, [("b".to_string(), 2.0)].into());
+}
+
+async fn empty_namespace_is_no_pods(kind: Kind) {
+    let u = store(kind, LONG).await;
+    assert!(
+        u.store
+            .values(&labels("nobody", "app=web"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(u.store.pods("nobody", None).await.unwrap().is_empty());
+}
