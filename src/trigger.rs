@@ -397,7 +397,10 @@ fn resolve_from_env(
 ) -> Result<HashMap<String, String>, MetadataError> {
     let mut out = HashMap::with_capacity(metadata.len());
     for (k, v) in metadata {
-        let key = k.strip_suffix(FROM_ENV).filter(|b| !b.is_empty()).unwrap_or(k);
+        let key = k
+            .strip_suffix(FROM_ENV)
+            .filter(|b| !b.is_empty())
+            .unwrap_or(k);
         if key != k && metadata.contains_key(key) {
             return Err(MetadataError::Conflict(format!(
                 "give either `{key}` or `{k}`, not both"
@@ -744,8 +747,15 @@ pub(crate) mod tests {
     fn keys_resolved_from_env_by_keda_count_as_the_key() {
         let t = ok(&[("labelSelector", "app=web"), ("targetValueFromEnv", "7")]);
         assert_eq!(t.target, 7.0);
-        let e = err(&[("labelSelector", "a"), ("targetValue", "1"), ("targetValueFromEnv", "2")]);
-        assert!(e.contains("targetValueFromEnv") && e.contains("not both"), "{e}");
+        let e = err(&[
+            ("labelSelector", "a"),
+            ("targetValue", "1"),
+            ("targetValueFromEnv", "2"),
+        ]);
+        assert!(
+            e.contains("targetValueFromEnv") && e.contains("not both"),
+            "{e}"
+        );
     }
 
     #[test]
