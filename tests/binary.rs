@@ -27,8 +27,14 @@ fn serve(extra: &[&str]) -> Command {
     ])
     .args(["--log-format", "json", "--warmup", "0s"])
     .args(extra)
-    .env_remove("RUST_LOG")
-    .env_remove("LOG_VERBOSITY")
+    // Only this test's settings: an ACTIVESCALE_* variable of the caller's
+    // environment would be read as one.
+    .env_clear()
+    .envs(
+        std::env::vars().filter(|(k, _)| {
+            !k.starts_with("ACTIVESCALE_") && k != "RUST_LOG" && k != "LOG_VERBOSITY"
+        }),
+    )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     cmd

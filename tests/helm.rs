@@ -5,7 +5,7 @@
 //! Needs `python3` with `helm-sdkpy`, `jsonschema` and `pyyaml`
 //! (`pip install --ignore-requires-python helm-sdkpy jsonschema pyyaml`). When
 //! they are missing the test is skipped with a loud message, unless
-//! `ACTIVESCALE_REQUIRE_HELM=1` is set (CI), where it fails.
+//! `REQUIRE_HELM_LINT=1` is set (CI), where it fails.
 
 use std::{
     collections::BTreeSet,
@@ -32,13 +32,13 @@ fn python_ready() -> Result<(), String> {
     }
 }
 
-/// Fails under `ACTIVESCALE_REQUIRE_HELM=1`; otherwise says loudly that the
+/// Fails under `REQUIRE_HELM_LINT=1`; otherwise says loudly that the
 /// chart goes unchecked.
 fn skip_or_fail(why: &str) {
-    let required = std::env::var("ACTIVESCALE_REQUIRE_HELM").is_ok_and(|v| v == "1");
+    let required = std::env::var("REQUIRE_HELM_LINT").is_ok_and(|v| v == "1");
     assert!(
         !required,
-        "ACTIVESCALE_REQUIRE_HELM=1 but the chart cannot be linted: {why}"
+        "REQUIRE_HELM_LINT=1 but the chart cannot be linted: {why}"
     );
     eprintln!(
         "\n*** SKIPPED: the Helm chart was NOT linted: {why}\n\
