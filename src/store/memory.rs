@@ -27,7 +27,7 @@ pub struct MemoryStore {
 struct Inner {
     // std RwLock, not tokio's: every critical section is a few map operations
     // with no await inside, and the sink takes the write side once per message.
-    namespaces: RwLock<HashMap<Box<str>, HashMap<Box<str>, Pod>>>,
+    namespaces: RwLock<Namespaces>,
     // Label sets shared by all pods of a workload are stored once.
     labels: std::sync::Mutex<HashSet<Arc<Labels>>>,
     // So are stat names: every pod reports the same few.
@@ -38,6 +38,9 @@ struct Inner {
     max_window: Duration,
     origin: Instant,
 }
+
+/// Pods by name, by namespace.
+type Namespaces = HashMap<Box<str>, HashMap<Box<str>, Pod>>;
 
 struct Pod {
     identity: Arc<PodIdentity>,
