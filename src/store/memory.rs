@@ -30,6 +30,8 @@ struct Inner {
     namespaces: RwLock<Namespaces>,
     // Label sets shared by all pods of a workload are stored once.
     labels: std::sync::Mutex<HashSet<Arc<Labels>>>,
+    // So are stat names: every pod reports the same few.
+    names: std::sync::Mutex<HashSet<Arc<str>>>,
     notifier: Notifier,
     ttl: Duration,
     /// History older than this is forgotten: no window may be longer.
@@ -42,8 +44,11 @@ type Namespaces = HashMap<Box<str>, HashMap<Box<str>, Pod>>;
 
 struct Pod {
     identity: Arc<PodIdentity>,
+    /// `identity.labels`, held inline: a query over thousands of pods then
+    /// compares this pointer without a cache miss on each pod's identity.
+    labels: Arc<Labels>,
     /// Latest value per kept stat family; a handful at most.
-    families: Vec<(Box<str>, f64)>,
+    families: Vec<(Arc<str>, f64)>,
     value: f64,
     last_seen_ms: u64,
     history: Vec<window::Point>,
@@ -56,6 +61,7 @@ impl MemoryStore {
         let inner = Arc::new(Inner {
             namespaces: RwLock::default(),
             labels: Default::default(),
+            names: Default::default(),
             notifier: Notifier::default(),
             ttl,
             max_window,
@@ -90,6 +96,18 @@ impl Inner {
         })
     }
 
+    fn intern_name(&self, name: &str) -> Arc<str> {
+        let mut table = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        match table.get(name) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                let shared: Arc<str> = name.into();
+                table.insert(Arc::clone(&shared));
+                shared
+            }
+        }
+    }
+
     /// Removes expired pods; returns the namespaces that lost one.
     fn expire(&self) -> Vec<Box<str>> {
         let now = self.now_ms();
@@ -104,6 +122,44 @@ impl Inner {
             !pods.is_empty()
         });
         changed
+    }
+}
+
+/// A label selector evaluated once per interned label set: the pods of a
+/// workload share one `Arc<Labels>`, so a query over many pods compares
+/// pointers instead of walking label maps.
+struct MemoSelector<'a> {
+    selector: &'a PodSelector,
+    // (address of an interned label set, whether it matched); a handful of
+    // workloads per namespace is the norm, so a short list beats a map.
+    seen: Vec<(usize, bool)>,
+}
+
+impl<'a> MemoSelector<'a> {
+    const CAPACITY: usize = 16;
+
+    fn new(selector: &'a PodSelector) -> Self {
+        Self {
+            selector,
+            seen: Vec::new(),
+        }
+    }
+
+    fn matches(&mut self, pod: &Pod) -> bool {
+        let PodSelector::Labels(selector) = self.selector else {
+            return self.selector.matches(&pod.identity);
+        };
+        // Valid while the caller holds the store lock: every address belongs
+        // to a label set a live pod keeps alive.
+        let key = Arc::as_ptr(&pod.labels) as usize;
+        if let Some(&(_, hit)) = self.seen.iter().find(|(k, _)| *k == key) {
+            return hit;
+        }
+        let hit = selector.matches(&pod.labels);
+        if self.seen.len() < Self::CAPACITY {
+            self.seen.push((key, hit));
+        }
+        hit
     }
 }
 
@@ -123,6 +179,9 @@ async fn sweep(inner: Weak<Inner>) {
         if let Ok(mut table) = inner.labels.lock() {
             // Label sets no pod uses any more (only the table holds them).
             table.retain(|labels| Arc::strong_count(labels) > 1);
+        }
+        if let Ok(mut table) = inner.names.lock() {
+            table.retain(|name| Arc::strong_count(name) > 1);
         }
     }
 }
@@ -148,7 +207,7 @@ impl Store for MemoryStore {
                     for (name, value) in families {
                         match entry.families.iter_mut().find(|(n, _)| **n == **name) {
                             Some(slot) => slot.1 = *value,
-                            None => entry.families.push((name.as_str().into(), *value)),
+                            None => entry.families.push((inner.intern_name(name), *value)),
                         }
                     }
                     entry.value = pod_value(entry.families.iter().map(|(_, v)| v));
@@ -158,17 +217,21 @@ impl Store for MemoryStore {
                 }
                 _ => {
                     // New pod, a pod back after expiry, or new labels: start afresh.
-                    let families: Vec<(Box<str>, f64)> = families
+                    let families: Vec<(Arc<str>, f64)> = families
                         .iter()
-                        .map(|(n, v)| (n.as_str().into(), *v))
+                        .map(|(n, v)| (inner.intern_name(n), *v))
                         .collect();
                     let value = pod_value(families.iter().map(|(_, v)| v));
-                    let mut history = Vec::new();
+                    // Exactly one point until the value changes: most pods'
+                    // history never grows.
+                    let mut history = Vec::with_capacity(1);
                     window::push(&mut history, now, value, inner.max_window);
+                    let identity = inner.intern(pod);
                     pods.insert(
                         pod.name.as_str().into(),
                         Pod {
-                            identity: inner.intern(pod),
+                            labels: Arc::clone(&identity.labels),
+                            identity,
                             families,
                             value,
                             last_seen_ms: now,
@@ -192,9 +255,10 @@ impl Store for MemoryStore {
         let Some(pods) = namespaces.get(query.namespace.as_str()) else {
             return Ok(Vec::new());
         };
+        let mut selector = MemoSelector::new(&query.selector);
         Ok(pods
             .values()
-            .filter(|p| inner.is_live(p, now) && query.selector.matches(&p.identity))
+            .filter(|p| inner.is_live(p, now) && selector.matches(p))
             .map(|p| match query.window {
                 Some(w) => window::reduce(&p.history, now, w).unwrap_or(p.value),
                 None => p.value,
@@ -289,11 +353,49 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn memoised_selector_agrees_with_plain_matching() {
+        let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
+        // More label sets than the memo holds, interleaved.
+        for i in 0..100 {
+            let app = format!("app-{}", i % 40);
+            store
+                .record(&pod("ns", &format!("p{i}"), &app), &[("f".into(), 1.0)])
+                .await
+                .unwrap();
+        }
+        for app in ["app-0", "app-17", "app-39", "none"] {
+            let want = (0..100)
+                .filter(|i| format!("app-{}", i % 40) == app)
+                .count();
+            assert_eq!(
+                store.values(&query("ns", app)).await.unwrap().len(),
+                want,
+                "{app}"
+            );
+        }
+        let q = PodQuery {
+            namespace: "ns".into(),
+            selector: PodSelector::Workload("app-3".into()),
+            window: None,
+        };
+        assert_eq!(store.values(&q).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn label_sets_are_shared_between_pods() {
         let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
         store.record(&pod("ns", "p1", "web"), &[]).await.unwrap();
         store.record(&pod("ns", "p2", "web"), &[]).await.unwrap();
         assert_eq!(store.inner.labels.lock().unwrap().len(), 1);
+        store
+            .record(&pod("ns", "p1", "web"), &[("f".into(), 1.0)])
+            .await
+            .unwrap();
+        store
+            .record(&pod("ns", "p2", "web"), &[("f".into(), 2.0)])
+            .await
+            .unwrap();
+        assert_eq!(store.inner.names.lock().unwrap().len(), 1);
         let namespaces = store.inner.namespaces.read().unwrap();
         let pods = &namespaces["ns"];
         assert!(Arc::ptr_eq(
