@@ -301,8 +301,10 @@ impl Snapshot {
         )?;
         let uptime = Duration::from_secs(uptime as u64);
         let mut pods = Vec::new();
-        // Pods of one workload share a label set: parse each distinct one once.
-        let mut labels: Vec<(String, Arc<Labels>, Option<String>)> = Vec::new();
+        // Pods of one workload share a label set: parse each distinct one once
+        // (a map: with per-pod labels a linear search would be quadratic).
+        let mut labels: std::collections::HashMap<String, (Arc<Labels>, Option<String>)> =
+            std::collections::HashMap::new();
         while let Some(name) = it.next() {
             let name = name.ok_or_else(|| corrupt("pod without a name"))?;
             let (Some(seen), Some(id), Some(st), Some(h)) =
@@ -315,14 +317,14 @@ impl Snapshot {
             let (Some(seen), Some(id), Some(st)) = (seen, id, st) else {
                 return Err(corrupt(&format!("pod {name} has missing fields")));
             };
-            let (workload, pod_labels) = match labels.iter().find(|(raw, ..)| *raw == id) {
-                Some((_, l, w)) => (w.clone(), l.clone()),
+            let (workload, pod_labels) = match labels.get(&id) {
+                Some((l, w)) => (w.clone(), l.clone()),
                 None => {
                     let parsed: StoredIdentity = serde_json::from_str(&id)
                         .map_err(|e| corrupt(&format!("identity of pod {name}: {e}")))?;
                     let l = Arc::new(parsed.l.into_owned());
                     let w = parsed.w.map(|w| w.into_owned());
-                    labels.push((id, l.clone(), w.clone()));
+                    labels.insert(id, (l.clone(), w.clone()));
                     (w, l)
                 }
             };
