@@ -146,6 +146,11 @@ pub struct Config {
     /// How often the TLS files are checked for changes (cert-manager rotation).
     #[serde(with = "humantime_serde")]
     pub tls_reload_interval: Duration,
+    /// Serve the Envoy sink with TLS too when `tls_cert` is set. Off: TLS (and
+    /// mTLS) towards KEDA only, while sidecars keep their plaintext metrics
+    /// connection (they connect outside the mesh, and a CA or client
+    /// certificate in every sidecar is rarely practical).
+    pub tls_sink: bool,
 }
 
 impl Default for Config {
@@ -190,6 +195,7 @@ impl Default for Config {
             tls_key: None,
             tls_client_ca: None,
             tls_reload_interval: Duration::from_secs(10),
+            tls_sink: true,
         }
     }
 }

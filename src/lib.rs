@@ -195,7 +195,7 @@ pub async fn run(
                 .max_decoding_message_size(config.max_message_bytes),
         )
         .serve_with_incoming_shutdown(
-            tls::incoming(listeners.sink, tls.clone()),
+            tls::incoming(listeners.sink, tls.clone().filter(|_| config.tls_sink)),
             token.clone().cancelled_owned(),
         );
     let scaler_server = server()

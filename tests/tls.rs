@@ -408,3 +408,33 @@ async fn rotation_reaches_new_connections_and_spares_open_streams() {
     assert!(!sidecar.task.is_finished());
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn tls_towards_keda_only_leaves_the_sink_plaintext() {
+    let ca = Ca::new("ca");
+    let mut volume = SecretVolume::new();
+    volume.publish(&ca.server(), &ca);
+    let mut config = tls_config(&volume, true);
+    config.tls_sink = false;
+    let server = start_server(config).await;
+
+    // KEDA's port still demands TLS and a client certificate.
+    let keda = ca.client();
+    assert_eq!(spec(server.scaler, &ca, Some(&keda)).await, Ok(10.0));
+    assert!(spec(server.scaler, &ca, None).await.is_err());
+
+    // A sidecar without any certificate pushes over plaintext.
+    let mut sidecar = Sidecar::connect(
+        server.sink,
+        istio_node("shop", "web-1", &[("app", "web")], "web"),
+    )
+    .await;
+    sidecar.push_gauges(&[(&inbound(8080), 4.0)]).await;
+    let client = ExternalScalerClient::new(channel(server.scaler, &ca, Some(&keda)).await.unwrap());
+    eventually(LIMIT, "value 4 from a plaintext sidecar", || {
+        let mut c = client.clone();
+        async move { metric_value(&mut c).await == Some(4.0) }
+    })
+    .await;
+    server.stop().await.unwrap();
+}
