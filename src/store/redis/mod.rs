@@ -219,13 +219,22 @@ impl Inner {
 
     /// The live pods of `namespace`, with their history when `history`.
     async fn read(&self, namespace: &str, history: bool) -> Result<Snapshot, StoreError> {
+        let raw = self.read_raw(namespace, history).await?;
+        Snapshot::parse(namespace, raw)
+    }
+
+    /// `read.lua`'s flat answer, unparsed.
+    async fn read_raw(
+        &self,
+        namespace: &str,
+        history: bool,
+    ) -> Result<Vec<Option<String>>, StoreError> {
         let mut call = self.read.prepare_invoke();
         for k in keys(&self.prefix, namespace) {
             call.key(k);
         }
         call.arg(self.ttl_ms).arg(if history { "1" } else { "0" });
-        let raw: Vec<Option<String>> = self.eval(&call).await?;
-        Snapshot::parse(namespace, raw)
+        self.eval(&call).await
     }
 }
 
@@ -271,20 +280,107 @@ struct StoredPod {
     last_seen_ms: u64,
     value: f64,
     families: Vec<(String, f64)>,
-    history: Vec<window::Point>,
 }
 
 /// The answer of `read.lua`.
 struct Snapshot {
     now_ms: u64,
-    /// How long the Redis node that answered has been up.
-    uptime: Duration,
     pods: Vec<StoredPod>,
 }
 
 fn number(field: &str, s: &str) -> Result<f64, StoreError> {
     s.parse::<f64>()
         .map_err(|_| StoreError::Corrupt(format!("{field}: {s:?} is not a number")))
+}
+
+/// What `values` needs from `read.lua`'s answer, without building whole pods:
+/// the selector is decided once per distinct identity (pods of a workload
+/// share one), the value is read off the state without decoding its families,
+/// and history is decoded only for windows. Returns the node's uptime too.
+fn values_of(
+    namespace: &str,
+    raw: Vec<Option<String>>,
+    query: &PodQuery,
+) -> Result<(Duration, Vec<f64>), StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("namespace {namespace}: {what}"));
+    let mut it = raw.into_iter();
+    let now_ms = number(
+        "now",
+        &it.next().flatten().ok_or_else(|| corrupt("no time"))?,
+    )? as u64;
+    let uptime = number(
+        "uptime",
+        &it.next().flatten().ok_or_else(|| corrupt("no uptime"))?,
+    )?;
+    let mut selected: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let mut values = Vec::new();
+    while let Some(name) = it.next() {
+        let name = name.ok_or_else(|| corrupt("pod without a name"))?;
+        let (Some(_seen), Some(id), Some(st), Some(h)) =
+            (it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(corrupt("short reply"));
+        };
+        let (Some(id), Some(st)) = (id, st) else {
+            return Err(corrupt(&format!("pod {name} has missing fields")));
+        };
+        let hit = match selected.get(&id) {
+            Some(&hit) => hit,
+            None => {
+                let parsed: StoredIdentity = serde_json::from_str(&id)
+                    .map_err(|e| corrupt(&format!("identity of pod {name}: {e}")))?;
+                let hit = match &query.selector {
+                    PodSelector::Labels(sel) => sel.matches(&parsed.l),
+                    PodSelector::Workload(w) => parsed.w.as_deref() == Some(w.as_str()),
+                };
+                selected.insert(id, hit);
+                hit
+            }
+        };
+        if !hit {
+            continue;
+        }
+        let value = number(
+            "value",
+            first_string(&st).ok_or_else(|| corrupt(&format!("state of pod {name}")))?,
+        )?;
+        values.push(match (query.window, h) {
+            (Some(w), Some(h)) => {
+                window::reduce(&parse_history(&name, &h, &corrupt)?, now_ms, w).unwrap_or(value)
+            }
+            _ => value,
+        });
+    }
+    Ok((Duration::from_secs(uptime as u64), values))
+}
+
+/// The first element of a JSON array of plain strings (`["3","name","3"]` →
+/// `3`); the state's value is always written first, as a number string with
+/// nothing to escape.
+fn first_string(json: &str) -> Option<&str> {
+    let rest = json
+        .trim_start()
+        .strip_prefix('[')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let end = rest.find('"')?;
+    let s = &rest[..end];
+    (!s.contains('\\')).then_some(s)
+}
+
+fn parse_history(
+    name: &str,
+    h: &str,
+    corrupt: &dyn Fn(&str) -> StoreError,
+) -> Result<Vec<window::Point>, StoreError> {
+    let flat: Vec<String> =
+        serde_json::from_str(h).map_err(|e| corrupt(&format!("history of pod {name}: {e}")))?;
+    flat.chunks(2)
+        .map(|c| match c {
+            [t, v] => Ok((number("time", t)? as u64, number("history value", v)?)),
+            _ => Err(corrupt(&format!("history of pod {name} is odd"))),
+        })
+        .collect()
 }
 
 impl Snapshot {
@@ -295,11 +391,11 @@ impl Snapshot {
             "now",
             &it.next().flatten().ok_or_else(|| corrupt("no time"))?,
         )? as u64;
-        let uptime = number(
+        // The node's uptime matters to `values` only (see `values_of`).
+        number(
             "uptime",
             &it.next().flatten().ok_or_else(|| corrupt("no uptime"))?,
         )?;
-        let uptime = Duration::from_secs(uptime as u64);
         let mut pods = Vec::new();
         // Pods of one workload share a label set: parse each distinct one once
         // (a map: with per-pod labels a linear search would be quadratic).
@@ -307,7 +403,7 @@ impl Snapshot {
             std::collections::HashMap::new();
         while let Some(name) = it.next() {
             let name = name.ok_or_else(|| corrupt("pod without a name"))?;
-            let (Some(seen), Some(id), Some(st), Some(h)) =
+            let (Some(seen), Some(id), Some(st), Some(_history)) =
                 (it.next(), it.next(), it.next(), it.next())
             else {
                 return Err(corrupt("short reply"));
@@ -341,19 +437,6 @@ impl Snapshot {
                     _ => Err(corrupt(&format!("state of pod {name} is odd"))),
                 })
                 .collect::<Result<_, _>>()?;
-            let history = match h {
-                Some(h) => {
-                    let flat: Vec<String> = serde_json::from_str(&h)
-                        .map_err(|e| corrupt(&format!("history of pod {name}: {e}")))?;
-                    flat.chunks(2)
-                        .map(|c| match c {
-                            [t, v] => Ok((number("time", t)? as u64, number("history value", v)?)),
-                            _ => Err(corrupt(&format!("history of pod {name} is odd"))),
-                        })
-                        .collect::<Result<_, _>>()?
-                }
-                None => Vec::new(),
-            };
             pods.push(StoredPod {
                 identity: PodIdentity {
                     namespace: namespace.to_owned(),
@@ -364,14 +447,9 @@ impl Snapshot {
                 last_seen_ms: number("last seen", &seen)? as u64,
                 value,
                 families,
-                history,
             });
         }
-        Ok(Self {
-            now_ms,
-            uptime,
-            pods,
-        })
+        Ok(Self { now_ms, pods })
     }
 }
 
@@ -407,26 +485,19 @@ impl Store for RedisStore {
     }
 
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
-        let snap = self
+        let raw = self
             .inner
-            .read(&query.namespace, query.window.is_some())
+            .read_raw(&query.namespace, query.window.is_some())
             .await?;
-        if snap.uptime < self.inner.young_server {
+        let (uptime, values) = values_of(&query.namespace, raw, query)?;
+        if uptime < self.inner.young_server {
             // An empty or partly refilled store read as "no load" would be a lie.
             return Err(StoreError::Unavailable(format!(
                 "redis has been up for {:?} only: warming up for {:?} until the sidecars have reported again",
-                snap.uptime, self.inner.young_server
+                uptime, self.inner.young_server
             )));
         }
-        Ok(snap
-            .pods
-            .iter()
-            .filter(|p| query.selector.matches(&p.identity))
-            .map(|p| match query.window {
-                Some(w) => window::reduce(&p.history, snap.now_ms, w).unwrap_or(p.value),
-                None => p.value,
-            })
-            .collect())
+        Ok(values)
     }
 
     async fn pods(
@@ -701,6 +772,26 @@ async fn sweep(inner: Weak<Inner>, stop: CancellationToken, ttl: Duration) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn first_string_reads_the_value_off_a_state() {
+        assert_eq!(
+            super::first_string(r#"["3","http.inbound_0.0.0.0_8080;.downstream_rq_active","3"]"#),
+            Some("3")
+        );
+        assert_eq!(super::first_string(r#"[ "0.5" ]"#), Some("0.5"));
+        assert_eq!(super::first_string(r#"["0"]"#), Some("0"));
+        for bad in [
+            r#"[]"#,
+            r#"[3]"#,
+            r#"["3"#,
+            r#"{"a":"3"}"#,
+            "",
+            r#"["a\"b"]"#,
+        ] {
+            assert_eq!(super::first_string(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -740,15 +831,34 @@ mod tests {
             s(r#"["3","a","1","b","2"]"#),
             s(r#"["900","1","950","3"]"#),
         ];
-        let snap = Snapshot::parse("ns", raw).unwrap();
-        assert_eq!((snap.now_ms, snap.uptime), (1000, Duration::from_secs(42)));
+        let snap = Snapshot::parse("ns", raw.clone()).unwrap();
+        assert_eq!(snap.now_ms, 1000);
         let p = &snap.pods[0];
         assert_eq!((p.value, p.last_seen_ms), (3.0, 990));
         assert_eq!(
             p.families,
             vec![("a".to_string(), 1.0), ("b".to_string(), 2.0)]
         );
-        assert_eq!(p.history, vec![(900, 1.0), (950, 3.0)]);
+        // The values-only path: uptime, selector, and the history for a window.
+        let query = |window| PodQuery {
+            namespace: "ns".into(),
+            selector: PodSelector::Workload("web".into()),
+            window,
+        };
+        assert_eq!(
+            values_of("ns", raw.clone(), &query(None)).unwrap(),
+            (Duration::from_secs(42), vec![]),
+            "workload null does not match `web`"
+        );
+        let mut all = query(Some(window::Window {
+            length: Duration::from_millis(80),
+            reduce: window::WindowReduce::Max,
+        }));
+        all.selector = PodSelector::Labels(crate::selector::Selector::parse("!x").unwrap());
+        // Window [920, 1000]: 1.0 holds from 900 until 950, then 3.0.
+        assert_eq!(values_of("ns", raw.clone(), &all).unwrap().1, vec![3.0]);
+        all.window = None;
+        assert_eq!(values_of("ns", raw, &all).unwrap().1, vec![3.0]);
         let bad = vec![
             s("1000"),
             s("1"),
