@@ -752,7 +752,11 @@ async fn activation(cli: &Cli, a: &ActivationArgs) -> Res {
     let channels = connections(a.scaler, a.connections).await?;
     let mut probe = ExternalScalerClient::new(channels[0].clone());
     wait_for("the workload's pods", Duration::from_secs(60), async || {
-        let n = server_metric(cli.http, "activescale_pods_tracked").await;
+        // The Redis store does not count pods locally (its gauge stays 0).
+        let n = match cli.store.as_str() {
+            "redis" => None,
+            _ => server_metric(cli.http, "activescale_pods_tracked").await,
+        };
         get_metrics(&mut probe, &so).await.is_ok_and(|v| v == 0.0)
             && n.is_none_or(|n| n >= a.pods as f64)
     })
