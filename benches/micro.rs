@@ -61,17 +61,7 @@ fn ingest(c: &mut Criterion) {
 }
 
 fn labels(app: &str) -> Labels {
-    [
-        ("app", app),
-        ("version", "v1"),
-        ("pod-template-hash", "7d9c5b8f6"),
-        ("security.istio.io/tlsMode", "istio"),
-        ("service.istio.io/canonical-name", app),
-        ("service.istio.io/canonical-revision", "v1"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    common::pod_labels(app).into_iter().collect()
 }
 
 fn aggregate(c: &mut Criterion) {

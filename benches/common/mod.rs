@@ -203,21 +203,29 @@ fn string(v: &str) -> Value {
     }
 }
 
+/// The labels of a pod of `app`, as a Deployment in a meshed namespace has them.
+pub fn pod_labels(app: &str) -> Vec<(String, String)> {
+    [
+        ("app", app),
+        ("version", "v1"),
+        ("pod-template-hash", "7d9c5b8f6"),
+        ("security.istio.io/tlsMode", "istio"),
+        ("service.istio.io/canonical-name", app),
+        ("service.istio.io/canonical-revision", "v1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// A node as Istio sends it: sidecar id, NAME/NAMESPACE/WORKLOAD_NAME and the
 /// pod's labels (`app=<app>` plus the usual Istio ones).
 pub fn istio_node(namespace: &str, pod: &str, app: &str) -> Node {
     let labels = Struct {
-        fields: [
-            ("app", app),
-            ("version", "v1"),
-            ("pod-template-hash", "7d9c5b8f6"),
-            ("security.istio.io/tlsMode", "istio"),
-            ("service.istio.io/canonical-name", app),
-            ("service.istio.io/canonical-revision", "v1"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), string(v)))
-        .collect(),
+        fields: pod_labels(app)
+            .into_iter()
+            .map(|(k, v)| (k, string(&v)))
+            .collect(),
     };
     Node {
         id: format!("sidecar~10.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local"),
