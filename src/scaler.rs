@@ -29,6 +29,8 @@ use crate::{
 
 pub use crate::proto::external_scaler_server::ExternalScalerServer;
 
+mod feed;
+
 /// gRPC service name, for the health reporter.
 pub const SERVICE_NAME: &str = "externalscaler.ExternalScaler";
 
@@ -46,6 +48,8 @@ pub struct Scaler {
     /// Envoy-source answers are refused before this instant (see `Config::warmup`).
     warm_at: Instant,
     shutdown: CancellationToken,
+    /// Shared reads for StreamIsActive streams of Envoy triggers.
+    feeds: Arc<feed::Feeds>,
 }
 
 /// The one mapping from library errors to gRPC statuses.
@@ -83,6 +87,7 @@ impl Scaler {
             metrics,
             warm_at: Instant::now() + warmup,
             shutdown,
+            feeds: Arc::default(),
         }
     }
 
@@ -298,70 +303,85 @@ impl Scaler {
         self.metrics.scaler_streams.inc();
         let _guard = GaugeGuard(&self.metrics.scaler_streams);
         debug!("stream opened");
-        let (mut changes, recheck) = match &trigger.source {
-            Source::Envoy { query, .. } => (
-                Some(self.store.watch(&query.namespace)),
-                query.window.map(|_| WINDOW_RECHECK),
-            ),
-            Source::Prometheus(_) => (
-                None,
-                Some(self.triggers.settings().prometheus.poll_interval),
-            ),
+        let mut pusher = Pusher {
+            tx,
+            last: None,
+            metrics: &self.metrics,
         };
-        tokio::select! {
-            _ = tokio::time::sleep_until(self.warm_at) => {}
-            _ = tx.closed() => return,
-            _ = self.shutdown.cancelled() => return,
-        }
-        let mut last = None;
-        loop {
-            if let Some(rx) = changes.as_mut() {
-                // Everything up to now is covered by the read below.
-                rx.borrow_and_update();
-            }
-            match self.value(&trigger).await {
-                Ok(v) => {
-                    let active = v > trigger.activation;
-                    if last != Some(active) {
-                        debug!(active, value = v, "activity changed");
-                        if tx
-                            .send(Ok(IsActiveResponse { result: active }))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        self.metrics.scaler_pushes.inc();
-                        last = Some(active);
+        match &trigger.source {
+            Source::Envoy { query, aggregation } => {
+                let mut feed = self.subscribe((query.clone(), *aggregation), &trigger);
+                loop {
+                    let reading = feed.borrow_and_update().clone();
+                    match reading {
+                        None => {}
+                        Some(Ok(v)) if !pusher.push(v, trigger.activation).await => return,
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return pusher.fail(&e).await,
+                    }
+                    tokio::select! {
+                        ok = feed.changed() => if ok.is_err() { return },
+                        _ = pusher.tx.closed() => { debug!("stream closed by the client"); return }
+                        _ = self.shutdown.cancelled() => return,
                     }
                 }
-                Err(e) => {
-                    // End the stream with the error: KEDA reconnects with
-                    // backoff and falls back meanwhile. Never a made-up state.
-                    warn!(error = %e, "ending StreamIsActive");
-                    let _ = tx.send(Err(status_of(&e))).await;
-                    return;
-                }
             }
-            let changed = async {
-                match changes.as_mut() {
-                    Some(rx) => rx.changed().await.is_ok(),
-                    None => std::future::pending().await,
+            Source::Prometheus(_) => {
+                let poll = self.triggers.settings().prometheus.poll_interval;
+                loop {
+                    match self.value(&trigger).await {
+                        Ok(v) => {
+                            if !pusher.push(v, trigger.activation).await {
+                                return;
+                            }
+                        }
+                        Err(e) => return pusher.fail(&e).await,
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = pusher.tx.closed() => { debug!("stream closed by the client"); return }
+                        _ = self.shutdown.cancelled() => return,
+                    }
                 }
-            };
-            let tick = async {
-                match recheck {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                ok = changed => if !ok { return },
-                _ = tick => {}
-                _ = tx.closed() => { debug!("stream closed by the client"); return }
-                _ = self.shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+/// The sending end of one StreamIsActive stream.
+struct Pusher<'a> {
+    tx: mpsc::Sender<Result<IsActiveResponse, Status>>,
+    last: Option<bool>,
+    metrics: &'a Metrics,
+}
+
+impl Pusher<'_> {
+    /// Sends the state of `value` if it differs from the last one sent. False
+    /// when the client has gone.
+    async fn push(&mut self, value: f64, activation: f64) -> bool {
+        let active = value > activation;
+        if self.last == Some(active) {
+            return true;
+        }
+        debug!(active, value, "activity changed");
+        if self
+            .tx
+            .send(Ok(IsActiveResponse { result: active }))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.metrics.scaler_pushes.inc();
+        self.last = Some(active);
+        true
+    }
+
+    /// Ends the stream with the error: KEDA reconnects with backoff and falls
+    /// back meanwhile. Never a made-up state.
+    async fn fail(self, e: &Error) {
+        warn!(error = %e, "ending StreamIsActive");
+        let _ = self.tx.send(Err(status_of(e))).await;
     }
 }
 

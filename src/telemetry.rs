@@ -97,6 +97,9 @@ pub struct Metrics {
     pub scaler_streams: Gauge,
     /// StreamIsActive messages pushed.
     pub scaler_pushes: Counter,
+    /// Shared read loops behind the StreamIsActive streams of Envoy triggers
+    /// (one per distinct query): the store reads per change.
+    pub scaler_feeds: Gauge,
     /// KEDA RPCs answered, and of those with an error (for the summary line;
     /// `rpc_requests` has the breakdown).
     pub api_calls: Counter,
@@ -130,6 +133,7 @@ impl Metrics {
             }),
             scaler_streams: Gauge::default(),
             scaler_pushes: Counter::default(),
+            scaler_feeds: Gauge::default(),
             api_calls: Counter::default(),
             api_errors: Counter::default(),
             registry: Registry::default(),
@@ -188,6 +192,11 @@ impl Metrics {
             "scaler_pushes",
             "StreamIsActive messages sent",
             m.scaler_pushes.clone(),
+        );
+        registry.register(
+            "scaler_feeds_running",
+            "Shared store reads behind StreamIsActive streams (one per distinct query)",
+            m.scaler_feeds.clone(),
         );
         Metrics { registry, ..m }
     }

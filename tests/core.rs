@@ -415,30 +415,64 @@ async fn stream_is_active_sends_state_then_only_changes_then_false_on_expiry() {
     assert!(body.contains("\"count\":0"), "{body}");
 }
 
+/// The feeds gauge reads `want`.
+async fn await_feeds(server: &TestServer, want: u32) {
+    let http = server.http_url("/metrics");
+    let line = format!("activescale_scaler_feeds_running {want}\n");
+    eventually(WAIT, &line, || {
+        let http = http.clone();
+        let line = line.clone();
+        async move { http_get(&http).await.1.contains(&line) }
+    })
+    .await;
+}
+
 #[tokio::test]
-async fn activation_value_and_many_streams() {
+async fn activation_value_and_many_streams_sharing_one_read() {
     let server = start_server(test_config()).await;
     let mut t = web_trigger();
     t.push(("activationValue", "4"));
     let r = so_ref("shop", "web", &t);
+    // Another ScaledObject on the same query with its own threshold: same
+    // feed, its own decision.
+    let mut low = web_trigger();
+    low.push(("activationValue", "1"));
+    let r_low = so_ref("shop", "web-canary", &low);
+    // Another query: a feed of its own.
+    let r_api = so_ref(
+        "shop",
+        "api",
+        &[("labelSelector", "app=api"), ("targetValue", "10")],
+    );
     let client = server.scaler_client().await;
+    let open = |r: activescale::proto::ScaledObjectRef| {
+        let mut c = client.clone();
+        async move {
+            let mut s = c.stream_is_active(r).await.unwrap().into_inner();
+            assert!(!next_state(&mut s).await, "nothing in flight yet");
+            s
+        }
+    };
     let mut streams = Vec::new();
     for _ in 0..50 {
-        let mut s = client
-            .clone()
-            .stream_is_active(r.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(!next_state(&mut s).await);
-        streams.push(s);
+        streams.push(open(r.clone()).await);
     }
+    let mut low_streams = Vec::new();
+    for _ in 0..5 {
+        low_streams.push(open(r_low.clone()).await);
+    }
+    let api_stream = open(r_api.clone()).await;
+    await_feeds(&server, 2).await;
+
     let mut sidecar = Sidecar::connect(
         server.sink,
         istio_node("shop", "web-1", &[("app", "web")], "web"),
     )
     .await;
     sidecar.push_gauges(&[(&inbound(8080), 4.0)]).await;
+    for s in &mut low_streams {
+        assert!(next_state(s).await, "4 is above 1");
+    }
     await_value(&server, &r, 4.0).await;
     assert!(
         !client
@@ -454,8 +488,15 @@ async fn activation_value_and_many_streams() {
     for s in &mut streams {
         assert!(next_state(s).await);
     }
-    // Cancelled streams free their resources on the server.
+    sidecar.push_gauges(&[(&inbound(8080), 0.0)]).await;
+    for s in streams.iter_mut().chain(&mut low_streams) {
+        assert!(!next_state(s).await);
+    }
+    // Cancelled streams free their resources on the server, feeds included.
+    drop(api_stream);
+    await_feeds(&server, 1).await;
     drop(streams);
+    drop(low_streams);
     let http = server.http_url("/metrics");
     eventually(WAIT, "scaler streams closed", || {
         let http = http.clone();
@@ -467,6 +508,12 @@ async fn activation_value_and_many_streams() {
         }
     })
     .await;
+    await_feeds(&server, 0).await;
+    // A stream opened after its feed stopped starts a new one.
+    let mut again = open(r.clone()).await;
+    await_feeds(&server, 1).await;
+    sidecar.push_gauges(&[(&inbound(8080), 5.0)]).await;
+    assert!(next_state(&mut again).await);
 }
 
 #[tokio::test]

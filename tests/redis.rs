@@ -140,6 +140,37 @@ async fn two_replicas_behave_as_one() {
 }
 
 #[tokio::test]
+async fn streams_of_one_trigger_share_one_read_per_change() {
+    let redis = RedisServer::start();
+    let server = start_server(redis.config(test_config())).await;
+    await_ready(&server, 200).await;
+    let client = server.scaler_client().await;
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut s = client
+            .clone()
+            .stream_is_active(scaled_object("shop", "app=web"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!next(&mut s).await);
+        streams.push(s);
+    }
+    let mut sidecar = Sidecar::connect(server.sink, web_node("shop", "web-1")).await;
+    let mut raw = redis.client().await;
+    let before = command_calls(&mut raw).await;
+    sidecar.push_gauges(&[(&inbound(8080), 3.0)]).await;
+    for s in &mut streams {
+        assert!(next(s).await);
+    }
+    let after = command_calls(&mut raw).await;
+    let scripts = after["evalsha"] - before.get("evalsha").copied().unwrap_or(0);
+    // The sidecar's write, one shared read, perhaps a sweep: not one read
+    // per stream (that would be 21 or more).
+    assert!(scripts <= 4, "{scripts} scripts ran for one change");
+}
+
+#[tokio::test]
 async fn redis_outage_gives_errors_then_heals_without_restart() {
     // The process starts before Redis: it must come up, not ready.
     let mut redis = RedisServer::reserve();
@@ -147,6 +178,24 @@ async fn redis_outage_gives_errors_then_heals_without_restart() {
     let client = server.scaler_client().await;
     await_code(&client, "shop", Code::Unavailable).await;
     await_ready(&server, 503).await;
+    // StreamIsActive streams opened together (one shared read) all end with
+    // the error, none with a made-up state.
+    let opened = futures::future::join_all((0..3).map(|_| {
+        let mut c = client.clone();
+        async move {
+            let mut s = c
+                .stream_is_active(scaled_object("shop", "app=web"))
+                .await?
+                .into_inner();
+            tokio::time::timeout(Duration::from_secs(10), s.message())
+                .await
+                .expect("the stream answers in time")
+        }
+    }))
+    .await;
+    for o in opened {
+        assert_eq!(o.unwrap_err().code(), Code::Unavailable);
+    }
 
     redis.restart();
     await_ready(&server, 200).await;
