@@ -410,8 +410,8 @@ async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
     let changed = command_calls(&mut raw).await;
     assert_eq!(
         changed["hset"] - after.get("hset").copied().unwrap_or(0),
-        2,
-        "state and history"
+        4,
+        "state, history, the group's sum and the value the pod is counted with"
     );
     assert_eq!(
         changed["publish"] - after.get("publish").copied().unwrap_or(0),
@@ -452,14 +452,26 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
     assert_eq!(
         keys,
         [
+            "{one:other}:g",
+            "{one:other}:gc",
+            "{one:other}:gl",
+            "{one:other}:gs",
             "{one:other}:h",
             "{one:other}:id",
             "{one:other}:seen",
             "{one:other}:st",
+            "{one:shop}:g",
+            "{one:shop}:gc",
+            "{one:shop}:gl",
+            "{one:shop}:gs",
             "{one:shop}:h",
             "{one:shop}:id",
             "{one:shop}:seen",
             "{one:shop}:st",
+            "{two:shop}:g",
+            "{two:shop}:gc",
+            "{two:shop}:gl",
+            "{two:shop}:gs",
             "{two:shop}:h",
             "{two:shop}:id",
             "{two:shop}:seen",
