@@ -6,7 +6,7 @@
 //!
 //! # Data model
 //!
-//! Per namespace four keys that share the hash tag `{<prefix>:<namespace>}`,
+//! Per namespace eight keys that share the hash tag `{<prefix>:<namespace>}`,
 //! so one script can touch all of them on a Redis Cluster too:
 //!
 //! | key | type | content |
@@ -15,6 +15,16 @@
 //! | `{p:ns}:id` | HASH | pod → identity JSON `{"w": workload, "l": labels}` |
 //! | `{p:ns}:st` | HASH | pod → state `["value", "family", "value", ...]` |
 //! | `{p:ns}:h` | HASH | pod → change points `["ms", "value", ...]` for `window` triggers |
+//! | `{p:ns}:g` | HASH | pod → `"<group id> <value>"`: the group and value the pod is counted with |
+//! | `{p:ns}:gl` | HASH | group id → identity JSON of the group |
+//! | `{p:ns}:gs` | HASH | group id → sum of the values of its pods |
+//! | `{p:ns}:gc` | HASH | group id → number of its pods |
+//!
+//! A *group* is the pods sharing one identity JSON (workload and labels: the
+//! pods of one workload, usually); its id is the SHA-1 of that JSON. Every
+//! member of `seen` is counted in exactly one group (`groups.lua`, prepended to
+//! the scripts that add or remove pods), so sum and avg triggers read a few
+//! groups instead of every pod.
 //!
 //! Numbers are kept as `%.17g` strings: they round-trip exactly, unlike
 //! cjson's 14-digit numbers.
@@ -34,6 +44,15 @@
 //!   asked namespace's keys: no `KEYS`/`SCAN` anywhere. Selectors are matched
 //!   here, windows reduced here with [`window::reduce`]; `record.lua` keeps
 //!   the history with the same rule as [`window::push`].
+//! - **Summaries** (`summary`, what GetMetrics reads) of sum and avg triggers
+//!   without a window are one `EVALSHA` of `summary.lua`: the count and sum of
+//!   each group, minus the pods past their TTL that nothing removed yet
+//!   (normally none), so O(groups) on both sides; the selector is matched once
+//!   per group here. `max` and windows need each pod's value and take the
+//!   `values` path. When the namespace holds pods counted in no group (data of
+//!   a version without groups, or a pod such a writer removed), `summary.lua`
+//!   says so, `rebuild.lua` recounts the namespace once and that call is
+//!   answered per pod.
 //! - **Change signals**: a script that changes a namespace (a pod added, a
 //!   value changed, a pod expired) `PUBLISH`es the namespace on
 //!   `<prefix>:changes`. Each process holds one subscriber connection that
@@ -1015,6 +1034,76 @@ mod tests {
             Snapshot::parse("ns", vec![s("1000"), s("p1")]),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn groups_parse_and_reject_garbage() {
+        let s = |x: &str| Some(x.to_string());
+        let json = r#"{"w":"web","l":{"app":"web"}}"#;
+        let (uptime, groups) = groups_of(
+            "ns",
+            vec![
+                s("1000"),
+                s("42"),
+                s("ok"),
+                s("ab"),
+                s(json),
+                s("7"),
+                s("2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(uptime, Duration::from_secs(42));
+        assert_eq!(
+            groups.unwrap(),
+            vec![Group {
+                id: "ab".into(),
+                json: json.into(),
+                sum: 7.0,
+                count: 2
+            }]
+        );
+        assert_eq!(
+            groups_of("ns", vec![s("1000"), s("42"), s("stale")]).unwrap(),
+            (Duration::from_secs(42), None)
+        );
+        assert!(
+            groups_of("ns", vec![s("1000"), s("42"), s("ok")])
+                .unwrap()
+                .1
+                .unwrap()
+                .is_empty()
+        );
+        for bad in [
+            vec![s("1000"), s("42")],
+            vec![s("1000"), s("42"), s("what")],
+            vec![s("1000"), s("42"), s("ok"), s("ab"), s(json), s("7")],
+            vec![s("1000"), s("42"), s("ok"), s("ab"), None, s("7"), s("2")],
+            vec![
+                s("1000"),
+                s("42"),
+                s("ok"),
+                s("ab"),
+                s(json),
+                s("x"),
+                s("2"),
+            ],
+            vec![
+                s("1000"),
+                s("42"),
+                s("ok"),
+                s("ab"),
+                s(json),
+                s("7"),
+                s("-1"),
+            ],
+            vec![s("1000"), s("x"), s("ok")],
+        ] {
+            assert!(
+                matches!(groups_of("ns", bad.clone()), Err(StoreError::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
