@@ -838,7 +838,11 @@ async fn group_aggregates_do_not_drift() {
         .unwrap();
     ready_soon(&store).await;
     let mut raw = redis.client().await;
-    let label_sets: [(&[(&str, &str)], Option<&str>); 4] = [
+    type LabelSet = (
+        &'static [(&'static str, &'static str)],
+        Option<&'static str>,
+    );
+    let label_sets: [LabelSet; 4] = [
         (&[("app", "web"), ("tier", "front")], Some("web")),
         (&[("app", "web"), ("tier", "back")], Some("web")),
         (&[("app", "api")], Some("api")),
