@@ -553,7 +553,7 @@ async fn measure_memory_per_1000_pods() {
         }
     }
     let total = used(&mut raw).await - base;
-    for k in ["seen", "id", "st", "h"] {
+    for k in ["seen", "id", "st", "h", "g", "gl", "gs", "gc"] {
         let key = format!("{{activescale:shop}}:{k}");
         let bytes: i64 = redis::cmd("MEMORY")
             .arg("USAGE")
