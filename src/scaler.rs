@@ -105,8 +105,8 @@ impl Scaler {
                 if now < self.warm_at {
                     return Err(Error::WarmingUp(self.warm_at - now));
                 }
-                let values = self.store.values(query).await?;
-                Ok(aggregation.apply(&values))
+                let s = self.store.summary(query, aggregation.needs_max()).await?;
+                Ok(aggregation.of(&s))
             }
             Source::Prometheus(p) => Ok(self.prometheus.value(p).await?),
         }

@@ -17,7 +17,7 @@ use std::{
 use crate::{
     prometheus::{PromSettings, PromTrigger},
     selector::Selector,
-    store::{PodQuery, PodSelector, Window, WindowReduce},
+    store::{PodQuery, PodSelector, Summary, Window, WindowReduce},
 };
 
 /// How per-pod values are combined into the trigger's value.
@@ -40,6 +40,23 @@ impl Aggregation {
             Aggregation::Max => values.iter().copied().fold(f64::MIN, f64::max),
             Aggregation::Avg => values.iter().sum::<f64>() / values.len() as f64,
         }
+    }
+
+    /// [`Aggregation::apply`] from a summary of the values.
+    pub fn of(self, s: &Summary) -> f64 {
+        if s.count == 0 {
+            return 0.0;
+        }
+        match self {
+            Aggregation::Sum => s.sum,
+            Aggregation::Max => s.max,
+            Aggregation::Avg => s.sum / s.count as f64,
+        }
+    }
+
+    /// Whether [`Aggregation::of`] reads the summary's maximum.
+    pub fn needs_max(self) -> bool {
+        self == Aggregation::Max
     }
 }
 
@@ -778,6 +795,30 @@ pub(crate) mod tests {
             proptest::prop_assert!(min <= avg + 1e-9 && avg <= max + 1e-9 && max <= sum + 1e-9);
             proptest::prop_assert!((avg * values.len() as f64 - sum).abs() <= 1e-6 * sum.max(1.0));
         }
+
+        #[test]
+        fn aggregation_of_a_summary_agrees_with_apply(
+            values in proptest::collection::vec(-1e6f64..1e6, 0..50)
+        ) {
+            let s = Summary::of(&values);
+            for a in [Aggregation::Sum, Aggregation::Max, Aggregation::Avg] {
+                proptest::prop_assert_eq!(a.of(&s), a.apply(&values));
+            }
+        }
+    }
+
+    #[test]
+    fn aggregation_of_no_pods_is_zero_whatever_the_max() {
+        let s = Summary {
+            count: 0,
+            sum: 0.0,
+            max: f64::MIN,
+        };
+        for a in [Aggregation::Sum, Aggregation::Max, Aggregation::Avg] {
+            assert_eq!(a.of(&s), 0.0);
+        }
+        assert!(Aggregation::Max.needs_max());
+        assert!(!Aggregation::Sum.needs_max() && !Aggregation::Avg.needs_max());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use activescale::{
         GetMetricsRequest, IsActiveResponse, ScaledObjectRef,
         external_scaler_client::ExternalScalerClient,
     },
-    store::{PodIdentity, PodQuery, PodSelector, Store, redis::RedisStore},
+    store::{PodIdentity, PodQuery, PodSelector, Store, Summary, redis::RedisStore},
 };
 use common::{
     envoy::*,
@@ -459,8 +459,8 @@ async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
     let changed = command_calls(&mut raw).await;
     assert_eq!(
         changed["hset"] - after.get("hset").copied().unwrap_or(0),
-        2,
-        "state and history"
+        4,
+        "state, history, the group's sum and the value the pod is counted with"
     );
     assert_eq!(
         changed["publish"] - after.get("publish").copied().unwrap_or(0),
@@ -501,14 +501,26 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
     assert_eq!(
         keys,
         [
+            "{one:other}:g",
+            "{one:other}:gc",
+            "{one:other}:gl",
+            "{one:other}:gs",
             "{one:other}:h",
             "{one:other}:id",
             "{one:other}:seen",
             "{one:other}:st",
+            "{one:shop}:g",
+            "{one:shop}:gc",
+            "{one:shop}:gl",
+            "{one:shop}:gs",
             "{one:shop}:h",
             "{one:shop}:id",
             "{one:shop}:seen",
             "{one:shop}:st",
+            "{two:shop}:g",
+            "{two:shop}:gc",
+            "{two:shop}:gl",
+            "{two:shop}:gs",
             "{two:shop}:h",
             "{two:shop}:id",
             "{two:shop}:seen",
@@ -590,7 +602,7 @@ async fn measure_memory_per_1000_pods() {
         }
     }
     let total = used(&mut raw).await - base;
-    for k in ["seen", "id", "st", "h"] {
+    for k in ["seen", "id", "st", "h", "g", "gl", "gs", "gc"] {
         let key = format!("{{activescale:shop}}:{k}");
         let bytes: i64 = redis::cmd("MEMORY")
             .arg("USAGE")
@@ -756,10 +768,13 @@ async fn a_young_redis_is_not_read_as_no_load() {
         .await
         .unwrap();
     let early = store.values(&web_query("shop")).await;
+    let early_summary = store.summary(&web_query("shop"), false).await;
     let mut raw = redis.client().await;
-    // Checked after the call: if the server is still young now, it was then.
+    // Checked after the calls: if the server is still young now, it was then.
     if uptime_secs(&mut raw).await < 3 {
         let e = early.unwrap_err();
+        assert!(e.to_string().contains("warming up"), "{e}");
+        let e = early_summary.unwrap_err();
         assert!(e.to_string().contains("warming up"), "{e}");
     }
     // The debug view is not a scaling answer: it shows what is there.
@@ -775,4 +790,253 @@ async fn a_young_redis_is_not_read_as_no_load() {
         },
     )
     .await;
+}
+
+fn selector_query(ns: &str, selector: &str) -> PodQuery {
+    PodQuery {
+        namespace: ns.into(),
+        selector: PodSelector::Labels(activescale::selector::Selector::parse(selector).unwrap()),
+        window: None,
+    }
+}
+
+/// `summary` (from the group aggregates) must equal the per-pod answer.
+async fn summary_agrees(store: &RedisStore, q: &PodQuery, what: &str) -> Summary {
+    let grouped = store.summary(q, false).await.unwrap();
+    let per_pod = Summary::of(&store.values(q).await.unwrap());
+    assert_eq!(
+        (grouped.count, grouped.sum),
+        (per_pod.count, per_pod.sum),
+        "{what}: {q:?}"
+    );
+    grouped
+}
+
+/// The group keys against the pods: every stored pod counted once, in its
+/// identity's group, with its state's value.
+async fn groups_are_exact(raw: &mut redis::aio::MultiplexedConnection, ns: &str) {
+    let key = |k: &str| format!("{{activescale:{ns}}}:{k}");
+    let seen: Vec<String> = redis::cmd("ZRANGE")
+        .arg(key("seen"))
+        .arg(0)
+        .arg(-1)
+        .query_async(raw)
+        .await
+        .unwrap();
+    let hash = |k: &str| {
+        let k = key(k);
+        let mut raw = raw.clone();
+        async move {
+            redis::cmd("HGETALL")
+                .arg(k)
+                .query_async::<std::collections::HashMap<String, String>>(&mut raw)
+                .await
+                .unwrap()
+        }
+    };
+    let (g, gl, gs, gc, id, st) = (
+        hash("g").await,
+        hash("gl").await,
+        hash("gs").await,
+        hash("gc").await,
+        hash("id").await,
+        hash("st").await,
+    );
+    assert_eq!(g.len(), seen.len(), "one group entry per stored pod");
+    let mut sums = std::collections::HashMap::<String, f64>::new();
+    let mut counts = std::collections::HashMap::<String, u64>::new();
+    for pod in &seen {
+        let (gid, v) = g[pod].split_once(' ').unwrap();
+        let v: f64 = v.parse().unwrap();
+        let state: Vec<String> = serde_json::from_str(&st[pod]).unwrap();
+        assert_eq!(v, state[0].parse::<f64>().unwrap(), "value of {pod}");
+        assert_eq!(gl[gid], id[pod], "group of {pod}");
+        *sums.entry(gid.to_string()).or_default() += v;
+        *counts.entry(gid.to_string()).or_default() += 1;
+    }
+    let stored_counts: std::collections::HashMap<String, u64> = gc
+        .iter()
+        .map(|(k, v)| (k.clone(), v.parse().unwrap()))
+        .collect();
+    let stored_sums: std::collections::HashMap<String, f64> = gs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.parse().unwrap()))
+        .collect();
+    assert_eq!(stored_counts, counts, "counts per group");
+    assert_eq!(stored_sums, sums, "sums per group");
+    assert_eq!(gl.len(), counts.len(), "no group without pods");
+}
+
+/// Makes a stored pod look expired without waiting for its TTL.
+async fn expire(raw: &mut redis::aio::MultiplexedConnection, ns: &str, pod: &str) {
+    let _: i64 = redis::cmd("ZADD")
+        .arg(format!("{{activescale:{ns}}}:seen"))
+        .arg("XX")
+        .arg(1)
+        .arg(pod)
+        .query_async(raw)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn group_aggregates_do_not_drift() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.config(test_config()))
+        .await
+        .unwrap();
+    ready_soon(&store).await;
+    let mut raw = redis.client().await;
+    type LabelSet = (
+        &'static [(&'static str, &'static str)],
+        Option<&'static str>,
+    );
+    let label_sets: [LabelSet; 4] = [
+        (&[("app", "web"), ("tier", "front")], Some("web")),
+        (&[("app", "web"), ("tier", "back")], Some("web")),
+        (&[("app", "api")], Some("api")),
+        (&[("app", "api")], None),
+    ];
+    let queries = [
+        "app=web",
+        "tier=front",
+        "app=api",
+        "!tier",
+        "app",
+        "app=none",
+    ]
+    .map(|s| selector_query("shop", s));
+    // A fixed xorshift: the same operations on every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut set_of = [0usize; 24];
+    let mut watcher = None;
+    for step in 0..600 {
+        let i = rnd(24) as usize;
+        let name = format!("p{i}");
+        match rnd(10) {
+            0..=6 => {
+                if rnd(5) == 0 {
+                    set_of[i] = rnd(4) as usize;
+                }
+                let (l, w) = label_sets[set_of[i]];
+                let families: Vec<(String, f64)> = (0..rnd(3))
+                    .map(|f| (format!("f{}", rnd(3) + f), rnd(20) as f64))
+                    .collect();
+                let pod = PodIdentity {
+                    namespace: "shop".into(),
+                    name,
+                    workload: w.map(Into::into),
+                    labels: Arc::new(
+                        l.iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                    ),
+                };
+                store.record(&pod, &families).await.unwrap();
+            }
+            _ => expire(&mut raw, "shop", &name).await,
+        }
+        if step == 300 {
+            // From here on the sweeper removes expired pods too, concurrently.
+            watcher = Some(store.watch("shop"));
+        }
+        if step % 20 == 0 {
+            for q in &queries {
+                summary_agrees(&store, q, &format!("step {step}")).await;
+            }
+            groups_are_exact(&mut raw, "shop").await;
+        }
+    }
+    drop(watcher);
+    for q in &queries {
+        summary_agrees(&store, q, "end").await;
+    }
+    groups_are_exact(&mut raw, "shop").await;
+    let all = summary_agrees(&store, &selector_query("shop", "app"), "end").await;
+    assert!(all.count > 0, "the operations left some pods alive");
+}
+
+#[tokio::test]
+async fn groups_are_rebuilt_from_data_without_them() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.config(test_config()))
+        .await
+        .unwrap();
+    ready_soon(&store).await;
+    let mut raw = redis.client().await;
+    for (i, v) in [3.0, 4.0, 5.0].into_iter().enumerate() {
+        store
+            .record(&pod("shop", &format!("web-{i}")), &[("f".into(), v)])
+            .await
+            .unwrap();
+    }
+    let q = web_query("shop");
+    let key = |k: &str| format!("{{activescale:shop}}:{k}");
+    // A healthy namespace is answered from the groups: no per-pod read. (The
+    // first call loads the scripts.)
+    summary_agrees(&store, &q, "loads the scripts").await;
+    let before = command_calls(&mut raw).await;
+    assert_eq!(summary_agrees(&store, &q, "healthy").await.sum, 12.0);
+    let after = command_calls(&mut raw).await;
+    let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
+    // Two calls: summary (one EVALSHA) and values (read.lua, two HMGETs).
+    assert_eq!(delta("evalsha"), 2);
+    assert_eq!(delta("hmget"), 2, "only values reads pods");
+
+    // Data of the previous version: pods without group keys.
+    let _: i64 = redis::cmd("DEL")
+        .arg(key("g"))
+        .arg(key("gl"))
+        .arg(key("gs"))
+        .arg(key("gc"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(summary_agrees(&store, &q, "without groups").await.sum, 12.0);
+    groups_are_exact(&mut raw, "shop").await;
+
+    // A writer of the previous version expires a pod without the groups.
+    let _: i64 = redis::cmd("ZREM")
+        .arg(key("seen"))
+        .arg("web-0")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for k in ["id", "st", "h"] {
+        let _: i64 = redis::cmd("HDEL")
+            .arg(key(k))
+            .arg("web-0")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        summary_agrees(&store, &q, "removed without groups")
+            .await
+            .sum,
+        9.0
+    );
+    groups_are_exact(&mut raw, "shop").await;
+
+    // ... or changes a value without them: the next message heals the count,
+    // even when it changes nothing itself.
+    let _: i64 = redis::cmd("HSET")
+        .arg(key("st"))
+        .arg("web-1")
+        .arg(r#"["9","f","9"]"#)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    store
+        .record(&pod("shop", "web-1"), &[("f".into(), 9.0)])
+        .await
+        .unwrap();
+    assert_eq!(summary_agrees(&store, &q, "value healed").await.sum, 14.0);
+    groups_are_exact(&mut raw, "shop").await;
 }

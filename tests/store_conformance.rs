@@ -9,7 +9,7 @@ use activescale::{
     config::Config,
     selector::Selector,
     store::{
-        PodIdentity, PodQuery, PodSelector, SharedStore, Store, Window, WindowReduce,
+        PodIdentity, PodQuery, PodSelector, SharedStore, Store, Summary, Window, WindowReduce,
         memory::MemoryStore, redis::RedisStore,
     },
 };
@@ -131,6 +131,10 @@ conformance!(
     pod_without_kept_families_counts_zero,
     new_labels_start_afresh,
     empty_namespace_is_no_pods,
+    summary_over_groups_and_selectors,
+    summary_follows_values_and_label_moves,
+    summary_drops_expired_pods_before_and_after_the_sweep,
+    summary_of_windows_and_empty_namespaces,
 );
 
 async fn record_then_values_and_pods(kind: Kind) {
@@ -425,4 +429,180 @@ async fn empty_namespace_is_no_pods(kind: Kind) {
             .is_empty()
     );
     assert!(u.store.pods("nobody", None).await.unwrap().is_empty());
+}
+
+/// Checks `summary` both ways against the expected count, sum and max, and
+/// against what `values` returns. The maximum is compared only when asked for.
+async fn summary_is(s: &SharedStore, q: &PodQuery, count: u64, sum: f64, max: f64) {
+    let what = format!("{q:?}");
+    let plain = s.summary(q, false).await.unwrap();
+    assert_eq!((plain.count, plain.sum), (count, sum), "{what}");
+    let with_max = s.summary(q, true).await.unwrap();
+    assert_eq!((with_max.count, with_max.sum), (count, sum), "{what}");
+    if count > 0 {
+        assert_eq!(with_max.max, max, "{what}");
+    }
+    let of_values = Summary::of(&s.values(q).await.unwrap());
+    assert_eq!((of_values.count, of_values.sum), (count, sum), "{what}");
+}
+
+fn workload(ns: &str, w: &str) -> PodQuery {
+    PodQuery {
+        namespace: ns.into(),
+        selector: PodSelector::Workload(w.into()),
+        window: None,
+    }
+}
+
+async fn summary_over_groups_and_selectors(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let s = &u.store;
+    let front = [("app", "web"), ("tier", "front")];
+    let back = [("app", "web"), ("tier", "back")];
+    for (name, l, w, v) in [
+        ("f1", &front[..], Some("web"), 1.0),
+        ("f2", &front[..], Some("web"), 4.0),
+        ("f3", &front[..], Some("web"), 0.0),
+        ("b1", &back[..], Some("web"), 2.0),
+        ("b2", &back[..], Some("web"), 8.0),
+        ("a1", &[("app", "api")][..], Some("api"), 16.0),
+        ("n1", &[("app", "api")][..], None, 32.0),
+    ] {
+        s.record(&pod("ns", name, l, w), &fams(&[("f", v)]))
+            .await
+            .unwrap();
+    }
+    // Noise in another namespace with the same labels.
+    s.record(
+        &pod("other", "f1", &front, Some("web")),
+        &fams(&[("f", 64.0)]),
+    )
+    .await
+    .unwrap();
+    summary_is(s, &labels("ns", "app=web"), 5, 15.0, 8.0).await;
+    summary_is(s, &labels("ns", "tier=front"), 3, 5.0, 4.0).await;
+    summary_is(s, &labels("ns", "app=web,tier in (back)"), 2, 10.0, 8.0).await;
+    summary_is(s, &labels("ns", "!tier"), 2, 48.0, 32.0).await;
+    summary_is(s, &labels("ns", "app"), 7, 63.0, 32.0).await;
+    summary_is(s, &labels("ns", "app=nothing"), 0, 0.0, 0.0).await;
+    summary_is(s, &workload("ns", "api"), 1, 16.0, 16.0).await;
+    summary_is(s, &workload("ns", "web"), 5, 15.0, 8.0).await;
+    summary_is(s, &labels("other", "app=web"), 1, 64.0, 64.0).await;
+}
+
+async fn summary_follows_values_and_label_moves(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let s = &u.store;
+    let web_q = labels("shop", "app=web");
+    let api_q = labels("shop", "app=api");
+    s.record(&web("shop", "p"), &fams(&[("a", 3.0), ("b", 4.0)]))
+        .await
+        .unwrap();
+    s.record(&web("shop", "q"), &fams(&[("a", 1.0)]))
+        .await
+        .unwrap();
+    summary_is(s, &web_q, 2, 8.0, 7.0).await;
+    // One family changes, the other keeps its value; then the value goes down.
+    s.record(&web("shop", "p"), &fams(&[("a", 10.0)]))
+        .await
+        .unwrap();
+    summary_is(s, &web_q, 2, 15.0, 14.0).await;
+    s.record(&web("shop", "p"), &fams(&[("a", 0.0), ("b", 0.0)]))
+        .await
+        .unwrap();
+    summary_is(s, &web_q, 2, 1.0, 1.0).await;
+    // An unchanged message changes nothing.
+    s.record(&web("shop", "q"), &[]).await.unwrap();
+    summary_is(s, &web_q, 2, 1.0, 1.0).await;
+    // New labels move the pod to another group, starting afresh.
+    let moved = pod("shop", "q", &[("app", "api")], Some("api"));
+    s.record(&moved, &fams(&[("c", 5.0)])).await.unwrap();
+    summary_is(s, &web_q, 1, 0.0, 0.0).await;
+    summary_is(s, &api_q, 1, 5.0, 5.0).await;
+    // And back: the group it left was emptied and is filled again.
+    s.record(&web("shop", "q"), &fams(&[("a", 2.0)]))
+        .await
+        .unwrap();
+    summary_is(s, &web_q, 2, 2.0, 2.0).await;
+    summary_is(s, &api_q, 0, 0.0, 0.0).await;
+}
+
+async fn summary_drops_expired_pods_before_and_after_the_sweep(kind: Kind) {
+    // Long enough for the checks between a record and its expiry.
+    let u = store(kind, Duration::from_secs(1)).await;
+    let s = &u.store;
+    let web_q = labels("shop", "app=web");
+    s.record(&web("shop", "w1"), &fams(&[("f", 3.0)]))
+        .await
+        .unwrap();
+    s.record(&web("shop", "w2"), &fams(&[("f", 5.0)]))
+        .await
+        .unwrap();
+    s.record(
+        &pod("shop", "a1", &[("app", "api")], Some("api")),
+        &fams(&[("f", 7.0)]),
+    )
+    .await
+    .unwrap();
+    summary_is(s, &labels("shop", "app"), 3, 15.0, 7.0).await;
+    // Nobody watches the namespace and nothing is recorded: the expired pods
+    // are still stored, and must not count.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !s.values(&labels("shop", "app")).await.unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "pods never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    summary_is(s, &labels("shop", "app"), 0, 0.0, 0.0).await;
+    // A record in the namespace removes expired pods; the new one counts.
+    s.record(&web("shop", "w3"), &fams(&[("f", 11.0)]))
+        .await
+        .unwrap();
+    summary_is(s, &web_q, 1, 11.0, 11.0).await;
+    summary_is(s, &labels("shop", "app=api"), 0, 0.0, 0.0).await;
+    // A pod back after expiry counts with its new value only.
+    s.record(&web("shop", "w1"), &fams(&[("g", 1.0)]))
+        .await
+        .unwrap();
+    summary_is(s, &web_q, 2, 12.0, 11.0).await;
+    // The sweeper (running for watched namespaces) removes them too.
+    let mut rx = s.watch("shop");
+    loop {
+        woken(&mut rx, "expiry").await;
+        if s.values(&web_q).await.unwrap().is_empty() {
+            break;
+        }
+    }
+    summary_is(s, &web_q, 0, 0.0, 0.0).await;
+    s.record(&web("shop", "w2"), &fams(&[("f", 2.0)]))
+        .await
+        .unwrap();
+    summary_is(s, &web_q, 1, 2.0, 2.0).await;
+}
+
+async fn summary_of_windows_and_empty_namespaces(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let s = &u.store;
+    assert_eq!(
+        s.summary(&labels("nobody", "app=web"), false)
+            .await
+            .unwrap()
+            .count,
+        0
+    );
+    s.record(&web("shop", "p"), &fams(&[("f", 9.0)]))
+        .await
+        .unwrap();
+    // Not synchronisation: the peak must last at least a clock tick (1 ms).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    s.record(&web("shop", "p"), &fams(&[("f", 1.0)]))
+        .await
+        .unwrap();
+    s.record(&web("shop", "q"), &fams(&[("f", 2.0)]))
+        .await
+        .unwrap();
+    // A window reduces each pod before summing: the peak of 9 is seen.
+    let q = windowed(WindowReduce::Max);
+    let with = s.summary(&q, false).await.unwrap();
+    assert_eq!((with.count, with.sum), (2, 11.0));
+    assert_eq!(s.summary(&q, true).await.unwrap().max, 9.0);
 }

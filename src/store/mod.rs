@@ -77,6 +77,33 @@ fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::
     s.serialize_f64(d.as_secs_f64())
 }
 
+/// Count, sum and maximum of the values of the live pods matching a query:
+/// all any aggregation needs, without a value per pod.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    pub count: u64,
+    pub sum: f64,
+    /// Meaningful only when `count > 0`, and only when asked for (see
+    /// [`Store::summary`]); `f64::MIN` otherwise.
+    pub max: f64,
+}
+
+impl Summary {
+    pub const EMPTY: Summary = Summary {
+        count: 0,
+        sum: 0.0,
+        max: f64::MIN,
+    };
+
+    pub fn of(values: &[f64]) -> Summary {
+        values.iter().fold(Summary::EMPTY, |s, &v| Summary {
+            count: s.count + 1,
+            sum: s.sum + v,
+            max: s.max.max(v),
+        })
+    }
+}
+
 /// Failures of a store backend. None of them is ever turned into a value.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -102,6 +129,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// The value of every live pod matching `query`, window-reduced when asked.
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError>;
+
+    /// Count, sum and (when `with_max`) maximum of what [`Store::values`]
+    /// returns. Shared stores override it to avoid reading every pod: keeping
+    /// a maximum is not cheap for them, hence `with_max`.
+    async fn summary(&self, query: &PodQuery, with_max: bool) -> Result<Summary, StoreError> {
+        let _ = with_max;
+        Ok(Summary::of(&self.values(query).await?))
+    }
 
     /// Every live pod of `namespace` (matching `selector` when given), for debugging.
     async fn pods(
@@ -187,6 +222,21 @@ pub fn pod_value<'a>(families: impl IntoIterator<Item = &'a f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summary_of_values() {
+        assert_eq!(Summary::of(&[]), Summary::EMPTY);
+        assert_eq!(
+            Summary::of(&[2.0, 5.0, 1.0]),
+            Summary {
+                count: 3,
+                sum: 8.0,
+                max: 5.0
+            }
+        );
+        let neg = Summary::of(&[-3.0, -1.5]);
+        assert_eq!((neg.count, neg.sum, neg.max), (2, -4.5, -1.5));
+    }
 
     #[tokio::test]
     async fn notifier_wakes_only_its_namespace() {

@@ -6,7 +6,7 @@
 //!
 //! # Data model
 //!
-//! Per namespace four keys that share the hash tag `{<prefix>:<namespace>}`,
+//! Per namespace eight keys that share the hash tag `{<prefix>:<namespace>}`,
 //! so one script can touch all of them on a Redis Cluster too:
 //!
 //! | key | type | content |
@@ -15,6 +15,16 @@
 //! | `{p:ns}:id` | HASH | pod → identity JSON `{"w": workload, "l": labels}` |
 //! | `{p:ns}:st` | HASH | pod → state `["value", "family", "value", ...]` |
 //! | `{p:ns}:h` | HASH | pod → change points `["ms", "value", ...]` for `window` triggers |
+//! | `{p:ns}:g` | HASH | pod → `"<group id> <value>"`: the group and value the pod is counted with |
+//! | `{p:ns}:gl` | HASH | group id → identity JSON of the group |
+//! | `{p:ns}:gs` | HASH | group id → sum of the values of its pods |
+//! | `{p:ns}:gc` | HASH | group id → number of its pods |
+//!
+//! A *group* is the pods sharing one identity JSON (workload and labels: the
+//! pods of one workload, usually); its id is the SHA-1 of that JSON. Every
+//! member of `seen` is counted in exactly one group (`groups.lua`, prepended to
+//! the scripts that add or remove pods), so sum and avg triggers read a few
+//! groups instead of every pod.
 //!
 //! Numbers are kept as `%.17g` strings: they round-trip exactly, unlike
 //! cjson's 14-digit numbers.
@@ -34,6 +44,15 @@
 //!   asked namespace's keys: no `KEYS`/`SCAN` anywhere. Selectors are matched
 //!   here, windows reduced here with [`window::reduce`]; `record.lua` keeps
 //!   the history with the same rule as [`window::push`].
+//! - **Summaries** (`summary`, what GetMetrics reads) of sum and avg triggers
+//!   without a window are one `EVALSHA` of `summary.lua`: the count and sum of
+//!   each group, minus the pods past their TTL that nothing removed yet
+//!   (normally none), so O(groups) on both sides; the selector is matched once
+//!   per group here. `max` and windows need each pod's value and take the
+//!   `values` path. When the namespace holds pods counted in no group (data of
+//!   a version without groups, or a pod such a writer removed), `summary.lua`
+//!   says so, `rebuild.lua` recounts the namespace once and that call is
+//!   answered per pod.
 //! - **Change signals**: a script that changes a namespace (a pod added, a
 //!   value changed, a pod expired) `PUBLISH`es the namespace on
 //!   `<prefix>:changes`. Each process holds one subscriber connection that
@@ -79,7 +98,9 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError, window};
+use super::{
+    Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError, Summary, window,
+};
 use crate::{config::Config, selector::Labels};
 
 use settings::Settings;
@@ -109,6 +130,8 @@ struct Inner {
     record: Script,
     read: Script,
     sweep: Script,
+    summary: Script,
+    rebuild: Script,
     /// Stops the subscriber and the sweeper when the last handle goes.
     stop: CancellationToken,
 }
@@ -157,9 +180,20 @@ impl RedisStore {
             max_window_ms: config.max_window.as_millis() as u64,
             key_ttl_ms: 2 * ttl_ms + 60_000,
             young_server: config.warmup.unwrap_or(YOUNG_SERVER),
-            record: Script::new(include_str!("record.lua")),
+            record: Script::new(concat!(
+                include_str!("groups.lua"),
+                include_str!("record.lua")
+            )),
             read: Script::new(include_str!("read.lua")),
-            sweep: Script::new(include_str!("sweep.lua")),
+            sweep: Script::new(concat!(
+                include_str!("groups.lua"),
+                include_str!("sweep.lua")
+            )),
+            summary: Script::new(include_str!("summary.lua")),
+            rebuild: Script::new(concat!(
+                include_str!("groups.lua"),
+                include_str!("rebuild.lua")
+            )),
             stop: CancellationToken::new(),
         });
         tokio::spawn(subscribe(
@@ -180,9 +214,10 @@ impl RedisStore {
 /// flushes, as the memory store's warm-up.
 const YOUNG_SERVER: Duration = Duration::from_secs(10);
 
-/// The four keys of a namespace, in the order the scripts take them.
-fn keys(prefix: &str, namespace: &str) -> [String; 4] {
-    ["seen", "id", "st", "h"].map(|k| format!("{{{prefix}:{namespace}}}:{k}"))
+/// The keys of a namespace, in the order the scripts take them.
+fn keys(prefix: &str, namespace: &str) -> [String; 8] {
+    ["seen", "id", "st", "h", "g", "gl", "gs", "gc"]
+        .map(|k| format!("{{{prefix}:{namespace}}}:{k}"))
 }
 
 impl Inner {
@@ -236,6 +271,129 @@ impl Inner {
         call.arg(self.ttl_ms).arg(if history { "1" } else { "0" });
         self.eval(&call).await
     }
+
+    /// Fails while the node holding the namespace is too young to be trusted.
+    fn check_uptime(&self, uptime: Duration) -> Result<(), StoreError> {
+        if uptime < self.young_server {
+            // An empty or partly refilled store read as "no load" would be a lie.
+            return Err(StoreError::Unavailable(format!(
+                "redis has been up for {:?} only: warming up for {:?} until the sidecars have reported again",
+                uptime, self.young_server
+            )));
+        }
+        Ok(())
+    }
+
+    /// The per-pod path of `values` (and of `summary` where groups cannot answer).
+    async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
+        let raw = self
+            .read_raw(&query.namespace, query.window.is_some())
+            .await?;
+        let (uptime, values) = values_of(&query.namespace, raw, query)?;
+        self.check_uptime(uptime)?;
+        Ok(values)
+    }
+
+    /// Count and sum from the group aggregates, in O(groups); `None` when the
+    /// namespace holds pods written without groups (see `rebuild.lua`).
+    async fn group_summary(&self, query: &PodQuery) -> Result<Option<Summary>, StoreError> {
+        let mut call = self.summary.prepare_invoke();
+        for k in keys(&self.prefix, &query.namespace) {
+            call.key(k);
+        }
+        call.arg(self.ttl_ms);
+        let raw: Vec<Option<String>> = self.eval(&call).await?;
+        let (uptime, groups) = groups_of(&query.namespace, raw)?;
+        self.check_uptime(uptime)?;
+        let Some(groups) = groups else {
+            return Ok(None);
+        };
+        let mut summary = Summary::EMPTY;
+        for g in groups {
+            let parsed: StoredIdentity = serde_json::from_str(&g.json).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "namespace {}: identity of group {}: {e}",
+                    query.namespace, g.id
+                ))
+            })?;
+            if matches(&query.selector, &parsed) {
+                summary.count += g.count;
+                summary.sum += g.sum;
+            }
+        }
+        Ok(Some(summary))
+    }
+
+    /// Recounts the namespace's pods into groups (after data of a version
+    /// without them).
+    async fn rebuild(&self, namespace: &str) -> Result<(), StoreError> {
+        let mut call = self.rebuild.prepare_invoke();
+        for k in keys(&self.prefix, namespace) {
+            call.key(k);
+        }
+        call.arg(self.key_ttl_ms);
+        let pods: i64 = self.eval(&call).await?;
+        info!(namespace, pods, "redis pod groups rebuilt");
+        Ok(())
+    }
+}
+
+/// Whether a stored identity (a pod's or a group's) matches a selector.
+fn matches(selector: &PodSelector, id: &StoredIdentity) -> bool {
+    match selector {
+        PodSelector::Labels(sel) => sel.matches(&id.l),
+        PodSelector::Workload(w) => id.w.as_deref() == Some(w.as_str()),
+    }
+}
+
+/// One group of `summary.lua`'s answer.
+#[derive(Debug, PartialEq)]
+struct Group {
+    id: String,
+    json: String,
+    sum: f64,
+    count: u64,
+}
+
+/// Parses `summary.lua`'s answer: the node's uptime, and the groups with live
+/// pods, or `None` when the script found pods counted in no group.
+fn groups_of(
+    namespace: &str,
+    raw: Vec<Option<String>>,
+) -> Result<(Duration, Option<Vec<Group>>), StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("namespace {namespace}: {what}"));
+    let mut it = raw.into_iter();
+    let _now = it.next().flatten().ok_or_else(|| corrupt("no time"))?;
+    let uptime = number(
+        "uptime",
+        &it.next().flatten().ok_or_else(|| corrupt("no uptime"))?,
+    )?;
+    let uptime = Duration::from_secs(uptime as u64);
+    match it.next().flatten().as_deref() {
+        Some("ok") => {}
+        Some("stale") => return Ok((uptime, None)),
+        _ => return Err(corrupt("no group status")),
+    }
+    let mut groups = Vec::new();
+    while let Some(id) = it.next() {
+        let id = id.ok_or_else(|| corrupt("group without an id"))?;
+        let (Some(json), Some(sum), Some(count)) = (it.next(), it.next(), it.next()) else {
+            return Err(corrupt("short reply"));
+        };
+        let (Some(json), Some(sum), Some(count)) = (json, sum, count) else {
+            return Err(corrupt(&format!("group {id} has missing fields")));
+        };
+        let count = count
+            .parse::<u64>()
+            .map_err(|_| corrupt(&format!("group {id}: count {count:?}")))?;
+        groups.push(Group {
+            sum: number("group sum", &sum)?,
+            id,
+            json,
+            count,
+        });
+    }
+    Ok((uptime, Some(groups)))
 }
 
 fn pool_error(e: managed::PoolError<RedisError>, timeout: Duration) -> StoreError {
@@ -329,10 +487,7 @@ fn values_of(
             None => {
                 let parsed: StoredIdentity = serde_json::from_str(&id)
                     .map_err(|e| corrupt(&format!("identity of pod {name}: {e}")))?;
-                let hit = match &query.selector {
-                    PodSelector::Labels(sel) => sel.matches(&parsed.l),
-                    PodSelector::Workload(w) => parsed.w.as_deref() == Some(w.as_str()),
-                };
+                let hit = matches(&query.selector, &parsed);
                 selected.insert(id, hit);
                 hit
             }
@@ -485,19 +640,22 @@ impl Store for RedisStore {
     }
 
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
-        let raw = self
-            .inner
-            .read_raw(&query.namespace, query.window.is_some())
-            .await?;
-        let (uptime, values) = values_of(&query.namespace, raw, query)?;
-        if uptime < self.inner.young_server {
-            // An empty or partly refilled store read as "no load" would be a lie.
-            return Err(StoreError::Unavailable(format!(
-                "redis has been up for {:?} only: warming up for {:?} until the sidecars have reported again",
-                uptime, self.inner.young_server
-            )));
+        self.inner.values(query).await
+    }
+
+    /// Sum and avg without windows read the group aggregates; a maximum or a
+    /// window needs every pod's value.
+    async fn summary(&self, query: &PodQuery, with_max: bool) -> Result<Summary, StoreError> {
+        let inner = &*self.inner;
+        if !with_max && query.window.is_none() {
+            if let Some(s) = inner.group_summary(query).await? {
+                return Ok(s);
+            }
+            // Pods written without groups: count them in once, and answer
+            // this call from the pods themselves.
+            inner.rebuild(&query.namespace).await?;
         }
-        Ok(values)
+        Ok(Summary::of(&inner.values(query).await?))
     }
 
     async fn pods(
@@ -876,6 +1034,76 @@ mod tests {
             Snapshot::parse("ns", vec![s("1000"), s("p1")]),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn groups_parse_and_reject_garbage() {
+        let s = |x: &str| Some(x.to_string());
+        let json = r#"{"w":"web","l":{"app":"web"}}"#;
+        let (uptime, groups) = groups_of(
+            "ns",
+            vec![
+                s("1000"),
+                s("42"),
+                s("ok"),
+                s("ab"),
+                s(json),
+                s("7"),
+                s("2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(uptime, Duration::from_secs(42));
+        assert_eq!(
+            groups.unwrap(),
+            vec![Group {
+                id: "ab".into(),
+                json: json.into(),
+                sum: 7.0,
+                count: 2
+            }]
+        );
+        assert_eq!(
+            groups_of("ns", vec![s("1000"), s("42"), s("stale")]).unwrap(),
+            (Duration::from_secs(42), None)
+        );
+        assert!(
+            groups_of("ns", vec![s("1000"), s("42"), s("ok")])
+                .unwrap()
+                .1
+                .unwrap()
+                .is_empty()
+        );
+        for bad in [
+            vec![s("1000"), s("42")],
+            vec![s("1000"), s("42"), s("what")],
+            vec![s("1000"), s("42"), s("ok"), s("ab"), s(json), s("7")],
+            vec![s("1000"), s("42"), s("ok"), s("ab"), None, s("7"), s("2")],
+            vec![
+                s("1000"),
+                s("42"),
+                s("ok"),
+                s("ab"),
+                s(json),
+                s("x"),
+                s("2"),
+            ],
+            vec![
+                s("1000"),
+                s("42"),
+                s("ok"),
+                s("ab"),
+                s(json),
+                s("7"),
+                s("-1"),
+            ],
+            vec![s("1000"), s("x"), s("ok")],
+        ] {
+            assert!(
+                matches!(groups_of("ns", bad.clone()), Err(StoreError::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

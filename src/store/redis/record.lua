@@ -1,18 +1,18 @@
--- One Envoy message for one pod, in one round trip.
+-- One Envoy message for one pod, in one round trip. Runs after groups.lua.
 -- KEYS: 1 seen (ZSET pod -> last-seen ms), 2 id (HASH pod -> identity JSON),
---       3 st (HASH pod -> state), 4 h (HASH pod -> history)
+--       3 st (HASH pod -> state), 4 h (HASH pod -> history), 5-8 groups.lua's
 -- ARGV: 1 pod, 2 identity JSON, 3 pod_ttl ms, 4 max_window ms, 5 key ttl ms,
 --       6 channel, 7 namespace, 8.. family name, value (pairs)
 -- Returns 1 when the namespace changed (a watcher must re-read), else 0.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local pod, ttl, keep = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
-local function fmt(x) return string.format('%.17g', x) end
 local changed = false
 
 -- Lazy expiry: a pod not seen for ttl is gone (live means now - seen < ttl).
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now - ttl), 'LIMIT', 0, 256)
 if #dead > 0 then
+  for _, d in ipairs(dead) do uncount(d) end
   redis.call('ZREM', KEYS[1], unpack(dead))
   for k = 2, 4 do redis.call('HDEL', KEYS[k], unpack(dead)) end
   changed = true
@@ -114,8 +114,11 @@ else
   changed = true
 end
 
+-- Also on an unchanged message: heals a count that a writer without groups
+-- (a replica of the previous version, during a rolling upgrade) left behind.
+count(pod, ARGV[2], tonumber(state[1]))
 redis.call('ZADD', KEYS[1], fmt(now), pod)
-for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], ARGV[5]) end
+for k = 1, 8 do redis.call('PEXPIRE', KEYS[k], ARGV[5]) end
 if changed then
   redis.call('PUBLISH', ARGV[6], ARGV[7])
   return 1
