@@ -104,6 +104,15 @@ fn aggregate(c: &mut Criterion) {
                 black_box(Aggregation::Sum.apply(&values))
             })
         });
+        // What the scaler calls: folded in place, no Vec per call.
+        group.bench_with_input(BenchmarkId::new("summary_sum", pods), &pods, |b, _| {
+            b.iter(|| {
+                let s = rt
+                    .block_on(store.summary(black_box(&query), false))
+                    .unwrap();
+                black_box(Aggregation::Sum.of(&s))
+            })
+        });
     }
     group.finish();
 }

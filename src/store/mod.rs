@@ -96,11 +96,16 @@ impl Summary {
     };
 
     pub fn of(values: &[f64]) -> Summary {
-        values.iter().fold(Summary::EMPTY, |s, &v| Summary {
-            count: s.count + 1,
-            sum: s.sum + v,
-            max: s.max.max(v),
-        })
+        values.iter().copied().fold(Summary::EMPTY, Summary::with)
+    }
+
+    /// This summary with one more pod's value.
+    pub fn with(self, v: f64) -> Summary {
+        Summary {
+            count: self.count + 1,
+            sum: self.sum + v,
+            max: self.max.max(v),
+        }
     }
 }
 
