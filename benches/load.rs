@@ -64,6 +64,9 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
+/// Envoy's default stats flush interval.
+const ENVOY_FLUSH: Duration = Duration::from_secs(5);
+
 #[derive(Parser)]
 #[command(about = "activescale load tool (see benches/load.rs)")]
 struct Cli {
@@ -139,6 +142,14 @@ struct ScalerArgs {
     /// getmetrics | isactive
     #[arg(long, default_value = "getmetrics")]
     method: String,
+    /// Offered loads to measure per client count, in calls/s over all
+    /// clients, comma separated. 0 = closed loop: each client calls again as
+    /// soon as it has its answer (the server's saturation throughput). A rate
+    /// is an open loop: calls start on a fixed schedule whether or not the
+    /// previous one has returned, and latency counts from the scheduled start
+    /// (no coordinated omission).
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    rates: Vec<f64>,
 }
 
 #[derive(Args)]
@@ -450,10 +461,7 @@ async fn populate(
     errors: &Arc<AtomicU64>,
 ) -> Res<Vec<mpsc::Sender<Bytes>>> {
     let channels = connections(sink, conns.min(pods)).await?;
-    let body = Bytes::from(common::encode(
-        None,
-        common::istio_families(600, &common::kept(1, value)),
-    ));
+    let body = flush_body(value);
     let mut senders = Vec::with_capacity(pods);
     for i in 0..pods {
         let tx = open_stream(channels[i % channels.len()].clone(), errors.clone());
@@ -466,6 +474,14 @@ async fn populate(
         senders.push(tx);
     }
     Ok(senders)
+}
+
+/// A sidecar's periodic message (no identifier): 600 families, one kept.
+fn flush_body(value: f64) -> Bytes {
+    Bytes::from(common::encode(
+        None,
+        common::istio_families(600, &common::kept(1, value)),
+    ))
 }
 
 fn scaled_object(namespace: &str, name: &str, meta: &[(&str, &str)]) -> ScaledObjectRef {
@@ -628,7 +644,7 @@ async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
 async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
     let errors = Arc::new(AtomicU64::new(0));
     let ns = format!("scale-{}", a.pods);
-    let _sidecars = populate(a.sink, &ns, "web", a.pods, 1.0, 1000, &errors).await?;
+    let sidecars = populate(a.sink, &ns, "web", a.pods, 1.0, 1000, &errors).await?;
     let so = scaled_object(
         &ns,
         "web",
@@ -638,10 +654,21 @@ async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
     let mut probe = ExternalScalerClient::new(channels[0].clone());
     let want = a.pods as f64;
     let mut last = Err(String::new());
+    // Like Envoy, sidecars send again every flush until every pod is in: a
+    // store may refuse part of a burst of first writes (the Redis pool's
+    // deadline), and a real sidecar's next flush repairs that.
+    let body = flush_body(1.0);
+    let mut flushed = Instant::now();
     wait_for(
         &format!("GetMetrics to see {} pods", a.pods),
         Duration::from_secs(120),
         async || {
+            if flushed.elapsed() >= ENVOY_FLUSH {
+                for tx in &sidecars {
+                    let _ = tx.try_send(body.clone());
+                }
+                flushed = Instant::now();
+            }
             last = get_metrics(&mut probe, &so).await;
             last.as_ref().is_ok_and(|v| *v == want)
         },
@@ -649,22 +676,36 @@ async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
     .await
     .map_err(|e| format!("{e} (last answer {last:?})"))?;
     let isactive = a.method == "isactive";
-    for &clients in &a.clients {
+    let runs = a
+        .clients
+        .iter()
+        .flat_map(|&c| a.rates.iter().map(move |&r| (c, r)));
+    for (clients, rate) in runs {
         let hist = Arc::new(Mutex::new(new_hist()));
         let calls = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
-        let stop = Instant::now() + Duration::from_secs_f64(a.duration);
-        let p0 = snap(cli.pid);
         let t0 = Instant::now();
+        let stop = t0 + Duration::from_secs_f64(a.duration);
+        // Open loop: client c starts its k-th call at t0 + (k + c/clients) * every.
+        let every = (rate > 0.0).then(|| Duration::from_secs_f64(clients as f64 / rate));
+        let p0 = snap(cli.pid);
         let mut tasks = Vec::new();
         for c in 0..clients {
             let mut client = ExternalScalerClient::new(channels[c % channels.len()].clone());
             let (so, hist, calls, failures) =
                 (so.clone(), hist.clone(), calls.clone(), failures.clone());
+            let mut due = every.map(|e| t0 + e.mul_f64(c as f64 / clients as f64));
             tasks.push(tokio::spawn(async move {
                 let mut local = new_hist();
                 while Instant::now() < stop {
-                    let started = Instant::now();
+                    let started = match (due, every) {
+                        (Some(at), Some(e)) => {
+                            tokio::time::sleep_until(at.into()).await;
+                            due = Some(at + e);
+                            at
+                        }
+                        _ => Instant::now(),
+                    };
                     let ok = if isactive {
                         client
                             .is_active(so.clone())
@@ -699,6 +740,7 @@ async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
                 "pods": a.pods,
                 "clients": clients,
                 "connections": channels.len(),
+                "offered_calls_per_s": (rate > 0.0).then_some(rate),
                 "calls_per_s": n / elapsed,
                 "p50_us": us(&h, 0.5),
                 "p90_us": us(&h, 0.9),
