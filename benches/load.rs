@@ -145,9 +145,9 @@ struct ScalerArgs {
     /// Offered loads to measure per client count, in calls/s over all
     /// clients, comma separated. 0 = closed loop: each client calls again as
     /// soon as it has its answer (the server's saturation throughput). A rate
-    /// is an open loop: calls start on a fixed schedule whether or not the
-    /// previous one has returned, and latency counts from the scheduled start
-    /// (no coordinated omission).
+    /// is an open loop: each client's calls are due on a fixed schedule, and a
+    /// call that starts late because the previous one was still running
+    /// counts from when it was due (no coordinated omission).
     #[arg(long, default_value = "0", value_delimiter = ',')]
     rates: Vec<f64>,
 }
@@ -656,18 +656,20 @@ async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
     let mut last = Err(String::new());
     // Like Envoy, sidecars send again every flush until every pod is in: a
     // store may refuse part of a burst of first writes (the Redis pool's
-    // deadline), and a real sidecar's next flush repairs that.
+    // deadline), and a real sidecar's next flush repairs that. Flushes are
+    // spread over the interval, as independent sidecars' timers are.
     let body = flush_body(1.0);
-    let mut flushed = Instant::now();
+    let since = Instant::now();
+    let mut sent = 0usize;
     wait_for(
         &format!("GetMetrics to see {} pods", a.pods),
         Duration::from_secs(120),
         async || {
-            if flushed.elapsed() >= ENVOY_FLUSH {
-                for tx in &sidecars {
-                    let _ = tx.try_send(body.clone());
-                }
-                flushed = Instant::now();
+            let due = (since.elapsed().as_secs_f64() / ENVOY_FLUSH.as_secs_f64()
+                * sidecars.len() as f64) as usize;
+            while sent < due {
+                let _ = sidecars[sent % sidecars.len()].try_send(body.clone());
+                sent += 1;
             }
             last = get_metrics(&mut probe, &so).await;
             last.as_ref().is_ok_and(|v| *v == want)
@@ -700,9 +702,18 @@ async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
                 while Instant::now() < stop {
                     let started = match (due, every) {
                         (Some(at), Some(e)) => {
-                            tokio::time::sleep_until(at.into()).await;
                             due = Some(at + e);
-                            at
+                            if Instant::now() < at {
+                                // On time: the call starts when the timer
+                                // fires (tokio's 1 ms timer resolution is
+                                // the client's lateness, not the server's).
+                                tokio::time::sleep_until(at.into()).await;
+                                Instant::now()
+                            } else {
+                                // Behind schedule (the previous call ran
+                                // late): that wait counts.
+                                at
+                            }
                         }
                         _ => Instant::now(),
                     };

@@ -190,10 +190,10 @@ pub async fn run(
     };
     let sink_server = server()
         .add_service(health_service.clone())
-        .add_service(
-            sink::MetricsServiceServer::new(sink)
-                .max_decoding_message_size(config.max_message_bytes),
-        )
+        .add_service(sink::MetricsServiceServer::new(
+            sink,
+            config.max_message_bytes,
+        ))
         .serve_with_incoming_shutdown(
             tls::incoming(listeners.sink, tls.clone().filter(|_| config.tls_sink)),
             token.clone().cancelled_owned(),

@@ -108,6 +108,12 @@ async fn pods_on_separate_streams_sum_with_identity_on_first_message_only() {
     // The workload key selects the same pods.
     let w = so_ref("shop", "web", &[("workload", "web"), ("targetValue", "5")]);
     assert_eq!(get_metric(&mut client, &w).await.unwrap(), 6.0);
+
+    // A sidecar that ends its stream cleanly gets the empty response and OK
+    // (the sink frames the method by hand: Envoy's generated client decodes it).
+    a.close().await.expect("a clean end of stream is OK");
+    // The pod stays until its TTL: its next stream may be on another replica.
+    assert_eq!(get_metric(&mut client, &r).await.unwrap(), 6.0);
 }
 
 #[tokio::test]

@@ -7,19 +7,17 @@
 //! message ends its own stream and nothing else; a store failure is counted
 //! and the stream goes on (the next flush will try again).
 
-pub mod codec;
+pub mod grpc;
 pub mod identity;
 pub mod names;
 pub mod wire;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use envoy_types::pb::envoy::service::metrics::v3::{
-    StreamMetricsResponse, stream_metrics_message::Identifier,
-};
+use envoy_types::pb::envoy::service::metrics::v3::stream_metrics_message::Identifier;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::Status;
 use tracing::{Instrument, debug, field, info_span, warn};
 
 use crate::{
@@ -29,16 +27,8 @@ use crate::{
 use names::NameFilter;
 use wire::{KeptFamily, RawMessage};
 
-/// Generated server for the metrics service, using [`codec::RawCodec`].
-#[allow(clippy::default_constructed_unit_structs)]
-pub mod server {
-    include!(concat!(
-        env!("OUT_DIR"),
-        "/raw/envoy.service.metrics.v3.MetricsService.rs"
-    ));
-}
-
-pub use server::metrics_service_server::MetricsServiceServer;
+pub use grpc::MetricsServiceServer;
+use grpc::{Messages, ReadError};
 
 /// gRPC service name, for the health reporter.
 pub const SERVICE_NAME: &str = "envoy.service.metrics.v3.MetricsService";
@@ -184,49 +174,54 @@ impl Drop for StreamGuard<'_> {
     }
 }
 
-#[tonic::async_trait]
-impl server::metrics_service_server::MetricsService for Sink {
+impl Sink {
+    /// Serves one sidecar stream until it ends. `Err` is the stream's final status.
     async fn stream_metrics(
-        &self,
-        request: Request<Streaming<RawMessage>>,
-    ) -> Result<Response<StreamMetricsResponse>, Status> {
-        let peer = request.remote_addr();
-        let mut stream = request.into_inner();
+        self,
+        mut messages: Messages,
+        peer: Option<SocketAddr>,
+    ) -> Result<(), Status> {
         let span = info_span!(
             "envoy_stream",
             peer = ?peer,
             namespace = field::Empty,
             pod = field::Empty
         );
-        let this = self.clone();
         async move {
-            this.metrics.sink_streams.inc();
-            let _guard = StreamGuard(&this.metrics);
+            self.metrics.sink_streams.inc();
+            let _guard = StreamGuard(&self.metrics);
             debug!("stream opened");
             let mut identity = None;
             let mut kept = Vec::new();
             loop {
                 let next = tokio::select! {
-                    _ = this.shutdown.cancelled() => break,
-                    next = stream.message() => next,
+                    _ = self.shutdown.cancelled() => break,
+                    next = messages.next() => next,
                 };
                 match next {
                     Ok(Some(raw)) => {
-                        this.handle(&raw, &mut identity, &mut kept, &tracing::Span::current())
-                            .await?
+                        self.handle(
+                            &RawMessage(raw),
+                            &mut identity,
+                            &mut kept,
+                            &tracing::Span::current(),
+                        )
+                        .await?
                     }
                     Ok(None) => break,
-                    Err(status) if status.code() == Code::OutOfRange => {
-                        // tonic refused a message over max_message_bytes.
-                        this.count_stream_error("oversized");
+                    Err(e @ ReadError::Oversized { .. }) => {
+                        self.count_stream_error("oversized");
                         if let Some(held_back) = MALFORMED_LOG.check() {
-                            warn!(error = %status.message(), held_back, "oversized metrics message: ending stream");
+                            warn!(error = %e, held_back, "oversized metrics message: ending stream");
                         }
-                        return Err(status);
+                        return Err(Status::out_of_range(e.to_string()));
                     }
-                    Err(status) => {
+                    Err(e @ (ReadError::Compressed(_) | ReadError::Truncated)) => {
+                        return Err(self.malformed(e.to_string()));
+                    }
+                    Err(ReadError::Broken(status)) => {
                         // The peer went away (reset, broken connection): a normal end.
-                        this.count_stream_error("disconnected");
+                        self.count_stream_error("disconnected");
                         debug!(error = %status.message(), "stream broken");
                         return Err(status);
                     }
@@ -235,7 +230,7 @@ impl server::metrics_service_server::MetricsService for Sink {
             debug!("stream closed");
             // The pod is not deleted: its next stream may already be on
             // another replica; the TTL retires it if it is really gone.
-            Ok(Response::new(StreamMetricsResponse {}))
+            Ok(())
         }
         .instrument(span)
         .await
