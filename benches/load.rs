@@ -644,6 +644,7 @@ async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
 async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
     let errors = Arc::new(AtomicU64::new(0));
     let ns = format!("scale-{}", a.pods);
+    let messages_before = server_metric(cli.http, "activescale_sink_messages_total").await;
     let sidecars = populate(a.sink, &ns, "web", a.pods, 1.0, 1000, &errors).await?;
     let so = scaled_object(
         &ns,
@@ -677,6 +678,21 @@ async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
     )
     .await
     .map_err(|e| format!("{e} (last answer {last:?})"))?;
+    // Pods already stored by an earlier run answer at once: still wait until
+    // the server has taken this run's messages, or the measurement would
+    // start inside their ingest.
+    if let Some(before) = messages_before {
+        wait_for(
+            "the server to take every sidecar's message",
+            Duration::from_secs(120),
+            async || {
+                server_metric(cli.http, "activescale_sink_messages_total")
+                    .await
+                    .is_some_and(|m| m - before >= a.pods as f64)
+            },
+        )
+        .await?;
+    }
     let isactive = a.method == "isactive";
     let runs = a
         .clients

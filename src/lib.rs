@@ -132,6 +132,9 @@ pub async fn open_store(config: &Config) -> Result<SharedStore> {
     })
 }
 
+/// HTTP/2 flow-control window per sidecar stream on the sink port.
+const SINK_STREAM_WINDOW: u32 = 128 * 1024;
+
 /// Serves the sink, the scaler and the HTTP port until `shutdown` resolves,
 /// then drains for at most `config.drain_timeout`.
 pub async fn run(
@@ -188,7 +191,11 @@ pub async fn run(
             .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
             .tcp_nodelay(true)
     };
+    // hyper's default 1 MiB stream window lets each sidecar park a megabyte
+    // of unread stats in the server whenever the store is slower than the
+    // senders; 128 KiB still holds two full-dump messages in flight.
     let sink_server = server()
+        .initial_stream_window_size(Some(SINK_STREAM_WINDOW))
         .add_service(health_service.clone())
         .add_service(sink::MetricsServiceServer::new(
             sink,
