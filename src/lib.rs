@@ -5,7 +5,7 @@
 //! Data flows one way, sink → store → scaler:
 //!
 //! ```text
-//!  Envoy sidecars ──StreamMetrics──▶ sink ──record──▶ store ──values/watch──▶ scaler ◀──gRPC── KEDA
+//!  Envoy sidecars ──StreamMetrics──▶ sink ──record──▶ store ──summary/watch──▶ scaler ◀──gRPC── KEDA
 //!                    (:9000)                      memory | redis                (:9090)
 //!                                                                      prometheus ─┘ (source: prometheus)
 //! ```
@@ -15,7 +15,8 @@
 //! - [`store`]: the [`store::Store`] trait the two sides share, with
 //!   [`store::memory`] and [`store::redis`]; TTL, value history, change signals.
 //! - [`scaler`]: KEDA's `externalscaler.ExternalScaler`; the one place where
-//!   errors become gRPC statuses.
+//!   errors become gRPC statuses. StreamIsActive streams of one query share a
+//!   read loop (a feed).
 //! - [`trigger`]: trigger-metadata parsing and the parsed-trigger cache.
 //! - [`selector`]: Kubernetes label selectors.
 //! - [`prometheus`]: the optional Prometheus backend (`source: prometheus`).

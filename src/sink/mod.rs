@@ -5,7 +5,8 @@
 //! stat families, of which [`names`] keeps the inbound `downstream_rq_active`
 //! gauges and [`wire`] decodes only those. The result goes to the store. A bad
 //! message ends its own stream and nothing else; a store failure is counted
-//! and the stream goes on (the next flush will try again).
+//! and the stream goes on (the next flush will try again). [`grpc`] frames
+//! the method itself, so an idle stream holds no buffer between flushes.
 
 pub mod grpc;
 pub mod identity;
