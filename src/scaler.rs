@@ -9,7 +9,8 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
-use tokio::{sync::watch, time::Instant};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info_span, warn};
@@ -222,8 +223,10 @@ impl ExternalScaler for Scaler {
             .observe("StreamIsActive", Some(&r), async { self.trigger(&r) })
             .await?
             .into_inner();
+        let (tx, rx) = mpsc::channel(4);
         let span = info_span!("active_stream", namespace = %r.namespace, scaled_object = %r.name);
-        Ok(Response::new(self.activity(trigger, span)))
+        tokio::spawn(self.clone().push_activity(trigger, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn get_metric_spec(
@@ -289,96 +292,55 @@ impl ExternalScaler for Scaler {
     }
 }
 
-/// One StreamIsActive stream's state between two answers.
-struct Activity {
-    scaler: Scaler,
-    trigger: Arc<Trigger>,
-    /// The shared read of an Envoy trigger; `None` for Prometheus, which is polled.
-    feed: Option<watch::Receiver<feed::Reading>>,
-    last: Option<bool>,
-    ended: bool,
-    span: tracing::Span,
-    _open: GaugeGuard,
-}
-
 impl Scaler {
-    /// The answers of one StreamIsActive stream: the state when it opens, then
-    /// each change, never a repeat (KEDA treats every `true` as fresh
-    /// activity). The stream is the response body itself, polled by hyper's
-    /// task for the HTTP/2 stream: no task and channel of our own per stream,
-    /// so a flip reaches 1,000 streams with 1,000 fewer task wake-ups. A
-    /// client that goes away drops it.
-    fn activity(
-        &self,
+    /// Body of one StreamIsActive stream: the state when it opens, then each
+    /// change, never a repeat (KEDA treats every `true` as fresh activity).
+    async fn push_activity(
+        self,
         trigger: Arc<Trigger>,
-        span: tracing::Span,
-    ) -> ResponseStream<IsActiveResponse> {
-        let feed = match &trigger.source {
-            Source::Envoy { query, aggregation } => {
-                Some(self.subscribe((query.clone(), *aggregation), &trigger))
-            }
-            Source::Prometheus(_) => None,
-        };
-        span.in_scope(|| debug!("stream opened"));
-        let state = Activity {
-            scaler: self.clone(),
-            trigger,
-            feed,
+        tx: mpsc::Sender<Result<IsActiveResponse, Status>>,
+    ) {
+        self.metrics.scaler_streams.inc();
+        let _guard = GaugeGuard(&self.metrics.scaler_streams);
+        debug!("stream opened");
+        let mut pusher = Pusher {
+            tx,
             last: None,
-            ended: false,
-            _open: GaugeGuard::new(&self.metrics.scaler_streams),
-            span,
+            metrics: &self.metrics,
         };
-        Box::pin(futures::stream::unfold(state, |mut st| async move {
-            let span = st.span.clone();
-            let next = st.next().instrument(span).await?;
-            Some((next, st))
-        }))
-    }
-}
-
-impl Activity {
-    /// The next answer, or `None` when the stream is over (shutdown, or after
-    /// an error was sent).
-    async fn next(&mut self) -> Option<Result<IsActiveResponse, Status>> {
-        if self.ended {
-            return None;
-        }
-        loop {
-            let value = match self.feed.as_mut() {
-                Some(feed) => feed.borrow_and_update().clone(),
-                None => Some(self.scaler.value(&self.trigger).await.map_err(Arc::new)),
-            };
-            match value {
-                None => {}
-                Some(Ok(v)) => {
-                    let active = v > self.trigger.activation;
-                    if self.last != Some(active) {
-                        debug!(active, value = v, "activity changed");
-                        self.last = Some(active);
-                        self.scaler.metrics.scaler_pushes.inc();
-                        return Some(Ok(IsActiveResponse { result: active }));
+        match &trigger.source {
+            Source::Envoy { query, aggregation } => {
+                let mut feed = self.subscribe((query.clone(), *aggregation), &trigger);
+                loop {
+                    let reading = feed.borrow_and_update().clone();
+                    match reading {
+                        None => {}
+                        Some(Ok(v)) if !pusher.push(v, trigger.activation).await => return,
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return pusher.fail(&e).await,
+                    }
+                    tokio::select! {
+                        ok = feed.changed() => if ok.is_err() { return },
+                        _ = pusher.tx.closed() => { debug!("stream closed by the client"); return }
+                        _ = self.shutdown.cancelled() => return,
                     }
                 }
-                Some(Err(e)) => {
-                    // End the stream with the error: KEDA reconnects with
-                    // backoff and falls back meanwhile. Never a made-up state.
-                    warn!(error = %e, "ending StreamIsActive");
-                    self.ended = true;
-                    return Some(Err(status_of(&e)));
-                }
             }
-            let shutdown = self.scaler.shutdown.clone();
-            match self.feed.as_mut() {
-                Some(feed) => tokio::select! {
-                    ok = feed.changed() => if ok.is_err() { return None },
-                    _ = shutdown.cancelled() => return None,
-                },
-                None => {
-                    let poll = self.scaler.triggers.settings().prometheus.poll_interval;
+            Source::Prometheus(_) => {
+                let poll = self.triggers.settings().prometheus.poll_interval;
+                loop {
+                    match self.value(&trigger).await {
+                        Ok(v) => {
+                            if !pusher.push(v, trigger.activation).await {
+                                return;
+                            }
+                        }
+                        Err(e) => return pusher.fail(&e).await,
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(poll) => {}
-                        _ = shutdown.cancelled() => return None,
+                        _ = pusher.tx.closed() => { debug!("stream closed by the client"); return }
+                        _ = self.shutdown.cancelled() => return,
                     }
                 }
             }
@@ -386,23 +348,46 @@ impl Activity {
     }
 }
 
-impl Drop for Activity {
-    fn drop(&mut self) {
-        self.span.in_scope(|| debug!("stream closed"));
+/// The sending end of one StreamIsActive stream.
+struct Pusher<'a> {
+    tx: mpsc::Sender<Result<IsActiveResponse, Status>>,
+    last: Option<bool>,
+    metrics: &'a Metrics,
+}
+
+impl Pusher<'_> {
+    /// Sends the state of `value` if it differs from the last one sent. False
+    /// when the client has gone.
+    async fn push(&mut self, value: f64, activation: f64) -> bool {
+        let active = value > activation;
+        if self.last == Some(active) {
+            return true;
+        }
+        debug!(active, value, "activity changed");
+        if self
+            .tx
+            .send(Ok(IsActiveResponse { result: active }))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.metrics.scaler_pushes.inc();
+        self.last = Some(active);
+        true
+    }
+
+    /// Ends the stream with the error: KEDA reconnects with backoff and falls
+    /// back meanwhile. Never a made-up state.
+    async fn fail(self, e: &Error) {
+        warn!(error = %e, "ending StreamIsActive");
+        let _ = self.tx.send(Err(status_of(e))).await;
     }
 }
 
-/// Counts something open in a gauge for as long as it lives.
-struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
 
-impl GaugeGuard {
-    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for GaugeGuard {
+impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }

@@ -85,7 +85,8 @@ impl Scaler {
 
     async fn feed(self, key: FeedKey, trigger: Arc<Trigger>, tx: watch::Sender<Reading>) {
         debug!("feed started");
-        let _running = super::GaugeGuard::new(&self.metrics.scaler_feeds);
+        self.metrics.scaler_feeds.inc();
+        let _running = super::GaugeGuard(&self.metrics.scaler_feeds);
         let mut changes = self.store.watch(&key.0.namespace);
         let recheck = key.0.window.map(|_| WINDOW_RECHECK);
         tokio::select! {
