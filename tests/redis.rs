@@ -97,6 +97,16 @@ async fn next(s: &mut tonic::Streaming<IsActiveResponse>) -> bool {
         .result
 }
 
+/// A StreamIsActive on the web workload of `shop`, held open.
+async fn open_stream(client: &ExternalScalerClient<Channel>) -> tonic::Streaming<IsActiveResponse> {
+    client
+        .clone()
+        .stream_is_active(scaled_object("shop", "app=web"))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn redis_config(redis_url: &str) -> Config {
     let mut c = test_config();
     c.store = activescale::config::StoreKind::Redis;
@@ -117,12 +127,7 @@ async fn two_replicas_behave_as_one() {
     let b_client = b.scaler_client().await;
 
     // A StreamIsActive held open on B, before anything is ingested anywhere.
-    let mut stream = b_client
-        .clone()
-        .stream_is_active(scaled_object("shop", "app=web"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_stream(&b_client).await;
     assert!(!next(&mut stream).await, "nothing ingested yet");
 
     // Ingest on A only.
@@ -147,12 +152,7 @@ async fn streams_of_one_trigger_share_one_read_per_change() {
     let client = server.scaler_client().await;
     let mut streams = Vec::new();
     for _ in 0..20 {
-        let mut s = client
-            .clone()
-            .stream_is_active(scaled_object("shop", "app=web"))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut s = open_stream(&client).await;
         assert!(!next(&mut s).await);
         streams.push(s);
     }
@@ -384,12 +384,7 @@ async fn three_master_cluster() {
     );
 
     // StreamIsActive across replicas on a cluster.
-    let mut stream = b_client
-        .clone()
-        .stream_is_active(scaled_object("shop", "app=web"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_stream(&b_client).await;
     assert!(next(&mut stream).await);
     sidecars[0].push_gauges(&[(&inbound(8080), 0.0)]).await;
     assert!(!next(&mut stream).await);
@@ -698,12 +693,7 @@ async fn two_scaler_processes_share_one_redis() {
     a.ready().await;
     b.ready().await;
     let b_client = b.client().await;
-    let mut stream = b_client
-        .clone()
-        .stream_is_active(scaled_object("shop", "app=web"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_stream(&b_client).await;
     assert!(!next(&mut stream).await);
     let mut sidecar = Sidecar::connect(a.sink, web_node("shop", "web-1")).await;
     sidecar.push_gauges(&[(&inbound(8080), 2.0)]).await;
