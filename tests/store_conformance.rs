@@ -278,17 +278,7 @@ async fn pods_drop_out_after_ttl(kind: Kind) {
         u.store.values(&labels("shop", "app=web")).await.unwrap(),
         vec![3.0]
     );
-    loop {
-        woken(&mut rx, "expiry").await;
-        if u.store
-            .values(&labels("shop", "app=web"))
-            .await
-            .unwrap()
-            .is_empty()
-        {
-            break;
-        }
-    }
+    until_expired(&u.store, &mut rx).await;
     assert!(u.store.pods("shop", None).await.unwrap().is_empty());
     // A pod back after expiry starts afresh: its old families are gone.
     u.store
@@ -297,6 +287,23 @@ async fn pods_drop_out_after_ttl(kind: Kind) {
         .unwrap();
     let views = u.store.pods("shop", None).await.unwrap();
     assert_eq!(views[0].families, [("g".to_string(), 1.0)].into());
+}
+
+/// Waits on `rx` until shop's web pods are gone. Wake-ups may be spurious (a
+/// shared store echoes its own ingest back through pub/sub), so it re-reads
+/// after each one.
+async fn until_expired(store: &SharedStore, rx: &mut watch::Receiver<u64>) {
+    loop {
+        woken(rx, "expiry").await;
+        if store
+            .values(&labels("shop", "app=web"))
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+    }
 }
 
 async fn watch_wakes_on_change(kind: Kind) {
@@ -328,20 +335,8 @@ async fn watch_wakes_on_expiry(kind: Kind) {
         .unwrap();
     let mut rx = u.store.watch("shop");
     rx.borrow_and_update();
-    // Wake-ups may be spurious (a shared store echoes its own ingest back
-    // through pub/sub); nothing else happens here, so only the expiry can
-    // end this loop before the limit.
-    loop {
-        woken(&mut rx, "expiry").await;
-        if u.store
-            .values(&labels("shop", "app=web"))
-            .await
-            .unwrap()
-            .is_empty()
-        {
-            break;
-        }
-    }
+    // Nothing else happens here, so only the expiry can end the wait.
+    until_expired(&u.store, &mut rx).await;
 }
 
 fn windowed(reduce: WindowReduce) -> PodQuery {
