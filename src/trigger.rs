@@ -112,6 +112,13 @@ pub enum MetadataError {
          the operator has not set allow_cross_namespace"
     )]
     CrossNamespace(String),
+    /// A field of KEDA's `ScaledObjectRef` itself, not of the metadata.
+    #[error("ScaledObjectRef `{field}` = {value:?} is not accepted: expected {expected}")]
+    Reference {
+        field: String,
+        value: String,
+        expected: String,
+    },
 }
 
 impl MetadataError {
@@ -265,10 +272,13 @@ pub fn parse(
     metadata: &HashMap<String, String>,
     settings: &TriggerSettings,
 ) -> Result<Trigger, MetadataError> {
-    if namespace.is_empty() {
-        return Err(MetadataError::Conflict(
-            "the ScaledObject reference has no namespace".into(),
-        ));
+    // First: it names Redis keys, credential directories and PromQL matchers.
+    if !is_namespace_name(namespace) {
+        return Err(MetadataError::Reference {
+            field: "namespace".into(),
+            value: namespace.into(),
+            expected: NAMESPACE_NAME.into(),
+        });
     }
     let resolved;
     let metadata = if metadata.keys().any(|k| k.ends_with(FROM_ENV)) {
@@ -381,6 +391,9 @@ pub fn parse(
         None => None,
     };
     let pods_namespace = match meta.get("namespace") {
+        Some(ns) if !is_namespace_name(ns) => {
+            return Err(MetadataError::invalid("namespace", ns, NAMESPACE_NAME));
+        }
         Some(ns) if ns != namespace => {
             if !settings.allow_cross_namespace {
                 return Err(MetadataError::CrossNamespace(ns.to_owned()));
@@ -426,6 +439,20 @@ fn resolve_from_env(
         out.insert(key.to_owned(), v.clone());
     }
     Ok(out)
+}
+
+/// What [`is_namespace_name`] accepts, for error messages.
+const NAMESPACE_NAME: &str = "a Kubernetes namespace name (RFC 1123 label: 1-63 characters of \
+     a-z, 0-9 and '-', starting and ending with a letter or digit)";
+
+/// A Kubernetes namespace name: an RFC 1123 label.
+pub fn is_namespace_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    let edge = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (1..=63).contains(&b.len())
+        && b.first().is_some_and(edge)
+        && b.last().is_some_and(edge)
+        && b.iter().all(|c| edge(c) || *c == b'-')
 }
 
 fn is_metric_name(s: &str) -> bool {
@@ -733,6 +760,73 @@ pub(crate) mod tests {
             let e = err(pairs);
             for n in *needles {
                 assert!(e.contains(n), "{pairs:?}: {e:?} should mention {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn namespace_names_are_rfc_1123_labels() {
+        let long = "a".repeat(63);
+        for good in ["a", "0", "shop", "team-a", "a1-b2", "1abc", long.as_str()] {
+            assert!(is_namespace_name(good), "{good:?}");
+        }
+        let too_long = "a".repeat(64);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "Shop",
+            "shop\n",
+            "-a",
+            "a-",
+            "a.b",
+            "a_b",
+            " a",
+            "\u{e9}",
+            too_long.as_str(),
+        ] {
+            assert!(!is_namespace_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn namespaces_that_are_not_names_are_refused_naming_field_and_value() {
+        let envoy = meta(&[("labelSelector", "a"), ("targetValue", "1")]);
+        let prom = meta(&[
+            ("source", "prometheus"),
+            ("serverAddress", "http://prometheus:9090"),
+            ("query", "sum(up)"),
+            ("targetValue", "1"),
+        ]);
+        for m in [&envoy, &prom] {
+            for ns in ["..", "a/b", "Shop", "sh\nop", ""] {
+                let e = parse(ns, m, &settings()).unwrap_err();
+                assert!(matches!(e, MetadataError::Reference { .. }), "{e:?}");
+                let text = e.to_string();
+                for needle in [
+                    "ScaledObjectRef",
+                    "`namespace`",
+                    &format!("{ns:?}"),
+                    "RFC 1123",
+                ] {
+                    assert!(text.contains(needle), "{text:?} should mention {needle:?}");
+                }
+                assert!(!text.contains('\n'), "the value is escaped: {text:?}");
+            }
+        }
+        let mut cross = settings();
+        cross.allow_cross_namespace = true;
+        for allowed in [settings(), cross] {
+            for ns in ["..", "a/b", "Other", "sh\nop"] {
+                let mut m = envoy.clone();
+                m.insert("namespace".into(), ns.into());
+                let e = parse("shop", &m, &allowed).unwrap_err();
+                assert!(matches!(e, MetadataError::Invalid { .. }), "{ns:?}: {e:?}");
+                let text = e.to_string();
+                for needle in ["`namespace`", &format!("{ns:?}"), "RFC 1123"] {
+                    assert!(text.contains(needle), "{text:?} should mention {needle:?}");
+                }
             }
         }
     }
