@@ -493,8 +493,14 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
         .await
         .unwrap();
     keys.sort();
+    // Besides the namespaces: the readiness probe's key of `one` (only it
+    // was asked whether it is ready), in its prefix too.
+    let (probes, data): (Vec<&String>, Vec<&String>) =
+        keys.iter().partition(|k| k.contains(":probe}:"));
+    assert_eq!(probes.len(), 1, "{probes:?}");
+    assert!(probes[0].starts_with("{one:probe}:replica:"), "{probes:?}");
     assert_eq!(
-        keys,
+        data,
         [
             "{one:other}:g",
             "{one:other}:gc",

@@ -1,10 +1,191 @@
 //! A store that refuses writes, namespaces that are not names, and
 //! StreamIsActive through a store outage. See `main.rs`.
+//!
+//! Real `redis-server` processes throughout: one at `maxmemory` with
+//! `noeviction`, one made a replica of another (it then refuses writes with
+//! `READONLY`), one killed and restarted under open streams.
+
+use std::time::Duration;
 
 use activescale::proto::ScaledObjectRef;
-use tonic::Code;
+use tonic::{Code, Status};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
-use crate::common::*;
+use crate::common::{
+    envoy::{Sidecar, eventually, inbound, istio_node},
+    redis_server::RedisServer,
+    *,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The envoy trigger of the `web` pods of `shop`: active above 0.
+fn web() -> ScaledObjectRef {
+    so_ref(
+        "shop",
+        "web",
+        &[("labelSelector", "app=web"), ("targetValue", "10")],
+    )
+}
+
+async fn web_sidecar(server: &TestServer) -> Sidecar {
+    Sidecar::connect(
+        server.sink,
+        istio_node("shop", "web-1", &[("app", "web")], "web"),
+    )
+    .await
+}
+
+/// Waits until GetMetrics of [`web`] answers `want`.
+async fn await_metric(server: &TestServer, want: Result<f64, Code>) {
+    let client = server.scaler_client().await;
+    eventually(WAIT, &format!("GetMetrics answers {want:?}"), || {
+        let mut c = client.clone();
+        async move {
+            match get_metric(&mut c, &web()).await {
+                Ok(v) => want == Ok(v),
+                Err(s) => want == Err(s.code()),
+            }
+        }
+    })
+    .await;
+}
+
+/// `/readyz` and the gRPC health status of both ports, as one answer.
+async fn readiness(server: &TestServer) -> (u16, Vec<i32>) {
+    let (readyz, _) = http_get(&server.http_url("/readyz")).await;
+    let mut grpc = Vec::new();
+    for addr in [server.sink, server.scaler] {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect for health");
+        let mut health = HealthClient::new(channel);
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        grpc.push(status);
+    }
+    (readyz, grpc)
+}
+
+async fn await_readiness(server: &TestServer, ready: bool) {
+    let want = if ready {
+        (200, vec![ServingStatus::Serving as i32; 2])
+    } else {
+        (503, vec![ServingStatus::NotServing as i32; 2])
+    };
+    eventually(WAIT, &format!("readiness {want:?}"), || async {
+        readiness(server).await == want
+    })
+    .await;
+}
+
+/// While the store refuses writes: GetMetrics and IsActive answer
+/// UNAVAILABLE, every time (never a value), and the replica is not ready.
+async fn assert_refused(server: &TestServer) {
+    await_metric(server, Err(Code::Unavailable)).await;
+    await_readiness(server, false).await;
+    let mut client = server.scaler_client().await;
+    for _ in 0..20 {
+        let metric = get_metric(&mut client, &web()).await;
+        assert_eq!(
+            metric.as_ref().map_err(Status::code),
+            Err(Code::Unavailable),
+            "GetMetrics while writes fail: {metric:?}"
+        );
+        let message = metric.unwrap_err().message().to_owned();
+        assert!(message.contains("writes failing"), "{message}");
+        let active = client.is_active(web()).await.map(|r| r.into_inner().result);
+        assert_eq!(
+            active.as_ref().map_err(Status::code),
+            Err(Code::Unavailable),
+            "IsActive while writes fail: {active:?}"
+        );
+    }
+}
+
+async fn config_set(redis: &RedisServer, pairs: &[(&str, &str)]) {
+    let mut raw = redis.client().await;
+    for (k, v) in pairs {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query_async::<()>(&mut raw)
+            .await
+            .unwrap_or_else(|e| panic!("CONFIG SET {k} {v}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn redis_at_maxmemory_is_unavailable_not_stale_until_writes_succeed() {
+    let redis = RedisServer::start();
+    let server = start_server(redis.config(test_config())).await;
+    await_readiness(&server, true).await;
+    let mut sidecar = web_sidecar(&server).await;
+    sidecar.push_gauges(&[(&inbound(8080), 4.0)]).await;
+    await_metric(&server, Ok(4.0)).await;
+
+    // Full: every write is refused with OOM; reads still work.
+    config_set(
+        &redis,
+        &[("maxmemory-policy", "noeviction"), ("maxmemory", "1")],
+    )
+    .await;
+    // The pod now has 5 in flight; Redis still holds 4.
+    sidecar.push_gauges(&[(&inbound(8080), 5.0)]).await;
+    assert_refused(&server).await;
+
+    // Room again: readiness comes back with no sidecar traffic at all (the
+    // probe write), then the next flush is answered.
+    config_set(&redis, &[("maxmemory", "0")]).await;
+    await_readiness(&server, true).await;
+    sidecar.push_gauges(&[(&inbound(8080), 6.0)]).await;
+    await_metric(&server, Ok(6.0)).await;
+}
+
+#[tokio::test]
+async fn redis_turned_read_only_replica_is_unavailable_not_zero_until_writable() {
+    let primary = RedisServer::start();
+    let redis = RedisServer::start();
+    let server = start_server(redis.config(test_config())).await;
+    await_readiness(&server, true).await;
+    let mut sidecar = web_sidecar(&server).await;
+    sidecar.push_gauges(&[(&inbound(8080), 4.0)]).await;
+    await_metric(&server, Ok(4.0)).await;
+
+    // A failover gone wrong: our node follows another one. It takes the
+    // other's (empty) data set and refuses writes with READONLY.
+    let mut raw = redis.client().await;
+    redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(primary.port)
+        .query_async::<()>(&mut raw)
+        .await
+        .unwrap();
+    sidecar.push_gauges(&[(&inbound(8080), 5.0)]).await;
+    assert_refused(&server).await;
+
+    let mut raw = redis.client().await;
+    redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async::<()>(&mut raw)
+        .await
+        .unwrap();
+    await_readiness(&server, true).await;
+    sidecar.push_gauges(&[(&inbound(8080), 6.0)]).await;
+    await_metric(&server, Ok(6.0)).await;
+}
 
 /// Namespaces that are not Kubernetes namespace names (RFC 1123 labels).
 fn not_namespaces() -> Vec<String> {

@@ -77,6 +77,17 @@
 //! store does after a restart of the process (`read.lua` returns the uptime).
 //! [`RedisStore::connect`] connects nothing: the process starts not-ready and
 //! becomes ready when Redis answers.
+//!
+//! A Redis that answers reads but refuses writes (`maxmemory` with
+//! `noeviction`, a replica after a failover, a failed RDB save, too few
+//! replicas, an ACL without write rights) is the dangerous case: reads go on
+//! serving what was written before, stale and, once pods pass their TTL,
+//! 0. Every write of ours reports a refusal to [`WriteHealth`]; while it
+//! holds one, `values`, `summary` and `pods` fail with
+//! [`StoreError::Unavailable`] and the replica is not ready. `ready()` writes
+//! a probe key (`{<prefix>:probe}:replica:<name>`, expiring after a minute),
+//! so a replica without sidecar traffic learns both that writes fail and that
+//! they work again.
 
 mod settings;
 
@@ -84,7 +95,7 @@ use std::{
     collections::HashSet,
     sync::{
         Arc, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -127,6 +138,10 @@ struct Inner {
     /// Values are refused while the Redis node holding a namespace has been up
     /// for less than this: pods may not have reported since it (re)started.
     young_server: Duration,
+    /// Whether Redis takes our writes; reads are refused while it does not.
+    writes: WriteHealth,
+    /// The key `ready()` writes to learn whether writes work.
+    probe_key: String,
     record: Script,
     read: Script,
     sweep: Script,
@@ -169,6 +184,10 @@ impl RedisStore {
         .expect("a runtime is set, so building the pool cannot fail");
         let prefix = config.redis_key_prefix.clone();
         let ttl_ms = config.pod_ttl.as_millis() as u64;
+        let young_server = config.warmup.unwrap_or(YOUNG_SERVER);
+        // Inside the documented ACL key pattern `~{<prefix>:*`; the suffix has
+        // a ':', which no namespace's keys (`{<prefix>:<ns>}:seen`...) have.
+        let probe_key = format!("{{{prefix}:probe}}:replica:{}", replica_name());
         let inner = Arc::new(Inner {
             pool,
             notifier: Notifier::default(),
@@ -179,7 +198,11 @@ impl RedisStore {
             ttl_ms,
             max_window_ms: config.max_window.as_millis() as u64,
             key_ttl_ms: 2 * ttl_ms + 60_000,
-            young_server: config.warmup.unwrap_or(YOUNG_SERVER),
+            young_server,
+            // After refused writes, as after a Redis restart: pods whose
+            // reports were lost must have reported again (see `WriteHealth`).
+            writes: WriteHealth::new(young_server),
+            probe_key,
             record: Script::new(concat!(
                 include_str!("groups.lua"),
                 include_str!("record.lua")
@@ -214,6 +237,142 @@ impl RedisStore {
 /// flushes, as the memory store's warm-up.
 const YOUNG_SERVER: Duration = Duration::from_secs(10);
 
+/// How long the probe key outlives its last write: a few readiness probes,
+/// so that it disappears soon after its replica.
+const PROBE_TTL_MS: u64 = 60_000;
+
+/// This replica's name for its probe key: the pod name where Kubernetes sets
+/// `HOSTNAME`, else the process id. Replicas sharing a name share a key,
+/// which costs nothing but the key's distinctness.
+fn replica_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty() && h.len() <= 253)
+        .unwrap_or_else(|| std::process::id().to_string())
+}
+
+/// Whether a Redis error says the server refuses writes while it may still
+/// answer reads. Errors a script raises on bad input (`ERR`) are not in
+/// here: one pod's bad message must not make the store unavailable for all.
+/// Connection errors and timeouts are not either: they fail reads too.
+fn refuses_writes(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("OOM" | "READONLY" | "NOREPLICAS" | "MISCONF" | "NOPERM")
+    )
+}
+
+/// What this replica knows about Redis taking its writes.
+///
+/// A refusal comes from any write (`record`, the sweeper, a group rebuild,
+/// the probe in `ready()`); only `record` and the probe count as success,
+/// since only they prove that a sidecar's report would be stored (a sweep
+/// removes, which a full Redis still allows).
+///
+/// How long reads stay refused: until a write has succeeded since the last
+/// refusal **and** `hold` has passed since that refusal. What was written
+/// before a refusal is stale by up to the time writes failed; a failure
+/// longer than `pod_ttl` has also dropped pods whose reports were refused, so
+/// the first success after it (often the probe, before any sidecar reported
+/// again) would read as "no load". `hold` is the Redis warm-up (`warmup`,
+/// 10 s by default: two Envoy flushes), for the same reason as after a Redis
+/// restart: by then every sidecar has reported again and the TTL and the
+/// sweeper have dropped what went stale. A flapping server (some writes
+/// refused, some not: memory at the limit, pods on several nodes) stays
+/// unavailable as long as refusals keep coming, since no answer from it can
+/// be trusted.
+///
+/// The hot path is one atomic load per read and per successful write while
+/// all is well.
+struct WriteHealth {
+    origin: Instant,
+    /// Milliseconds since `origin` of the last refusal, plus one; 0 when
+    /// there is none since reads were last allowed.
+    refused_at: AtomicU64,
+    /// Milliseconds since `origin` of the last success, plus one; kept up to
+    /// date only while `refused_at` is set.
+    ok_at: AtomicU64,
+    /// The last refusal's text. std Mutex: written on refusals, read on the
+    /// error path only, never held across an await.
+    error: std::sync::Mutex<String>,
+    hold: Duration,
+}
+
+impl WriteHealth {
+    fn new(hold: Duration) -> Self {
+        Self {
+            origin: Instant::now(),
+            refused_at: AtomicU64::new(0),
+            ok_at: AtomicU64::new(0),
+            error: std::sync::Mutex::new(String::new()),
+            hold,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Notes the error of one of our writes when it is a refusal.
+    fn failed(&self, e: &RedisError) {
+        if !refuses_writes(e.code()) {
+            return;
+        }
+        let first = {
+            let mut error = self.error.lock().unwrap_or_else(|e| e.into_inner());
+            *error = e.to_string();
+            self.refused_at.swap(self.now(), Ordering::AcqRel) == 0
+        };
+        if first {
+            warn!(error = %e, "redis refuses writes: answering unavailable until they succeed again");
+        }
+    }
+
+    /// Notes a write that Redis stored (`record` or the probe).
+    fn succeeded(&self) {
+        if self.refused_at.load(Ordering::Acquire) != 0 {
+            self.ok_at.store(self.now(), Ordering::Release);
+        }
+    }
+
+    /// Whether reads may be answered.
+    fn check(&self) -> Result<(), StoreError> {
+        let refused_at = self.refused_at.load(Ordering::Acquire);
+        if refused_at == 0 {
+            return Ok(());
+        }
+        let (ok_at, now) = (self.ok_at.load(Ordering::Acquire), self.now());
+        let hold = self.hold.as_millis() as u64;
+        if recovered(refused_at, ok_at, now, hold) {
+            // A refusal since the load keeps its newer time: the exchange fails.
+            if self
+                .refused_at
+                .compare_exchange(refused_at, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                info!("redis takes writes again: answering");
+            }
+            return Ok(());
+        }
+        let error = self.error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Err(StoreError::Unavailable(if ok_at > refused_at {
+            format!(
+                "writes failing: {error} (last refused {:?} ago; answers resume {:?} after the last refusal)",
+                Duration::from_millis(now - refused_at),
+                self.hold
+            )
+        } else {
+            format!("writes failing: {error}")
+        }))
+    }
+}
+
+/// Whether reads may resume: a write succeeded after the last refusal and
+/// `hold_ms` have passed since it. Times in ms of one clock.
+fn recovered(refused_at: u64, ok_at: u64, now: u64, hold_ms: u64) -> bool {
+    ok_at > refused_at && now.saturating_sub(refused_at) >= hold_ms
+}
+
 /// The keys of a namespace, in the order the scripts take them.
 fn keys(prefix: &str, namespace: &str) -> [String; 8] {
     ["seen", "id", "st", "h", "g", "gl", "gs", "gc"]
@@ -225,6 +384,22 @@ impl Inner {
     async fn eval<T: redis::FromRedisValue>(
         &self,
         call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.eval_as(call, false).await
+    }
+
+    /// [`Inner::eval`] of a script that writes: refusals go to `writes`.
+    async fn eval_write<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.eval_as(call, true).await
+    }
+
+    async fn eval_as<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+        writes: bool,
     ) -> Result<T, StoreError> {
         let deadline = Instant::now() + self.timeout;
         let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
@@ -245,6 +420,9 @@ impl Inner {
                     || e.is_unrecoverable_error()
                 {
                     conn.broken = true;
+                }
+                if writes {
+                    self.writes.failed(&e);
                 }
                 Err(redis_error(e, self.timeout))
             }
@@ -332,7 +510,7 @@ impl Inner {
             call.key(k);
         }
         call.arg(self.key_ttl_ms);
-        let pods: i64 = self.eval(&call).await?;
+        let pods: i64 = self.eval_write(&call).await?;
         info!(namespace, pods, "redis pod groups rebuilt");
         Ok(())
     }
@@ -631,7 +809,8 @@ impl Store for RedisStore {
             // Display of f64 is the shortest string that parses back exactly.
             call.arg(name).arg(value.to_string());
         }
-        let changed: i64 = inner.eval(&call).await?;
+        let changed: i64 = inner.eval_write(&call).await?;
+        inner.writes.succeeded();
         if changed == 1 {
             // Local watchers need not wait for the round trip through pub/sub.
             inner.notifier.notify(&pod.namespace);
@@ -640,6 +819,7 @@ impl Store for RedisStore {
     }
 
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
+        self.inner.writes.check()?;
         self.inner.values(query).await
     }
 
@@ -647,6 +827,7 @@ impl Store for RedisStore {
     /// window needs every pod's value.
     async fn summary(&self, query: &PodQuery, with_max: bool) -> Result<Summary, StoreError> {
         let inner = &*self.inner;
+        inner.writes.check()?;
         if !with_max && query.window.is_none() {
             if let Some(s) = inner.group_summary(query).await? {
                 return Ok(s);
@@ -663,6 +844,7 @@ impl Store for RedisStore {
         namespace: &str,
         selector: Option<&PodSelector>,
     ) -> Result<Vec<PodView>, StoreError> {
+        self.inner.writes.check()?;
         let snap = self.inner.read(namespace, false).await?;
         let mut views: Vec<PodView> = snap
             .pods
@@ -691,22 +873,28 @@ impl Store for RedisStore {
             Ok(Err(e)) => return Err(pool_error(e, inner.timeout)),
             Ok(Ok(c)) => c,
         };
-        match tokio::time::timeout_at(
-            deadline,
-            redis::cmd("PING").query_async::<String>(&mut *conn),
-        )
-        .await
-        {
+        // A write, not a PING: a Redis that answers but refuses writes is
+        // not ready, and one that takes them again is, with or without
+        // sidecar traffic.
+        let mut probe = redis::cmd("SET");
+        probe
+            .arg(&inner.probe_key)
+            .arg(std::process::id())
+            .arg("PX")
+            .arg(PROBE_TTL_MS);
+        match tokio::time::timeout_at(deadline, probe.query_async::<()>(&mut *conn)).await {
             Err(_) => {
                 conn.broken = true;
                 return Err(StoreError::Timeout(inner.timeout));
             }
+            Ok(Err(e)) if refuses_writes(e.code()) => inner.writes.failed(&e),
             Ok(Err(e)) => {
                 conn.broken = true;
                 return Err(redis_error(e, inner.timeout));
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => inner.writes.succeeded(),
         }
+        inner.writes.check()?;
         if !inner.subscribed.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable(
                 "the change subscription is down; reconnecting".into(),
@@ -907,7 +1095,7 @@ async fn sweep(inner: Weak<Inner>, stop: CancellationToken, ttl: Duration) {
                     call.key(k);
                 }
                 call.arg(this.ttl_ms).arg(&this.channel).arg(&ns);
-                match this.eval::<(i64, i64)>(&call).await {
+                match this.eval_write::<(i64, i64)>(&call).await {
                     Ok((removed, next_in)) => {
                         if removed > 0 {
                             this.notifier.notify(&ns);
@@ -1104,6 +1292,39 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_refusals_to_write_count_as_failing_writes() {
+        for code in ["OOM", "READONLY", "NOREPLICAS", "MISCONF", "NOPERM"] {
+            assert!(refuses_writes(Some(code)), "{code}");
+        }
+        // A script's own error on bad input, a missing script, a loading
+        // server, a connection error: not the write path refusing.
+        for code in [Some("ERR"), Some("NOSCRIPT"), Some("LOADING"), None] {
+            assert!(!refuses_writes(code), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn reads_resume_after_a_success_and_the_hold_since_the_last_refusal() {
+        let hold = 10_000;
+        // Refused at 100, nothing succeeded since.
+        assert!(!recovered(100, 0, 50_000, hold));
+        assert!(
+            !recovered(100, 90, 50_000, hold),
+            "success before the refusal"
+        );
+        // A success since, but the hold is not over.
+        assert!(!recovered(100, 200, 5_000, hold));
+        assert!(recovered(100, 200, 10_100, hold));
+        // Flapping: every refusal restarts the hold.
+        assert!(!recovered(9_000, 8_000, 10_100, hold));
+        assert!(!recovered(9_000, 9_500, 10_100, hold));
+        assert!(recovered(9_000, 9_500, 19_000, hold));
+        // Without a hold (warmup 0), the first success is enough.
+        assert!(recovered(100, 101, 101, 0));
+        assert!(!recovered(100, 100, 101, 0));
     }
 
     #[test]
