@@ -293,8 +293,13 @@ impl ExternalScaler for Scaler {
 }
 
 impl Scaler {
-    /// Body of one StreamIsActive stream: the state when it opens, then each
-    /// change, never a repeat (KEDA treats every `true` as fresh activity).
+    /// Body of one StreamIsActive stream: the state when it is first known,
+    /// then each change, never a repeat (KEDA treats every `true` as fresh
+    /// activity). While the value is unknown (the store or Prometheus fails)
+    /// the stream stays open and says nothing; GetMetrics and IsActive
+    /// answer the error, so KEDA falls back. Ending the stream with the error
+    /// would grow KEDA's reconnect wait instead (2 s doubling to 60 s, reset
+    /// only by a clean end). On drain it ends cleanly (status OK).
     async fn push_activity(
         self,
         trigger: Arc<Trigger>,
@@ -312,12 +317,11 @@ impl Scaler {
             Source::Envoy { query, aggregation } => {
                 let mut feed = self.subscribe((query.clone(), *aggregation), &trigger);
                 loop {
-                    let reading = feed.borrow_and_update().clone();
-                    match reading {
-                        None => {}
-                        Some(Ok(v)) if !pusher.push(v, trigger.activation).await => return,
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => return pusher.fail(&e).await,
+                    let reading = *feed.borrow_and_update();
+                    if let Some(v) = reading
+                        && !pusher.push(v, trigger.activation).await
+                    {
+                        return;
                     }
                     tokio::select! {
                         ok = feed.changed() => if ok.is_err() { return },
@@ -328,14 +332,21 @@ impl Scaler {
             }
             Source::Prometheus(_) => {
                 let poll = self.triggers.settings().prometheus.poll_interval;
+                let mut failing = false;
                 loop {
                     match self.value(&trigger).await {
                         Ok(v) => {
+                            failing = false;
                             if !pusher.push(v, trigger.activation).await {
                                 return;
                             }
                         }
-                        Err(e) => return pusher.fail(&e).await,
+                        Err(e) => {
+                            if !failing {
+                                warn!(error = %e, "activity unknown: the stream stays open and silent until Prometheus answers");
+                            }
+                            failing = true;
+                        }
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(poll) => {}
@@ -375,13 +386,6 @@ impl Pusher<'_> {
         self.metrics.scaler_pushes.inc();
         self.last = Some(active);
         true
-    }
-
-    /// Ends the stream with the error: KEDA reconnects with backoff and falls
-    /// back meanwhile. Never a made-up state.
-    async fn fail(self, e: &Error) {
-        warn!(error = %e, "ending StreamIsActive");
-        let _ = self.tx.send(Err(status_of(e))).await;
     }
 }
 

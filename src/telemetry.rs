@@ -100,6 +100,8 @@ pub struct Metrics {
     /// Shared read loops behind the StreamIsActive streams of Envoy triggers
     /// (one per distinct query): the store reads per change.
     pub scaler_feeds: Gauge,
+    /// Feeds whose last read failed: their streams are silent until one succeeds.
+    pub scaler_feeds_unknown: Gauge,
     /// KEDA RPCs answered, and of those with an error (for the summary line;
     /// `rpc_requests` has the breakdown).
     pub api_calls: Counter,
@@ -134,6 +136,7 @@ impl Metrics {
             scaler_streams: Gauge::default(),
             scaler_pushes: Counter::default(),
             scaler_feeds: Gauge::default(),
+            scaler_feeds_unknown: Gauge::default(),
             api_calls: Counter::default(),
             api_errors: Counter::default(),
             registry: Registry::default(),
@@ -197,6 +200,11 @@ impl Metrics {
             "scaler_feeds_running",
             "Shared store reads behind StreamIsActive streams (one per distinct query)",
             m.scaler_feeds.clone(),
+        );
+        registry.register(
+            "scaler_feeds_unknown",
+            "Feeds whose last read failed; their StreamIsActive streams stay open and silent",
+            m.scaler_feeds_unknown.clone(),
         );
         Metrics { registry, ..m }
     }

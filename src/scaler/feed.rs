@@ -7,25 +7,46 @@
 //! 160 ms late. Now the first stream of a `(query, aggregation)` starts a
 //! feed: it reads once per change and publishes the value on a `watch`
 //! channel; every stream compares that value with its own activation
-//! threshold. The feed stops when its last stream is gone, and on a read
-//! error, which it publishes first so that every stream ends with it.
+//! threshold. The feed stops when its last stream is gone or on shutdown.
+//!
+//! A read error does not stop it: the value becomes unknown (`None`), which
+//! streams treat as silence, and the feed retries on the next change signal
+//! or after [`retry_after`], whichever comes first. Ending the streams with
+//! the error instead would cost KEDA its push channel for up to a minute
+//! after a short outage: it doubles its reconnect wait (2 s up to 60 s) after
+//! every stream that ends with an error status. Polling meanwhile answers
+//! with the error, so KEDA applies its fallback.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::sync::watch;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Scaler, WINDOW_RECHECK};
-use crate::{Error, store::PodQuery, trigger::Aggregation, trigger::Trigger};
+use crate::{store::PodQuery, trigger::Aggregation, trigger::Trigger};
 
 /// What a feed reads: the value depends on nothing else.
 pub(super) type FeedKey = (PodQuery, Aggregation);
 
-/// The latest reading: nothing yet, a value, or the error that ended the feed.
-pub(super) type Reading = Option<Result<f64, Arc<Error>>>;
+/// The latest value, or `None` while it is unknown: nothing read yet, or the
+/// last read failed.
+pub(super) type Reading = Option<f64>;
+
+/// Wait before the next read after `failures` failed reads in a row: 1 s,
+/// doubling, at most 5 s. The first retry comes soon because most outages
+/// are short; a change signal (the Redis subscriber wakes every watcher when
+/// it reconnects) cuts any wait short, so the timer matters for recoveries
+/// that send none: refused writes accepted again, a Redis node's warm-up
+/// ending. The cap is one Envoy flush: a stream learns the recovered state
+/// no later than the data itself would change. Each retry is one read per
+/// distinct query, not per stream.
+pub(super) fn retry_after(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(3)).min(Duration::from_secs(5))
+}
 
 /// The running feeds, by key.
 #[derive(Default)]
@@ -96,27 +117,50 @@ impl Scaler {
                 return;
             }
         }
+        let mut failures = 0u32;
+        let mut unknown = UnknownGauge {
+            gauge: &self.metrics.scaler_feeds_unknown,
+            set: false,
+        };
         loop {
             // Everything up to now is covered by the read below.
             changes.borrow_and_update();
-            match self.value(&trigger).await {
+            let wait = match self.value(&trigger).await {
                 Ok(v) => {
+                    if failures > 0 {
+                        info!(failures, "activity known again");
+                        failures = 0;
+                    }
+                    unknown.set(false);
+                    // From unknown to any value wakes the streams: each
+                    // pushes only if its state differs from what it sent.
                     tx.send_if_modified(|last| {
-                        let same = matches!(last, Some(Ok(old)) if *old == v);
-                        *last = Some(Ok(v));
+                        let same = *last == Some(v);
+                        *last = Some(v);
                         !same
                     });
+                    recheck
                 }
                 Err(e) => {
-                    // Unregister first so that a stream opened from now on
-                    // starts a fresh feed instead of inheriting this error.
-                    self.feeds.retire(&key, true);
-                    tx.send_replace(Some(Err(Arc::new(e))));
-                    return;
+                    if failures == 0 {
+                        warn!(error = %e, "activity unknown: streams stay open and silent until the read succeeds");
+                    } else {
+                        debug!(error = %e, failures, "activity still unknown");
+                    }
+                    // Unknown, without waking anyone: streams keep the state
+                    // they last sent; one opened now waits for a value.
+                    tx.send_if_modified(|last| {
+                        *last = None;
+                        false
+                    });
+                    unknown.set(true);
+                    let wait = retry_after(failures);
+                    failures = failures.saturating_add(1);
+                    Some(wait)
                 }
-            }
+            };
             let tick = async {
-                match recheck {
+                match wait {
                     Some(d) => tokio::time::sleep(d).await,
                     None => std::future::pending().await,
                 }
@@ -140,6 +184,32 @@ impl Scaler {
     }
 }
 
+/// Counts the feed in `scaler_feeds_unknown` while its value is unknown,
+/// until it is known again or the feed stops.
+struct UnknownGauge<'a> {
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
+    set: bool,
+}
+
+impl UnknownGauge<'_> {
+    fn set(&mut self, unknown: bool) {
+        if unknown != self.set {
+            if unknown {
+                self.gauge.inc();
+            } else {
+                self.gauge.dec();
+            }
+            self.set = unknown;
+        }
+    }
+}
+
+impl Drop for UnknownGauge<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +224,15 @@ mod tests {
             },
             Aggregation::Sum,
         )
+    }
+
+    #[test]
+    fn retries_start_soon_and_are_capped_at_one_flush() {
+        assert_eq!(retry_after(0), Duration::from_secs(1));
+        assert_eq!(retry_after(1), Duration::from_secs(2));
+        assert_eq!(retry_after(2), Duration::from_secs(4));
+        assert_eq!(retry_after(3), Duration::from_secs(5));
+        assert_eq!(retry_after(u32::MAX), Duration::from_secs(5));
     }
 
     #[test]

@@ -7,14 +7,15 @@
 
 use std::time::Duration;
 
-use activescale::proto::ScaledObjectRef;
-use tonic::{Code, Status};
+use activescale::proto::{IsActiveResponse, ScaledObjectRef};
+use tonic::{Code, Status, Streaming};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
 use crate::common::{
     envoy::{Sidecar, eventually, inbound, istio_node},
+    prometheus_server::{Exporter, Prometheus},
     redis_server::RedisServer,
     *,
 };
@@ -286,4 +287,172 @@ async fn trigger_namespace_key_must_be_a_namespace_name() {
             assert_refused_everywhere(&server, &r, "`namespace`", &ns).await;
         }
     }
+}
+
+/// Silence on a stream: nothing arrives within a moment. Evidence only in
+/// one direction (a slow server would pass it too); the message that follows
+/// the outage is what proves nothing was sent.
+async fn assert_silent(stream: &mut Streaming<IsActiveResponse>) {
+    let got = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(got.is_err(), "the stream sent {got:?} during the outage");
+}
+
+async fn next_state(stream: &mut Streaming<IsActiveResponse>) -> bool {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("a StreamIsActive message in time")
+        .expect("the stream did not end with an error")
+        .expect("the stream is still open")
+        .result
+}
+
+/// One of the server's own metrics, from `/metrics`.
+async fn own_metric(server: &TestServer, name: &str) -> f64 {
+    let (_, body) = http_get(&server.http_url("/metrics")).await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Waits until the feed behind the stream has seen the store fail (`true`)
+/// or has read a value again (`false`).
+async fn await_feed_unknown(server: &TestServer, unknown: bool) {
+    let want = if unknown { 1.0 } else { 0.0 };
+    eventually(WAIT, &format!("feeds unknown = {want}"), || async {
+        own_metric(server, "activescale_scaler_feeds_unknown").await == want
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stream_is_active_stays_open_and_silent_through_redis_outages() {
+    // An append-only file, so that a restart brings the pods back as they
+    // were; a long TTL, so that they are still live after it.
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut config = redis.config(test_config());
+    config.pod_ttl = Duration::from_secs(120);
+    let server = start_server(config).await;
+    await_readiness(&server, true).await;
+    let mut sidecar = web_sidecar(&server).await;
+    sidecar.push_gauges(&[(&inbound(8080), 3.0)]).await;
+    await_metric(&server, Ok(3.0)).await;
+    let mut stream = server
+        .scaler_client()
+        .await
+        .stream_is_active(web())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next_state(&mut stream).await);
+    let pushes = "activescale_scaler_pushes_total";
+    let pushed = own_metric(&server, pushes).await;
+
+    // Outage 1, back with the same state: polls fail, the stream says nothing.
+    redis.stop();
+    await_metric(&server, Err(Code::Unavailable)).await;
+    await_feed_unknown(&server, true).await;
+    assert_silent(&mut stream).await;
+    redis.restart();
+    await_metric(&server, Ok(3.0)).await;
+    await_feed_unknown(&server, false).await;
+    assert_eq!(
+        own_metric(&server, pushes).await,
+        pushed,
+        "the same state was pushed again"
+    );
+
+    // Outage 2, back with another state (the data is lost).
+    redis.stop();
+    await_metric(&server, Err(Code::Unavailable)).await;
+    await_feed_unknown(&server, true).await;
+    assert_silent(&mut stream).await;
+    std::fs::remove_dir_all(redis.dir().join("appendonlydir")).unwrap();
+    redis.restart();
+    await_metric(&server, Ok(0.0)).await;
+    // The first message since the stream opened, on the same stream: it
+    // never ended.
+    assert!(!next_state(&mut stream).await);
+    eventually(WAIT, "one push counted", || async {
+        own_metric(&server, pushes).await == pushed + 1.0
+    })
+    .await;
+    // And only one: the next message is the next change.
+    sidecar.push_gauges(&[(&inbound(8080), 2.0)]).await;
+    assert!(next_state(&mut stream).await);
+}
+
+#[tokio::test]
+async fn drain_during_a_redis_outage_ends_streams_with_ok() {
+    let mut redis = RedisServer::start();
+    let server = start_server(redis.config(test_config())).await;
+    await_readiness(&server, true).await;
+    let mut stream = server
+        .scaler_client()
+        .await
+        .stream_is_active(web())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!next_state(&mut stream).await);
+    redis.stop();
+    await_metric(&server, Err(Code::Unavailable)).await;
+    tokio::time::timeout(WAIT, server.stop())
+        .await
+        .expect("drained in time")
+        .expect("run ok");
+    // A clean end (status OK): KEDA resets its reconnect backoff on it.
+    let end = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("the stream ended");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+#[tokio::test]
+async fn prometheus_source_stream_stays_open_and_silent_through_an_outage() {
+    let exporter = Exporter::start();
+    exporter.set("outage_probe", &[("namespace", "t-outage")], 3.0);
+    let mut prometheus = Prometheus::start(&[exporter.addr]).await;
+    let mut config = test_config();
+    config.prometheus_cache_ttl = Duration::from_millis(100);
+    config.prometheus_poll_interval = Duration::from_millis(200);
+    let server = start_server(config).await;
+    let r = so_ref(
+        "t-outage",
+        "worker",
+        &[
+            ("source", "prometheus"),
+            ("serverAddress", &prometheus.url),
+            ("query", "sum(outage_probe)"),
+            ("targetValue", "1"),
+        ],
+    );
+    let client = server.scaler_client().await;
+    eventually(Duration::from_secs(20), "the series is scraped", || {
+        let (mut c, r) = (client.clone(), r.clone());
+        async move { get_metric(&mut c, &r).await.ok() == Some(3.0) }
+    })
+    .await;
+    let mut stream = client
+        .clone()
+        .stream_is_active(r.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next_state(&mut stream).await);
+
+    prometheus.stop();
+    eventually(WAIT, "GetMetrics is UNAVAILABLE", || {
+        let (mut c, r) = (client.clone(), r.clone());
+        async move {
+            get_metric(&mut c, &r)
+                .await
+                .is_err_and(|s| s.code() == Code::Unavailable)
+        }
+    })
+    .await;
+    assert_silent(&mut stream).await;
+    exporter.set("outage_probe", &[("namespace", "t-outage")], 0.0);
+    prometheus.restart().await;
+    // The first message after the outage is the new state, on the same stream.
+    assert!(!next_state(&mut stream).await);
 }

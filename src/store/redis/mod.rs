@@ -58,7 +58,7 @@
 //!   `<prefix>:changes`. Each process holds one subscriber connection that
 //!   feeds the [`Notifier`]; it resubscribes after a reconnect and then wakes
 //!   every watcher, since changes may have been missed (and on a disconnect,
-//!   so that open streams re-read and report the outage). On a cluster the
+//!   so that StreamIsActive feeds re-read and learn of the outage). On a cluster the
 //!   classic `PUBLISH` reaches every node, so the subscriber uses any one.
 //! - **Expiry signals**: for namespaces with local watchers only, a sweeper
 //!   runs `sweep.lua`, which removes expired pods, publishes when it removed
@@ -1074,7 +1074,7 @@ async fn subscribe(inner: Weak<Inner>, clients: Vec<redis::Client>, stop: Cancel
         warn!("redis change subscription lost; reconnecting");
         let Some(this) = inner.upgrade() else { return };
         this.subscribed.store(false, Ordering::Release);
-        // Open streams re-read now: they see the outage (or the current state).
+        // Feeds re-read now: they learn of the outage (or the current state).
         this.notifier.notify_all();
     }
 }
