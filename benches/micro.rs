@@ -36,7 +36,7 @@ fn ingest(c: &mut Criterion) {
             b.iter(|| {
                 skipped.clear();
                 let parsed =
-                    wire::parse(black_box(&bytes), &filter, &mut kept, &mut skipped).unwrap();
+                    wire::parse(black_box(&bytes), &filter, 64, &mut kept, &mut skipped).unwrap();
                 black_box((parsed.families, kept.len()))
             })
         });

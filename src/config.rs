@@ -64,6 +64,15 @@ pub struct Config {
     /// (`http.inbound_0.0.0.0_<sink port>;`), where the scaler's sidecar counts
     /// Envoy's long-lived metrics streams as requests in flight.
     pub exclude_sink_scope: bool,
+    /// Distinct stat families kept per pod (1 to 1024). Families past it, in
+    /// one message or over time, are rejected and counted; those a pod
+    /// already has keep updating. Bounds what one pod costs the store.
+    pub max_families_per_pod: usize,
+    /// Accept a sidecar stream only from the pod IP its node id (or its
+    /// `INSTANCE_IPS`) names. Turn off where something between the sidecars
+    /// and the sink rewrites source addresses (SNAT); a pod then still stays
+    /// bound to the address it was first seen from until it expires.
+    pub sink_verify_peer_address: bool,
     /// Longest `window` a trigger may ask for; pod history older than this is
     /// forgotten.
     #[serde(with = "humantime_serde")]
@@ -165,6 +174,8 @@ impl Default for Config {
             metric_include: names::default_include(),
             metric_exclude: names::default_exclude(),
             exclude_sink_scope: true,
+            max_families_per_pod: crate::store::DEFAULT_MAX_FAMILIES,
+            sink_verify_peer_address: true,
             max_window: Duration::from_secs(600),
             warmup: None,
             allow_cross_namespace: false,
@@ -199,6 +210,11 @@ impl Default for Config {
         }
     }
 }
+
+/// Largest `max_families_per_pod`: a pod's sum (at most this many values of
+/// at most 1e9) stays far below 2^53, where f64 sums stop being exact, and a
+/// pod's state stays small.
+pub const MAX_FAMILIES_LIMIT: usize = 1024;
 
 /// A setting that cannot be used; the message names it.
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +292,15 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes", "must be at least 1024");
+        }
+        if !(1..=MAX_FAMILIES_LIMIT).contains(&self.max_families_per_pod) {
+            return bad(
+                "max_families_per_pod",
+                &format!(
+                    "{} is not between 1 and {MAX_FAMILIES_LIMIT}",
+                    self.max_families_per_pod
+                ),
+            );
         }
         if self.metric_include.is_empty() {
             return bad("metric_include", "needs at least one pattern");
@@ -421,6 +446,8 @@ mod tests {
         assert_eq!(c.pod_ttl, Duration::from_secs(15));
         assert_eq!(c.store, StoreKind::Memory);
         assert_eq!(c.max_message_bytes, 16 << 20);
+        assert_eq!(c.max_families_per_pod, 64);
+        assert!(c.sink_verify_peer_address);
     }
 
     #[test]
@@ -493,6 +520,14 @@ mod tests {
             (("ACTIVESCALE_STORE", "etcd"), "store"),
             (("ACTIVESCALE_SINK_ADDR", "nowhere"), "sink_addr"),
             (("ACTIVESCALE_MAX_MESSAGE_BYTES", "12"), "max_message_bytes"),
+            (
+                ("ACTIVESCALE_MAX_FAMILIES_PER_POD", "0"),
+                "max_families_per_pod",
+            ),
+            (
+                ("ACTIVESCALE_MAX_FAMILIES_PER_POD", "1025"),
+                "max_families_per_pod",
+            ),
             (("ACTIVESCALE_TLS_CERT", "/nonexistent.pem"), "tls_cert"),
             (("ACTIVESCALE_NO_SUCH_SETTING", "1"), "no_such_setting"),
         ] {

@@ -157,7 +157,13 @@ pub async fn run(
         // The bound port: what the scaler's own sidecar names its inbound scope by.
         config.exclude_sink_scope.then_some(sink_addr.port()),
     );
-    let sink = sink::Sink::new(store.clone(), filter, metrics.clone(), token.clone());
+    let sink = sink::Sink::new(
+        store.clone(),
+        filter,
+        sink::SinkSettings::from_config(&config),
+        metrics.clone(),
+        token.clone(),
+    );
     let prom_settings = prometheus::PromSettings {
         enforce_namespace: config.prometheus_enforce_namespace,
         cache_ttl: config.prometheus_cache_ttl,

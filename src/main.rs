@@ -69,6 +69,13 @@ struct ServeArgs {
     /// Comma-separated stat-name globs to drop.
     #[arg(long)]
     metric_exclude: Option<String>,
+    /// Distinct stat families kept per pod, 1 to 1024 (default 64).
+    #[arg(long)]
+    max_families_per_pod: Option<String>,
+    /// Accept a sidecar stream only from the pod IP its node id names
+    /// (default true; false where source addresses are rewritten).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    sink_verify_peer_address: Option<String>,
     #[arg(long)]
     max_window: Option<String>,
     #[arg(long)]
@@ -118,6 +125,8 @@ impl ServeArgs {
             ("max_message_bytes", &self.max_message_bytes),
             ("metric_include", &self.metric_include),
             ("metric_exclude", &self.metric_exclude),
+            ("max_families_per_pod", &self.max_families_per_pod),
+            ("sink_verify_peer_address", &self.sink_verify_peer_address),
             ("max_window", &self.max_window),
             ("warmup", &self.warmup),
             ("allow_cross_namespace", &self.allow_cross_namespace),

@@ -77,10 +77,19 @@ pub struct Metrics {
     pub registry: Registry,
     /// Envoy messages received.
     pub sink_messages: Counter,
-    /// Metric families by outcome: kept, skipped (filtered out), rejected (bad value).
+    /// Metric families by outcome: kept; rejected (a value no gauge has, no
+    /// value, or a new family past `max_families_per_pod`); skipped (filtered
+    /// out, repeated in its message, or on a stream without a usable or
+    /// accepted identity).
     pub sink_families: Family<OutcomeLabel, Counter>,
     /// Messages whose stream had no usable pod identity.
     pub sink_identity_missing: Counter,
+    /// Messages dropped because the pod identity their stream claims was
+    /// refused, by reason: `inconsistent` (metadata names another pod than
+    /// the node id), `peer_address` (the stream does not come from an IP the
+    /// node claims), `bound_elsewhere` (the pod is live and bound to another
+    /// address).
+    pub sink_identity_refused: Family<ReasonLabel, Counter>,
     /// Streams ended by an error, by reason.
     pub sink_stream_errors: Family<ReasonLabel, Counter>,
     /// Messages whose samples could not be written to the store.
@@ -121,6 +130,7 @@ impl Metrics {
             sink_messages: Counter::default(),
             sink_families: Family::default(),
             sink_identity_missing: Counter::default(),
+            sink_identity_refused: Family::default(),
             sink_stream_errors: Family::default(),
             sink_store_errors: Counter::default(),
             sink_streams: Gauge::default(),
@@ -155,6 +165,11 @@ impl Metrics {
             "sink_identity_missing",
             "Messages on streams without a usable pod identity",
             m.sink_identity_missing.clone(),
+        );
+        registry.register(
+            "sink_identity_refused",
+            "Messages dropped because their stream's claimed pod identity was refused, by reason",
+            m.sink_identity_refused.clone(),
         );
         registry.register(
             "sink_stream_errors",

@@ -490,7 +490,7 @@ async fn activation_value_and_many_streams_sharing_one_read() {
             .result,
         "4 is not above 4"
     );
-    sidecar.push_gauges(&[(&inbound(8080), 4.5)]).await;
+    sidecar.push_gauges(&[(&inbound(8080), 5.0)]).await;
     for s in &mut streams {
         assert!(next_state(s).await);
     }

@@ -12,7 +12,9 @@ use activescale::{
         GetMetricsRequest, IsActiveResponse, ScaledObjectRef,
         external_scaler_client::ExternalScalerClient,
     },
-    store::{PodIdentity, PodQuery, PodSelector, Store, Summary, redis::RedisStore},
+    store::{
+        Ingest, Ingested, PodIdentity, PodQuery, PodSelector, Store, Summary, redis::RedisStore,
+    },
 };
 use common::{
     envoy::*,
@@ -1050,4 +1052,132 @@ async fn groups_are_rebuilt_from_data_without_them() {
         .unwrap();
     assert_eq!(summary_agrees(&store, &q, "value healed").await.sum, 14.0);
     groups_are_exact(&mut raw, "shop").await;
+}
+
+async fn hset(raw: &mut redis::aio::MultiplexedConnection, key: &str, field: &str, value: &str) {
+    let _: i64 = redis::cmd("HSET")
+        .arg(key)
+        .arg(field)
+        .arg(value)
+        .query_async(raw)
+        .await
+        .unwrap();
+}
+
+/// What a version that did not check values could leave behind: a pod's
+/// state holding `1e308` twice (its value inf), its group's sum NaN after
+/// `inf - inf`, or a residue of fractions. The summary recounts such a
+/// namespace from cleaned states; a message heals its own pod's state.
+#[tokio::test]
+async fn sums_poisoned_before_values_were_checked_heal() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.config(test_config()))
+        .await
+        .unwrap();
+    ready_soon(&store).await;
+    let mut raw = redis.client().await;
+    for (i, v) in [3.0, 4.0].into_iter().enumerate() {
+        store
+            .record(&pod("shop", &format!("web-{i}")), &[("f".into(), v)])
+            .await
+            .unwrap();
+    }
+    let q = web_query("shop");
+    let key = |k: &str| format!("{{activescale:shop}}:{k}");
+    let counted: String = redis::cmd("HGET")
+        .arg(key("g"))
+        .arg("web-0")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let gid = counted.split(' ').next().unwrap().to_string();
+
+    hset(
+        &mut raw,
+        &key("st"),
+        "web-0",
+        r#"["inf","a","1e308","b","1e308","f","3"]"#,
+    )
+    .await;
+    hset(&mut raw, &key("g"), "web-0", &format!("{gid} inf")).await;
+    hset(&mut raw, &key("gs"), &gid, "nan").await;
+    assert_eq!(summary_agrees(&store, &q, "NaN recounted").await.sum, 7.0);
+    groups_are_exact(&mut raw, "shop").await;
+    let web0 = &store.pods("shop", None).await.unwrap()[0];
+    assert_eq!(
+        web0.families,
+        [("f".to_string(), 3.0)].into(),
+        "inf dropped"
+    );
+
+    hset(&mut raw, &key("gs"), &gid, "7.0000000001").await;
+    assert_eq!(
+        summary_agrees(&store, &q, "residue recounted").await.sum,
+        7.0
+    );
+    groups_are_exact(&mut raw, "shop").await;
+
+    // A state with a fraction heals with the pod's next message, even one
+    // that changes nothing.
+    hset(
+        &mut raw,
+        &key("st"),
+        "web-1",
+        r#"["4.5","f","4","x","0.5"]"#,
+    )
+    .await;
+    store
+        .record(&pod("shop", "web-1"), &[("f".into(), 4.0)])
+        .await
+        .unwrap();
+    let web1 = &store.pods("shop", None).await.unwrap()[1];
+    assert_eq!((web1.value, web1.families.len()), (4.0, 1));
+    assert_eq!(summary_agrees(&store, &q, "state healed").await.sum, 7.0);
+    groups_are_exact(&mut raw, "shop").await;
+}
+
+/// The address binding adds a compare per message, no write; a refused
+/// message writes nothing at all.
+#[tokio::test]
+async fn the_address_binding_costs_no_write_per_message() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.config(test_config()))
+        .await
+        .unwrap();
+    ready_soon(&store).await;
+    let mut raw = redis.client().await;
+    let p = pod("shop", "web-1");
+    let families = vec![("f".to_string(), 3.0)];
+    let from = |peer: [u8; 4]| Ingest {
+        pod: &p,
+        families: &families,
+        peer: Some(peer.into()),
+        max_families: 64,
+    };
+    let stored = Ingested::Stored { refused: 0 };
+    assert_eq!(store.ingest(&from([10, 0, 0, 1])).await.unwrap(), stored);
+    let before = command_calls(&mut raw).await;
+    for _ in 0..20 {
+        assert_eq!(store.ingest(&from([10, 0, 0, 1])).await.unwrap(), stored);
+    }
+    let after = command_calls(&mut raw).await;
+    let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
+    assert_eq!(delta("evalsha"), 20);
+    assert_eq!(delta("hset") + delta("hsetnx"), 0);
+    assert_eq!(delta("zadd"), 20);
+
+    assert_eq!(
+        store.ingest(&from([10, 0, 0, 2])).await.unwrap(),
+        Ingested::BoundElsewhere {
+            bound: [10, 0, 0, 1].into()
+        }
+    );
+    let refused = command_calls(&mut raw).await;
+    for c in ["zadd", "hset", "pexpire", "publish"] {
+        assert_eq!(
+            refused.get(c).copied().unwrap_or(0),
+            after.get(c).copied().unwrap_or(0),
+            "{c}"
+        );
+    }
 }

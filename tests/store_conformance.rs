@@ -3,14 +3,14 @@
 
 mod common;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use activescale::{
     config::Config,
     selector::Selector,
     store::{
-        PodIdentity, PodQuery, PodSelector, SharedStore, Store, Summary, Window, WindowReduce,
-        memory::MemoryStore, redis::RedisStore,
+        Ingest, Ingested, PodIdentity, PodQuery, PodSelector, SharedStore, Store, Summary, Window,
+        WindowReduce, memory::MemoryStore, redis::RedisStore,
     },
 };
 use common::redis_server::RedisServer;
@@ -135,6 +135,8 @@ conformance!(
     summary_follows_values_and_label_moves,
     summary_drops_expired_pods_before_and_after_the_sweep,
     summary_of_windows_and_empty_namespaces,
+    a_live_pod_stays_bound_to_its_first_address,
+    families_per_pod_are_capped,
 );
 
 async fn record_then_values_and_pods(kind: Kind) {
@@ -181,7 +183,7 @@ async fn value_is_the_sum_over_families(kind: Kind) {
     u.store
         .record(
             &web("shop", "web-1"),
-            &fams(&[("a", 1.5), ("b", 2.25), ("c", 0.1)]),
+            &fams(&[("a", 1.0), ("b", 20.0), ("c", 300.0)]),
         )
         .await
         .unwrap();
@@ -191,7 +193,7 @@ async fn value_is_the_sum_over_families(kind: Kind) {
         .unwrap();
     assert_eq!(
         sorted(&u.store, &labels("shop", "app=web")).await,
-        vec![1.5 + 2.25 + 0.1, 4.0]
+        vec![4.0, 321.0]
     );
 }
 
@@ -600,4 +602,112 @@ async fn summary_of_windows_and_empty_namespaces(kind: Kind) {
     let with = s.summary(&q, false).await.unwrap();
     assert_eq!((with.count, with.sum), (2, 11.0));
     assert_eq!(s.summary(&q, true).await.unwrap().max, 9.0);
+}
+
+/// One message from `peer`, with a cap of `cap` families.
+async fn ingest(
+    store: &SharedStore,
+    pod: &PodIdentity,
+    families: &[(&str, f64)],
+    peer: Option<&str>,
+    cap: usize,
+) -> Ingested {
+    store
+        .ingest(&Ingest {
+            pod,
+            families: &fams(families),
+            peer: peer.map(|p| p.parse::<IpAddr>().unwrap()),
+            max_families: cap,
+        })
+        .await
+        .unwrap()
+}
+
+const STORED: Ingested = Ingested::Stored { refused: 0 };
+
+async fn a_live_pod_stays_bound_to_its_first_address(kind: Kind) {
+    let u = store(kind, Duration::from_secs(1)).await;
+    let s = &u.store;
+    let p = web("shop", "web-1");
+    let first: IpAddr = "10.0.0.1".parse().unwrap();
+    let mut rx = s.watch("shop");
+    assert_eq!(
+        ingest(s, &p, &[("f", 10.0)], Some("10.0.0.1"), 64).await,
+        STORED
+    );
+    let refused = Ingested::BoundElsewhere { bound: first };
+    assert_eq!(
+        ingest(s, &p, &[("f", 0.0)], Some("10.0.0.2"), 64).await,
+        refused
+    );
+    // New labels from elsewhere do not get around it.
+    let relabelled = pod("shop", "web-1", &[("app", "api")], Some("api"));
+    assert_eq!(
+        ingest(s, &relabelled, &[("f", 0.0)], Some("10.0.0.2"), 64).await,
+        refused
+    );
+    assert_eq!(sorted(s, &labels("shop", "app=web")).await, vec![10.0]);
+    // The bound address and an unknown one write.
+    assert_eq!(
+        ingest(s, &p, &[("f", 4.0)], Some("10.0.0.1"), 64).await,
+        STORED
+    );
+    assert_eq!(ingest(s, &p, &[("f", 5.0)], None, 64).await, STORED);
+    assert_eq!(sorted(s, &labels("shop", "app=web")).await, vec![5.0]);
+    // Once the pod has expired, its name is free for the next address.
+    until_expired(s, &mut rx).await;
+    assert_eq!(
+        ingest(s, &p, &[("f", 7.0)], Some("10.0.0.2"), 64).await,
+        STORED
+    );
+    assert_eq!(
+        ingest(s, &p, &[("f", 1.0)], Some("10.0.0.1"), 64).await,
+        Ingested::BoundElsewhere {
+            bound: "10.0.0.2".parse().unwrap()
+        }
+    );
+    assert_eq!(sorted(s, &labels("shop", "app=web")).await, vec![7.0]);
+}
+
+async fn families_per_pod_are_capped(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let s = &u.store;
+    let p = web("shop", "web-1");
+    // Past the cap within one message: in name order.
+    assert_eq!(
+        ingest(
+            s,
+            &p,
+            &[("c", 1.0), ("a", 1.0), ("b", 1.0)],
+            Some("10.0.0.1"),
+            2
+        )
+        .await,
+        Ingested::Stored { refused: 1 }
+    );
+    // Later: held families update, new ones stay out. Repeats and any order
+    // from a caller other than the sink: the last of a name wins.
+    assert_eq!(
+        ingest(
+            s,
+            &p,
+            &[("c", 9.0), ("b", 2.0), ("a", 1.0), ("b", 3.0)],
+            Some("10.0.0.1"),
+            2
+        )
+        .await,
+        Ingested::Stored { refused: 1 }
+    );
+    let views = s.pods("shop", None).await.unwrap();
+    assert_eq!(
+        views[0].families,
+        [("a".to_string(), 1.0), ("b".to_string(), 3.0)].into()
+    );
+    assert_eq!(views[0].value, 4.0);
+    // A larger cap later lets new names in.
+    assert_eq!(
+        ingest(s, &p, &[("c", 9.0)], Some("10.0.0.1"), 3).await,
+        STORED
+    );
+    assert_eq!(sorted(s, &labels("shop", "app=web")).await, vec![13.0]);
 }

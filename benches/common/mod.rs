@@ -219,7 +219,10 @@ pub fn pod_labels(app: &str) -> Vec<(String, String)> {
 }
 
 /// A node as Istio sends it: sidecar id, NAME/NAMESPACE/WORKLOAD_NAME and the
-/// pod's labels (`app=<app>` plus the usual Istio ones).
+/// pod's labels (`app=<app>` plus the usual Istio ones). The pod IP is
+/// 127.0.0.1, where the load generator connects from: the sink checks that
+/// the node id's IP is the stream's peer address (`sink_verify_peer_address`;
+/// set it to false to drive a server on another host).
 pub fn istio_node(namespace: &str, pod: &str, app: &str) -> Node {
     let labels = Struct {
         fields: pod_labels(app)
@@ -228,7 +231,7 @@ pub fn istio_node(namespace: &str, pod: &str, app: &str) -> Node {
             .collect(),
     };
     Node {
-        id: format!("sidecar~10.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local"),
+        id: format!("sidecar~127.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local"),
         cluster: format!("{app}.{namespace}"),
         metadata: Some(Struct {
             fields: [

@@ -7,24 +7,43 @@
 //! message ends its own stream and nothing else; a store failure is counted
 //! and the stream goes on (the next flush will try again). [`grpc`] frames
 //! the method itself, so an idle stream holds no buffer between flushes.
+//!
+//! What a stream may claim is bounded: values must be gauges (whole numbers
+//! in `[0, 1e9]`), a pod holds at most `max_families_per_pod` families, and
+//! its identity is tied to the connection. The node id names the pod; with
+//! `sink_verify_peer_address` (the default) the stream must come from the IP
+//! the node id (or `INSTANCE_IPS`) gives, as a sidecar's Envoy does; and the
+//! store keeps a live pod bound to the address it was first seen from, so a
+//! second stream from elsewhere cannot overwrite it. Without the Kubernetes
+//! API nothing proves that an IP belongs to the pod it names: a pod can
+//! still report an invented pod from its own IP, but not take over a live
+//! one. Refusals are counted by reason and logged at most every 10 s.
 
 pub mod grpc;
 pub mod identity;
 pub mod names;
 pub mod wire;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
-use envoy_types::pb::envoy::service::metrics::v3::stream_metrics_message::Identifier;
+use envoy_types::pb::envoy::{
+    config::core::v3::Node, service::metrics::v3::stream_metrics_message::Identifier,
+};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{Instrument, debug, field, info_span, warn};
 
 use crate::{
-    store::{PodIdentity, SharedStore},
+    config::Config,
+    store::{Ingest, Ingested, PodIdentity, SharedStore},
     telemetry::{Metrics, RateLimit, ReasonLabel},
 };
+use identity::IdentityError;
 use names::NameFilter;
 use wire::{KeptFamily, RawMessage};
 
@@ -36,28 +55,70 @@ pub const SERVICE_NAME: &str = "envoy.service.metrics.v3.MetricsService";
 
 static MALFORMED_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 static IDENTITY_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+static PEER_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+static BOUND_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 static STORE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 static REJECTED_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+/// What the sink takes from the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SinkSettings {
+    /// `max_families_per_pod`.
+    pub max_families_per_pod: usize,
+    /// `sink_verify_peer_address`.
+    pub verify_peer_address: bool,
+}
+
+impl SinkSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_families_per_pod: config.max_families_per_pod,
+            verify_peer_address: config.sink_verify_peer_address,
+        }
+    }
+}
 
 /// The sink service; one per process, shared by every stream.
 #[derive(Clone)]
 pub struct Sink {
     store: SharedStore,
     filter: Arc<NameFilter>,
+    settings: SinkSettings,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+}
+
+/// Who a stream is, as far as the sink is concerned.
+enum Claim {
+    /// No identifier yet, or one that names no pod.
+    Unknown,
+    /// A pod the stream may not speak for; the reason is the metric label.
+    Refused(&'static str),
+    Pod(PodIdentity),
+}
+
+/// The state of one stream between its messages.
+struct Stream {
+    /// The peer's IP, IPv4-mapped IPv6 as IPv4: what node ids are compared
+    /// with and pods are bound to.
+    peer: Option<IpAddr>,
+    claim: Claim,
+    /// Reused for every message of the stream.
+    kept: Vec<KeptFamily>,
 }
 
 impl Sink {
     pub fn new(
         store: SharedStore,
         filter: NameFilter,
+        settings: SinkSettings,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
             filter: Arc::new(filter),
+            settings,
             metrics,
             shutdown,
         }
@@ -67,13 +128,18 @@ impl Sink {
     async fn handle(
         &self,
         raw: &RawMessage,
-        identity: &mut Option<PodIdentity>,
-        kept: &mut Vec<KeptFamily>,
+        stream: &mut Stream,
         span: &tracing::Span,
     ) -> Result<(), Status> {
         self.metrics.sink_messages.inc();
         let mut skipped = Vec::new();
-        let parsed = match wire::parse(&raw.0, &self.filter, kept, &mut skipped) {
+        let parsed = match wire::parse(
+            &raw.0,
+            &self.filter,
+            self.settings.max_families_per_pod,
+            &mut stream.kept,
+            &mut skipped,
+        ) {
             Ok(p) => p,
             Err(e) => return Err(self.malformed(e.to_string())),
         };
@@ -82,72 +148,142 @@ impl Sink {
                 .map_err(|e| self.malformed(format!("identifier: {e}")))?
                 .node
                 .unwrap_or_default();
-            match identity::from_node(&node) {
-                Ok(id) => {
-                    span.record("namespace", id.namespace.as_str());
-                    span.record("pod", id.name.as_str());
-                    debug!(workload = ?id.workload, labels = id.labels.len(), "pod identified");
-                    *identity = Some(id);
-                }
-                Err(e) => {
-                    *identity = None;
-                    if let Some(held_back) = IDENTITY_LOG.check() {
-                        warn!(error = %e, held_back, "missing pod identity");
-                    }
-                }
-            }
+            stream.claim = self.identify(&node, stream.peer, span);
         }
         for name in &skipped {
             debug!(name = %String::from_utf8_lossy(name), "skipping metric name");
         }
         let total = parsed.families;
-        let Some(pod) = identity.as_ref() else {
-            self.metrics.sink_identity_missing.inc();
-            self.metrics.family("skipped").inc_by(total);
-            if let Some(held_back) = IDENTITY_LOG.check() {
-                warn!(held_back, "missing pod identity: message dropped");
-            }
-            return Ok(());
-        };
-        let mut samples = Vec::with_capacity(kept.len());
-        let mut rejected = 0;
-        for family in kept.drain(..) {
-            match family.value {
-                Some(v) if v.is_finite() && v >= 0.0 => samples.push((family.name, v)),
-                value => {
-                    rejected += 1;
-                    if let Some(held_back) = REJECTED_LOG.check() {
-                        warn!(
-                            name = family.name,
-                            ?value,
-                            held_back,
-                            "rejected metric value"
-                        );
-                    }
+        let pod = match &stream.claim {
+            Claim::Pod(pod) => pod,
+            Claim::Unknown => {
+                self.metrics.sink_identity_missing.inc();
+                self.metrics.family("skipped").inc_by(total);
+                if let Some(held_back) = IDENTITY_LOG.check() {
+                    warn!(held_back, "missing pod identity: message dropped");
                 }
+                return Ok(());
             }
+            Claim::Refused(reason) => {
+                self.count_refused(reason);
+                self.metrics.family("skipped").inc_by(total);
+                return Ok(());
+            }
+        };
+        if let Some((name, why)) = parsed.first_rejected
+            && let Some(held_back) = REJECTED_LOG.check()
+        {
+            warn!(
+                name = %String::from_utf8_lossy(name),
+                reason = ?why,
+                rejected = parsed.rejected,
+                held_back,
+                "rejected metric families (values must be whole numbers in [0, 1e9]; \
+                 at most max_families_per_pod families per pod)"
+            );
         }
-        self.metrics.family("kept").inc_by(samples.len() as u64);
-        self.metrics.family("rejected").inc_by(rejected);
-        self.metrics
-            .family("skipped")
-            .inc_by(total - samples.len() as u64 - rejected);
-        match self.store.record(pod, &samples).await {
-            Ok(()) => {
+        let mut samples: Vec<(String, f64)> =
+            stream.kept.drain(..).map(|f| (f.name, f.value)).collect();
+        // The order the stores merge in; a few names, no repeats (wire::parse).
+        samples.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let ingest = Ingest {
+            pod,
+            families: &samples,
+            peer: stream.peer,
+            max_families: self.settings.max_families_per_pod,
+        };
+        let (kept, rejected) = match self.store.ingest(&ingest).await {
+            Ok(Ingested::Stored { refused }) => {
+                if refused > 0
+                    && let Some(held_back) = REJECTED_LOG.check()
+                {
+                    warn!(
+                        refused,
+                        held_back,
+                        "rejected new metric families: the pod already holds max_families_per_pod"
+                    );
+                }
                 debug!(
-                    families = samples.len(),
-                    value = samples.iter().map(|s| s.1).sum::<f64>(),
-                    "stored active_requests"
+                    families = samples.len() as u64 - refused,
+                    refused, "stored active_requests"
                 );
+                (samples.len() as u64 - refused, parsed.rejected + refused)
+            }
+            Ok(Ingested::BoundElsewhere { bound }) => {
+                self.count_refused("bound_elsewhere");
+                self.metrics.family("skipped").inc_by(total);
+                if let Some(held_back) = BOUND_LOG.check() {
+                    warn!(
+                        bound = %bound,
+                        peer = ?stream.peer,
+                        held_back,
+                        "pod identity refused: the pod is live and bound to the address it was \
+                         first seen from, until it expires (pod_ttl); message dropped"
+                    );
+                }
+                return Ok(());
             }
             Err(e) => {
                 self.metrics.sink_store_errors.inc();
                 if let Some(held_back) = STORE_LOG.check() {
                     warn!(error = %e, held_back, "could not store active_requests");
                 }
+                (samples.len() as u64, parsed.rejected)
             }
-        }
+        };
+        self.metrics.family("kept").inc_by(kept);
+        self.metrics.family("rejected").inc_by(rejected);
+        self.metrics
+            .family("skipped")
+            .inc_by(total.saturating_sub(kept + rejected));
         Ok(())
+    }
+
+    /// Decides who a stream speaks for, from its node and its peer address.
+    fn identify(&self, node: &Node, peer: Option<IpAddr>, span: &tracing::Span) -> Claim {
+        let claimed = match identity::from_node(node) {
+            Ok(c) => c,
+            Err(e @ IdentityError::Inconsistent { .. }) => {
+                if let Some(held_back) = IDENTITY_LOG.check() {
+                    warn!(error = %e, held_back, "pod identity refused");
+                }
+                return Claim::Refused("inconsistent");
+            }
+            Err(e) => {
+                if let Some(held_back) = IDENTITY_LOG.check() {
+                    warn!(error = %e, held_back, "missing pod identity");
+                }
+                return Claim::Unknown;
+            }
+        };
+        let id = &claimed.identity;
+        span.record("namespace", id.namespace.as_str());
+        span.record("pod", id.name.as_str());
+        if self.settings.verify_peer_address && !claimed.is_at(peer) {
+            if let Some(held_back) = PEER_LOG.check() {
+                warn!(
+                    claimed = ?claimed.ips,
+                    peer = ?peer,
+                    held_back,
+                    "pod identity refused: the stream does not come from the pod IP its node \
+                     id or INSTANCE_IPS name. If something between the sidecars and the sink \
+                     rewrites source addresses, set sink_verify_peer_address=false \
+                     (ACTIVESCALE_SINK_VERIFY_PEER_ADDRESS). The scaler's own sidecar does \
+                     when it captures the sink port (peers are then 127.0.0.6): exclude the \
+                     port from it instead, as the chart does"
+                );
+            }
+            return Claim::Refused("peer_address");
+        }
+        debug!(workload = ?id.workload, labels = id.labels.len(), "pod identified");
+        Claim::Pod(claimed.identity)
+    }
+
+    fn count_refused(&self, reason: &'static str) {
+        self.metrics
+            .sink_identity_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     fn malformed(&self, detail: String) -> Status {
@@ -192,8 +328,11 @@ impl Sink {
             self.metrics.sink_streams.inc();
             let _guard = StreamGuard(&self.metrics);
             debug!("stream opened");
-            let mut identity = None;
-            let mut kept = Vec::new();
+            let mut stream = Stream {
+                peer: peer.map(|p| p.ip().to_canonical()),
+                claim: Claim::Unknown,
+                kept: Vec::new(),
+            };
             loop {
                 let next = tokio::select! {
                     _ = self.shutdown.cancelled() => break,
@@ -201,13 +340,8 @@ impl Sink {
                 };
                 match next {
                     Ok(Some(raw)) => {
-                        self.handle(
-                            &RawMessage(raw),
-                            &mut identity,
-                            &mut kept,
-                            &tracing::Span::current(),
-                        )
-                        .await?
+                        self.handle(&RawMessage(raw), &mut stream, &tracing::Span::current())
+                            .await?
                     }
                     Ok(None) => break,
                     Err(e @ ReadError::Oversized { .. }) => {

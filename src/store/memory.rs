@@ -3,9 +3,13 @@
 //! Pods live in a map per namespace, so a query touches one namespace only.
 //! Reads filter out pods past their TTL themselves; a background sweeper only
 //! reclaims their memory and tells watchers that the pod is gone.
+//!
+//! A write holds the write lock for one linear merge of at most
+//! `max_families` names (both sides sorted by name), never longer.
 
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     sync::{Arc, RwLock, Weak},
     time::Duration,
 };
@@ -14,8 +18,8 @@ use async_trait::async_trait;
 use tokio::{sync::watch, time::Instant};
 
 use super::{
-    Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError, Summary, pod_value,
-    window,
+    Ingest, Ingested, Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError,
+    Summary, pod_value, sorted_families, window,
 };
 use crate::selector::Labels;
 
@@ -48,8 +52,12 @@ struct Pod {
     /// `identity.labels`, held inline: a query over thousands of pods then
     /// compares this pointer without a cache miss on each pod's identity.
     labels: Arc<Labels>,
-    /// Latest value per kept stat family; a handful at most.
+    /// Latest value per kept stat family, sorted by name; a handful, at
+    /// most `max_families`.
     families: Vec<(Arc<str>, f64)>,
+    /// The address the pod was first seen from (`None`: written without
+    /// one); writes from others are refused while the pod is live.
+    address: Option<IpAddr>,
     value: f64,
     last_seen_ms: u64,
     history: Vec<window::Point>,
@@ -207,40 +215,48 @@ async fn sweep(inner: Weak<Inner>) {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn record(
-        &self,
-        pod: &PodIdentity,
-        families: &[(String, f64)],
-    ) -> Result<(), StoreError> {
+    async fn ingest(&self, ingest: &Ingest<'_>) -> Result<Ingested, StoreError> {
         let inner = &*self.inner;
+        let pod = ingest.pod;
+        // Sorted before the lock is taken (the sink's lists already are).
+        let families = sorted_families(ingest.families);
         let now = inner.now_ms();
-        let changed = {
+        let (changed, refused) = {
             let mut namespaces = inner.namespaces.write().unwrap_or_else(|e| e.into_inner());
             let pods = match namespaces.get_mut(pod.namespace.as_str()) {
                 Some(p) => p,
                 None => namespaces.entry(pod.namespace.as_str().into()).or_default(),
             };
-            match pods.get_mut(pod.name.as_str()) {
-                Some(entry) if inner.is_live(entry, now) && *entry.identity == *pod => {
+            let live = pods
+                .get_mut(pod.name.as_str())
+                .filter(|entry| inner.is_live(entry, now));
+            if let Some(entry) = &live
+                && let (Some(bound), Some(peer)) = (entry.address, ingest.peer)
+                && bound != peer
+            {
+                return Ok(Ingested::BoundElsewhere { bound });
+            }
+            match live {
+                Some(entry) if *entry.identity == *pod => {
                     let before = entry.value;
-                    for (name, value) in families {
-                        match entry.families.iter_mut().find(|(n, _)| **n == **name) {
-                            Some(slot) => slot.1 = *value,
-                            None => entry.families.push((inner.intern_name(name), *value)),
-                        }
-                    }
+                    let refused = merge(&mut entry.families, &families, ingest.max_families, |n| {
+                        inner.intern_name(n)
+                    });
                     entry.value = pod_value(entry.families.iter().map(|(_, v)| v));
                     entry.last_seen_ms = now;
+                    entry.address = entry.address.or(ingest.peer);
                     window::push(&mut entry.history, now, entry.value, inner.max_window);
-                    entry.value != before
+                    (entry.value != before, refused)
                 }
-                _ => {
-                    // New pod, a pod back after expiry, or new labels: start afresh.
-                    let families: Vec<(Arc<str>, f64)> = families
-                        .iter()
-                        .map(|(n, v)| (inner.intern_name(n), *v))
-                        .collect();
-                    let value = pod_value(families.iter().map(|(_, v)| v));
+                live => {
+                    // New pod, a pod back after expiry, or new labels: start
+                    // afresh (bound where it was, if it is live).
+                    let address = live.and_then(|e| e.address).or(ingest.peer);
+                    let mut kept = Vec::new();
+                    let refused = merge(&mut kept, &families, ingest.max_families, |n| {
+                        inner.intern_name(n)
+                    });
+                    let value = pod_value(kept.iter().map(|(_, v)| v));
                     // Exactly one point until the value changes: most pods'
                     // history never grows.
                     let mut history = Vec::with_capacity(1);
@@ -251,20 +267,21 @@ impl Store for MemoryStore {
                         Pod {
                             labels: Arc::clone(&identity.labels),
                             identity,
-                            families,
+                            families: kept,
+                            address,
                             value,
                             last_seen_ms: now,
                             history,
                         },
                     );
-                    true
+                    (true, refused)
                 }
             }
         };
         if changed {
             inner.notifier.notify(&pod.namespace);
         }
-        Ok(())
+        Ok(Ingested::Stored { refused })
     }
 
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
@@ -326,6 +343,54 @@ impl Store for MemoryStore {
             .unwrap_or_else(|e| e.into_inner());
         Some(namespaces.values().map(|p| p.len() as u64).sum())
     }
+}
+
+/// Merges `update` into `families`, both sorted by name without repeats:
+/// names present take the new value, new names are added while the pod holds
+/// fewer than `cap`, in name order. Returns how many new names were refused.
+/// One walk over both when no name is new (every flush of a steady pod,
+/// without allocating); a second one to insert otherwise.
+fn merge(
+    families: &mut Vec<(Arc<str>, f64)>,
+    update: &[(String, f64)],
+    cap: usize,
+    mut intern: impl FnMut(&str) -> Arc<str>,
+) -> u64 {
+    let mut new = 0usize;
+    let mut i = 0;
+    for (name, value) in update {
+        while i < families.len() && *families[i].0 < **name {
+            i += 1;
+        }
+        match families.get_mut(i) {
+            Some(slot) if *slot.0 == **name => slot.1 = *value,
+            _ => new += 1,
+        }
+    }
+    if new == 0 {
+        return 0;
+    }
+    let room = cap.saturating_sub(families.len()).min(new);
+    let mut merged = Vec::with_capacity(families.len() + room);
+    // The old list, moved out; every element is moved back or kept.
+    let mut old = std::mem::take(families).into_iter().peekable();
+    let mut refused = 0;
+    for (name, value) in update {
+        while let Some(f) = old.next_if(|f| *f.0 < **name) {
+            merged.push(f);
+        }
+        if old.peek().is_some_and(|f| *f.0 == **name) {
+            // Updated in the first walk.
+            merged.extend(old.next());
+        } else if merged.len() + old.len() < cap {
+            merged.push((intern(name), *value));
+        } else {
+            refused += 1;
+        }
+    }
+    merged.extend(old);
+    *families = merged;
+    refused
 }
 
 #[cfg(test)]
@@ -417,5 +482,128 @@ mod tests {
             &pods["p1"].identity.labels,
             &pods["p2"].identity.labels
         ));
+    }
+
+    fn intern(name: &str) -> Arc<str> {
+        name.into()
+    }
+
+    fn names(f: &[(Arc<str>, f64)]) -> Vec<(&str, f64)> {
+        f.iter().map(|(n, v)| (&**n, *v)).collect()
+    }
+
+    fn update(f: &[(&str, f64)]) -> Vec<(String, f64)> {
+        f.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn merge_updates_in_place_and_adds_new_names_up_to_the_cap() {
+        let mut f: Vec<(Arc<str>, f64)> = vec![("b".into(), 1.0), ("d".into(), 2.0)];
+        let refused = merge(
+            &mut f,
+            &update(&[("a", 5.0), ("b", 3.0), ("c", 1.0), ("e", 1.0)]),
+            4,
+            intern,
+        );
+        assert_eq!(refused, 1, "e: the pod holds 4");
+        assert_eq!(
+            names(&f),
+            vec![("a", 5.0), ("b", 3.0), ("c", 1.0), ("d", 2.0)]
+        );
+        // Known names only: updated where they are, nothing allocated.
+        let before = f.as_ptr();
+        assert_eq!(
+            merge(&mut f, &update(&[("c", 9.0), ("d", 0.0)]), 4, intern),
+            0
+        );
+        assert_eq!(f.as_ptr(), before);
+        assert_eq!(
+            names(&f),
+            vec![("a", 5.0), ("b", 3.0), ("c", 9.0), ("d", 0.0)]
+        );
+        // Over the cap (a lowered setting): held names still update.
+        assert_eq!(
+            merge(&mut f, &update(&[("a", 1.0), ("z", 1.0)]), 2, intern),
+            1
+        );
+        assert_eq!(f.len(), 4);
+    }
+
+    proptest::proptest! {
+        /// Against a map: known names update, new ones enter in name order
+        /// while there is room.
+        #[test]
+        fn merge_agrees_with_a_map(
+            old in proptest::collection::btree_map("[a-h]", 0u32..5, 0..6),
+            new in proptest::collection::btree_map("[a-h]", 0u32..5, 0..8),
+            cap in 1usize..8,
+        ) {
+            let mut f: Vec<(Arc<str>, f64)> =
+                old.iter().map(|(n, v)| (Arc::from(n.as_str()), f64::from(*v))).collect();
+            let u: Vec<(String, f64)> = new.iter().map(|(n, v)| (n.clone(), f64::from(*v))).collect();
+            let refused = merge(&mut f, &u, cap, intern);
+            let mut want = old.clone();
+            let mut want_refused = 0;
+            for (n, v) in &new {
+                if want.contains_key(n) || want.len() < cap {
+                    want.insert(n.clone(), *v);
+                } else {
+                    want_refused += 1;
+                }
+            }
+            let got: Vec<(String, u32)> = f.iter().map(|(n, v)| (n.to_string(), *v as u32)).collect();
+            proptest::prop_assert_eq!(got, want.into_iter().collect::<Vec<_>>());
+            proptest::prop_assert_eq!(refused, want_refused);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_pod_stays_bound_to_its_first_address() {
+        let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
+        let p = pod("ns", "p1", "web");
+        let (a, b): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let at = |peer, v: f64| {
+            let families = vec![("f".to_string(), v)];
+            let store = store.clone();
+            let p = p.clone();
+            async move {
+                store
+                    .ingest(&Ingest {
+                        pod: &p,
+                        families: &families,
+                        peer,
+                        max_families: 64,
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(at(Some(a), 10.0).await, Ingested::Stored { refused: 0 });
+        assert_eq!(
+            at(Some(b), 0.0).await,
+            Ingested::BoundElsewhere { bound: a }
+        );
+        assert_eq!(at(None, 3.0).await, Ingested::Stored { refused: 0 });
+        assert_eq!(store.values(&query("ns", "web")).await.unwrap(), vec![3.0]);
+        // New labels from another address are no way around it either.
+        let relabelled = pod("ns", "p1", "api");
+        let families = vec![("f".to_string(), 1.0)];
+        let ingest = Ingest {
+            pod: &relabelled,
+            families: &families,
+            peer: Some(b),
+            max_families: 64,
+        };
+        assert_eq!(
+            store.ingest(&ingest).await.unwrap(),
+            Ingested::BoundElsewhere { bound: a }
+        );
+        tokio::time::advance(Duration::from_secs(15)).await;
+        // Expired: the name is free for the next address.
+        assert_eq!(at(Some(b), 7.0).await, Ingested::Stored { refused: 0 });
+        assert_eq!(
+            at(Some(a), 1.0).await,
+            Ingested::BoundElsewhere { bound: b }
+        );
     }
 }

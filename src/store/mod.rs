@@ -13,7 +13,7 @@ pub mod memory;
 pub mod redis;
 pub mod window;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -120,17 +120,68 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Default of `max_families_per_pod`: distinct stat families a pod may hold.
+/// A pod serves on a handful of inbound ports; 64 leaves room for many.
+pub const DEFAULT_MAX_FAMILIES: usize = 64;
+
+/// One Envoy message's worth of samples for one pod, as the sink writes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Ingest<'a> {
+    pub pod: &'a PodIdentity,
+    /// Family name and value. Values are whole numbers in `[0, 1e9]` (the
+    /// sink checks them), so the stores' sums are exact. Sorted by name
+    /// without repeats, as the sink sends them, for a linear merge; other
+    /// callers' lists are put in that order by [`sorted_families`].
+    pub families: &'a [(String, f64)],
+    /// The address the pod's stream comes from. A pod stays bound to the
+    /// first address it was seen from until it expires; a write from another
+    /// one is refused. `None`: an unknown address, which binds nothing and is
+    /// not refused (tests and tools; the sink always knows its peer).
+    pub peer: Option<IpAddr>,
+    /// Distinct families the pod may hold. New families past it are refused;
+    /// those it holds keep updating.
+    pub max_families: usize,
+}
+
+/// What became of an [`Ingest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    /// Written, except `refused` new families past the pod's cap.
+    Stored { refused: u64 },
+    /// Nothing written: the pod is live and bound to another address.
+    BoundElsewhere { bound: IpAddr },
+}
+
 /// The store behind the sink and the scaler.
 ///
 /// Implementations are cheap clonable handles (`Arc` inside) and must be safe
 /// to call from many streams at once.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Records one Envoy message's worth of samples for `pod`: sets the families
-    /// it carries (others keep their value), recomputes the pod's value and
-    /// refreshes its last-seen time. An empty `families` still refreshes it.
-    async fn record(&self, pod: &PodIdentity, families: &[(String, f64)])
-    -> Result<(), StoreError>;
+    /// Records one Envoy message's worth of samples: sets the families it
+    /// carries (others keep their value, new ones are added up to the cap),
+    /// recomputes the pod's value and refreshes its last-seen time, unless the
+    /// live pod is bound to another address. An empty `families` still
+    /// refreshes it. In one step (one lock, one script): replicas sharing a
+    /// store agree on the binding.
+    async fn ingest(&self, ingest: &Ingest<'_>) -> Result<Ingested, StoreError>;
+
+    /// [`Store::ingest`] from no known address, with the default cap: for
+    /// tests and tools.
+    async fn record(
+        &self,
+        pod: &PodIdentity,
+        families: &[(String, f64)],
+    ) -> Result<(), StoreError> {
+        self.ingest(&Ingest {
+            pod,
+            families,
+            peer: None,
+            max_families: DEFAULT_MAX_FAMILIES,
+        })
+        .await
+        .map(drop)
+    }
 
     /// The value of every live pod matching `query`, window-reduced when asked.
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError>;
@@ -220,13 +271,50 @@ impl Notifier {
 }
 
 /// Sum of a pod's families: its requests in flight over every inbound port.
+/// Exact: the values are whole numbers far below 2^53. From `0.0`: `sum()`
+/// of no floats is `-0.0`.
 pub fn pod_value<'a>(families: impl IntoIterator<Item = &'a f64>) -> f64 {
-    families.into_iter().sum()
+    families.into_iter().fold(0.0, |a, v| a + v)
+}
+
+/// `families` sorted by name without repeats (the last of a name wins): the
+/// order [`Ingest::families`] promises. Borrowed when already so, as from
+/// the sink.
+pub fn sorted_families(families: &[(String, f64)]) -> Cow<'_, [(String, f64)]> {
+    if families.windows(2).all(|w| w[0].0 < w[1].0) {
+        return Cow::Borrowed(families);
+    }
+    let mut owned = families.to_vec();
+    // Stable: repeats stay in message order, and the last one is kept.
+    owned.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out: Vec<(String, f64)> = Vec::with_capacity(owned.len());
+    for f in owned {
+        match out.last_mut() {
+            Some(last) if last.0 == f.0 => *last = f,
+            _ => out.push(f),
+        }
+    }
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn families_are_sorted_once_and_the_last_repeat_wins() {
+        let f = |v: &[(&str, f64)]| -> Vec<(String, f64)> {
+            v.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+        };
+        let sorted = f(&[("a", 1.0), ("b", 2.0)]);
+        assert!(matches!(sorted_families(&sorted), Cow::Borrowed(_)));
+        assert_eq!(
+            sorted_families(&f(&[("b", 1.0), ("a", 2.0), ("b", 3.0), ("a", 4.0)])).into_owned(),
+            f(&[("a", 4.0), ("b", 3.0)])
+        );
+        assert!(sorted_families(&[]).is_empty());
+        assert_eq!(pod_value(&[]).to_bits(), 0.0f64.to_bits(), "0, not -0");
+    }
 
     #[test]
     fn summary_of_values() {

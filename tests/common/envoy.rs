@@ -2,7 +2,11 @@
 //! protos (`envoy-types`), holding one `StreamMetrics` stream the way Envoy
 //! does, with the identifier on the first message only.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::metrics::v3::{
@@ -24,9 +28,13 @@ pub struct Sidecar {
 impl Sidecar {
     /// Opens a stream; `node` is sent with the first message.
     pub async fn connect(sink: SocketAddr, node: Node) -> Self {
-        let mut client = MetricsServiceClient::connect(format!("http://{sink}"))
-            .await
-            .expect("connect to sink")
+        Self::connect_from(sink, None, node).await
+    }
+
+    /// [`Sidecar::connect`] from the local address `from` (any of
+    /// 127.0.0.0/8 works on Linux): a sidecar of another pod IP.
+    pub async fn connect_from(sink: SocketAddr, from: Option<IpAddr>, node: Node) -> Self {
+        let mut client = MetricsServiceClient::new(channel(sink, from).await)
             .max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
         let task =
@@ -65,6 +73,56 @@ impl Sidecar {
     }
 }
 
+/// A connection to the sink from `from` (the default local address when `None`).
+pub async fn channel(sink: SocketAddr, from: Option<IpAddr>) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{sink}"))
+        .expect("uri")
+        .local_address(from)
+        .connect()
+        .await
+        .expect("connect to sink")
+}
+
+/// A sidecar whose messages are bytes encoded by the test (another encoder
+/// than Envoy's, or deliberately odd input), on one stream held open.
+pub struct RawSidecar {
+    tx: Option<mpsc::Sender<bytes::Bytes>>,
+    pub task: JoinHandle<Result<Response<StreamMetricsResponse>, Status>>,
+}
+
+impl RawSidecar {
+    pub async fn connect(sink: SocketAddr) -> Self {
+        let mut grpc =
+            tonic::client::Grpc::new(channel(sink, None).await).max_encoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel::<bytes::Bytes>(16);
+        let task = tokio::spawn(async move {
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unknown(e.to_string()))?;
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/envoy.service.metrics.v3.MetricsService/StreamMetrics",
+            );
+            grpc.client_streaming(
+                tonic::Request::new(ReceiverStream::new(rx)),
+                path,
+                BytesCodec,
+            )
+            .await
+        });
+        Self { tx: Some(tx), task }
+    }
+
+    /// Sends one message, as encoded.
+    pub async fn push(&mut self, message: impl Into<bytes::Bytes>) {
+        self.tx
+            .as_ref()
+            .expect("stream open")
+            .send(message.into())
+            .await
+            .expect("sink stream closed");
+    }
+}
+
 /// The inbound gauge of `port`, in the recent (`;`) form.
 pub fn inbound(port: u16) -> String {
     format!("http.inbound_0.0.0.0_{port};.downstream_rq_active")
@@ -88,8 +146,24 @@ fn string(v: &str) -> Value {
     }
 }
 
-/// A node as Istio sends it: sidecar id plus NAME/NAMESPACE/LABELS/WORKLOAD_NAME.
+/// The pod IP in the node ids of [`istio_node`]: where the fake sidecars
+/// connect from, as a pod's Envoy connects from its pod IP.
+pub const POD_IP: &str = "127.0.0.1";
+
+/// A node as Istio sends it: sidecar id plus NAME/NAMESPACE/LABELS/WORKLOAD_NAME,
+/// for a pod at [`POD_IP`].
 pub fn istio_node(namespace: &str, pod: &str, labels: &[(&str, &str)], workload: &str) -> Node {
+    istio_node_at(POD_IP, namespace, pod, labels, workload)
+}
+
+/// [`istio_node`] for a pod at `ip`.
+pub fn istio_node_at(
+    ip: &str,
+    namespace: &str,
+    pod: &str,
+    labels: &[(&str, &str)],
+    workload: &str,
+) -> Node {
     let labels = Struct {
         fields: labels
             .iter()
@@ -97,7 +171,7 @@ pub fn istio_node(namespace: &str, pod: &str, labels: &[(&str, &str)], workload:
             .collect(),
     };
     Node {
-        id: format!("sidecar~10.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local"),
+        id: format!("sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local"),
         metadata: Some(Struct {
             fields: [
                 ("NAME".to_string(), string(pod)),

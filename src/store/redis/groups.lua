@@ -9,8 +9,10 @@
 --       -> number of its pods)
 -- Invariant: every member of seen (live or not yet removed) is counted in
 -- exactly one group, with the value of its state; nothing else is counted.
--- Sums move by deltas: Envoy's gauges are integers, which f64 adds exactly,
--- and a group's sum restarts from nothing when its last pod leaves.
+-- Sums move by deltas: values are whole numbers in [0, 1e9] (the sink checks
+-- them) and a pod holds at most max_families_per_pod of them, so every sum is
+-- an integer far below 2^53, which f64 adds exactly and %.17g writes as
+-- digits; a group's sum restarts from nothing when its last pod leaves.
 local function fmt(x) return string.format('%.17g', x) end
 
 local function group_add(gid, json, dv, dc)

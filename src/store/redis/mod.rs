@@ -6,7 +6,7 @@
 //!
 //! # Data model
 //!
-//! Per namespace eight keys that share the hash tag `{<prefix>:<namespace>}`,
+//! Per namespace nine keys that share the hash tag `{<prefix>:<namespace>}`,
 //! so one script can touch all of them on a Redis Cluster too:
 //!
 //! | key | type | content |
@@ -19,6 +19,7 @@
 //! | `{p:ns}:gl` | HASH | group id → identity JSON of the group |
 //! | `{p:ns}:gs` | HASH | group id → sum of the values of its pods |
 //! | `{p:ns}:gc` | HASH | group id → number of its pods |
+//! | `{p:ns}:addr` | HASH | pod → the address its stream was first seen from: writes from another address are refused while the pod is live |
 //!
 //! A *group* is the pods sharing one identity JSON (workload and labels: the
 //! pods of one workload, usually); its id is the SHA-1 of that JSON. Every
@@ -29,10 +30,13 @@
 //! Numbers are kept as `%.17g` strings: they round-trip exactly, unlike
 //! cjson's 14-digit numbers.
 //!
-//! - **One round trip per Envoy message**: `record` is one `EVALSHA` of
+//! - **One round trip per Envoy message**: `ingest` is one `EVALSHA` of
 //!   `record.lua`. It updates the last-seen score always, and the state and
 //!   history only when a family's value changed; an unchanged pod costs one
-//!   `ZADD` and the key `PEXPIRE`s.
+//!   `ZADD`, one `HGET` of its address and the key `PEXPIRE`s. The merge is
+//!   linear (a Lua table indexes the pod's families) and keeps at most
+//!   `max_families_per_pod` of them; the address binding is compared inside
+//!   the same script, so replicas agree on it.
 //! - **TTL**: Redis 7.0 has no per-field hash TTL, so the ZSET score is the
 //!   clock. Reads take only members with `score > now - pod_ttl`; expired
 //!   members are removed lazily by the next `record` of the namespace and by
@@ -110,7 +114,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError, Summary, window,
+    Ingest, Ingested, Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError,
+    Summary, sorted_families, window,
 };
 use crate::{config::Config, selector::Labels};
 
@@ -374,8 +379,8 @@ fn recovered(refused_at: u64, ok_at: u64, now: u64, hold_ms: u64) -> bool {
 }
 
 /// The keys of a namespace, in the order the scripts take them.
-fn keys(prefix: &str, namespace: &str) -> [String; 8] {
-    ["seen", "id", "st", "h", "g", "gl", "gs", "gc"]
+fn keys(prefix: &str, namespace: &str) -> [String; 9] {
+    ["seen", "id", "st", "h", "g", "gl", "gs", "gc", "addr"]
         .map(|k| format!("{{{prefix}:{namespace}}}:{k}"))
 }
 
@@ -788,12 +793,9 @@ impl Snapshot {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn record(
-        &self,
-        pod: &PodIdentity,
-        families: &[(String, f64)],
-    ) -> Result<(), StoreError> {
+    async fn ingest(&self, ingest: &Ingest<'_>) -> Result<Ingested, StoreError> {
         let inner = &*self.inner;
+        let pod = ingest.pod;
         let mut call = inner.record.prepare_invoke();
         for k in keys(&inner.prefix, &pod.namespace) {
             call.key(k);
@@ -804,18 +806,36 @@ impl Store for RedisStore {
             .arg(inner.max_window_ms)
             .arg(inner.key_ttl_ms)
             .arg(&inner.channel)
-            .arg(&pod.namespace);
-        for (name, value) in families {
-            // Display of f64 is the shortest string that parses back exactly.
+            .arg(&pod.namespace)
+            .arg(ingest.peer.map(|a| a.to_string()).unwrap_or_default())
+            .arg(ingest.max_families);
+        for (name, value) in sorted_families(ingest.families).iter() {
+            // Display of f64 is the shortest string that parses back exactly
+            // (whole numbers as plain digits).
             call.arg(name).arg(value.to_string());
         }
-        let changed: i64 = inner.eval_write(&call).await?;
+        let (status, refused, bound): (i64, u64, String) = inner.eval_write(&call).await?;
         inner.writes.succeeded();
-        if changed == 1 {
-            // Local watchers need not wait for the round trip through pub/sub.
-            inner.notifier.notify(&pod.namespace);
+        match status {
+            0 => Ok(Ingested::Stored { refused }),
+            1 => {
+                // Local watchers need not wait for the round trip through pub/sub.
+                inner.notifier.notify(&pod.namespace);
+                Ok(Ingested::Stored { refused })
+            }
+            2 => bound
+                .parse()
+                .map(|bound| Ingested::BoundElsewhere { bound })
+                .map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "namespace {}: pod {} is bound to {bound:?}, not an address",
+                        pod.namespace, pod.name
+                    ))
+                }),
+            other => Err(StoreError::Corrupt(format!(
+                "record.lua answered status {other}"
+            ))),
         }
-        Ok(())
     }
 
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {

@@ -1,12 +1,19 @@
 -- One Envoy message for one pod, in one round trip. Runs after groups.lua.
 -- KEYS: 1 seen (ZSET pod -> last-seen ms), 2 id (HASH pod -> identity JSON),
---       3 st (HASH pod -> state), 4 h (HASH pod -> history), 5-8 groups.lua's
+--       3 st (HASH pod -> state), 4 h (HASH pod -> history), 5-8 groups.lua's,
+--       9 addr (HASH pod -> the address it is bound to)
 -- ARGV: 1 pod, 2 identity JSON, 3 pod_ttl ms, 4 max_window ms, 5 key ttl ms,
---       6 channel, 7 namespace, 8.. family name, value (pairs)
--- Returns 1 when the namespace changed (a watcher must re-read), else 0.
+--       6 channel, 7 namespace, 8 peer address ('' when unknown),
+--       9 max families, 10.. family name, value (pairs, sorted by name, no
+--       repeats; values whole numbers in [0, 1e9])
+-- Returns {status, refused, bound}: status 1 when the namespace changed (a
+-- watcher must re-read), 0 when not, 2 when nothing was written because the
+-- live pod is bound to another address (then `bound`, else ''); refused is
+-- the number of new families past the cap.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local pod, ttl, keep = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
+local peer, cap = ARGV[8], tonumber(ARGV[9])
 local changed = false
 
 -- Lazy expiry: a pod not seen for ttl is gone (live means now - seen < ttl).
@@ -14,19 +21,40 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now - ttl), 'LIMIT
 if #dead > 0 then
   for _, d in ipairs(dead) do uncount(d) end
   redis.call('ZREM', KEYS[1], unpack(dead))
-  for k = 2, 4 do redis.call('HDEL', KEYS[k], unpack(dead)) end
+  for _, k in ipairs({2, 3, 4, 9}) do redis.call('HDEL', KEYS[k], unpack(dead)) end
   changed = true
+end
+
+local seen = tonumber(redis.call('ZSCORE', KEYS[1], pod))
+local live = seen ~= nil and seen > now - ttl
+
+-- A live pod stays bound to the address it was first seen from: compared
+-- here, in the same step as the write, so replicas cannot race on it.
+local bound = false
+if live and peer ~= '' then
+  bound = redis.call('HGET', KEYS[9], pod)
+  if bound and bound ~= peer then
+    if changed then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+    return {2, 0, bound}
+  end
 end
 
 -- State: a flat array {value, name1, value1, name2, value2, ...}, numbers as
 -- strings so that cjson's 14-digit number format cannot round them.
 local state
-if redis.call('ZSCORE', KEYS[1], pod) and redis.call('HGET', KEYS[2], pod) == ARGV[2] then
+if live and redis.call('HGET', KEYS[2], pod) == ARGV[2] then
   local raw = redis.call('HGET', KEYS[3], pod)
   if raw then
     local ok, s = pcall(cjson.decode, raw)
     if ok and type(s) == 'table' and s[1] then state = s end
   end
+end
+
+-- What a gauge can be. Values were not checked before this version; a state
+-- written then may hold NaN, inf or fractions, which are dropped here.
+local function gauge(s)
+  local v = tonumber(s)
+  return v ~= nil and v >= 0 and v <= 1e9 and v == math.floor(v)
 end
 
 local function sum(s)
@@ -56,71 +84,81 @@ local function push(h, at, v)
   return h
 end
 
-if state then
-  local dirty = false
-  for i = 8, #ARGV, 2 do
-    local name, v = ARGV[i], ARGV[i + 1]
-    local found = false
-    for j = 2, #state, 2 do
-      if state[j] == name then
-        found = true
-        if tonumber(state[j + 1]) ~= tonumber(v) then
-          state[j + 1] = v
-          dirty = true
-        end
-        break
-      end
-    end
-    if not found then
-      state[#state + 1] = name
-      state[#state + 1] = v
+-- The merge, linear: one pass indexes the pod's families by name, one pass
+-- applies the message's. New names enter while the pod holds fewer than cap.
+local fresh = state == nil
+local merged, at, dirty, refused = {fresh and '0' or state[1]}, {}, false, 0
+if not fresh then
+  for j = 2, #state - 1, 2 do
+    if gauge(state[j + 1]) then
+      merged[#merged + 1] = state[j]
+      merged[#merged + 1] = state[j + 1]
+      at[state[j]] = #merged
+    else
       dirty = true
     end
   end
-  if dirty then
-    local before = tonumber(state[1])
-    local value = sum(state)
-    state[1] = fmt(value)
-    redis.call('HSET', KEYS[3], pod, cjson.encode(state))
-    if value ~= before then
-      local h = {}
-      local raw = redis.call('HGET', KEYS[4], pod)
-      if raw then
-        local ok, decoded = pcall(cjson.decode, raw)
-        if ok and type(decoded) == 'table' then h = decoded end
-      end
-      redis.call('HSET', KEYS[4], pod, cjson.encode(push(h, now, value)))
-      changed = true
+end
+local held = (#merged - 1) / 2
+for i = 10, #ARGV - 1, 2 do
+  local name, v = ARGV[i], ARGV[i + 1]
+  local j = at[name]
+  if j then
+    if tonumber(merged[j]) ~= tonumber(v) then
+      merged[j] = v
+      dirty = true
     end
+  elseif held < cap then
+    merged[#merged + 1] = name
+    merged[#merged + 1] = v
+    at[name] = #merged
+    held = held + 1
+    dirty = true
+  else
+    refused = refused + 1
   end
-else
+end
+state = merged
+local value = sum(state)
+local before = tonumber(state[1])
+
+if fresh then
   -- New pod, a pod back after expiry, or new labels: start afresh.
-  state = {'0'}
-  for i = 8, #ARGV, 2 do
-    local found = false
-    for j = 2, #state, 2 do
-      if state[j] == ARGV[i] then state[j + 1] = ARGV[i + 1]; found = true; break end
-    end
-    if not found then
-      state[#state + 1] = ARGV[i]
-      state[#state + 1] = ARGV[i + 1]
-    end
-  end
-  local value = sum(state)
   state[1] = fmt(value)
   redis.call('HSET', KEYS[2], pod, ARGV[2])
   redis.call('HSET', KEYS[3], pod, cjson.encode(state))
   redis.call('HSET', KEYS[4], pod, cjson.encode({fmt(now), fmt(value)}))
   changed = true
+elseif dirty or value ~= before then
+  state[1] = fmt(value)
+  redis.call('HSET', KEYS[3], pod, cjson.encode(state))
+  if value ~= before then
+    local h = {}
+    local raw = redis.call('HGET', KEYS[4], pod)
+    if raw then
+      local ok, decoded = pcall(cjson.decode, raw)
+      if ok and type(decoded) == 'table' then h = decoded end
+    end
+    redis.call('HSET', KEYS[4], pod, cjson.encode(push(h, now, value)))
+    changed = true
+  end
+end
+
+-- The binding: set when the pod (re)starts, or when it was written without
+-- an address so far; a live pod that has one keeps it (checked above).
+if not live then
+  if peer ~= '' then redis.call('HSET', KEYS[9], pod, peer) else redis.call('HDEL', KEYS[9], pod) end
+elseif peer ~= '' and not bound then
+  redis.call('HSET', KEYS[9], pod, peer)
 end
 
 -- Also on an unchanged message: heals a count that a writer without groups
 -- (a replica of the previous version, during a rolling upgrade) left behind.
-count(pod, ARGV[2], tonumber(state[1]))
+count(pod, ARGV[2], value)
 redis.call('ZADD', KEYS[1], fmt(now), pod)
-for k = 1, 8 do redis.call('PEXPIRE', KEYS[k], ARGV[5]) end
+for k = 1, 9 do redis.call('PEXPIRE', KEYS[k], ARGV[5]) end
 if changed then
   redis.call('PUBLISH', ARGV[6], ARGV[7])
-  return 1
+  return {1, refused, ''}
 end
-return 0
+return {0, refused, ''}

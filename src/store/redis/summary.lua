@@ -2,8 +2,8 @@
 -- sum and avg triggers need, in O(groups) (see groups.lua).
 -- KEYS: 1 seen, 2 id, 3 st, 4 h, 5 g, 6 gl, 7 gs, 8 gc   ARGV: 1 pod_ttl ms
 -- Returns a flat array: now ms, the server's uptime in seconds, then either
--- 'stale' (some pod is not counted in a group: data of the previous version;
--- the caller rebuilds the groups) or 'ok' followed per group with live pods by
+-- 'stale' (some pod is not counted in a group, or a group's sum is not a
+-- whole number: data of a previous version; the caller rebuilds the groups) or 'ok' followed per group with live pods by
 -- id, identity JSON, sum, count.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -22,7 +22,16 @@ local sums, counts = {}, {}
 local flat = redis.call('HGETALL', KEYS[8])
 for i = 1, #flat, 2 do counts[flat[i]] = tonumber(flat[i + 1]) end
 flat = redis.call('HGETALL', KEYS[7])
-for i = 1, #flat, 2 do sums[flat[i]] = tonumber(flat[i + 1]) end
+for i = 1, #flat, 2 do
+  local s = tonumber(flat[i + 1])
+  -- Sums of whole values are whole: anything else (NaN, inf, a residue) was
+  -- summed before values were checked, and a recount clears it.
+  if not (s and s >= 0 and s == math.floor(s) and s < 2^53) then
+    out[3] = 'stale'
+    return out
+  end
+  sums[flat[i]] = s
+end
 -- Pods past their TTL that nothing removed yet: normally none. Live means
 -- score > now - ttl, as in read.lua.
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now - tonumber(ARGV[1])))
