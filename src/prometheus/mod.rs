@@ -40,6 +40,24 @@ pub const CREDENTIALS_DIR: &str = "/etc/activescale/prometheus";
 /// Longest `timeout` a trigger may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Most characters of a refused value shown in the error. A status message
+/// travels in an HTTP/2 trailer, and a 16 KiB query echoed whole makes the
+/// client drop the response (a protocol error instead of the reason).
+const SHOWN_CHARS: usize = 200;
+
+/// [`MetadataError::invalid`] with the value cut to [`SHOWN_CHARS`].
+pub(crate) fn invalid(key: &str, value: &str, expected: impl Into<String>) -> MetadataError {
+    MetadataError::invalid(key, &excerpt(value), expected)
+}
+
+/// `value`, or its first [`SHOWN_CHARS`] characters and its length.
+pub(crate) fn excerpt(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(SHOWN_CHARS) {
+        None => value.into(),
+        Some((cut, _)) => format!("{}… ({} bytes in all)", &value[..cut], value.len()).into(),
+    }
+}
+
 /// Service-wide settings of the Prometheus backend (from [`crate::config::Config`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PromSettings {
@@ -176,7 +194,7 @@ fn parse_in(
 
     let prepare = |key: &str, text: &str, rewrite: Rewrite<'_>| {
         promql::prepare(text, rewrite).map_err(|why| {
-            MetadataError::invalid(
+            invalid(
                 key,
                 text,
                 format!("a PromQL expression yielding a scalar or one series: {why}"),
@@ -209,7 +227,7 @@ fn parse_in(
             let mut queries = Vec::with_capacity(named.len());
             for (key, name) in &named {
                 if !formula::is_identifier(name) || formula::is_function(name) {
-                    return Err(MetadataError::invalid(
+                    return Err(invalid(
                         key,
                         meta.0.get(*key).map(String::as_str).unwrap_or_default(),
                         "a key `query.<name>` whose name is letters, digits and `_`, not starting with a digit \
@@ -223,7 +241,7 @@ fn parse_in(
             }
             let names: Vec<&str> = named.iter().map(|(_, n)| *n).collect();
             let f = Formula::parse(text, &names).map_err(|e| {
-                MetadataError::invalid(
+                invalid(
                     "formula",
                     text,
                     format!(
@@ -256,7 +274,7 @@ fn parse_in(
             let extra = match meta.get("selector") {
                 None => Vec::new(),
                 Some(s) => promql::parse_selector(s).map_err(|why| {
-                    MetadataError::invalid(
+                    invalid(
                         "selector",
                         s,
                         format!("label matchers such as namespace=\"membrane\" ({why})"),
@@ -275,8 +293,7 @@ fn parse_in(
                     "selector"
                 };
                 let value = meta.get(key).unwrap_or_default();
-                let sent = promql::prepare(q, rewrite)
-                    .map_err(|why| MetadataError::invalid(key, value, why))?;
+                let sent = promql::prepare(q, rewrite).map_err(|why| invalid(key, value, why))?;
                 queries.push((qname.to_string(), sent));
             }
             let names: Vec<&str> = expanded.queries.iter().map(|(n, _)| *n).collect();
@@ -321,21 +338,21 @@ fn endpoint(
         )
     })?;
     let url = reqwest::Url::parse(raw).map_err(|e| {
-        MetadataError::invalid(
+        invalid(
             "serverAddress",
             raw,
             format!("an http:// or https:// URL ({e})"),
         )
     })?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(MetadataError::invalid(
+        return Err(invalid(
             "serverAddress",
             raw,
             "an http:// or https:// URL with a host",
         ));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(MetadataError::invalid(
+        return Err(invalid(
             "serverAddress",
             "<redacted: contains credentials>",
             "a URL without user:password; use `username` with `passwordFile` or `password`",
@@ -344,7 +361,7 @@ fn endpoint(
     let timeout = match meta.duration("timeout")? {
         None => settings.default_timeout,
         Some(t) if t.is_zero() || t > MAX_TIMEOUT => {
-            return Err(MetadataError::invalid(
+            return Err(invalid(
                 "timeout",
                 meta.get("timeout").unwrap_or_default(),
                 "a duration greater than 0 and at most 60s",
@@ -399,7 +416,7 @@ fn endpoint(
         }
     };
     if username.is_some_and(|u| u.contains(':')) {
-        return Err(MetadataError::invalid(
+        return Err(invalid(
             "username",
             username.unwrap_or_default(),
             "a user name without ':'",
@@ -435,7 +452,7 @@ fn ca_cert(value: &str) -> Result<Vec<u8>, MetadataError> {
         value.as_bytes().to_vec()
     } else {
         std::fs::read(value).map_err(|e| {
-            MetadataError::invalid(
+            invalid(
                 "caCert",
                 value,
                 format!(
@@ -447,7 +464,7 @@ fn ca_cert(value: &str) -> Result<Vec<u8>, MetadataError> {
     };
     match reqwest::Certificate::from_pem_bundle(&pem) {
         Ok(certs) if !certs.is_empty() => Ok(pem),
-        _ => Err(MetadataError::invalid(
+        _ => Err(invalid(
             "caCert",
             value,
             "PEM with at least one CERTIFICATE block",
@@ -474,11 +491,11 @@ fn credential_path(
         || namespace.contains(['/', '\\'])
         || namespace == ".."
     {
-        return Err(MetadataError::invalid(key, value, expected()));
+        return Err(invalid(key, value, expected()));
     }
     let path = dir.join(namespace).join(rel);
     if !path.is_file() {
-        return Err(MetadataError::invalid(
+        return Err(invalid(
             key,
             value,
             format!("{} (no such file: {})", expected(), path.display()),
@@ -490,7 +507,7 @@ fn credential_path(
 /// `customHeaders`: `Name=value,Other=value`.
 fn custom_headers(raw: &str) -> Result<Vec<(String, String)>, MetadataError> {
     let bad = |why: &str| {
-        MetadataError::invalid(
+        invalid(
             "customHeaders",
             raw,
             format!("Name=value pairs separated by ',' ({why})"),
