@@ -20,7 +20,11 @@ pub mod formula;
 pub mod presets;
 pub mod promql;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use tracing::warn;
@@ -463,12 +467,8 @@ fn endpoint(
 /// `caCert`: the PEM itself, or the name of a PEM file in the namespace's
 /// credentials directory; must hold a certificate. Read now, once per
 /// trigger (the trigger cache keeps the result).
-fn ca_cert(
-    value: &str,
-    namespace: &str,
-    credentials_dir: &std::path::Path,
-) -> Result<Vec<u8>, MetadataError> {
-    let expected = |dir: &std::path::Path| {
+fn ca_cert(value: &str, namespace: &str, credentials_dir: &Path) -> Result<Vec<u8>, MetadataError> {
+    let expected = |dir: &Path| {
         format!(
             "PEM text (-----BEGIN CERTIFICATE-----...) or {}",
             CredentialFile::expected(dir)
@@ -498,7 +498,7 @@ fn credential_file(
     key: &str,
     value: &str,
     namespace: &str,
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> Result<CredentialFile, MetadataError> {
     let file = CredentialFile::locate(value, namespace, dir)
         .map_err(|expected| invalid(key, value, expected))?;

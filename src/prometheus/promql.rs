@@ -13,18 +13,20 @@
 //! Depth: `promql-parser`'s parser, its printer, its comparisons and the
 //! drop of its AST all recurse, as deep as the tree is, and the text comes
 //! from tenants (16,000 unary minus signs overflow any thread's stack and
-//! abort the process). So before anything is parsed, [`depth_bound`] runs the
-//! crate's own lexer (the same comments, strings and escapes the parser will
-//! see) and bounds, from its tokens alone, how deep the tree can be.
+//! abort the process). So before anything is parsed, [`check_tokens`] runs
+//! the crate's own lexer (the same comments, strings and escapes the parser
+//! will see) and bounds, from its tokens alone, how deep the tree can be. It
+//! also refuses the numbers the parser would panic on, and a panic of the
+//! parser on anything else is caught: a refusal, not an unwinding RPC.
 
-use lrpar::{Lexeme as _, Lexer as _};
+use lrpar::{Lexeme as _, Lexer as _, NonStreamingLexer as _};
 use promql_parser::{
     label::{MatchOp, Matcher},
     parser::{
         self, Expr, VectorSelector,
         token::{
-            T_COMMA, T_LEFT_BRACE, T_LEFT_BRACKET, T_LEFT_PAREN, T_RIGHT_BRACE, T_RIGHT_PAREN,
-            TokenType,
+            T_ADD, T_COLON, T_COMMA, T_LEFT_BRACE, T_LEFT_BRACKET, T_LEFT_PAREN, T_NUMBER,
+            T_OFFSET, T_RIGHT_BRACE, T_RIGHT_PAREN, T_SUB, TokenId, TokenType,
         },
         value::ValueType,
     },
@@ -124,14 +126,19 @@ fn parse_bounded(text: &str, max_len: usize) -> Result<Expr, String> {
     if text.len() > max_len {
         return Err(format!("it is longer than {max_len} bytes"));
     }
-    if depth_bound(text)? > MAX_DEPTH {
+    if check_tokens(text)? > MAX_DEPTH {
         return Err(too_deep());
     }
-    parser::parse(text).map_err(|e| format!("it is not valid PromQL: {e}"))
+    match std::panic::catch_unwind(|| parser::parse(text)) {
+        Ok(parsed) => parsed.map_err(|e| format!("it is not valid PromQL: {e}")),
+        Err(_) => Err("the PromQL parser failed on it; please report this".into()),
+    }
 }
 
 /// How deep the tree of `text` can be, read before parsing; refuses more
-/// than [`MAX_OPERATORS`] operators, and stops early past [`MAX_DEPTH`].
+/// than [`MAX_OPERATORS`] operators, stops early past [`MAX_DEPTH`], and
+/// refuses a duration written as a number that is not one (see
+/// [`not_a_duration`]).
 ///
 /// The tokens are `promql-parser`'s own, so a comment or a string hides
 /// nothing from this count that it would not hide from the parser. Every node
@@ -143,15 +150,27 @@ fn parse_bounded(text: &str, max_len: usize) -> Result<Expr, String> {
 /// deepest pair inside that argument). The count runs over a stack of open
 /// pairs (no recursion) and over-estimates (grouping lists such as
 /// `by (a)` count as a level), which is all a bound has to do.
-fn depth_bound(text: &str) -> Result<usize, String> {
+fn check_tokens(text: &str) -> Result<usize, String> {
     let lexer = parser::lexer(text).map_err(|e| format!("it is not valid PromQL: {e}"))?;
     // Open bracket pairs, outermost (the whole query) first.
     let mut open = vec![Level::default()];
     let (mut braces, mut operators) = (0usize, 0usize);
+    // The two tokens before this one, outside label braces.
+    let mut before: [TokenId; 2] = [T_COMMA; 2];
     for lexeme in lexer.iter() {
-        let id = lexeme
-            .map_err(|e| format!("it is not valid PromQL: {e:?}"))?
-            .tok_id();
+        let lexeme = lexeme.map_err(|e| format!("it is not valid PromQL: {e:?}"))?;
+        let id = lexeme.tok_id();
+        if id == T_NUMBER && braces == 0 && duration_position(before) {
+            let number = lexer.span_str(lexeme.span());
+            if not_a_duration(number) {
+                return Err(format!(
+                    "{number} is not a duration (a number of seconds, finite and below 2^64)"
+                ));
+            }
+        }
+        if braces == 0 && id != T_LEFT_BRACE {
+            before = [before[1], id];
+        }
         // Label matchers (`{a="b" or c!="d"}`) are one leaf whatever they hold.
         match id {
             T_LEFT_BRACE => braces += 1,
@@ -206,6 +225,23 @@ fn depth_bound(text: &str) -> Result<usize, String> {
     Ok(depth)
 }
 
+/// Whether a number after `before` is read as a duration: `[n]`, `[5m:n]`,
+/// `offset n`, `offset -n`.
+fn duration_position(before: [TokenId; 2]) -> bool {
+    matches!(
+        before,
+        [_, T_LEFT_BRACKET | T_COLON | T_OFFSET] | [T_OFFSET, T_SUB | T_ADD]
+    )
+}
+
+/// `promql-parser` turns a number in a duration's place into a `Duration`
+/// with a conversion that panics on NaN, infinities and more than 2^64
+/// seconds (`x offset 1e30`, `x[Inf]`).
+fn not_a_duration(number: &str) -> bool {
+    promql_parser::util::parse_str_radix(number)
+        .is_ok_and(|v| std::time::Duration::try_from_secs_f64(v).is_err())
+}
+
 fn too_deep() -> String {
     format!(
         "it nests more than {MAX_DEPTH} levels deep (each bracket pair and each operator of a chain is a level: \
@@ -213,7 +249,7 @@ fn too_deep() -> String {
     )
 }
 
-/// One open bracket pair of [`depth_bound`]: the argument being read, and the
+/// One open bracket pair of [`check_tokens`]: the argument being read, and the
 /// deepest finished one.
 #[derive(Default)]
 struct Level {
@@ -282,7 +318,7 @@ enum Visit<'a> {
 }
 
 /// Calls `f` on every selector and function call of `root`, in source
-/// order. A stack instead of recursion: depth is bounded by [`depth_bound`], but a
+/// order. A stack instead of recursion: depth is bounded by [`check_tokens`], but a
 /// walk of ours should not depend on that.
 fn walk(root: &mut Expr, f: &mut dyn FnMut(Visit<'_>) -> Result<(), String>) -> Result<(), String> {
     let mut todo = vec![root];
@@ -516,8 +552,8 @@ mod tests {
     }
 
     #[test]
-    fn the_depth_bound_counts_what_the_parser_sees() {
-        let d = |q: &str| depth_bound(q).unwrap_or_else(|e| panic!("{q}: {e}"));
+    fn the_check_tokens_counts_what_the_parser_sees() {
+        let d = |q: &str| check_tokens(q).unwrap_or_else(|e| panic!("{q}: {e}"));
         assert_eq!(d("up"), 0);
         assert_eq!(d("sum(a + b + c)"), 3);
         assert_eq!(d("sum(a) + sum(b)"), 2);
@@ -537,6 +573,33 @@ mod tests {
         // A comment hides to the end of the line, no further.
         assert_eq!(d("# \"\n-(-up)"), 3);
         assert_eq!(d("# ((((\nup"), 0);
+    }
+
+    #[test]
+    fn numbers_the_parser_cannot_take_as_durations_are_refused() {
+        for q in [
+            "x offset NaN",
+            "x offset Inf",
+            "x offset -1e30",
+            "x offset +nan",
+            "x[1e30]",
+            "x[1e400]",
+            "max_over_time(x[5m:1e300])",
+            "max_over_time(x[1e999:1m])",
+        ] {
+            let e = prepare(q, Rewrite::default()).unwrap_err();
+            assert!(e.contains("is not a duration"), "{q}: {e}");
+        }
+        // Numbers elsewhere, and durations that are numbers, are fine.
+        for q in [
+            "x offset 60",
+            "rate(x[300])",
+            "x > Inf",
+            "x{a=\"Inf\"} offset 1",
+            "vector(NaN)",
+        ] {
+            assert!(prepare(q, Rewrite::default()).is_ok(), "{q}");
+        }
     }
 
     #[test]

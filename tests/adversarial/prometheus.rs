@@ -108,6 +108,26 @@ async fn promql_nested_behind_a_comment_is_refused_and_the_server_lives_on() {
 }
 
 #[tokio::test]
+async fn numbers_that_panic_the_promql_parser_are_refused() {
+    let server = start_server(test_config()).await;
+    let mut c = server.scaler_client().await;
+    // promql-parser turns these into a Duration with a conversion that
+    // panics (found by tests/fuzz.rs); the panic unwound through the RPC.
+    for query in [
+        "sum(x offset NaN)",
+        "rate(x[1e400])",
+        "max_over_time(x[5m:1e30])",
+    ] {
+        let r = prom("panic", &[("query", query)]);
+        assert_refused(
+            spec(&mut c, &r).await,
+            &["`query`", query, "is not a duration (a number of seconds"],
+        );
+        assert_eq!(spec(&mut c, &healthy("panic")).await.unwrap(), 7.0);
+    }
+}
+
+#[tokio::test]
 async fn formulas_nested_too_deep_are_refused_and_the_server_lives_on() {
     let server = start_server(test_config()).await;
     let mut c = server.scaler_client().await;
