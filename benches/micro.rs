@@ -142,12 +142,7 @@ fn metadata(c: &mut Criterion) {
     let settings = TriggerSettings {
         max_window: Duration::from_secs(600),
         allow_cross_namespace: false,
-        prometheus: PromSettings {
-            enforce_namespace: true,
-            cache_ttl: Duration::from_secs(2),
-            poll_interval: Duration::from_secs(5),
-            default_timeout: Duration::from_secs(5),
-        },
+        prometheus: PromSettings::default(),
     };
     // What KEDA sends: the trigger's metadata plus its own client keys.
     let meta: HashMap<String, String> = [

@@ -145,6 +145,12 @@ pub struct Config {
     /// Default query timeout when the trigger sets none.
     #[serde(with = "humantime_serde")]
     pub prometheus_timeout: Duration,
+    /// Largest Prometheus response body read; a longer one is an error
+    /// (UNAVAILABLE), not a reason to keep reading.
+    pub prometheus_max_response_bytes: usize,
+    /// Files named by triggers (`caCert`, `bearerTokenFile`, `passwordFile`)
+    /// are read only from `<this>/<ScaledObject namespace>/`.
+    pub prometheus_credentials_dir: PathBuf,
 
     /// PEM certificate chain for TLS on both gRPC ports.
     pub tls_cert: Option<PathBuf>,
@@ -202,6 +208,8 @@ impl Default for Config {
             prometheus_cache_ttl: Duration::from_secs(2),
             prometheus_poll_interval: Duration::from_secs(5),
             prometheus_timeout: Duration::from_secs(5),
+            prometheus_max_response_bytes: crate::prometheus::MAX_RESPONSE_BYTES,
+            prometheus_credentials_dir: crate::prometheus::CREDENTIALS_DIR.into(),
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -319,6 +327,12 @@ impl Config {
         }
         if self.prometheus_poll_interval.is_zero() {
             return bad("prometheus_poll_interval", "must be greater than 0");
+        }
+        if self.prometheus_max_response_bytes < 1024 {
+            return bad("prometheus_max_response_bytes", "must be at least 1024");
+        }
+        if !self.prometheus_credentials_dir.is_absolute() {
+            return bad("prometheus_credentials_dir", "must be an absolute path");
         }
         if self.redis_key_prefix.is_empty() || self.redis_key_prefix.contains(['{', '}']) {
             return bad(
@@ -448,6 +462,11 @@ mod tests {
         assert_eq!(c.max_message_bytes, 16 << 20);
         assert_eq!(c.max_families_per_pod, 64);
         assert!(c.sink_verify_peer_address);
+        assert_eq!(c.prometheus_max_response_bytes, 8 << 20);
+        assert_eq!(
+            c.prometheus_credentials_dir,
+            Path::new("/etc/activescale/prometheus")
+        );
     }
 
     #[test]
@@ -527,6 +546,14 @@ mod tests {
             (
                 ("ACTIVESCALE_MAX_FAMILIES_PER_POD", "1025"),
                 "max_families_per_pod",
+            ),
+            (
+                ("ACTIVESCALE_PROMETHEUS_MAX_RESPONSE_BYTES", "12"),
+                "prometheus_max_response_bytes",
+            ),
+            (
+                ("ACTIVESCALE_PROMETHEUS_CREDENTIALS_DIR", "creds"),
+                "prometheus_credentials_dir",
             ),
             (("ACTIVESCALE_TLS_CERT", "/nonexistent.pem"), "tls_cert"),
             (("ACTIVESCALE_NO_SUCH_SETTING", "1"), "no_such_setting"),

@@ -169,6 +169,8 @@ pub async fn run(
         cache_ttl: config.prometheus_cache_ttl,
         poll_interval: config.prometheus_poll_interval,
         default_timeout: config.prometheus_timeout,
+        credentials_dir: config.prometheus_credentials_dir.clone(),
+        max_response_bytes: config.prometheus_max_response_bytes,
     };
     let triggers = Arc::new(trigger::TriggerCache::new(
         trigger::TriggerSettings {

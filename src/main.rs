@@ -107,6 +107,10 @@ struct ServeArgs {
     #[arg(long)]
     prometheus_poll_interval: Option<String>,
     #[arg(long)]
+    prometheus_max_response_bytes: Option<String>,
+    #[arg(long)]
+    prometheus_credentials_dir: Option<String>,
+    #[arg(long)]
     tls_cert: Option<String>,
     #[arg(long)]
     tls_key: Option<String>,
@@ -144,6 +148,14 @@ impl ServeArgs {
             ),
             ("prometheus_cache_ttl", &self.prometheus_cache_ttl),
             ("prometheus_poll_interval", &self.prometheus_poll_interval),
+            (
+                "prometheus_max_response_bytes",
+                &self.prometheus_max_response_bytes,
+            ),
+            (
+                "prometheus_credentials_dir",
+                &self.prometheus_credentials_dir,
+            ),
             ("tls_cert", &self.tls_cert),
             ("tls_key", &self.tls_key),
             ("tls_client_ca", &self.tls_client_ca),

@@ -606,9 +606,10 @@ async fn https_servers_need_their_ca_cert_or_unsafe_ssl() {
             .unwrap()
             .signed_by(&key, &ca)
             .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    // `caCert` names a file in the namespace's credentials directory.
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::create_dir(credentials.path().join("t-tls")).unwrap();
+    std::fs::write(credentials.path().join("t-tls/ca.pem"), ca.pem()).unwrap();
 
     let exporter = Exporter::start();
     exporter.set("tls_probe", &[("namespace", "t-tls")], 6.0);
@@ -621,16 +622,24 @@ async fn https_servers_need_their_ca_cert_or_unsafe_ssl() {
     .await;
     assert!(prometheus.url.starts_with("https://"));
     prometheus.wait_for("tls_probe{namespace=\"t-tls\"}").await;
-    let (_server, mut c) = server().await;
+    let mut config = test_config();
+    config.prometheus_credentials_dir = credentials.path().to_owned();
+    let server = start_server(config).await;
+    let mut c = server.scaler_client().await;
     let query = [("query", "sum(tls_probe)"), ("targetValue", "1")];
 
-    let ca_file = ca_file.display().to_string();
     let trusted = so(
         "t-tls",
         &prometheus.url,
-        &[query[0], query[1], ("caCert", ca_file.as_str())],
+        &[query[0], query[1], ("caCert", "ca.pem")],
     );
     assert_eq!(first_value(&mut c, &trusted).await, 6.0);
+    let inline = so(
+        "t-tls",
+        &prometheus.url,
+        &[query[0], query[1], ("caCert", &ca.pem())],
+    );
+    assert_eq!(first_value(&mut c, &inline).await, 6.0);
 
     let unverified = so(
         "t-tls",

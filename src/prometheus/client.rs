@@ -6,7 +6,6 @@
 use std::{
     collections::HashMap,
     fmt,
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,12 +15,16 @@ use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
-use prometheus_http_query::{Client, Error as HttpQueryError, response::Data};
-use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use prometheus_http_query::{
+    Client, Error as HttpQueryError,
+    error::PrometheusError,
+    response::{Data, PromqlResult},
+};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
-use super::PromError;
+use super::{PromError, files::CredentialFile};
 
 /// Cache entries kept before expired ones are swept.
 const SWEEP_AT: usize = 1024;
@@ -46,7 +49,7 @@ pub struct Endpoint {
 pub enum Auth {
     None,
     /// `Authorization: Bearer <file contents>`, read per request (tokens rotate).
-    BearerFile(PathBuf),
+    BearerFile(CredentialFile),
     Basic {
         username: String,
         password: Secret,
@@ -57,14 +60,14 @@ pub enum Auth {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Secret {
     Inline(String),
-    File(PathBuf),
+    File(CredentialFile),
 }
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let auth = match &self.auth {
             Auth::None => "none".to_owned(),
-            Auth::BearerFile(p) => format!("bearer file {}", p.display()),
+            Auth::BearerFile(p) => format!("bearer file {p}"),
             Auth::Basic {
                 username,
                 password: Secret::Inline(_),
@@ -72,9 +75,7 @@ impl fmt::Debug for Endpoint {
             Auth::Basic {
                 username,
                 password: Secret::File(p),
-            } => {
-                format!("basic {username} (password file {})", p.display())
-            }
+            } => format!("basic {username} (password file {p})"),
         };
         let headers: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
         f.debug_struct("Endpoint")
@@ -92,7 +93,7 @@ impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Auth::None => f.write_str("None"),
-            Auth::BearerFile(p) => write!(f, "BearerFile({})", p.display()),
+            Auth::BearerFile(p) => write!(f, "BearerFile({p})"),
             Auth::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
         }
     }
@@ -155,14 +156,19 @@ impl Endpoint {
     }
 }
 
-/// A credential file's contents without surrounding whitespace. The message
-/// names the file, never its contents.
-async fn read_secret(path: &std::path::Path) -> Result<String, PromError> {
-    match tokio::fs::read_to_string(path).await {
+/// A credential file's contents without surrounding whitespace, read off the
+/// runtime with the checks of [`CredentialFile`]: the file may have been
+/// replaced since the trigger was parsed. The message names the file, never
+/// its contents.
+async fn read_secret(file: &CredentialFile) -> Result<String, PromError> {
+    let bytes = file
+        .read()
+        .await
+        .map_err(|e| PromError::Unavailable(format!("reading credential file: {e}")))?;
+    match String::from_utf8(bytes) {
         Ok(s) => Ok(s.trim().to_owned()),
-        Err(e) => Err(PromError::Unavailable(format!(
-            "reading credential file {}: {e}",
-            path.display()
+        Err(_) => Err(PromError::Unavailable(format!(
+            "reading credential file: {file} is not UTF-8 text"
         ))),
     }
 }
@@ -207,16 +213,91 @@ pub fn outcome_of(data: &Data) -> Result<Outcome, PromError> {
 /// `Rejected`; transport, HTTP and server-side trouble is `Unavailable`.
 fn classify(e: HttpQueryError) -> PromError {
     match &e {
-        HttpQueryError::Prometheus(p)
-            if p.is_bad_data() || p.is_execution() || p.is_not_found() =>
-        {
-            PromError::Rejected(e.to_string())
-        }
+        HttpQueryError::Prometheus(p) => refusal(p),
         HttpQueryError::Client(c) => match c.inner() {
             Some(inner) => PromError::Unavailable(format!("{e}: {inner}")),
             None => PromError::Unavailable(e.to_string()),
         },
         _ => PromError::Unavailable(e.to_string()),
+    }
+}
+
+/// An error answer of the Prometheus API: the query's fault or the server's.
+fn refusal(p: &PrometheusError) -> PromError {
+    if p.is_bad_data() || p.is_execution() || p.is_not_found() {
+        PromError::Rejected(p.to_string())
+    } else {
+        PromError::Unavailable(p.to_string())
+    }
+}
+
+/// The envelope of every Prometheus API answer.
+#[derive(serde::Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+enum ApiResponse {
+    Success { data: PromqlResult },
+    Error(PrometheusError),
+}
+
+/// Reads an answer of at most `max_bytes`. The size is checked as the body
+/// arrives: a server may stream for ever within the timeout, and must not
+/// make us hold more than the limit. (reqwest is built without
+/// decompression, so the bytes counted are the bytes kept.)
+async fn read_answer(
+    mut response: reqwest::Response,
+    server: &str,
+    max_bytes: usize,
+) -> Result<Data, PromError> {
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(PromError::Unavailable(format!(
+            "{server} answered HTTP {status} without a JSON body"
+        )));
+    }
+    let too_large = || {
+        PromError::Unavailable(format!(
+            "the response from {server} exceeded prometheus_max_response_bytes ({})",
+            size(max_bytes)
+        ))
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > max_bytes as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| PromError::Unavailable(format!("reading the response from {server}: {e}")))?
+    {
+        if body.len() + chunk.len() > max_bytes {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    match serde_json::from_slice::<ApiResponse>(&body) {
+        Ok(ApiResponse::Success { data }) => Ok(data.into_inner().0),
+        Ok(ApiResponse::Error(e)) => Err(refusal(&e)),
+        Err(e) => Err(PromError::Unavailable(format!(
+            "{server} answered HTTP {status} with a body that is not a Prometheus API response: {e}"
+        ))),
+    }
+}
+
+/// `8 MiB`, `512 KiB` or `1000 bytes`.
+fn size(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
     }
 }
 
@@ -233,15 +314,18 @@ struct Key(Arc<Endpoint>, String);
 /// Reqwest clients and recent results, shared by every clone of the backend.
 pub struct Connections {
     ttl: Duration,
+    /// Largest response body read (`prometheus_max_response_bytes`).
+    max_response_bytes: usize,
     // std Mutex: held for a map probe, never across an await.
     clients: Mutex<HashMap<Arc<Endpoint>, Client>>,
     results: Arc<Mutex<HashMap<Key, Slot>>>,
 }
 
 impl Connections {
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(ttl: Duration, max_response_bytes: usize) -> Self {
         Self {
             ttl,
+            max_response_bytes,
             clients: Mutex::default(),
             results: Arc::default(),
         }
@@ -263,9 +347,10 @@ impl Connections {
         let client = self.client(endpoint)?;
         let endpoint = Arc::clone(endpoint);
         let query = query.to_owned();
+        let max_bytes = self.max_response_bytes;
         self.shared(Key(endpoint.clone(), query.clone()), move || {
             let span = debug_span!("prometheus_query", server = %endpoint.url, query = %query);
-            async move { fetch(&client, &endpoint, &query).await }
+            async move { fetch(&client, &endpoint, &query, max_bytes).await }
                 .instrument(span)
                 .boxed()
         })
@@ -329,20 +414,27 @@ impl Connections {
     }
 }
 
-async fn fetch(client: &Client, endpoint: &Endpoint, query: &str) -> Result<Outcome, PromError> {
-    let mut q = client
-        .query(query)
-        .timeout(i64::try_from(endpoint.timeout.as_millis()).unwrap_or(i64::MAX));
-    for (k, v) in endpoint.headers().await? {
-        q = q.header(k, v);
-    }
+async fn fetch(
+    client: &Client,
+    endpoint: &Endpoint,
+    query: &str,
+    max_bytes: usize,
+) -> Result<Outcome, PromError> {
     // reqwest's own timeout covers connect and body; this one also covers
-    // anything slower that is not I/O.
-    let answer = tokio::time::timeout(endpoint.timeout + Duration::from_millis(100), q.get())
-        .await
-        .map_err(|_| PromError::Unavailable(format!("no answer within {:?}", endpoint.timeout)))?
-        .map_err(classify)?;
-    let outcome = outcome_of(answer.data());
+    // reading credential files and anything slower that is not I/O.
+    let answer = tokio::time::timeout(endpoint.timeout + Duration::from_millis(100), async {
+        let mut q = client
+            .query(query)
+            .timeout(i64::try_from(endpoint.timeout.as_millis()).unwrap_or(i64::MAX));
+        for (k, v) in endpoint.headers().await? {
+            q = q.header(k, v);
+        }
+        let response = q.get_raw().await.map_err(classify)?;
+        read_answer(response, &endpoint.url, max_bytes).await
+    })
+    .await
+    .map_err(|_| PromError::Unavailable(format!("no answer within {:?}", endpoint.timeout)))??;
+    let outcome = outcome_of(&answer);
     debug!(?outcome, "answered");
     outcome
 }
@@ -379,7 +471,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_identical_queries_share_one_request_and_the_result_is_reused_for_ttl() {
-        let c = Connections::new(Duration::from_secs(2));
+        let c = Connections::new(Duration::from_secs(2), 1 << 20);
         let calls = Arc::new(AtomicUsize::new(0));
         let key = Key(endpoint("http://127.0.0.1:1"), "up".into());
         let gate = Arc::new(tokio::sync::Notify::new());
@@ -423,7 +515,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_not_cached_and_keys_differ_by_identity() {
-        let c = Connections::new(Duration::from_secs(60));
+        let c = Connections::new(Duration::from_secs(60), 1 << 20);
         let calls = Arc::new(AtomicUsize::new(0));
         let key = Key(endpoint("http://127.0.0.1:1"), "up".into());
         let e = c
@@ -462,7 +554,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let c = Connections::new(Duration::from_secs(1));
+        let c = Connections::new(Duration::from_secs(1), 1 << 20);
         let e = c
             .query(&endpoint(&format!("http://127.0.0.1:{port}")), "up")
             .await;
@@ -491,12 +583,13 @@ mod tests {
         tokio::spawn(async move { axum::serve(listener, app).await });
 
         let dir = tempfile::tempdir().unwrap();
-        let token = dir.path().join("token");
+        std::fs::create_dir(dir.path().join("shop")).unwrap();
+        let token = dir.path().join("shop/token");
         std::fs::write(&token, "first\n").unwrap();
         let mut e = (*endpoint(&format!("http://{addr}"))).clone();
-        e.auth = Auth::BearerFile(token.clone());
+        e.auth = Auth::BearerFile(CredentialFile::locate("token", "shop", dir.path()).unwrap());
         e.headers = vec![("X-Scope-OrgID".into(), "tenant".into())];
-        let c = Connections::new(Duration::ZERO);
+        let c = Connections::new(Duration::ZERO, 1 << 20);
         let e = Arc::new(e);
         assert_eq!(c.query(&e, "up").await.unwrap(), Outcome::Value(7.0));
         std::fs::write(&token, "second").unwrap();

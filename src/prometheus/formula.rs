@@ -11,10 +11,14 @@ use std::fmt;
 
 /// Longest formula accepted, in bytes.
 const MAX_LEN: usize = 4096;
-/// Deepest nesting accepted: the parser and the evaluator recurse, and the
-/// text comes from users.
-const MAX_DEPTH: usize = 64;
-/// Most operators accepted: a chain of them nests as deep as it is long.
+/// Deepest nesting accepted, both of brackets (the parser recurses into
+/// them, a few frames per bracket) and of the tree (evaluating, comparing,
+/// cloning and dropping it recurse): a chain of operators nests as deep as it
+/// is long, and the text comes from users. A formula needs a handful of
+/// levels; 32 keep all of it inside an eighth of a worker's stack even in a
+/// debug build.
+pub const MAX_DEPTH: usize = 32;
+/// Most operators accepted: they bound the work, not the depth.
 const MAX_OPERATORS: usize = 256;
 
 /// A parsed formula; variables are indices into the names it was parsed with.
@@ -228,9 +232,23 @@ impl Parser<'_> {
     fn enter(&mut self) -> Result<(), ParseError> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return Err(self.error(format!("nested more than {MAX_DEPTH} levels deep")));
+            return Err(self.too_deep());
         }
         Ok(())
+    }
+
+    fn too_deep(&self) -> ParseError {
+        self.error(format!(
+            "nested more than {MAX_DEPTH} levels deep (each bracket, function and operator of a chain is a level)"
+        ))
+    }
+
+    /// A node over children at most `below` deep, if that is not too deep.
+    fn level(&self, node: Node, below: usize) -> Result<(Node, usize), ParseError> {
+        if below + 1 > MAX_DEPTH {
+            return Err(self.too_deep());
+        }
+        Ok((node, below + 1))
     }
 
     fn operator(&mut self) -> Result<(), ParseError> {
@@ -241,47 +259,49 @@ impl Parser<'_> {
         Ok(())
     }
 
-    fn expr(&mut self) -> Result<Node, ParseError> {
+    // Each rule returns its node and the node's depth (a leaf is 1).
+
+    fn expr(&mut self) -> Result<(Node, usize), ParseError> {
         self.enter()?;
-        let mut lhs = self.term()?;
+        let (mut lhs, mut depth) = self.term()?;
         while let Some(Token::Op(c @ ('+' | '-'))) = self.peek() {
             let op = if *c == '+' { Op::Add } else { Op::Sub };
             self.pos += 1;
             self.operator()?;
-            let rhs = self.term()?;
-            lhs = Node::Bin(op, Box::new(lhs), Box::new(rhs));
+            let (rhs, d) = self.term()?;
+            (lhs, depth) = self.level(Node::Bin(op, Box::new(lhs), Box::new(rhs)), depth.max(d))?;
         }
         self.depth -= 1;
-        Ok(lhs)
+        Ok((lhs, depth))
     }
 
-    fn term(&mut self) -> Result<Node, ParseError> {
-        let mut lhs = self.unary()?;
+    fn term(&mut self) -> Result<(Node, usize), ParseError> {
+        let (mut lhs, mut depth) = self.unary()?;
         while let Some(Token::Op(c @ ('*' | '/'))) = self.peek() {
             let op = if *c == '*' { Op::Mul } else { Op::Div };
             self.pos += 1;
             self.operator()?;
-            let rhs = self.unary()?;
-            lhs = Node::Bin(op, Box::new(lhs), Box::new(rhs));
+            let (rhs, d) = self.unary()?;
+            (lhs, depth) = self.level(Node::Bin(op, Box::new(lhs), Box::new(rhs)), depth.max(d))?;
         }
-        Ok(lhs)
+        Ok((lhs, depth))
     }
 
-    fn unary(&mut self) -> Result<Node, ParseError> {
+    fn unary(&mut self) -> Result<(Node, usize), ParseError> {
         if let Some(Token::Op('-')) = self.peek() {
             self.pos += 1;
             self.enter()?;
-            let inner = self.unary()?;
+            let (inner, d) = self.unary()?;
             self.depth -= 1;
-            return Ok(Node::Neg(Box::new(inner)));
+            return self.level(Node::Neg(Box::new(inner)), d);
         }
         self.primary()
     }
 
-    fn primary(&mut self) -> Result<Node, ParseError> {
+    fn primary(&mut self) -> Result<(Node, usize), ParseError> {
         let at = self.at();
         match self.next() {
-            Some(Token::Num(v)) => Ok(Node::Num(v)),
+            Some(Token::Num(v)) => Ok((Node::Num(v), 1)),
             Some(Token::Open) => {
                 let inner = self.expr()?;
                 self.expect(Token::Close, "`)`")?;
@@ -292,63 +312,102 @@ impl Parser<'_> {
                     self.pos += 1;
                     return self.call(&name, at);
                 }
-                if let Some(i) = self.names.iter().position(|n| *n == name) {
-                    return Ok(Node::Var(i));
+                match self.names.iter().position(|n| *n == name) {
+                    Some(i) => Ok((Node::Var(i), 1)),
+                    None => Err(self.unknown_name(at, &name)),
                 }
-                let known = if self.names.is_empty() {
-                    "no query names are defined".to_owned()
-                } else {
-                    format!("known names: {}", self.names.join(", "))
-                };
-                Err(ParseError(format!(
-                    "at {at}: unknown name `{name}` ({known}; define it with `query.{name}`)"
-                )))
             }
-            Some(t) => Err(ParseError(format!(
-                "at {at}: expected a number, a name, a function or `(`, found `{t}`"
-            ))),
-            None => Err(ParseError(format!("at {at}: unexpected end of formula"))),
+            t => Err(unexpected(at, t)),
         }
     }
 
-    fn call(&mut self, name: &str, at: usize) -> Result<Node, ParseError> {
+    fn call(&mut self, name: &str, at: usize) -> Result<(Node, usize), ParseError> {
         let Some(func) = FUNCS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f) else {
-            let names: Vec<&str> = FUNCS.iter().map(|(n, _)| *n).collect();
-            return Err(ParseError(format!(
-                "at {at}: unknown function `{name}` (functions: {})",
-                names.join(", ")
-            )));
+            return Err(unknown_function(at, name));
         };
-        let mut args = Vec::new();
+        let (mut args, mut depth) = (Vec::new(), 0);
         if let Some(Token::Close) = self.peek() {
             self.pos += 1;
         } else {
             loop {
-                args.push(self.expr()?);
+                let (arg, d) = self.expr()?;
+                args.push(arg);
+                depth = depth.max(d);
                 match self.next() {
                     Some(Token::Comma) => continue,
                     Some(Token::Close) => break,
-                    Some(t) => {
+                    t => {
                         self.pos -= 1;
-                        return Err(self.error(format!("expected `,` or `)`, found `{t}`")));
+                        return Err(self.bad_separator(t));
                     }
-                    None => return Err(self.error("expected `,` or `)`, found the end")),
                 }
             }
         }
-        let (ok, wanted) = match func {
-            Func::Min | Func::Max => (args.len() >= 2, "at least 2 arguments"),
-            Func::Clamp => (args.len() == 3, "3 arguments (x, lo, hi)"),
-            _ => (args.len() == 1, "1 argument"),
-        };
-        if !ok {
-            return Err(ParseError(format!(
-                "at {at}: `{name}` takes {wanted}, got {}",
-                args.len()
-            )));
-        }
-        Ok(Node::Call(func, args))
+        arity(func, args.len()).map_err(|wanted| wrong_arity(at, name, wanted, args.len()))?;
+        self.level(Node::Call(func, args), depth)
     }
+
+    // The messages are built out of line (cold), so that the frames of the
+    // recursive rules above stay small: they recurse once per bracket.
+
+    #[cold]
+    #[inline(never)]
+    fn unknown_name(&self, at: usize, name: &str) -> ParseError {
+        let known = if self.names.is_empty() {
+            "no query names are defined".to_owned()
+        } else {
+            format!("known names: {}", self.names.join(", "))
+        };
+        ParseError(format!(
+            "at {at}: unknown name `{name}` ({known}; define it with `query.{name}`)"
+        ))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn bad_separator(&self, found: Option<Token>) -> ParseError {
+        match found {
+            Some(t) => self.error(format!("expected `,` or `)`, found `{t}`")),
+            None => self.error("expected `,` or `)`, found the end"),
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn unexpected(at: usize, found: Option<Token>) -> ParseError {
+    match found {
+        Some(t) => ParseError(format!(
+            "at {at}: expected a number, a name, a function or `(`, found `{t}`"
+        )),
+        None => ParseError(format!("at {at}: unexpected end of formula")),
+    }
+}
+
+/// Whether `func` takes `n` arguments; if not, what it takes.
+fn arity(func: Func, n: usize) -> Result<(), &'static str> {
+    let (ok, wanted) = match func {
+        Func::Min | Func::Max => (n >= 2, "at least 2 arguments"),
+        Func::Clamp => (n == 3, "3 arguments (x, lo, hi)"),
+        _ => (n == 1, "1 argument"),
+    };
+    if ok { Ok(()) } else { Err(wanted) }
+}
+
+#[cold]
+#[inline(never)]
+fn wrong_arity(at: usize, name: &str, wanted: &str, got: usize) -> ParseError {
+    ParseError(format!("at {at}: `{name}` takes {wanted}, got {got}"))
+}
+
+#[cold]
+#[inline(never)]
+fn unknown_function(at: usize, name: &str) -> ParseError {
+    let names: Vec<&str> = FUNCS.iter().map(|(n, _)| *n).collect();
+    ParseError(format!(
+        "at {at}: unknown function `{name}` (functions: {})",
+        names.join(", ")
+    ))
 }
 
 impl Formula {
@@ -370,7 +429,7 @@ impl Formula {
             depth: 0,
             operators: 0,
         };
-        let root = p.expr()?;
+        let (root, _) = p.expr()?;
         if let Some(t) = p.peek() {
             return Err(p.error(format!("unexpected `{t}` after a complete expression")));
         }
@@ -568,21 +627,32 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_operator_chain_does_not_exhaust_the_stack() {
-        // A tokio worker's default stack; the chain nests as deep as it is long.
+    fn the_deepest_formulas_fit_a_small_stack() {
+        // An eighth of a tokio worker's stack (2 MiB), in a debug build.
         std::thread::Builder::new()
-            .stack_size(2 << 20)
+            .stack_size(256 << 10)
             .spawn(|| {
-                let chain = format!("1{}", "+1".repeat(MAX_OPERATORS));
-                assert_eq!(eval_str(&chain, &[], &[]), Ok((MAX_OPERATORS + 1) as f64));
-                let products = format!("a{}", "*a".repeat(MAX_OPERATORS));
+                let n = MAX_DEPTH - 1;
+                let chain = format!("1{}", "+1".repeat(n));
+                assert_eq!(eval_str(&chain, &[], &[]), Ok((n + 1) as f64));
+                let products = format!("a{}", "*a".repeat(n));
                 assert_eq!(eval_str(&products, &["a"], &[1.0]), Ok(1.0));
-                let longest = format!("1{}", "+1".repeat((MAX_LEN - 1) / 2));
-                assert!(
-                    eval_str(&longest, &[], &[])
-                        .unwrap_err()
-                        .contains("operators")
-                );
+                let calls = format!("{}1{}", "abs(".repeat(n), ")".repeat(n));
+                assert_eq!(eval_str(&calls, &[], &[]), Ok(1.0));
+                let negs = format!("{}1", "-".repeat(n));
+                assert_eq!(eval_str(&negs, &[], &[]), Ok(-1.0));
+                for deeper in [
+                    format!("1{}", "+1".repeat(n + 1)),
+                    format!("{}1{}", "abs(".repeat(n + 1), ")".repeat(n + 1)),
+                    format!("{}1", "-".repeat(n + 1)),
+                    format!("1{}", "*-1".repeat(n + 1)),
+                ] {
+                    let e = eval_str(&deeper, &[], &[]).unwrap_err();
+                    assert!(e.contains("32 levels"), "{deeper}: {e}");
+                }
+                // Wide but shallow.
+                let wide = format!("max({})", vec!["1+1"; MAX_OPERATORS + 1].join(","));
+                assert!(eval_str(&wide, &[], &[]).unwrap_err().contains("operators"));
             })
             .unwrap()
             .join()

@@ -4,6 +4,8 @@
 //! - [`presets`]: the named worker formulas of `preset`.
 //! - [`promql`]: PromQL checks and namespace injection, done at parse time.
 //! - [`client`]: HTTP, TLS, credentials, result cache and single-flight.
+//! - [`files`]: the files trigger keys name (`caCert`, credential files), read
+//!   only inside the namespace's credentials directory.
 //!
 //! A trigger is parsed once (the [`crate::trigger::TriggerCache`] keeps it):
 //! every query is checked and rewritten then, so a bad one is
@@ -13,12 +15,13 @@
 //! [`PromError`] the scaler turns into a gRPC status.
 
 pub mod client;
+pub mod files;
 pub mod formula;
 pub mod presets;
 pub mod promql;
 
 use std::{
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -28,17 +31,42 @@ use tracing::warn;
 
 use crate::trigger::{Metadata, MetadataError};
 use client::{Auth, Connections, Endpoint, Outcome, Secret};
+use files::CredentialFile;
 use formula::Formula;
 use promql::Rewrite;
 
-/// Credential files (`bearerTokenFile`, `passwordFile`) are read only from
+/// Default of `prometheus_credentials_dir`. Files named by triggers
+/// (`caCert`, `bearerTokenFile`, `passwordFile`) are read only from
 /// `<this>/<ScaledObject namespace>/`: a trigger must not be able to make the
 /// scaler send a file of its own choosing (its service-account token, another
-/// tenant's password) to a server of its own choosing.
+/// tenant's password) to a server of its own choosing, nor read a device, a
+/// FIFO or `/proc` (see [`files`]).
 pub const CREDENTIALS_DIR: &str = "/etc/activescale/prometheus";
+
+/// Default of `prometheus_max_response_bytes`: an instant query answered
+/// with one series is a few hundred bytes.
+pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
 
 /// Longest `timeout` a trigger may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most characters of a refused value shown in the error. A status message
+/// travels in an HTTP/2 trailer, and a 16 KiB query echoed whole makes the
+/// client drop the response (a protocol error instead of the reason).
+const SHOWN_CHARS: usize = 200;
+
+/// [`MetadataError::invalid`] with the value cut to [`SHOWN_CHARS`].
+pub(crate) fn invalid(key: &str, value: &str, expected: impl Into<String>) -> MetadataError {
+    MetadataError::invalid(key, &excerpt(value), expected)
+}
+
+/// `value`, or its first [`SHOWN_CHARS`] characters and its length.
+pub(crate) fn excerpt(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(SHOWN_CHARS) {
+        None => value.into(),
+        Some((cut, _)) => format!("{}… ({} bytes in all)", &value[..cut], value.len()).into(),
+    }
+}
 
 /// Service-wide settings of the Prometheus backend (from [`crate::config::Config`]).
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +75,10 @@ pub struct PromSettings {
     pub cache_ttl: Duration,
     pub poll_interval: Duration,
     pub default_timeout: Duration,
+    /// Where each namespace's credential files are (see [`CREDENTIALS_DIR`]).
+    pub credentials_dir: PathBuf,
+    /// Largest response body read from a Prometheus server.
+    pub max_response_bytes: usize,
 }
 
 impl Default for PromSettings {
@@ -56,6 +88,8 @@ impl Default for PromSettings {
             cache_ttl: Duration::from_secs(2),
             poll_interval: Duration::from_secs(5),
             default_timeout: Duration::from_secs(5),
+            credentials_dir: PathBuf::from(CREDENTIALS_DIR),
+            max_response_bytes: MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -111,7 +145,7 @@ impl PromTrigger {
         namespace: &str,
         settings: &PromSettings,
     ) -> Result<ParsedProm, MetadataError> {
-        parse_in(meta, namespace, settings, Path::new(CREDENTIALS_DIR))
+        parse_trigger(meta, namespace, settings)
     }
 
     /// The queries as they are sent, by name.
@@ -120,14 +154,13 @@ impl PromTrigger {
     }
 }
 
-/// [`PromTrigger::parse`] with the credentials directory as a parameter.
-fn parse_in(
+/// The body of [`PromTrigger::parse`].
+fn parse_trigger(
     meta: &Metadata<'_>,
     namespace: &str,
     settings: &PromSettings,
-    credentials_dir: &Path,
 ) -> Result<ParsedProm, MetadataError> {
-    let endpoint = Arc::new(endpoint(meta, namespace, settings, credentials_dir)?);
+    let endpoint = Arc::new(endpoint(meta, namespace, settings)?);
     let ignore_null = meta.boolean("ignoreNullValues")?.unwrap_or(false);
     let rewrite = Rewrite {
         extra: &[],
@@ -176,7 +209,7 @@ fn parse_in(
 
     let prepare = |key: &str, text: &str, rewrite: Rewrite<'_>| {
         promql::prepare(text, rewrite).map_err(|why| {
-            MetadataError::invalid(
+            invalid(
                 key,
                 text,
                 format!("a PromQL expression yielding a scalar or one series: {why}"),
@@ -209,7 +242,7 @@ fn parse_in(
             let mut queries = Vec::with_capacity(named.len());
             for (key, name) in &named {
                 if !formula::is_identifier(name) || formula::is_function(name) {
-                    return Err(MetadataError::invalid(
+                    return Err(invalid(
                         key,
                         meta.0.get(*key).map(String::as_str).unwrap_or_default(),
                         "a key `query.<name>` whose name is letters, digits and `_`, not starting with a digit \
@@ -223,7 +256,7 @@ fn parse_in(
             }
             let names: Vec<&str> = named.iter().map(|(_, n)| *n).collect();
             let f = Formula::parse(text, &names).map_err(|e| {
-                MetadataError::invalid(
+                invalid(
                     "formula",
                     text,
                     format!(
@@ -256,7 +289,7 @@ fn parse_in(
             let extra = match meta.get("selector") {
                 None => Vec::new(),
                 Some(s) => promql::parse_selector(s).map_err(|why| {
-                    MetadataError::invalid(
+                    invalid(
                         "selector",
                         s,
                         format!("label matchers such as namespace=\"membrane\" ({why})"),
@@ -275,8 +308,7 @@ fn parse_in(
                     "selector"
                 };
                 let value = meta.get(key).unwrap_or_default();
-                let sent = promql::prepare(q, rewrite)
-                    .map_err(|why| MetadataError::invalid(key, value, why))?;
+                let sent = promql::prepare(q, rewrite).map_err(|why| invalid(key, value, why))?;
                 queries.push((qname.to_string(), sent));
             }
             let names: Vec<&str> = expanded.queries.iter().map(|(n, _)| *n).collect();
@@ -312,8 +344,8 @@ fn endpoint(
     meta: &Metadata<'_>,
     namespace: &str,
     settings: &PromSettings,
-    credentials_dir: &Path,
 ) -> Result<Endpoint, MetadataError> {
+    let credentials_dir = settings.credentials_dir.as_path();
     let raw = meta.get("serverAddress").ok_or_else(|| {
         MetadataError::missing(
             "serverAddress",
@@ -321,21 +353,21 @@ fn endpoint(
         )
     })?;
     let url = reqwest::Url::parse(raw).map_err(|e| {
-        MetadataError::invalid(
+        invalid(
             "serverAddress",
             raw,
             format!("an http:// or https:// URL ({e})"),
         )
     })?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(MetadataError::invalid(
+        return Err(invalid(
             "serverAddress",
             raw,
             "an http:// or https:// URL with a host",
         ));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(MetadataError::invalid(
+        return Err(invalid(
             "serverAddress",
             "<redacted: contains credentials>",
             "a URL without user:password; use `username` with `passwordFile` or `password`",
@@ -344,7 +376,7 @@ fn endpoint(
     let timeout = match meta.duration("timeout")? {
         None => settings.default_timeout,
         Some(t) if t.is_zero() || t > MAX_TIMEOUT => {
-            return Err(MetadataError::invalid(
+            return Err(invalid(
                 "timeout",
                 meta.get("timeout").unwrap_or_default(),
                 "a duration greater than 0 and at most 60s",
@@ -353,11 +385,14 @@ fn endpoint(
         Some(t) => t,
     };
     let unsafe_ssl = meta.boolean("unsafeSsl")?.unwrap_or(false);
-    let ca_pem = meta.get("caCert").map(ca_cert).transpose()?;
+    let ca_pem = meta
+        .get("caCert")
+        .map(|v| ca_cert(v, namespace, credentials_dir))
+        .transpose()?;
 
-    let credential = |key: &str| -> Result<Option<PathBuf>, MetadataError> {
+    let credential = |key: &str| -> Result<Option<CredentialFile>, MetadataError> {
         meta.get(key)
-            .map(|p| credential_path(key, p, namespace, credentials_dir))
+            .map(|p| credential_file(key, p, namespace, credentials_dir))
             .transpose()
     };
     let bearer = credential("bearerTokenFile")?;
@@ -399,7 +434,7 @@ fn endpoint(
         }
     };
     if username.is_some_and(|u| u.contains(':')) {
-        return Err(MetadataError::invalid(
+        return Err(invalid(
             "username",
             username.unwrap_or_default(),
             "a user name without ':'",
@@ -429,25 +464,27 @@ fn endpoint(
     })
 }
 
-/// `caCert`: a PEM file path (or the PEM itself); must hold a certificate.
-fn ca_cert(value: &str) -> Result<Vec<u8>, MetadataError> {
+/// `caCert`: the PEM itself, or the name of a PEM file in the namespace's
+/// credentials directory; must hold a certificate. Read now, once per
+/// trigger (the trigger cache keeps the result).
+fn ca_cert(value: &str, namespace: &str, credentials_dir: &Path) -> Result<Vec<u8>, MetadataError> {
+    let expected = |dir: &Path| {
+        format!(
+            "PEM text (-----BEGIN CERTIFICATE-----...) or {}",
+            CredentialFile::expected(dir)
+        )
+    };
     let pem = if value.starts_with("-----BEGIN") {
         value.as_bytes().to_vec()
     } else {
-        std::fs::read(value).map_err(|e| {
-            MetadataError::invalid(
-                "caCert",
-                value,
-                format!(
-                    "a readable PEM file in the activescale pod ({e}); note that KEDA also reads `caCert` for its own \
-                     connection to the scaler"
-                ),
-            )
-        })?
+        let file = CredentialFile::locate(value, namespace, credentials_dir)
+            .map_err(|_| invalid("caCert", value, expected(&credentials_dir.join(namespace))))?;
+        files::off_worker(|| file.read_blocking())
+            .map_err(|e| invalid("caCert", value, format!("{} ({e})", expected(file.dir()))))?
     };
     match reqwest::Certificate::from_pem_bundle(&pem) {
         Ok(certs) if !certs.is_empty() => Ok(pem),
-        _ => Err(MetadataError::invalid(
+        _ => Err(invalid(
             "caCert",
             value,
             "PEM with at least one CERTIFICATE block",
@@ -455,42 +492,30 @@ fn ca_cert(value: &str) -> Result<Vec<u8>, MetadataError> {
     }
 }
 
-/// A credential file named relative to `<dir>/<namespace>/`, not leaving it.
-fn credential_path(
+/// A credential file named relative to `<dir>/<namespace>/`, not leaving
+/// it, and readable now (it is read again on every request: tokens rotate).
+fn credential_file(
     key: &str,
     value: &str,
     namespace: &str,
     dir: &Path,
-) -> Result<PathBuf, MetadataError> {
-    let rel = Path::new(value);
-    let expected = || {
-        format!(
-            "a file name relative to {}/{namespace}/ (no leading '/', no '..'), where the operator mounts this \
-             namespace's credentials",
-            dir.display()
-        )
-    };
-    if !rel.components().all(|c| matches!(c, Component::Normal(_)))
-        || namespace.contains(['/', '\\'])
-        || namespace == ".."
-    {
-        return Err(MetadataError::invalid(key, value, expected()));
-    }
-    let path = dir.join(namespace).join(rel);
-    if !path.is_file() {
-        return Err(MetadataError::invalid(
+) -> Result<CredentialFile, MetadataError> {
+    let file = CredentialFile::locate(value, namespace, dir)
+        .map_err(|expected| invalid(key, value, expected))?;
+    files::off_worker(|| file.check_blocking()).map_err(|e| {
+        invalid(
             key,
             value,
-            format!("{} (no such file: {})", expected(), path.display()),
-        ));
-    }
-    Ok(path)
+            format!("{} ({e})", CredentialFile::expected(file.dir())),
+        )
+    })?;
+    Ok(file)
 }
 
 /// `customHeaders`: `Name=value,Other=value`.
 fn custom_headers(raw: &str) -> Result<Vec<(String, String)>, MetadataError> {
     let bad = |why: &str| {
-        MetadataError::invalid(
+        invalid(
             "customHeaders",
             raw,
             format!("Name=value pairs separated by ',' ({why})"),
@@ -546,7 +571,10 @@ impl Default for PromBackend {
 impl PromBackend {
     pub fn new(settings: PromSettings) -> Self {
         Self {
-            connections: Arc::new(Connections::new(settings.cache_ttl)),
+            connections: Arc::new(Connections::new(
+                settings.cache_ttl,
+                settings.max_response_bytes,
+            )),
         }
     }
 
@@ -811,7 +839,7 @@ mod tests {
             ),
             (
                 &[("query", "up"), ("bearerTokenFile", "token")],
-                &["bearerTokenFile", "no such file"],
+                &["bearerTokenFile", "No such file"],
             ),
             (
                 &[
@@ -841,24 +869,35 @@ mod tests {
     }
 
     #[test]
-    fn credential_files_come_from_the_namespace_directory() {
+    fn files_come_from_the_namespace_directory() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("shop")).unwrap();
         std::fs::write(dir.path().join("shop/token"), "t").unwrap();
         std::fs::create_dir_all(dir.path().join("other")).unwrap();
         std::fs::write(dir.path().join("other/token"), "t").unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["prom".to_string()]).unwrap();
+        std::fs::write(dir.path().join("shop/ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("shop/big.pem"), vec![b' '; (1 << 20) + 1]).unwrap();
+        let settings = PromSettings {
+            credentials_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
         let parse = |ns: &str, pairs: &[(&str, &str)]| {
             let mut m = meta(pairs);
             m.insert("serverAddress".into(), "http://p:9090".into());
             m.insert("query".into(), "up".into());
-            parse_in(&Metadata(&m), ns, &PromSettings::default(), dir.path())
+            PromTrigger::parse(&Metadata(&m), ns, &settings)
+        };
+        let err = |pairs: &[(&str, &str)]| match parse("shop", pairs) {
+            Ok(_) => panic!("{pairs:?} should be refused"),
+            Err(e) => e.to_string(),
         };
         let p = parse("shop", &[("bearerTokenFile", "token")]).unwrap();
         assert_eq!(
             p.trigger.endpoint.auth,
-            Auth::BearerFile(dir.path().join("shop/token"))
+            Auth::BearerFile(CredentialFile::locate("token", "shop", dir.path()).unwrap())
         );
-        assert!(parse("shop", &[("bearerTokenFile", "../other/token")]).is_err());
+        assert!(err(&[("bearerTokenFile", "../other/token")]).contains("'..'"));
         let p = parse("shop", &[("username", "u"), ("passwordFile", "token")]).unwrap();
         assert!(matches!(
             p.trigger.endpoint.auth,
@@ -867,6 +906,26 @@ mod tests {
                 ..
             }
         ));
+
+        let p = parse("shop", &[("caCert", "ca.pem")]).unwrap();
+        assert_eq!(p.trigger.endpoint.ca_pem, Some(ca.cert.pem().into_bytes()));
+        let p = parse("shop", &[("caCert", &ca.cert.pem())]).unwrap();
+        assert!(p.trigger.endpoint.ca_pem.is_some(), "inline PEM");
+        for (value, needle) in [
+            ("/dev/zero", "no leading '/'"),
+            ("/proc/self/environ", "no leading '/'"),
+            ("../other/token", "no '..'"),
+            ("big.pem", "larger than 1 MiB"),
+            ("token", "at least one CERTIFICATE"),
+            ("missing.pem", "No such file"),
+        ] {
+            let e = err(&[("caCert", value)]);
+            assert!(
+                e.contains("`caCert`") && e.contains(value) && e.contains(needle),
+                "{value}: {e}"
+            );
+        }
+        assert!(err(&[("bearerTokenFile", "big.pem")]).contains("larger than 1 MiB"));
     }
 
     #[test]

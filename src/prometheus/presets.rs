@@ -45,7 +45,7 @@ pub fn expand(name: &str, meta: &Metadata<'_>) -> Result<Expanded, MetadataError
         "membrane-queued-tasks" => &["bufferRatio"],
         "membrane-capacity" => &["capacityTarget"],
         _ => {
-            return Err(MetadataError::invalid(
+            return Err(super::invalid(
                 "preset",
                 name,
                 format!("one of {}", NAMES.join(", ")),

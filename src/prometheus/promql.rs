@@ -9,18 +9,38 @@
 //! compared with the rewritten AST: if the printer ever lost or changed
 //! anything, the query is refused instead of being sent in a form we did not
 //! check.
+//!
+//! Depth: `promql-parser`'s parser, its printer, its comparisons and the
+//! drop of its AST all recurse, as deep as the tree is, and the text comes
+//! from tenants (16,000 unary minus signs overflow any thread's stack and
+//! abort the process). So before anything is parsed, [`check_tokens`] runs
+//! the crate's own lexer (the same comments, strings and escapes the parser
+//! will see) and bounds, from its tokens alone, how deep the tree can be. It
+//! also refuses the numbers the parser would panic on, and a panic of the
+//! parser on anything else is caught: a refusal, not an unwinding RPC.
 
+use lrpar::{Lexeme as _, Lexer as _, NonStreamingLexer as _};
 use promql_parser::{
     label::{MatchOp, Matcher},
-    parser::{self, Expr, VectorSelector, value::ValueType},
+    parser::{
+        self, Expr, VectorSelector,
+        token::{
+            T_ADD, T_COLON, T_COMMA, T_LEFT_BRACE, T_LEFT_BRACKET, T_LEFT_PAREN, T_NUMBER,
+            T_OFFSET, T_RIGHT_BRACE, T_RIGHT_PAREN, T_SUB, TokenId, TokenType,
+        },
+        value::ValueType,
+    },
 };
 
 /// Longest query accepted, in bytes.
 const MAX_LEN: usize = 16 * 1024;
-/// Deepest bracket nesting accepted, and most operators: printing, rewriting
-/// and dropping the AST all recurse, a chain of operators nests as deep as it
-/// is long, and the text comes from users.
-const MAX_DEPTH: usize = 64;
+/// Deepest syntax tree accepted. Each bracket pair and each operator of a
+/// chain (`a + b + c` is two levels: `(a + b) + c`) can add a level; a
+/// trigger's query needs a handful, and 64 levels keep every recursive walk
+/// of the tree (ours and `promql-parser`'s) far inside a worker's stack.
+pub const MAX_DEPTH: usize = 64;
+/// Most operators accepted in a whole query: they bound the work and the
+/// size of the rewrite, not the depth.
 const MAX_OPERATORS: usize = 500;
 
 /// The label namespace enforcement pins.
@@ -40,7 +60,7 @@ pub struct Rewrite<'a> {
 
 /// Checks `text`, applies `rewrite` and returns the query to send.
 pub fn prepare(text: &str, rewrite: Rewrite<'_>) -> Result<String, String> {
-    let mut expr = parse_bounded(text)?;
+    let mut expr = parse_bounded(text, MAX_LEN)?;
     match expr.value_type() {
         ValueType::Scalar | ValueType::Vector => {}
         other => {
@@ -67,7 +87,9 @@ pub fn prepare(text: &str, rewrite: Rewrite<'_>) -> Result<String, String> {
     }
     })?;
     let printed = expr.to_string();
-    let reparsed = parser::parse(&printed).map_err(|e| {
+    // Added matchers make the text longer than the original, never deeper;
+    // the depth is bounded again all the same: the printer is not ours.
+    let reparsed = parse_bounded(&printed, usize::MAX).map_err(|e| {
         format!("its rewritten form {printed:?} does not parse ({e}); please report this")
     })?;
     if canonical(reparsed) != canonical(expr) {
@@ -80,7 +102,7 @@ pub fn prepare(text: &str, rewrite: Rewrite<'_>) -> Result<String, String> {
 
 /// Parses a label selector such as `namespace="membrane",app="worker"`.
 pub fn parse_selector(text: &str) -> Result<Vec<Matcher>, String> {
-    let expr = parse_bounded(&format!("{PROBE_NAME}{{{text}}}"))?;
+    let expr = parse_bounded(&format!("{PROBE_NAME}{{{text}}}"), MAX_LEN)?;
     match expr {
         Expr::VectorSelector(vs)
             if vs.name.as_deref() == Some(PROBE_NAME)
@@ -100,80 +122,154 @@ pub fn parse_selector(text: &str) -> Result<Vec<Matcher>, String> {
     }
 }
 
-fn parse_bounded(text: &str) -> Result<Expr, String> {
-    if text.len() > MAX_LEN {
-        return Err(format!("it is longer than {MAX_LEN} bytes"));
+fn parse_bounded(text: &str, max_len: usize) -> Result<Expr, String> {
+    if text.len() > max_len {
+        return Err(format!("it is longer than {max_len} bytes"));
     }
-    let shape = shape(text);
-    if shape.depth > MAX_DEPTH {
-        return Err(format!("it nests brackets more than {MAX_DEPTH} deep"));
+    if check_tokens(text)? > MAX_DEPTH {
+        return Err(too_deep());
     }
-    if shape.operators > MAX_OPERATORS {
-        return Err(format!("it has more than {MAX_OPERATORS} operators"));
+    match std::panic::catch_unwind(|| parser::parse(text)) {
+        Ok(parsed) => parsed.map_err(|e| format!("it is not valid PromQL: {e}")),
+        Err(_) => Err("the PromQL parser failed on it; please report this".into()),
     }
-    parser::parse(text).map_err(|e| format!("it is not valid PromQL: {e}"))
 }
 
-/// Bounds on how deep a query's AST can be, read from the text.
-struct Shape {
-    /// Deepest `(`/`[`/`{` nesting outside string literals.
-    depth: usize,
-    /// Operator characters and set-operator words outside strings and label
-    /// braces. Over-estimates are fine: this only bounds recursion.
-    operators: usize,
-}
-
-fn shape(text: &str) -> Shape {
-    let (mut depth, mut max, mut operators) = (0usize, 0usize, 0usize);
-    let (mut quote, mut escaped, mut braces) = (None, false, 0usize);
-    let mut word = String::new();
-    let end_word = |word: &mut String, braces: usize, operators: &mut usize| {
-        if braces == 0
-            && ["and", "or", "unless", "atan2"]
-                .iter()
-                .any(|w| w.eq_ignore_ascii_case(word))
-        {
-            *operators += 1;
-        }
-        word.clear();
-    };
-    for c in text.chars() {
-        if let Some(q) = quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' && q != '`' {
-                escaped = true;
-            } else if c == q {
-                quote = None;
+/// How deep the tree of `text` can be, read before parsing; refuses more
+/// than [`MAX_OPERATORS`] operators, stops early past [`MAX_DEPTH`], and
+/// refuses a duration written as a number that is not one (see
+/// [`not_a_duration`]).
+///
+/// The tokens are `promql-parser`'s own, so a comment or a string hides
+/// nothing from this count that it would not hide from the parser. Every node
+/// of the tree above a leaf comes from a distinct token: a bracket pair
+/// (call, aggregation, parentheses), an operator (binary or unary) or a `[`
+/// (range, subquery). A node inside a bracket pair lies below at most that
+/// pair and the operators of the same argument around it, so the tree is no
+/// deeper than the deepest path of (1 + operators of an argument + the
+/// deepest pair inside that argument). The count runs over a stack of open
+/// pairs (no recursion) and over-estimates (grouping lists such as
+/// `by (a)` count as a level), which is all a bound has to do.
+fn check_tokens(text: &str) -> Result<usize, String> {
+    let lexer = parser::lexer(text).map_err(|e| format!("it is not valid PromQL: {e}"))?;
+    // Open bracket pairs, outermost (the whole query) first.
+    let mut open = vec![Level::default()];
+    let (mut braces, mut operators) = (0usize, 0usize);
+    // The two tokens before this one, outside label braces.
+    let mut before: [TokenId; 2] = [T_COMMA; 2];
+    for lexeme in lexer.iter() {
+        let lexeme = lexeme.map_err(|e| format!("it is not valid PromQL: {e:?}"))?;
+        let id = lexeme.tok_id();
+        if id == T_NUMBER && braces == 0 && duration_position(before) {
+            let number = lexer.span_str(lexeme.span());
+            if not_a_duration(number) {
+                return Err(format!(
+                    "{number} is not a duration (a number of seconds, finite and below 2^64)"
+                ));
             }
-            continue;
         }
-        if c.is_ascii_alphanumeric() || c == '_' {
-            word.push(c);
-            continue;
+        if braces == 0 && id != T_LEFT_BRACE {
+            before = [before[1], id];
         }
-        end_word(&mut word, braces, &mut operators);
-        match c {
-            '"' | '\'' | '`' => quote = Some(c),
-            '(' | '[' | '{' => {
-                depth += 1;
-                max = max.max(depth);
-                braces += usize::from(c == '{');
+        // Label matchers (`{a="b" or c!="d"}`) are one leaf whatever they hold.
+        match id {
+            T_LEFT_BRACE => braces += 1,
+            T_RIGHT_BRACE => braces = braces.saturating_sub(1),
+            _ if braces > 0 => {}
+            T_LEFT_PAREN => {
+                if open.len() > MAX_DEPTH {
+                    return Err(too_deep());
+                }
+                open.push(Level::default());
             }
-            ')' | ']' | '}' => {
-                depth = depth.saturating_sub(1);
-                braces = braces.saturating_sub(usize::from(c == '}'));
+            T_RIGHT_PAREN => {
+                // The lexer refuses an unbalanced `)`; the root stays.
+                if open.len() > 1
+                    && let Some(inner) = open.pop()
+                    && let Some(outer) = open.last_mut()
+                {
+                    outer.below = outer.below.max(1 + inner.depth());
+                }
             }
-            '+' | '-' | '*' | '/' | '%' | '^' | '<' | '>' | '=' | '!' if braces == 0 => {
-                operators += 1
+            T_COMMA => {
+                if let Some(level) = open.last_mut() {
+                    level.next_argument();
+                }
+            }
+            _ if id == T_LEFT_BRACKET || TokenType::new(id).is_operator() => {
+                operators += 1;
+                if operators > MAX_OPERATORS {
+                    return Err(format!("it has more than {MAX_OPERATORS} operators"));
+                }
+                if let Some(level) = open.last_mut() {
+                    level.operators += 1;
+                    // A chain this long is too deep already: stop reading.
+                    if level.operators > MAX_DEPTH {
+                        return Err(too_deep());
+                    }
+                }
             }
             _ => {}
         }
     }
-    end_word(&mut word, braces, &mut operators);
-    Shape {
-        depth: max,
-        operators,
+    // The lexer refuses unclosed brackets, so only the root is left; any
+    // other is closed here all the same, innermost first.
+    let depth = open
+        .iter()
+        .rev()
+        .fold(None, |inner: Option<usize>, level| {
+            let below = level.below.max(inner.map_or(0, |d| 1 + d));
+            Some((level.operators + below).max(level.done))
+        })
+        .unwrap_or(0);
+    Ok(depth)
+}
+
+/// Whether a number after `before` is read as a duration: `[n]`, `[5m:n]`,
+/// `offset n`, `offset -n`.
+fn duration_position(before: [TokenId; 2]) -> bool {
+    matches!(
+        before,
+        [_, T_LEFT_BRACKET | T_COLON | T_OFFSET] | [T_OFFSET, T_SUB | T_ADD]
+    )
+}
+
+/// `promql-parser` turns a number in a duration's place into a `Duration`
+/// with a conversion that panics on NaN, infinities and more than 2^64
+/// seconds (`x offset 1e30`, `x[Inf]`).
+fn not_a_duration(number: &str) -> bool {
+    promql_parser::util::parse_str_radix(number)
+        .is_ok_and(|v| std::time::Duration::try_from_secs_f64(v).is_err())
+}
+
+fn too_deep() -> String {
+    format!(
+        "it nests more than {MAX_DEPTH} levels deep (each bracket pair and each operator of a chain is a level: \
+         `sum(a + b + c)` is 3)"
+    )
+}
+
+/// One open bracket pair of [`check_tokens`]: the argument being read, and the
+/// deepest finished one.
+#[derive(Default)]
+struct Level {
+    /// Operators of the current argument.
+    operators: usize,
+    /// Deepest bracket pair of the current argument.
+    below: usize,
+    /// Deepest finished argument.
+    done: usize,
+}
+
+impl Level {
+    fn depth(&self) -> usize {
+        (self.operators + self.below).max(self.done)
+    }
+
+    fn next_argument(&mut self) {
+        self.done = self.depth();
+        self.operators = 0;
+        self.below = 0;
     }
 }
 
@@ -221,34 +317,40 @@ enum Visit<'a> {
     Function(&'static str),
 }
 
-/// Calls `f` on every selector and function call of `e`.
-fn walk(e: &mut Expr, f: &mut dyn FnMut(Visit<'_>) -> Result<(), String>) -> Result<(), String> {
-    match e {
-        Expr::Aggregate(a) => {
-            if let Some(p) = a.param.as_mut() {
-                walk(p, f)?;
+/// Calls `f` on every selector and function call of `root`, in source
+/// order. A stack instead of recursion: depth is bounded by [`check_tokens`], but a
+/// walk of ours should not depend on that.
+fn walk(root: &mut Expr, f: &mut dyn FnMut(Visit<'_>) -> Result<(), String>) -> Result<(), String> {
+    let mut todo = vec![root];
+    while let Some(e) = todo.pop() {
+        // Children go on the stack last-first, so they come off first-first.
+        match e {
+            Expr::Aggregate(a) => {
+                todo.push(&mut a.expr);
+                if let Some(p) = a.param.as_mut() {
+                    todo.push(p);
+                }
             }
-            walk(&mut a.expr, f)
-        }
-        Expr::Unary(u) => walk(&mut u.expr, f),
-        Expr::Binary(b) => {
-            walk(&mut b.lhs, f)?;
-            walk(&mut b.rhs, f)
-        }
-        Expr::Paren(p) => walk(&mut p.expr, f),
-        Expr::Subquery(s) => walk(&mut s.expr, f),
-        Expr::NumberLiteral(_) | Expr::StringLiteral(_) => Ok(()),
-        Expr::VectorSelector(vs) => f(Visit::Selector(vs)),
-        Expr::MatrixSelector(ms) => f(Visit::Selector(&mut ms.vs)),
-        Expr::Call(c) => {
-            f(Visit::Function(c.func.name))?;
-            for a in c.args.args.iter_mut() {
-                walk(a, f)?;
+            Expr::Unary(u) => todo.push(&mut u.expr),
+            Expr::Binary(b) => {
+                todo.push(&mut b.rhs);
+                todo.push(&mut b.lhs);
             }
-            Ok(())
+            Expr::Paren(p) => todo.push(&mut p.expr),
+            Expr::Subquery(s) => todo.push(&mut s.expr),
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) => {}
+            Expr::VectorSelector(vs) => f(Visit::Selector(vs))?,
+            Expr::MatrixSelector(ms) => f(Visit::Selector(&mut ms.vs))?,
+            Expr::Call(c) => {
+                f(Visit::Function(c.func.name))?;
+                todo.extend(c.args.args.iter_mut().rev().map(|a| &mut **a));
+            }
+            Expr::Extension(_) => {
+                return Err("it contains an expression this service cannot check".into());
+            }
         }
-        Expr::Extension(_) => Err("it contains an expression this service cannot check".into()),
     }
+    Ok(())
 }
 
 /// `e` with every matcher group sorted: the printer sorts matchers, and
@@ -450,36 +552,74 @@ mod tests {
     }
 
     #[test]
-    fn long_operator_chains_do_not_exhaust_the_stack() {
-        // Runs on a thread with a tokio worker's default stack (2 MiB).
-        let worst = [
-            format!("x{}", " + x".repeat(MAX_OPERATORS)),
-            format!("x{}", " or x".repeat(MAX_OPERATORS)),
-            format!("{}x", "-".repeat(MAX_OPERATORS)),
-            format!("{}1", "- ".repeat(MAX_OPERATORS)),
-            format!("x{}", " + x".repeat((MAX_LEN - 1) / 4)),
+    fn the_check_tokens_counts_what_the_parser_sees() {
+        let d = |q: &str| check_tokens(q).unwrap_or_else(|e| panic!("{q}: {e}"));
+        assert_eq!(d("up"), 0);
+        assert_eq!(d("sum(a + b + c)"), 3);
+        assert_eq!(d("sum(a) + sum(b)"), 2);
+        assert_eq!(d("((a))"), 2);
+        assert_eq!(d("-x"), 1);
+        assert_eq!(d("max_over_time(x[5m:1m])"), 2);
+        // Arguments are alternatives, not a chain.
+        assert_eq!(d("clamp(a + b, -1, 1)"), 2);
+        // Operators, brackets and comments inside strings and label braces
+        // are not the tree's.
+        assert_eq!(
+            d("sum(x{a=\"((((+-\", b!=\"c\" or d=\"e\"}) + 1 or vector(2)"),
+            3
+        );
+        assert_eq!(d("x{a=\"# (((\"}"), 0);
+        assert_eq!(d("x{a='\\'((('}"), 0);
+        // A comment hides to the end of the line, no further.
+        assert_eq!(d("# \"\n-(-up)"), 3);
+        assert_eq!(d("# ((((\nup"), 0);
+    }
+
+    #[test]
+    fn numbers_the_parser_cannot_take_as_durations_are_refused() {
+        for q in [
+            "x offset NaN",
+            "x offset Inf",
+            "x offset -1e30",
+            "x offset +nan",
+            "x[1e30]",
+            "x[1e400]",
+            "max_over_time(x[5m:1e300])",
+            "max_over_time(x[1e999:1m])",
+        ] {
+            let e = prepare(q, Rewrite::default()).unwrap_err();
+            assert!(e.contains("is not a duration"), "{q}: {e}");
+        }
+        // Numbers elsewhere, and durations that are numbers, are fine.
+        for q in [
+            "x offset 60",
+            "rate(x[300])",
+            "x > Inf",
+            "x{a=\"Inf\"} offset 1",
+            "vector(NaN)",
+        ] {
+            assert!(prepare(q, Rewrite::default()).is_ok(), "{q}");
+        }
+    }
+
+    #[test]
+    fn depth_hidden_behind_comments_and_strings_is_refused() {
+        let cases = [
+            format!("# \"\n{}up", "-".repeat(16_000)),
+            format!("# \"\n{}up{}", "(".repeat(8_000), ")".repeat(8_000)),
+            format!("# '\n{}up", "-".repeat(200)),
+            format!("# `\n{}up", "- ".repeat(200)),
+            format!("x{{a=\"\\\"\"}} + {}up", "-".repeat(200)),
+            format!("{}up{}", "(".repeat(100), ")".repeat(100)),
         ];
+        // The refusal comes before the parser: on a small stack, no overflow.
         std::thread::Builder::new()
-            .stack_size(2 << 20)
+            .stack_size(256 << 10)
             .spawn(move || {
-                let results: Vec<_> = worst
-                    .iter()
-                    .map(|q| {
-                        prepare(
-                            q,
-                            Rewrite {
-                                extra: &[],
-                                namespace: Some("shop"),
-                            },
-                        )
-                    })
-                    .collect();
-                assert!(
-                    results[..4].iter().all(Result::is_ok),
-                    "{:?}",
-                    results.iter().map(|r| r.as_ref().err()).collect::<Vec<_>>()
-                );
-                assert!(results[4].as_ref().unwrap_err().contains("operators"));
+                for q in &cases {
+                    let e = prepare(q, Rewrite::default()).unwrap_err();
+                    assert!(e.contains("64 levels"), "{}: {e}", &q[..20]);
+                }
             })
             .unwrap()
             .join()
@@ -487,10 +627,42 @@ mod tests {
     }
 
     #[test]
-    fn shape_ignores_strings_and_label_braces() {
-        let s = shape("sum(x{a=\"((((+-\", b!=\"c\" or d=\"e\"}) + 1 or vector(2)");
-        assert_eq!((s.depth, s.operators), (2, 2));
-        assert_eq!(shape("((a))").depth, 2);
-        assert_eq!(shape("a and b unless c / 2").operators, 3);
+    fn the_deepest_accepted_queries_fit_a_small_stack() {
+        let n = MAX_DEPTH;
+        let deepest = [
+            format!("x{}", " + x".repeat(n)),
+            format!("x{}", " or x".repeat(n)),
+            format!("x{}", " ^ x".repeat(n)),
+            format!("{}x", "-".repeat(n)),
+            format!("{}x{}", "(".repeat(n), ")".repeat(n)),
+            format!("{}x{}", "abs(".repeat(n), ")".repeat(n)),
+            format!("{}x{}", "-(".repeat(n / 2), ")".repeat(n / 2)),
+        ];
+        let too_deep = [
+            format!("x{}", " + x".repeat(n + 1)),
+            format!("{}x", "-".repeat(n + 1)),
+            format!("{}x{}", "(".repeat(n + 1), ")".repeat(n + 1)),
+        ];
+        // An eighth of a tokio worker's stack (2 MiB), in a debug build.
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                for q in &deepest {
+                    let out = ns(q).unwrap_or_else(|e| panic!("{q}: {e}"));
+                    assert!(all_pinned(&out), "{out}");
+                }
+                for q in &too_deep {
+                    assert!(ns(q).unwrap_err().contains("levels deep"), "{q}");
+                }
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        // Wide but shallow: a balanced tree of 511 additions is 18 deep.
+        let mut wide = "x".to_owned();
+        for _ in 0..9 {
+            wide = format!("({wide} + {wide})");
+        }
+        assert!(ns(&wide).unwrap_err().contains("500 operators"), "{wide}");
     }
 }
