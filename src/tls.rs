@@ -121,6 +121,12 @@ pub enum TlsError {
     CertKey(#[source] rustls::Error),
     #[error("tls_client_ca: {0}")]
     ClientCa(String),
+    /// Any other setting of a [`TlsSource`] that does not work.
+    #[error("{field}: {problem}")]
+    Setting {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 impl From<TlsError> for crate::Error {
@@ -283,6 +289,11 @@ impl<S: TlsSource> Tls<S> {
         }))
     }
 
+    /// What the config is built from.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
     /// An acceptor for the config in use now.
     pub fn acceptor(&self) -> TlsAcceptor {
         let config = self.current.read().unwrap_or_else(|e| e.into_inner());
@@ -386,10 +397,7 @@ impl Stream for Incoming {
                     let _ = tcp.set_nodelay(true);
                     match &this.tls {
                         None => return Poll::Ready(Some(Ok(Conn::Plain(tcp)))),
-                        Some(tls) => {
-                            this.handshakes
-                                .push(Box::pin(handshake(tls(), tcp, peer)))
-                        }
+                        Some(tls) => this.handshakes.push(Box::pin(handshake(tls(), tcp, peer))),
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
