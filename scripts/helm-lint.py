@@ -74,6 +74,22 @@ SET_ELSEWHERE = {
     "tls_client_ca": "ACTIVESCALE_TLS_CLIENT_CA",
 }
 
+# Config fields the chart does not offer yet: the Custom Metrics API needs its
+# own port, Service, APIService and RBAC, which come with its Helm part.
+NOT_IN_CHART_YET = {
+    "custom_metrics_addr",
+    "custom_metrics_tls_cert",
+    "custom_metrics_tls_key",
+    "custom_metrics_tls_names",
+    "custom_metrics_client_ca",
+    "custom_metrics_allowed_names",
+    "custom_metrics_username_headers",
+    "custom_metrics_group_headers",
+    "custom_metrics_extra_headers_prefix",
+    "custom_metrics_windows",
+    "custom_metrics_rules",
+}
+
 # Helm's lint severities (pkg/lint/support).
 SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
 
@@ -147,12 +163,12 @@ def check_config_coverage(defaults: dict) -> list[str]:
     fields = config_fields()
     check(len(fields) > 10, f"found only {fields} in struct Config; did its layout change?")
     in_values = set(defaults["config"])
-    expected = set(fields) - set(SET_ELSEWHERE)
+    expected = set(fields) - set(SET_ELSEWHERE) - NOT_IN_CHART_YET
     check(in_values == expected,
           "values.yaml `config:` and struct Config differ: "
           f"missing from values {sorted(expected - in_values)}, unknown to the service {sorted(in_values - expected)}")
-    stale = set(SET_ELSEWHERE) - set(fields)
-    check(not stale, f"SET_ELSEWHERE names fields struct Config no longer has: {sorted(stale)}")
+    stale = (set(SET_ELSEWHERE) | NOT_IN_CHART_YET) - set(fields)
+    check(not stale, f"SET_ELSEWHERE/NOT_IN_CHART_YET name fields struct Config no longer has: {sorted(stale)}")
     return fields
 
 

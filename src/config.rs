@@ -166,6 +166,37 @@ pub struct Config {
     /// connection (they connect outside the mesh, and a CA or client
     /// certificate in every sidecar is rarely practical).
     pub tls_sink: bool,
+
+    // The Custom Metrics API (`custom.metrics.k8s.io`, src/custom_metrics/).
+    /// Where the Custom Metrics API listens (HTTPS only). Unset: not served.
+    pub custom_metrics_addr: Option<SocketAddr>,
+    /// PEM certificate chain of the Custom Metrics API, reloaded like
+    /// `tls_cert`. Unset: a self-signed certificate is made at start-up.
+    pub custom_metrics_tls_cert: Option<PathBuf>,
+    /// PEM private key for `custom_metrics_tls_cert`.
+    pub custom_metrics_tls_key: Option<PathBuf>,
+    /// DNS names and IP addresses of the self-signed certificate.
+    pub custom_metrics_tls_names: Vec<String>,
+    /// The front-proxy CA (`requestheader-client-ca-file` of the
+    /// `extension-apiserver-authentication` ConfigMap): requests must come
+    /// with a client certificate it signed. Unset: allowed only on a loopback
+    /// `custom_metrics_addr`, and nothing is checked.
+    pub custom_metrics_client_ca: Option<PathBuf>,
+    /// Common names the front-proxy certificate may have
+    /// (`requestheader-allowed-names`); empty: any certificate of the CA.
+    pub custom_metrics_allowed_names: Vec<String>,
+    /// Headers naming the user, first non-empty wins (`requestheader-username-headers`).
+    pub custom_metrics_username_headers: Vec<String>,
+    /// Headers listing the user's groups (`requestheader-group-headers`).
+    pub custom_metrics_group_headers: Vec<String>,
+    /// Prefixes of headers carrying the user's extra attributes
+    /// (`requestheader-extra-headers-prefix`).
+    pub custom_metrics_extra_headers_prefix: Vec<String>,
+    /// Windowed forms of `active_requests`, `<max|avg>_<duration>` each:
+    /// `max_30s` serves `active_requests_max_30s`, every pod's peak over 30 s.
+    pub custom_metrics_windows: Vec<String>,
+    /// Per-pod metrics computed by Prometheus (see [`CustomMetricsRule`]).
+    pub custom_metrics_rules: Vec<CustomMetricsRule>,
 }
 
 impl Default for Config {
@@ -215,6 +246,17 @@ impl Default for Config {
             tls_client_ca: None,
             tls_reload_interval: Duration::from_secs(10),
             tls_sink: true,
+            custom_metrics_addr: None,
+            custom_metrics_tls_cert: None,
+            custom_metrics_tls_key: None,
+            custom_metrics_tls_names: vec!["localhost".into()],
+            custom_metrics_client_ca: None,
+            custom_metrics_allowed_names: Vec::new(),
+            custom_metrics_username_headers: vec!["X-Remote-User".into()],
+            custom_metrics_group_headers: vec!["X-Remote-Group".into()],
+            custom_metrics_extra_headers_prefix: vec!["X-Remote-Extra-".into()],
+            custom_metrics_windows: Vec::new(),
+            custom_metrics_rules: Vec::new(),
         }
     }
 }
@@ -244,7 +286,16 @@ pub const LEGACY_ENV: &[(&str, &str)] = &[
 ];
 
 /// Fields that hold lists (comma-separated in the environment and on flags).
-const LIST_FIELDS: &[&str] = &["metric_include", "metric_exclude"];
+const LIST_FIELDS: &[&str] = &[
+    "metric_include",
+    "metric_exclude",
+    "custom_metrics_tls_names",
+    "custom_metrics_allowed_names",
+    "custom_metrics_username_headers",
+    "custom_metrics_group_headers",
+    "custom_metrics_extra_headers_prefix",
+    "custom_metrics_windows",
+];
 
 impl Config {
     /// Loads defaults, then `file`, then the environment, then `overrides`
@@ -385,6 +436,7 @@ impl Config {
         ] {
             readable(field, path.as_deref())?;
         }
+        self.validate_custom_metrics()?;
         Ok(())
     }
 
@@ -436,6 +488,311 @@ fn readable(field: &str, path: Option<&Path>) -> Result<(), ConfigError> {
             .map(drop)
             .map_err(|e| ConfigError(format!("{field}: cannot read {}: {e}", p.display()))),
         None => Ok(()),
+    }
+}
+
+// ---- The Custom Metrics API's settings: plain data, checked here. ----
+
+/// The metric every pod has: its requests in flight now.
+pub const ACTIVE_REQUESTS: &str = "active_requests";
+/// Most windowed forms and Prometheus rules accepted.
+pub const MAX_CUSTOM_METRICS_WINDOWS: usize = 16;
+pub const MAX_CUSTOM_METRICS_RULES: usize = 64;
+/// Longest rule query template, in bytes (the PromQL guard's limit).
+pub const MAX_CUSTOM_METRICS_QUERY: usize = 16 * 1024;
+/// Longest `timeout` of a rule.
+const MAX_RULE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A per-pod metric computed by Prometheus, the way prometheus-adapter's
+/// `metricsQuery` rules work: the query is a template over the pods of the
+/// request, and its result has one series per pod.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomMetricsRule {
+    /// The metric's name in the API (`pods/<name>`).
+    pub name: String,
+    /// Prometheus base URL (`http://` or `https://`).
+    pub server: String,
+    /// PromQL with `<<.LabelMatchers>>` (required: the request's namespace,
+    /// pod and selectors as label matchers) and optionally `<<.GroupBy>>`
+    /// (`pod_label`), e.g.
+    /// `sum by (<<.GroupBy>>) (rate(http_requests_total{<<.LabelMatchers>>}[2m]))`.
+    pub query: String,
+    /// The label of the result that names the pod.
+    #[serde(default = "default_pod_label")]
+    pub pod_label: String,
+    /// Reported as `windowSeconds` (for example the range of a `rate()`).
+    #[serde(default, with = "humantime_serde")]
+    pub window: Option<Duration>,
+    /// Which pods the request's `labelSelector` picks.
+    #[serde(default)]
+    pub pods_from: PodsFrom,
+    /// Query timeout; unset: `prometheus_timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+fn default_pod_label() -> String {
+    "pod".into()
+}
+
+/// How a rule applies the request's `labelSelector`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodsFrom {
+    /// The selector's terms become label matchers on the series (the pods'
+    /// labels must be on them, as Prometheus' `labelmap` of
+    /// `__meta_kubernetes_pod_label_(.+)` puts them, `.`/`/`/`-` as `_`).
+    #[default]
+    Prometheus,
+    /// The selector picks the live pods whose sidecars report to
+    /// activescale (their labels as Istio sends them); the query is over the
+    /// namespace and its result is kept for those pods only.
+    Sidecars,
+}
+
+/// How a windowed `active_requests` reduces each pod's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WindowFunction {
+    Max,
+    Avg,
+}
+
+/// Parses a `custom_metrics_windows` entry: `max_30s`, `avg_2m`. The length
+/// is whole seconds (it is reported as `windowSeconds`) and written with
+/// lowercase letters and digits only, so the metric name stays a plain word.
+pub fn parse_custom_metrics_window(spec: &str) -> Result<(WindowFunction, Duration), String> {
+    let (function, length) = spec
+        .split_once('_')
+        .ok_or_else(|| format!("{spec:?} is not <max|avg>_<duration>, e.g. max_30s"))?;
+    let function = match function {
+        "max" => WindowFunction::Max,
+        "avg" => WindowFunction::Avg,
+        other => return Err(format!("{spec:?}: {other:?} is not max or avg")),
+    };
+    if length.is_empty()
+        || !length
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(format!(
+            "{spec:?}: the duration is written with digits and units only, e.g. 30s, 2m, 1m30s"
+        ));
+    }
+    let length = humantime::parse_duration(length)
+        .map_err(|e| format!("{spec:?}: {length:?} is not a duration ({e})"))?;
+    if length.is_zero() || length.subsec_nanos() != 0 {
+        return Err(format!(
+            "{spec:?}: the window must be a whole number of seconds, at least 1s"
+        ));
+    }
+    Ok((function, length))
+}
+
+/// A Prometheus label name (`[a-zA-Z_][a-zA-Z0-9_]*`).
+pub fn is_prometheus_label_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// A metric name the API can serve: a letter, then letters, digits, `_`,
+/// `-`, `.` or `:`, at most 128 in all (a URL path segment as it is).
+pub fn is_custom_metric_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphabetic()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.' | b':'))
+}
+
+/// An HTTP header name (RFC 9110 token).
+fn is_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+}
+
+impl Config {
+    fn validate_custom_metrics(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
+        if self.custom_metrics_tls_cert.is_some() != self.custom_metrics_tls_key.is_some() {
+            return bad(
+                "custom_metrics_tls_cert",
+                "custom_metrics_tls_cert and custom_metrics_tls_key go together".into(),
+            );
+        }
+        for (field, path) in [
+            ("custom_metrics_tls_cert", &self.custom_metrics_tls_cert),
+            ("custom_metrics_tls_key", &self.custom_metrics_tls_key),
+            ("custom_metrics_client_ca", &self.custom_metrics_client_ca),
+        ] {
+            readable(field, path.as_deref())?;
+        }
+        if let Some(addr) = self.custom_metrics_addr
+            && self.custom_metrics_client_ca.is_none()
+            && !addr.ip().is_loopback()
+        {
+            return bad(
+                "custom_metrics_client_ca",
+                format!(
+                    "required when custom_metrics_addr ({addr}) is not a loopback address: \
+                     without the front-proxy CA anyone who reaches the port is answered \
+                     (use the requestheader-client-ca-file of the extension-apiserver-authentication ConfigMap)"
+                ),
+            );
+        }
+        if !self.custom_metrics_allowed_names.is_empty() && self.custom_metrics_client_ca.is_none()
+        {
+            return bad(
+                "custom_metrics_allowed_names",
+                "names are checked on certificates of custom_metrics_client_ca, which is unset"
+                    .into(),
+            );
+        }
+        if let Some(n) = self
+            .custom_metrics_allowed_names
+            .iter()
+            .find(|n| n.trim().is_empty())
+        {
+            return bad("custom_metrics_allowed_names", format!("{n:?} is empty"));
+        }
+        if self.custom_metrics_tls_cert.is_none() {
+            if self.custom_metrics_tls_names.is_empty() {
+                return bad(
+                    "custom_metrics_tls_names",
+                    "the self-signed certificate needs at least one name".into(),
+                );
+            }
+            if let Some(n) = self.custom_metrics_tls_names.iter().find(|n| {
+                n.parse::<std::net::IpAddr>().is_err()
+                    && (n.is_empty()
+                        || n.len() > 253
+                        || !n
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-.*".contains(&b)))
+            }) {
+                return bad(
+                    "custom_metrics_tls_names",
+                    format!("{n:?} is neither a DNS name nor an IP address"),
+                );
+            }
+        }
+        if self.custom_metrics_username_headers.is_empty() {
+            return bad(
+                "custom_metrics_username_headers",
+                "needs at least one header (Kubernetes sends X-Remote-User)".into(),
+            );
+        }
+        for (field, names) in [
+            (
+                "custom_metrics_username_headers",
+                &self.custom_metrics_username_headers,
+            ),
+            (
+                "custom_metrics_group_headers",
+                &self.custom_metrics_group_headers,
+            ),
+            (
+                "custom_metrics_extra_headers_prefix",
+                &self.custom_metrics_extra_headers_prefix,
+            ),
+        ] {
+            if let Some(n) = names.iter().find(|n| !is_header_name(n)) {
+                return bad(field, format!("{n:?} is not an HTTP header name"));
+            }
+        }
+
+        let mut names = vec![ACTIVE_REQUESTS.to_string()];
+        if self.custom_metrics_windows.len() > MAX_CUSTOM_METRICS_WINDOWS {
+            return bad(
+                "custom_metrics_windows",
+                format!("at most {MAX_CUSTOM_METRICS_WINDOWS} entries"),
+            );
+        }
+        for spec in &self.custom_metrics_windows {
+            let (_, length) = parse_custom_metrics_window(spec)
+                .map_err(|why| ConfigError(format!("custom_metrics_windows: {why}")))?;
+            if length > self.max_window {
+                return bad(
+                    "custom_metrics_windows",
+                    format!("{spec:?} is longer than max_window ({:?})", self.max_window),
+                );
+            }
+            let name = format!("{ACTIVE_REQUESTS}_{spec}");
+            if names.contains(&name) {
+                return bad(
+                    "custom_metrics_windows",
+                    format!("{spec:?} is listed twice"),
+                );
+            }
+            names.push(name);
+        }
+
+        if self.custom_metrics_rules.len() > MAX_CUSTOM_METRICS_RULES {
+            return bad(
+                "custom_metrics_rules",
+                format!("at most {MAX_CUSTOM_METRICS_RULES} rules"),
+            );
+        }
+        for (i, rule) in self.custom_metrics_rules.iter().enumerate() {
+            let field = |f: &str| format!("custom_metrics_rules[{i}].{f}");
+            if !is_custom_metric_name(&rule.name) {
+                return bad(
+                    &field("name"),
+                    format!(
+                        "{:?}: a letter, then letters, digits, '_', '-', '.' or ':', at most 128",
+                        rule.name
+                    ),
+                );
+            }
+            if names.contains(&rule.name) {
+                return bad(&field("name"), format!("{:?} is already served", rule.name));
+            }
+            names.push(rule.name.clone());
+            let scheme_ok = ["http://", "https://"].iter().any(|p| {
+                rule.server
+                    .strip_prefix(p)
+                    .is_some_and(|rest| !rest.is_empty())
+            });
+            if !scheme_ok {
+                return bad(
+                    &field("server"),
+                    format!("{:?} is not an http:// or https:// URL", rule.server),
+                );
+            }
+            if rule.query.trim().is_empty() || rule.query.len() > MAX_CUSTOM_METRICS_QUERY {
+                return bad(
+                    &field("query"),
+                    format!("must be non-empty and at most {MAX_CUSTOM_METRICS_QUERY} bytes"),
+                );
+            }
+            if !is_prometheus_label_name(&rule.pod_label) {
+                return bad(
+                    &field("pod_label"),
+                    format!("{:?} is not a Prometheus label name", rule.pod_label),
+                );
+            }
+            if let Some(w) = rule.window
+                && (w.is_zero() || w.subsec_nanos() != 0)
+            {
+                return bad(
+                    &field("window"),
+                    "a whole number of seconds, at least 1s".into(),
+                );
+            }
+            if let Some(t) = rule.timeout
+                && (t.is_zero() || t > MAX_RULE_TIMEOUT)
+            {
+                return bad(
+                    &field("timeout"),
+                    format!("between 1ms and {MAX_RULE_TIMEOUT:?}"),
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -588,5 +945,222 @@ mod tests {
         assert_eq!(c.effective_warmup(), Duration::ZERO);
         c.warmup = Some(Duration::from_secs(3));
         assert_eq!(c.effective_warmup(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn custom_metrics_defaults_and_environment() {
+        let c = Config::default();
+        assert_eq!(c.custom_metrics_addr, None, "off unless asked for");
+        assert_eq!(c.custom_metrics_username_headers, ["X-Remote-User"]);
+        assert_eq!(c.custom_metrics_group_headers, ["X-Remote-Group"]);
+        assert_eq!(c.custom_metrics_extra_headers_prefix, ["X-Remote-Extra-"]);
+        assert_eq!(c.custom_metrics_tls_names, ["localhost"]);
+        let c = load(
+            &[
+                ("ACTIVESCALE_CUSTOM_METRICS_ADDR", "127.0.0.1:6443"),
+                ("ACTIVESCALE_CUSTOM_METRICS_WINDOWS", "max_30s, avg_2m"),
+                (
+                    "ACTIVESCALE_CUSTOM_METRICS_TLS_NAMES",
+                    "activescale.keda.svc,10.0.0.1",
+                ),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.custom_metrics_addr,
+            Some("127.0.0.1:6443".parse().unwrap())
+        );
+        assert_eq!(c.custom_metrics_windows, ["max_30s", "avg_2m"]);
+        assert_eq!(
+            c.custom_metrics_tls_names,
+            ["activescale.keda.svc", "10.0.0.1"]
+        );
+    }
+
+    #[test]
+    fn custom_metrics_rules_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            r#"custom_metrics_addr: 127.0.0.1:6443
+custom_metrics_rules:
+  - name: http_requests_per_second
+    server: http://prometheus:9090
+    query: 'sum by (<<.GroupBy>>) (rate(http_requests_total{<<.LabelMatchers>>}[2m]))'
+    window: 2m
+    pods_from: sidecars
+"#,
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&path), Vec::new(), &[]).unwrap();
+        let r = &c.custom_metrics_rules[0];
+        assert_eq!(r.pod_label, "pod");
+        assert_eq!(r.window, Some(Duration::from_secs(120)));
+        assert_eq!(r.pods_from, PodsFrom::Sidecars);
+        assert_eq!(r.timeout, None);
+    }
+
+    #[test]
+    fn custom_metrics_refusals_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "x").unwrap();
+        let ca = ca.to_string_lossy().into_owned();
+        let rule = |f: &dyn Fn(&mut CustomMetricsRule)| {
+            let mut r = CustomMetricsRule {
+                name: "rps".into(),
+                server: "http://prometheus:9090".into(),
+                query: "x{<<.LabelMatchers>>}".into(),
+                pod_label: "pod".into(),
+                window: None,
+                pods_from: PodsFrom::Prometheus,
+                timeout: None,
+            };
+            f(&mut r);
+            Config {
+                custom_metrics_rules: vec![r],
+                ..Config::default()
+            }
+        };
+        for (env, field) in [
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_ADDR", "0.0.0.0:6443")],
+                "custom_metrics_client_ca",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_ADDR", "[::]:6443")],
+                "custom_metrics_client_ca",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_TLS_CERT", ca.as_str())],
+                "custom_metrics_tls_cert",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_CLIENT_CA", "/nonexistent.pem")],
+                "custom_metrics_client_ca",
+            ),
+            (
+                vec![(
+                    "ACTIVESCALE_CUSTOM_METRICS_ALLOWED_NAMES",
+                    "front-proxy-client",
+                )],
+                "custom_metrics_allowed_names",
+            ),
+            (
+                vec![(
+                    "ACTIVESCALE_CUSTOM_METRICS_USERNAME_HEADERS",
+                    "X Remote User",
+                )],
+                "custom_metrics_username_headers",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_USERNAME_HEADERS", "")],
+                "custom_metrics_username_headers",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_TLS_NAMES", "bad name")],
+                "custom_metrics_tls_names",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_WINDOWS", "max30s")],
+                "custom_metrics_windows",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_WINDOWS", "p99_30s")],
+                "custom_metrics_windows",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_WINDOWS", "max_1500ms")],
+                "custom_metrics_windows",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_WINDOWS", "max_1m 30s")],
+                "custom_metrics_windows",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_WINDOWS", "max_11m")],
+                "custom_metrics_windows",
+            ),
+            (
+                vec![("ACTIVESCALE_CUSTOM_METRICS_WINDOWS", "max_30s,max_30s")],
+                "custom_metrics_windows",
+            ),
+        ] {
+            let e = load(&env, &[]).unwrap_err().to_string();
+            assert!(e.contains(field), "{env:?}: {e:?} should name {field}");
+        }
+        for (config, field) in [
+            (
+                rule(&|r| r.name = "active_requests".into()),
+                "custom_metrics_rules[0].name",
+            ),
+            (
+                rule(&|r| r.name = "9lives".into()),
+                "custom_metrics_rules[0].name",
+            ),
+            (
+                rule(&|r| r.name = "a/b".into()),
+                "custom_metrics_rules[0].name",
+            ),
+            (
+                rule(&|r| r.server = "prometheus:9090".into()),
+                "custom_metrics_rules[0].server",
+            ),
+            (
+                rule(&|r| r.query = " ".into()),
+                "custom_metrics_rules[0].query",
+            ),
+            (
+                rule(&|r| r.pod_label = "pod-name".into()),
+                "custom_metrics_rules[0].pod_label",
+            ),
+            (
+                rule(&|r| r.window = Some(Duration::from_millis(1500))),
+                "custom_metrics_rules[0].window",
+            ),
+            (
+                rule(&|r| r.timeout = Some(Duration::from_secs(61))),
+                "custom_metrics_rules[0].timeout",
+            ),
+        ] {
+            let e = config.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e:?} should name {field}");
+        }
+        // Loopback without a CA is the local and test set-up.
+        load(
+            &[("ACTIVESCALE_CUSTOM_METRICS_ADDR", "127.0.0.1:6443")],
+            &[],
+        )
+        .unwrap();
+        load(&[("ACTIVESCALE_CUSTOM_METRICS_ADDR", "[::1]:6443")], &[]).unwrap();
+        load(
+            &[
+                ("ACTIVESCALE_CUSTOM_METRICS_ADDR", "0.0.0.0:6443"),
+                ("ACTIVESCALE_CUSTOM_METRICS_CLIENT_CA", ca.as_str()),
+                (
+                    "ACTIVESCALE_CUSTOM_METRICS_ALLOWED_NAMES",
+                    "front-proxy-client",
+                ),
+            ],
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn window_specs() {
+        assert_eq!(
+            parse_custom_metrics_window("max_30s").unwrap(),
+            (WindowFunction::Max, Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_custom_metrics_window("avg_1m30s").unwrap(),
+            (WindowFunction::Avg, Duration::from_secs(90))
+        );
+        for bad in ["", "max", "max_", "max_0s", "min_30s", "max_30S", "max_-1s"] {
+            assert!(parse_custom_metrics_window(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -21,6 +21,8 @@
 //! - [`selector`]: Kubernetes label selectors.
 //! - [`prometheus`]: the optional Prometheus backend (`source: prometheus`).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/v1/pods`.
+//! - [`custom_metrics`]: the Custom Metrics API (`custom.metrics.k8s.io`)
+//!   for plain HPAs, HTTPS with front-proxy authentication.
 //! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
 //! - [`config`]: the one typed configuration, validated before anything binds.
@@ -34,6 +36,7 @@
 
 pub mod check;
 pub mod config;
+pub mod custom_metrics;
 pub mod http;
 pub mod prometheus;
 pub mod scaler;

@@ -116,6 +116,22 @@ struct ServeArgs {
     tls_key: Option<String>,
     #[arg(long)]
     tls_client_ca: Option<String>,
+    /// Serve the Custom Metrics API (HTTPS) on this address; unset: off.
+    #[arg(long)]
+    custom_metrics_addr: Option<String>,
+    #[arg(long)]
+    custom_metrics_tls_cert: Option<String>,
+    #[arg(long)]
+    custom_metrics_tls_key: Option<String>,
+    /// The front-proxy CA (requestheader-client-ca-file).
+    #[arg(long)]
+    custom_metrics_client_ca: Option<String>,
+    /// Comma-separated common names of the front-proxy certificate.
+    #[arg(long)]
+    custom_metrics_allowed_names: Option<String>,
+    /// Comma-separated windowed forms of active_requests, e.g. max_30s,avg_2m.
+    #[arg(long)]
+    custom_metrics_windows: Option<String>,
 }
 
 impl ServeArgs {
@@ -159,6 +175,15 @@ impl ServeArgs {
             ("tls_cert", &self.tls_cert),
             ("tls_key", &self.tls_key),
             ("tls_client_ca", &self.tls_client_ca),
+            ("custom_metrics_addr", &self.custom_metrics_addr),
+            ("custom_metrics_tls_cert", &self.custom_metrics_tls_cert),
+            ("custom_metrics_tls_key", &self.custom_metrics_tls_key),
+            ("custom_metrics_client_ca", &self.custom_metrics_client_ca),
+            (
+                "custom_metrics_allowed_names",
+                &self.custom_metrics_allowed_names,
+            ),
+            ("custom_metrics_windows", &self.custom_metrics_windows),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))

@@ -15,8 +15,9 @@ pub struct Selector {
     requirements: Vec<Requirement>,
 }
 
+/// One term of a selector: key first, then the value(s).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Requirement {
+pub enum Requirement {
     Equals(String, String),
     NotEquals(String, String),
     In(String, Vec<String>),
@@ -41,6 +42,12 @@ impl Selector {
             return Err(SelectorError("the selector is empty".into()));
         }
         Ok(Self { requirements })
+    }
+
+    /// The terms, in the order written (for translating a selector into
+    /// another language, such as PromQL matchers).
+    pub fn requirements(&self) -> &[Requirement] {
+        &self.requirements
     }
 
     /// True when every requirement holds for `labels`.

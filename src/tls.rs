@@ -15,6 +15,11 @@
 //! plain TCP, or TLS with handshakes running concurrently, so one slow or
 //! failing client never holds up the accept loop. The HTTP ops port stays
 //! plaintext (kubelet probes and Prometheus scrapes).
+//!
+//! What is read and how it becomes a config is a [`TlsSource`]: [`TlsFiles`]
+//! for the gRPC ports; a port with its own needs (the Custom Metrics API's
+//! front-proxy CA, a certificate made at start-up) brings its own source and
+//! shares the reload loop.
 
 use std::{
     io,
@@ -90,7 +95,7 @@ impl TlsFiles {
 /// The raw bytes a config was built from; compared to notice rotation.
 /// Contents rather than mtimes: a symlink swap can keep the target's mtime.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Contents {
+pub struct Contents {
     cert: Vec<u8>,
     key: Vec<u8>,
     client_ca: Option<Vec<u8>>,
@@ -116,6 +121,12 @@ pub enum TlsError {
     CertKey(#[source] rustls::Error),
     #[error("tls_client_ca: {0}")]
     ClientCa(String),
+    /// Any other setting of a [`TlsSource`] that does not work.
+    #[error("{field}: {problem}")]
+    Setting {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 impl From<TlsError> for crate::Error {
@@ -130,7 +141,7 @@ impl From<TlsError> for crate::Error {
 fn server_config(files: &TlsFiles, contents: &Contents) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = pem_certs("tls_cert", &files.cert, &contents.cert)?;
-    let key = pem_key(&files.key, &contents.key)?;
+    let key = pem_key("tls_key", &files.key, &contents.key)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::CertKey)?;
@@ -157,7 +168,7 @@ fn server_config(files: &TlsFiles, contents: &Contents) -> Result<Arc<ServerConf
     Ok(Arc::new(config))
 }
 
-fn pem_certs(
+pub(crate) fn pem_certs(
     field: &'static str,
     path: &Path,
     pem: &[u8],
@@ -176,15 +187,51 @@ fn pem_certs(
     Ok(certs)
 }
 
-fn pem_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn pem_key(
+    field: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<PrivateKeyDer<'static>, TlsError> {
     let problem = |problem: String| TlsError::Pem {
-        field: "tls_key",
+        field,
         path: path.to_owned(),
         problem,
     };
     rustls_pemfile::private_key(&mut &pem[..])
         .map_err(|e| problem(format!("not valid PEM: {e}")))?
         .ok_or_else(|| problem("no PEM private key (PKCS#8, PKCS#1 or SEC1) found".into()))
+}
+
+/// What a [`Tls`] re-reads on every check and builds a config from.
+pub trait TlsSource: Send + Sync + 'static {
+    /// The bytes a config is built from; compared to notice rotation.
+    type Contents: PartialEq + Send + 'static;
+    /// Reads the files as they are now. Blocking: called at start-up and from
+    /// a blocking task.
+    fn read_contents(&self) -> Result<Self::Contents, TlsError>;
+    /// The config `contents` make.
+    fn build_config(&self, contents: &Self::Contents) -> Result<Arc<ServerConfig>, TlsError>;
+    /// The files, for the reload log line.
+    fn describe(&self) -> String;
+}
+
+impl TlsSource for TlsFiles {
+    type Contents = Contents;
+
+    fn read_contents(&self) -> Result<Contents, TlsError> {
+        self.read()
+    }
+
+    fn build_config(&self, contents: &Contents) -> Result<Arc<ServerConfig>, TlsError> {
+        server_config(self, contents)
+    }
+
+    fn describe(&self) -> String {
+        match &self.client_ca {
+            Some(ca) => format!("{}, {}", self.cert.display(), ca.display()),
+            None => self.cert.display().to_string(),
+        }
+    }
 }
 
 /// What one look at the files found.
@@ -198,30 +245,42 @@ pub enum Reload {
     Failed(TlsError),
 }
 
-/// The TLS state shared by both gRPC ports.
-pub struct Tls {
-    files: TlsFiles,
+/// The TLS state of a port (both gRPC ports share one).
+pub struct Tls<S: TlsSource = TlsFiles> {
+    source: S,
     // std RwLock: read once per accepted connection (an Arc clone), written
     // on rotation; never held across an await.
     current: RwLock<Arc<ServerConfig>>,
-    reload: Mutex<ReloadState>,
+    reload: Mutex<ReloadState<S::Contents>>,
 }
 
-struct ReloadState {
+struct ReloadState<C> {
     /// What `current` was built from.
-    loaded: Contents,
+    loaded: C,
     /// The last failure reported, so a bad file is logged once, not on
     /// every check.
     last_failure: Option<String>,
 }
 
 impl Tls {
+    /// TLS as `config` asks: `None` when `tls_cert` is unset.
+    pub fn from_config(config: &Config) -> Result<Option<Arc<Self>>, TlsError> {
+        TlsFiles::from_config(config).map(Self::load).transpose()
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn verifies_clients(&self) -> bool {
+        self.source.client_ca.is_some()
+    }
+}
+
+impl<S: TlsSource> Tls<S> {
     /// Loads the files; an error here stops start-up.
-    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
-        let contents = files.read()?;
-        let config = server_config(&files, &contents)?;
+    pub fn load(source: S) -> Result<Arc<Self>, TlsError> {
+        let contents = source.read_contents()?;
+        let config = source.build_config(&contents)?;
         Ok(Arc::new(Self {
-            files,
+            source,
             current: RwLock::new(config),
             reload: Mutex::new(ReloadState {
                 loaded: contents,
@@ -230,14 +289,9 @@ impl Tls {
         }))
     }
 
-    /// TLS as `config` asks: `None` when `tls_cert` is unset.
-    pub fn from_config(config: &Config) -> Result<Option<Arc<Self>>, TlsError> {
-        TlsFiles::from_config(config).map(Self::load).transpose()
-    }
-
-    /// Whether clients must present a certificate.
-    pub fn verifies_clients(&self) -> bool {
-        self.files.client_ca.is_some()
+    /// What the config is built from.
+    pub fn source(&self) -> &S {
+        &self.source
     }
 
     /// An acceptor for the config in use now.
@@ -250,9 +304,9 @@ impl Tls {
     /// Blocking file reads: call from a blocking context.
     pub fn reload(&self) -> Reload {
         let mut state = self.reload.lock().unwrap_or_else(|e| e.into_inner());
-        let outcome = match self.files.read() {
+        let outcome = match self.source.read_contents() {
             Ok(contents) if contents == state.loaded => Reload::Unchanged,
-            Ok(contents) => match server_config(&self.files, &contents) {
+            Ok(contents) => match self.source.build_config(&contents) {
                 Ok(config) => {
                     *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
                     state.loaded = contents;
@@ -269,8 +323,7 @@ impl Tls {
             Reload::Reloaded => {
                 state.last_failure = None;
                 info!(
-                    cert = %self.files.cert.display(),
-                    client_ca = ?self.files.client_ca,
+                    files = %self.source.describe(),
                     "TLS files changed: new connections use the new certificate"
                 );
             }
@@ -308,13 +361,16 @@ impl Tls {
 }
 
 /// The connections `listener` accepts, through TLS when `tls` is set.
-pub fn incoming(listener: TcpListener, tls: Option<Arc<Tls>>) -> Incoming {
+pub fn incoming<S: TlsSource>(listener: TcpListener, tls: Option<Arc<Tls<S>>>) -> Incoming {
     Incoming {
         listener,
-        tls,
+        tls: tls.map(|tls| Arc::new(move || tls.acceptor()) as Acceptor),
         handshakes: FuturesUnordered::new(),
     }
 }
+
+/// The acceptor of the config in use when a connection arrives.
+type Acceptor = Arc<dyn Fn() -> TlsAcceptor + Send + Sync>;
 
 /// A stream of accepted connections for tonic's `serve_with_incoming*`.
 ///
@@ -323,7 +379,7 @@ pub fn incoming(listener: TcpListener, tls: Option<Arc<Tls>>) -> Incoming {
 /// ends the stream. Dropping the stream closes the listener.
 pub struct Incoming {
     listener: TcpListener,
-    tls: Option<Arc<Tls>>,
+    tls: Option<Acceptor>,
     handshakes: FuturesUnordered<BoxFuture<'static, Result<Conn, (SocketAddr, io::Error)>>>,
 }
 
@@ -341,10 +397,7 @@ impl Stream for Incoming {
                     let _ = tcp.set_nodelay(true);
                     match &this.tls {
                         None => return Poll::Ready(Some(Ok(Conn::Plain(tcp)))),
-                        Some(tls) => {
-                            this.handshakes
-                                .push(Box::pin(handshake(tls.acceptor(), tcp, peer)))
-                        }
+                        Some(tls) => this.handshakes.push(Box::pin(handshake(tls(), tcp, peer))),
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),

@@ -121,7 +121,9 @@ fn chart_lints_renders_and_its_environment_loads() {
         if name == "all-settings-values.env.json" {
             // Every setting reaches the service; these two are set to their
             // default values (false) in ci/all-settings-values.yaml.
-            let at_default = fields_at_default(&cfg);
+            let mut at_default = fields_at_default(&cfg);
+            // Not offered by the chart yet (scripts/helm-lint.py NOT_IN_CHART_YET).
+            at_default.retain(|f| !f.starts_with("custom_metrics_"));
             let expected: BTreeSet<String> = ["redis_tls_insecure", "redis_cluster"]
                 .iter()
                 .map(|s| s.to_string())
