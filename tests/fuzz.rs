@@ -773,7 +773,7 @@ fn label_selector_parser() {
 #[derive(Clone)]
 struct WireInput {
     bytes: Vec<u8>,
-    expected: Option<Vec<wire::KeptFamily>>,
+    expected: Option<Vec<(String, f64)>>,
 }
 
 impl Debug for WireInput {
@@ -837,27 +837,48 @@ fn family(r: &mut Mix) -> MetricFamily {
     }
 }
 
-/// What the wire reader must keep from `families`, computed from a full decode.
-fn reference(families: &[MetricFamily]) -> Vec<wire::KeptFamily> {
+/// The families (cap on distinct names) the wire reader keeps.
+const MAX_KEPT: usize = activescale::store::DEFAULT_MAX_FAMILIES;
+
+/// What the wire reader must keep from `families`, computed from a full
+/// decode with the sink's rules: a metric's value is its untyped value, else
+/// its gauge's (a value-less sub-message is 0); each value and the family's
+/// sum must be a gauge value; a repeated name is set again; new names past
+/// the cap are refused.
+fn reference(families: &[MetricFamily]) -> Vec<(String, f64)> {
     let f = filter();
-    families
-        .iter()
-        .filter_map(|fam| {
-            let name = fam.name.as_ref()?;
-            f.keeps(name.as_bytes()).then(|| wire::KeptFamily {
-                name: name.clone(),
-                value: fam
-                    .metric
-                    .iter()
-                    .filter_map(|m| {
-                        m.untyped
-                            .and_then(|u| u.value)
-                            .or(m.gauge.and_then(|g| g.value))
-                    })
-                    .fold(None, |acc: Option<f64>, v| Some(acc.unwrap_or(0.0) + v)),
+    let mut kept: Vec<(String, f64)> = Vec::new();
+    for fam in families {
+        let Some(name) = fam.name.as_ref() else {
+            continue;
+        };
+        if !f.keeps(name.as_bytes()) {
+            continue;
+        }
+        let values: Vec<f64> = fam
+            .metric
+            .iter()
+            .filter_map(|m| {
+                m.untyped
+                    .map(|u| u.value.unwrap_or(0.0))
+                    .or(m.gauge.map(|g| g.value.unwrap_or(0.0)))
             })
-        })
-        .collect()
+            .collect();
+        if values.is_empty() || !values.iter().all(|v| wire::is_gauge(*v)) {
+            continue;
+        }
+        let sum: f64 = values.iter().sum();
+        if !wire::is_gauge(sum) {
+            continue;
+        }
+        let sum = sum + 0.0;
+        if let Some(earlier) = kept.iter_mut().find(|(n, _)| n == name) {
+            earlier.1 = sum;
+        } else if kept.len() < MAX_KEPT {
+            kept.push((name.clone(), sum));
+        }
+    }
+    kept
 }
 
 fn valid_message(r: &mut Mix, families: usize) -> (Vec<u8>, Vec<MetricFamily>) {
@@ -912,7 +933,7 @@ fn wire_input() -> impl Strategy<Value = WireInput> {
 
 fn check_wire(input: &WireInput) -> Verdict {
     let (mut kept, mut skipped) = (Vec::new(), Vec::new());
-    let parsed = wire::parse(&input.bytes, &filter(), &mut kept, &mut skipped);
+    let parsed = wire::parse(&input.bytes, &filter(), MAX_KEPT, &mut kept, &mut skipped);
     let Some(expected) = &input.expected else {
         if let Ok(p) = &parsed {
             if p.families > input.bytes.len() as u64 / 2 {
@@ -932,7 +953,7 @@ fn check_wire(input: &WireInput) -> Verdict {
     let p = parsed.map_err(|e| format!("a valid message was refused: {e}"))?;
     let same = kept.len() == expected.len()
         && kept.iter().zip(expected).all(|(a, b)| {
-            a.name == b.name && a.value.map(f64::to_bits) == b.value.map(f64::to_bits)
+            a.name == b.0 && a.value.to_bits() == b.1.to_bits()
         });
     if !same {
         return Err(format!(
