@@ -105,6 +105,14 @@ struct ServeArgs {
     tls_key: Option<String>,
     #[arg(long)]
     tls_client_ca: Option<String>,
+    /// Where the activator proxy listens (unset: no proxy); routes come from
+    /// the config file.
+    #[arg(long)]
+    activator_addr: Option<String>,
+    #[arg(long)]
+    activator_max_pending: Option<String>,
+    #[arg(long)]
+    activator_hold_timeout: Option<String>,
 }
 
 impl ServeArgs {
@@ -138,6 +146,9 @@ impl ServeArgs {
             ("tls_cert", &self.tls_cert),
             ("tls_key", &self.tls_key),
             ("tls_client_ca", &self.tls_client_ca),
+            ("activator_addr", &self.activator_addr),
+            ("activator_max_pending", &self.activator_max_pending),
+            ("activator_hold_timeout", &self.activator_hold_timeout),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
