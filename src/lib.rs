@@ -22,6 +22,8 @@
 //! - [`prometheus`]: the optional Prometheus backend (`source: prometheus`).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/v1/pods`.
 //! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
+//! - [`activator`]: the optional proxy that holds requests for a workload at
+//!   zero, counts them for KEDA at once and forwards them once it is ready.
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
 //! - [`config`]: the one typed configuration, validated before anything binds.
 //! - [`telemetry`]: logs, the service's own metrics, summary lines.
@@ -32,6 +34,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod activator;
 pub mod check;
 pub mod config;
 pub mod http;
