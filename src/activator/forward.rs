@@ -56,12 +56,34 @@ const H2_STREAM_WINDOW: u32 = 256 * 1024;
 const H2_CONN_WINDOW: u32 = 1024 * 1024;
 
 /// Why a forward did not produce a response.
+// The request travels back by value on the rare refused path; boxing it
+// would cost an allocation there for nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum ForwardError {
-    /// Nothing was sent (the connect failed or timed out): here is the
-    /// request back, to be held again.
+    /// Nothing was sent: the TCP connect was refused, failed or timed out.
+    /// Here is the request back, to be held again.
     NotSent(Request<Incoming>, io::Error),
-    /// The upstream failed after the request was handed over.
+    /// The upstream accepted the connection and then failed (before or
+    /// after the request went out): 502, not held again, so that a broken
+    /// upstream is not retried until the hold timeout says something else.
     Failed(String),
+}
+
+/// A connection that could not be set up.
+enum Setup {
+    /// The TCP connect itself: the upstream is not there (yet).
+    Connect(io::Error),
+    /// Connected, then the HTTP handshake failed.
+    Handshake(String),
+}
+
+impl Setup {
+    fn into_error(self, req: Request<Incoming>) -> ForwardError {
+        match self {
+            Setup::Connect(e) => ForwardError::NotSent(req, e),
+            Setup::Handshake(e) => ForwardError::Failed(e),
+        }
+    }
 }
 
 /// How a request travels.
@@ -129,7 +151,7 @@ impl Upstream {
                 Some(s) => (s, true),
                 None => match self.connect_h1(addr, false).await {
                     Ok(s) => (s, false),
-                    Err(e) => return Err(ForwardError::NotSent(req, e)),
+                    Err(e) => return Err(e.into_error(req)),
                 },
             };
             match sender.try_send_request(req).await {
@@ -149,24 +171,23 @@ impl Upstream {
         addr: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let mut fresh_tried = false;
         loop {
             let (mut sender, fresh) = match self.h2_sender(addr).await {
                 Ok(s) => s,
-                Err(e) => return Err(ForwardError::NotSent(req, e)),
+                Err(e) => return Err(e.into_error(req)),
             };
-            fresh_tried |= fresh;
             if let Err(e) = sender.ready().await {
                 self.forget_h2(&sender).await;
-                if fresh_tried {
-                    return Err(ForwardError::NotSent(req, io::Error::other(e)));
+                if fresh {
+                    return Err(ForwardError::Failed(e.to_string()));
                 }
+                // The shared connection went away: open a new one.
                 continue;
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
-                    Some(back) if !fresh_tried => {
+                    Some(back) if !fresh => {
                         self.forget_h2(&sender).await;
                         req = back;
                     }
@@ -183,7 +204,7 @@ impl Upstream {
     ) -> Result<Response<Incoming>, ForwardError> {
         let mut sender = match self.connect_h1(addr, true).await {
             Ok(s) => s,
-            Err(e) => return Err(ForwardError::NotSent(req, e)),
+            Err(e) => return Err(e.into_error(req)),
         };
         sender
             .try_send_request(req)
@@ -196,12 +217,14 @@ impl Upstream {
         &self,
         addr: SocketAddr,
         upgrades: bool,
-    ) -> io::Result<http1::SendRequest<Incoming>> {
-        let tcp = connect(addr, self.connect_timeout).await?;
+    ) -> Result<http1::SendRequest<Incoming>, Setup> {
+        let tcp = connect(addr, self.connect_timeout)
+            .await
+            .map_err(Setup::Connect)?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
-            .map_err(io::Error::other)?;
+            .map_err(|e| Setup::Handshake(e.to_string()))?;
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let result = if upgrades {
@@ -219,9 +242,11 @@ impl Upstream {
                 debug!(error = %e, "upstream connection ended");
             }
         });
-        // The connection task must run once before a request can be handed
-        // over; a failure here means nothing was sent.
-        sender.ready().await.map_err(io::Error::other)?;
+        // The connection task must run once before a request can be handed over.
+        sender
+            .ready()
+            .await
+            .map_err(|e| Setup::Handshake(e.to_string()))?;
         Ok(sender)
     }
 
@@ -229,14 +254,16 @@ impl Upstream {
     async fn h2_sender(
         &self,
         addr: SocketAddr,
-    ) -> io::Result<(http2::SendRequest<Incoming>, bool)> {
+    ) -> Result<(http2::SendRequest<Incoming>, bool), Setup> {
         let mut slot = self.h2.lock().await;
         if let Some(s) = slot.as_ref()
             && !s.is_closed()
         {
             return Ok((s.clone(), false));
         }
-        let tcp = connect(addr, self.connect_timeout).await?;
+        let tcp = connect(addr, self.connect_timeout)
+            .await
+            .map_err(Setup::Connect)?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(H2_STREAM_WINDOW)
@@ -245,7 +272,7 @@ impl Upstream {
             .keep_alive_timeout(self.keepalive.1)
             .handshake(TokioIo::new(tcp))
             .await
-            .map_err(io::Error::other)?;
+            .map_err(|e| Setup::Handshake(e.to_string()))?;
         let stop = self.stop.clone();
         tokio::spawn(async move {
             tokio::select! {

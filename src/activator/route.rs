@@ -41,7 +41,7 @@ impl RouteTable {
                 .push((route.match_prefix().to_string(), i));
         }
         for group in table.exact.values_mut().chain(table.wildcard.values_mut()) {
-            group.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            group.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         }
         table
     }

@@ -427,6 +427,29 @@ async fn an_upstream_that_goes_away_gets_new_requests_held_not_failed() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_accepts_and_hangs_up_gets_502_not_held() {
+    let port = free_port();
+    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port)])).await;
+    // Listens (so probes succeed) but closes every connection at once.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            drop(tcp);
+        }
+    });
+    let r = within(send(proxy.addr, get("web.example.com", "/"))).await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(
+        r.body
+            .starts_with(&format!("upstream 127.0.0.1:{port} failed")),
+        "{}",
+        r.body
+    );
+}
+
+#[tokio::test]
 async fn drain_answers_held_requests_503_and_lets_in_flight_ones_finish() {
     let (slow_port, down_port) = (free_port(), free_port());
     let proxy = Proxy::start(settings(vec![
