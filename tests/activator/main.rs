@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test]
 async fn held_requests_are_answered_by_the_upstream_once_it_starts() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port)])).await;
+    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port.n)])).await;
     let web = proxy.route(0);
     let mut load = web.watch();
     assert_eq!(*load.borrow(), 0);
@@ -40,7 +40,7 @@ async fn held_requests_are_answered_by_the_upstream_once_it_starts() {
     assert_eq!((web.pending(), web.active()), (2, 0));
     assert!(!web.is_ready());
 
-    let _upstream = Upstream::echo(port).await;
+    let _upstream = Upstream::echo(&port).await;
     let (plain, post) = (within(plain).await.unwrap(), within(post).await.unwrap());
     assert_eq!(plain.status, 200, "{}", plain.body);
     assert!(plain.body.starts_with("GET /hello\n"), "{}", plain.body);
@@ -82,7 +82,7 @@ async fn held_requests_are_answered_by_the_upstream_once_it_starts() {
 #[tokio::test]
 async fn held_requests_are_sent_in_arrival_order() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port)])).await;
+    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port.n)])).await;
     let mut load = proxy.route(0).watch();
     let mut clients = Vec::new();
     for i in 0..5 {
@@ -94,7 +94,7 @@ async fn held_requests_are_sent_in_arrival_order() {
         within(load.wait_for(|n| *n == i + 1)).await.unwrap();
     }
     // An upstream that serves one connection at a time, in accept order.
-    let seen = Upstream::sequential(port).await;
+    let seen = Upstream::sequential(&port).await;
     for c in clients {
         assert_eq!(within(c).await.unwrap().status, 200);
     }
@@ -104,7 +104,7 @@ async fn held_requests_are_sent_in_arrival_order() {
 #[tokio::test]
 async fn websocket_is_held_then_upgraded_and_copied_both_ways() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("ws.example.com", None, port)])).await;
+    let proxy = Proxy::start(settings(vec![route("ws.example.com", None, port.n)])).await;
     let mut load = proxy.route(0).watch();
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let client = tokio::spawn(tokio_tungstenite::client_async(
@@ -113,7 +113,7 @@ async fn websocket_is_held_then_upgraded_and_copied_both_ways() {
     ));
     within(load.wait_for(|n| *n == 1)).await.unwrap();
 
-    let _upstream = Upstream::websocket_echo(port).await;
+    let _upstream = Upstream::websocket_echo(&port).await;
     let (mut ws, response) = within(client)
         .await
         .unwrap()
@@ -146,7 +146,7 @@ async fn websocket_is_held_then_upgraded_and_copied_both_ways() {
 #[tokio::test]
 async fn grpc_unary_and_server_streaming_are_held_and_keep_their_trailers() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("grpc.example.com", None, port)])).await;
+    let proxy = Proxy::start(settings(vec![route("grpc.example.com", None, port.n)])).await;
     let mut load = proxy.route(0).watch();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))
         .unwrap()
@@ -175,7 +175,7 @@ async fn grpc_unary_and_server_streaming_are_held_and_keep_their_trailers() {
     let stream_call = tokio::spawn(async move { streaming.stream_is_active(so).await });
     within(load.wait_for(|n| *n == 2)).await.unwrap();
 
-    let _upstream = Upstream::grpc(port).await;
+    let _upstream = Upstream::grpc(&port).await;
     let metrics = within(metrics_call).await.unwrap().expect("unary call");
     assert!(metrics.metadata().contains_key(COLD_START_HEADER));
     assert_eq!(metrics.get_ref().metric_values[0].metric_value_float, 42.0);
@@ -216,8 +216,8 @@ async fn grpc_unary_and_server_streaming_are_held_and_keep_their_trailers() {
 async fn a_full_queue_answers_503_with_retry_after() {
     let (a, b) = (free_port(), free_port());
     let mut s = settings(vec![
-        route("a.example.com", None, a),
-        route("b.example.com", None, b),
+        route("a.example.com", None, a.n),
+        route("b.example.com", None, b.n),
     ]);
     s.max_pending = 2;
     s.max_pending_total = 3;
@@ -258,7 +258,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
 #[tokio::test]
 async fn a_request_held_too_long_gets_504() {
     let port = free_port();
-    let mut s = settings(vec![route("web.example.com", None, port)]);
+    let mut s = settings(vec![route("web.example.com", None, port.n)]);
     s.hold_timeout = Duration::from_millis(300);
     let proxy = Proxy::start(s).await;
     let r = within(send(proxy.addr, get("web.example.com", "/"))).await;
@@ -280,7 +280,12 @@ async fn a_request_held_too_long_gets_504() {
 #[tokio::test]
 async fn unknown_hosts_and_paths_get_404_naming_the_host() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("web.example.com", Some("/api"), port)])).await;
+    let proxy = Proxy::start(settings(vec![route(
+        "web.example.com",
+        Some("/api"),
+        port.n,
+    )]))
+    .await;
     let r = within(send(proxy.addr, get("nope.example.com", "/api"))).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.body, "no route for host \"nope.example.com\"\n");
@@ -303,15 +308,15 @@ async fn unknown_hosts_and_paths_get_404_naming_the_host() {
 async fn routes_by_exact_host_wildcard_and_longest_prefix() {
     let (api, web, any) = (free_port(), free_port(), free_port());
     let proxy = Proxy::start(settings(vec![
-        route("web.example.com", None, web),
-        route("web.example.com", Some("/api"), api),
-        route("*.example.com", None, any),
+        route("web.example.com", None, web.n),
+        route("web.example.com", Some("/api"), api.n),
+        route("*.example.com", None, any.n),
     ]))
     .await;
     let _u = [
-        Upstream::named(api, "api").await,
-        Upstream::named(web, "web").await,
-        Upstream::named(any, "any").await,
+        Upstream::named(&api, "api").await,
+        Upstream::named(&web, "web").await,
+        Upstream::named(&any, "any").await,
     ];
     for (host, path, who) in [
         ("web.example.com", "/", "web"),
@@ -329,8 +334,8 @@ async fn routes_by_exact_host_wildcard_and_longest_prefix() {
 #[tokio::test]
 async fn hop_by_hop_headers_are_dropped_and_forwarding_headers_added() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("hdr.example.com", None, port)])).await;
-    let _upstream = Upstream::echo(port).await;
+    let proxy = Proxy::start(settings(vec![route("hdr.example.com", None, port.n)])).await;
+    let _upstream = Upstream::echo(&port).await;
     let mut req = get("hdr.example.com", "/h");
     let h = req.headers_mut();
     for (k, v) in [
@@ -380,8 +385,8 @@ async fn hop_by_hop_headers_are_dropped_and_forwarding_headers_added() {
 #[tokio::test]
 async fn keep_alive_reuses_upstream_connections() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port)])).await;
-    let _upstream = Upstream::echo(port).await;
+    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port.n)])).await;
+    let _upstream = Upstream::echo(&port).await;
     let mut conns = Vec::new();
     for i in 0..4 {
         // A new client connection each time: reuse is the proxy's pool, not the client's.
@@ -394,9 +399,9 @@ async fn keep_alive_reuses_upstream_connections() {
 #[tokio::test]
 async fn an_upstream_that_goes_away_gets_new_requests_held_not_failed() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port)])).await;
+    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port.n)])).await;
     let web = proxy.route(0);
-    let upstream = Upstream::echo(port).await;
+    let upstream = Upstream::echo(&port).await;
     assert_eq!(
         within(send(proxy.addr, get("web.example.com", "/1")))
             .await
@@ -418,7 +423,7 @@ async fn an_upstream_that_goes_away_gets_new_requests_held_not_failed() {
     })
     .await;
 
-    let _back = Upstream::echo(port).await;
+    let _back = Upstream::echo(&port).await;
     let r = within(held).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.starts_with("GET /2"), "{}", r.body);
@@ -429,11 +434,9 @@ async fn an_upstream_that_goes_away_gets_new_requests_held_not_failed() {
 #[tokio::test]
 async fn an_upstream_that_accepts_and_hangs_up_gets_502_not_held() {
     let port = free_port();
-    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port)])).await;
+    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port.n)])).await;
     // Listens (so probes succeed) but closes every connection at once.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let listener = listen(&port).await;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             drop(tcp);
@@ -443,7 +446,7 @@ async fn an_upstream_that_accepts_and_hangs_up_gets_502_not_held() {
     assert_eq!(r.status, 502, "{}", r.body);
     assert!(
         r.body
-            .starts_with(&format!("upstream 127.0.0.1:{port} failed")),
+            .starts_with(&format!("upstream 127.0.0.1:{} failed", port.n)),
         "{}",
         r.body
     );
@@ -453,11 +456,11 @@ async fn an_upstream_that_accepts_and_hangs_up_gets_502_not_held() {
 async fn drain_answers_held_requests_503_and_lets_in_flight_ones_finish() {
     let (slow_port, down_port) = (free_port(), free_port());
     let proxy = Proxy::start(settings(vec![
-        route("slow.example.com", None, slow_port),
-        route("down.example.com", None, down_port),
+        route("slow.example.com", None, slow_port.n),
+        route("down.example.com", None, down_port.n),
     ]))
     .await;
-    let (upstream, mut arrived, release) = Upstream::gated(slow_port).await;
+    let (upstream, mut arrived, release) = Upstream::gated(&slow_port).await;
     let in_flight = tokio::spawn(send(proxy.addr, get("slow.example.com", "/slow")));
     within(arrived.recv()).await.unwrap();
     let mut down = proxy.route(1).watch();
@@ -495,7 +498,7 @@ async fn drain_answers_held_requests_503_and_lets_in_flight_ones_finish() {
 #[tokio::test]
 async fn idle_and_slow_clients_are_disconnected() {
     let port = free_port();
-    let mut s = settings(vec![route("web.example.com", None, port)]);
+    let mut s = settings(vec![route("web.example.com", None, port.n)]);
     s.header_read_timeout = Duration::from_millis(300);
     let proxy = Proxy::start(s).await;
     // Says nothing at all (the protocol is never known).
@@ -526,7 +529,7 @@ async fn idle_and_slow_clients_are_disconnected() {
 #[tokio::test]
 async fn route_handles_expose_namespace_and_lookup() {
     let port = free_port();
-    let mut r = route("web.example.com", Some("/api/"), port);
+    let mut r = route("web.example.com", Some("/api/"), port.n);
     r.namespace = "shop".into();
     let proxy = Proxy::start(settings(vec![r])).await;
     // The handles outlive `Activator::serve` having taken the activator.
@@ -538,7 +541,7 @@ async fn route_handles_expose_namespace_and_lookup() {
             "web.example.com",
             Some("/api/"),
             "shop",
-            format!("127.0.0.1:{port}").as_str()
+            format!("127.0.0.1:{}", port.n).as_str()
         )
     );
     let found = proxy

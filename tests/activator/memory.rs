@@ -60,7 +60,7 @@ async fn measure_memory_per_held_request() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let port = free_port();
-    let mut s = settings(vec![route("mem.example.com", None, port)]);
+    let mut s = settings(vec![route("mem.example.com", None, port.n)]);
     s.max_pending = held + 1000;
     s.max_pending_total = held + 1000;
     s.hold_timeout = Duration::from_secs(600);

@@ -45,13 +45,22 @@ pub async fn within<F: Future>(f: F) -> F::Output {
         .expect("timed out waiting for an event")
 }
 
-/// A loopback port nobody listens on (yet): connections are refused.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback port that refuses connections until an upstream starts on
+/// it. It is bound (not listening) from the start, so no other test can take
+/// it meanwhile; the first upstream listens on that very socket.
+pub struct Port {
+    pub n: u16,
+    reserved: Mutex<Option<tokio::net::TcpSocket>>,
+}
+
+pub fn free_port() -> Port {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    Port {
+        n: socket.local_addr().unwrap().port(),
+        reserved: Mutex::new(Some(socket)),
+    }
 }
 
 pub fn route(host: &str, prefix: Option<&str>, port: u16) -> ActivatorRoute {
@@ -195,16 +204,21 @@ impl Drop for Upstream {
     }
 }
 
-async fn bind(port: u16) -> TcpListener {
-    TcpListener::bind(("127.0.0.1", port))
-        .await
-        .expect("bind the upstream port")
+/// Listens on `port`: on its reserved socket the first time, by number after.
+pub async fn listen(port: &Port) -> TcpListener {
+    let reserved = port.reserved.lock().unwrap().take();
+    match reserved {
+        Some(socket) => socket.listen(1024).expect("listen on the reserved port"),
+        None => TcpListener::bind(("127.0.0.1", port.n))
+            .await
+            .expect("bind the upstream port"),
+    }
 }
 
 impl Upstream {
     /// Serves `handler` over HTTP/1.1 and HTTP/2 on `port`.
-    async fn hyper(port: u16, handler: Handler) -> Self {
-        let listener = bind(port).await;
+    async fn hyper(port: &Port, handler: Handler) -> Self {
+        let listener = listen(port).await;
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
@@ -235,7 +249,7 @@ impl Upstream {
 
     /// Answers with what it received: request line, connection number,
     /// headers (sorted), body; and adds response headers for the hop-by-hop test.
-    pub async fn echo(port: u16) -> Self {
+    pub async fn echo(port: &Port) -> Self {
         Self::hyper(
             port,
             Arc::new(|req: Request<Incoming>, conn| {
@@ -268,7 +282,7 @@ impl Upstream {
     }
 
     /// Answers every request with `name`.
-    pub async fn named(port: u16, name: &'static str) -> Self {
+    pub async fn named(port: &Port, name: &'static str) -> Self {
         Self::hyper(
             port,
             Arc::new(move |_req, _conn| {
@@ -280,7 +294,7 @@ impl Upstream {
 
     /// Answers `/slow` only after `release` is notified; says on `arrived`
     /// when such a request came in.
-    pub async fn gated(port: u16) -> (Self, mpsc::Receiver<()>, Arc<Notify>) {
+    pub async fn gated(port: &Port) -> (Self, mpsc::Receiver<()>, Arc<Notify>) {
         let (tx, rx) = mpsc::channel(16);
         let release = Arc::new(Notify::new());
         let gate = release.clone();
@@ -301,8 +315,8 @@ impl Upstream {
 
     /// Serves one HTTP/1.1 connection at a time, in accept order, one
     /// request each; returns the paths in the order it served them.
-    pub async fn sequential(port: u16) -> Arc<Mutex<Vec<String>>> {
-        let listener = bind(port).await;
+    pub async fn sequential(port: &Port) -> Arc<Mutex<Vec<String>>> {
+        let listener = listen(port).await;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         tokio::spawn(async move {
@@ -322,8 +336,8 @@ impl Upstream {
     }
 
     /// A WebSocket server echoing every text and binary message.
-    pub async fn websocket_echo(port: u16) -> Self {
-        let listener = bind(port).await;
+    pub async fn websocket_echo(port: &Port) -> Self {
+        let listener = listen(port).await;
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
@@ -355,8 +369,8 @@ impl Upstream {
     }
 
     /// A tonic server with a small `ExternalScaler`.
-    pub async fn grpc(port: u16) -> Self {
-        let listener = bind(port).await;
+    pub async fn grpc(port: &Port) -> Self {
+        let listener = listen(port).await;
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
