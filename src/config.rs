@@ -767,6 +767,16 @@ mod tests {
         .unwrap();
         let c = Config::load_from(Some(&path), std::iter::empty(), &[]).unwrap();
         assert_eq!(c.activator_addr, Some("0.0.0.0:8081".parse().unwrap()));
+        // The environment and flags override the address like any setting.
+        let env = vec![(
+            "ACTIVESCALE_ACTIVATOR_ADDR".to_string(),
+            "127.0.0.1:18081".to_string(),
+        )];
+        let flags = [("activator_hold_timeout", "2m".to_string())];
+        let o = Config::load_from(Some(&path), env, &flags).unwrap();
+        assert_eq!(o.activator_addr, Some("127.0.0.1:18081".parse().unwrap()));
+        assert_eq!(o.activator_hold_timeout, Duration::from_secs(120));
+        assert_eq!(o.activator_routes, c.activator_routes);
         assert_eq!(
             c.activator_routes,
             vec![

@@ -60,7 +60,7 @@ use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 pub use metrics::ActivatorMetrics;
 
@@ -416,7 +416,8 @@ impl Activator {
         let shared = self.shared;
         let _stop_on_exit = shared.stop.clone().drop_guard();
         for route in &shared.routes {
-            tokio::spawn(probe::run(route.clone(), shared.stop.clone()));
+            let span = tracing::info_span!("activator_probe", host = %route.config.host, upstream = %route.upstream);
+            tokio::spawn(probe::run(route.clone(), shared.stop.clone()).instrument(span));
         }
         let permits = Arc::new(Semaphore::new(shared.settings.max_connections));
         if let Ok(addr) = listener.local_addr() {
@@ -447,7 +448,8 @@ impl Activator {
             let _ = stream.set_nodelay(true);
             let conn = shared
                 .clone()
-                .connection(stream, peer, permit, shutdown.clone());
+                .connection(stream, peer, permit, shutdown.clone())
+                .instrument(tracing::debug_span!("activator_conn", %peer));
             shared.tasks.spawn(conn);
         }
         drop(listener);
@@ -596,7 +598,9 @@ impl Shared {
                 continue;
             };
             flight.set(State::Active);
-            match route.pool.send(addr, req, kind).await {
+            // Boxed: a held request's future stays small (the connect and
+            // handshake states are only allocated once it is forwarded).
+            match Box::pin(route.pool.send(addr, req, kind)).await {
                 Ok((resp, reuse)) => {
                     return self.respond(&route, resp, reuse, flight, held, on_upgrade);
                 }
