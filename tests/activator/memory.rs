@@ -4,7 +4,8 @@
 //! a child process (this same test binary) so their sockets and buffers are
 //! not counted. Run with
 //! `cargo test --release --test activator -- --ignored --nocapture memory`
-//! (`HELD=20000` for another count; the file-descriptor limit must allow it).
+//! (`HELD=20000` for another count, the file-descriptor limit allowing;
+//! `PROTO=h2` to hold them as HTTP/2 streams, 100 per connection).
 
 use std::{
     io::Write,
@@ -29,7 +30,7 @@ fn rss_bytes() -> u64 {
 
 /// Starts the client half: `n` connections, each sending one request head.
 /// (Not waited on: the proxy's route count says when all are held.)
-fn clients(target: std::net::SocketAddr, n: usize) -> Child {
+fn clients(target: std::net::SocketAddr, n: usize, proto: &str) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
@@ -37,7 +38,7 @@ fn clients(target: std::net::SocketAddr, n: usize) -> Child {
             "memory::held_request_clients",
             "--nocapture",
         ])
-        .env(CHILD_ENV, format!("{target} {n}"))
+        .env(CHILD_ENV, format!("{target} {n} {proto}"))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -51,6 +52,7 @@ async fn measure_memory_per_held_request() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
+    let proto = std::env::var("PROTO").unwrap_or_else(|_| "h1".into());
     let port = free_port();
     let mut s = settings(vec![route("mem.example.com", None, port.n)]);
     s.max_pending = held + 1000;
@@ -61,10 +63,10 @@ async fn measure_memory_per_held_request() {
 
     // A first hundred settle the runtime, allocator and maps.
     let warm = 100;
-    let mut first = clients(proxy.addr, warm);
+    let mut first = clients(proxy.addr, warm, &proto);
     within(load.wait_for(|n| *n == warm as u64)).await.unwrap();
     let before = rss_bytes();
-    let mut second = clients(proxy.addr, held);
+    let mut second = clients(proxy.addr, held, &proto);
     tokio::time::timeout(
         Duration::from_secs(120),
         load.wait_for(|n| *n == (warm + held) as u64),
@@ -77,7 +79,7 @@ async fn measure_memory_per_held_request() {
     let after = rss_bytes();
     let per = (after.saturating_sub(before)) as f64 / held as f64;
     println!(
-        "held {held} requests: RSS {:.1} MiB -> {:.1} MiB, {per:.0} bytes ({:.2} KiB) per held request",
+        "held {held} {proto} requests: RSS {:.1} MiB -> {:.1} MiB, {per:.0} bytes ({:.2} KiB) per held request",
         before as f64 / 1048576.0,
         after as f64 / 1048576.0,
         per / 1024.0
@@ -100,15 +102,44 @@ async fn held_request_clients() {
     let mut parts = spec.split(' ');
     let target: std::net::SocketAddr = parts.next().unwrap().parse().unwrap();
     let n: usize = parts.next().unwrap().parse().unwrap();
+    let h2 = parts.next() == Some("h2");
     let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut tcp = tokio::net::TcpStream::connect(target)
-            .await
-            .expect("connect");
-        tcp.write_all(b"GET /held HTTP/1.1\r\nHost: mem.example.com\r\nUser-Agent: memory-probe/1\r\nAccept: */*\r\n\r\n")
+    if h2 {
+        let mut left = n;
+        while left > 0 {
+            let tcp = tokio::net::TcpStream::connect(target)
+                .await
+                .expect("connect");
+            let (sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
             .await
             .unwrap();
-        conns.push(tcp);
+            tokio::spawn(conn);
+            for _ in 0..left.min(100) {
+                let mut sender = sender.clone();
+                let req = hyper::Request::builder()
+                    .uri("http://mem.example.com/held")
+                    .header("user-agent", "memory-probe/1")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                tokio::spawn(async move {
+                    let _ = sender.send_request(req).await;
+                });
+            }
+            left -= left.min(100);
+        }
+    } else {
+        for _ in 0..n {
+            let mut tcp = tokio::net::TcpStream::connect(target)
+                .await
+                .expect("connect");
+            tcp.write_all(b"GET /held HTTP/1.1\r\nHost: mem.example.com\r\nUser-Agent: memory-probe/1\r\nAccept: */*\r\n\r\n")
+                .await
+                .unwrap();
+            conns.push(tcp);
+        }
     }
     // Hold the connections open until the parent is done.
     let _ = tokio::task::spawn_blocking(|| {
