@@ -74,6 +74,14 @@ SET_ELSEWHERE = {
     "tls_client_ca": "ACTIVESCALE_TLS_CLIENT_CA",
 }
 
+# Settings the chart does not offer yet: the activator proxy needs its own
+# port, Service and a routes file, which come with its chart support.
+NOT_IN_CHART_YET = {
+    "activator_addr", "activator_routes", "activator_max_pending", "activator_max_pending_total",
+    "activator_hold_timeout", "activator_probe_interval", "activator_probe_max_interval",
+    "activator_connect_timeout", "activator_header_read_timeout", "activator_max_connections",
+}
+
 # Helm's lint severities (pkg/lint/support).
 SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
 
@@ -147,11 +155,11 @@ def check_config_coverage(defaults: dict) -> list[str]:
     fields = config_fields()
     check(len(fields) > 10, f"found only {fields} in struct Config; did its layout change?")
     in_values = set(defaults["config"])
-    expected = set(fields) - set(SET_ELSEWHERE)
+    expected = set(fields) - set(SET_ELSEWHERE) - NOT_IN_CHART_YET
     check(in_values == expected,
           "values.yaml `config:` and struct Config differ: "
           f"missing from values {sorted(expected - in_values)}, unknown to the service {sorted(in_values - expected)}")
-    stale = set(SET_ELSEWHERE) - set(fields)
+    stale = (set(SET_ELSEWHERE) | NOT_IN_CHART_YET) - set(fields)
     check(not stale, f"SET_ELSEWHERE names fields struct Config no longer has: {sorted(stale)}")
     return fields
 

@@ -88,16 +88,28 @@ pub const COLD_START_HEADER: &str = "x-activescale-cold-start";
 
 /// What the activator needs from the configuration.
 #[derive(Clone, Debug)]
+/// Each field is the `activator_*` setting of the same name (see
+/// [`Config`]), except the two HTTP/2 keepalive ones, shared with the gRPC ports.
 pub struct ActivatorSettings {
+    /// Host (and path prefix) → upstream, validated by [`Activator::new`].
     pub routes: Vec<ActivatorRoute>,
+    /// Held requests per route; past it 503.
     pub max_pending: usize,
+    /// Held requests over all routes; past it 503.
     pub max_pending_total: usize,
+    /// Longest hold, from arrival; then 504.
     pub hold_timeout: Duration,
+    /// Probe interval while requests wait.
     pub probe_interval: Duration,
+    /// Probe interval ceiling while idle (doubling from `probe_interval`).
     pub probe_max_interval: Duration,
+    /// One TCP connect to an upstream, probe or request.
     pub connect_timeout: Duration,
+    /// Request head deadline (from connect, and between keep-alive requests).
     pub header_read_timeout: Duration,
+    /// Client connections at once.
     pub max_connections: usize,
+    /// HTTP/2 pings towards clients and upstreams.
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
 }
