@@ -89,7 +89,11 @@ async fn measure_memory_per_held_request() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    assert!(per < 16.0 * 1024.0, "{per} bytes per held request");
+    // Measured (2 cores, mimalloc): HTTP/2 ~3.5 KiB per held request; HTTP/1.1
+    // ~29 KiB, nearly all of it per connection (the same in debug and
+    // optimised builds; hyper's read-buffer limit does not change it).
+    let bound = if proto == "h2" { 8.0 } else { 48.0 } * 1024.0;
+    assert!(per < bound, "{per} bytes per held {proto} request");
 }
 
 /// The child half of the measurement; does nothing unless started by it.
