@@ -75,7 +75,8 @@ SET_ELSEWHERE = {
 }
 
 # Config fields the chart does not offer yet: the Custom Metrics API needs its
-# own port, Service, APIService and RBAC, which come with its Helm part.
+# own port, Service, APIService and RBAC, and the activator proxy its own
+# port, Service and routes file; they come with their Helm parts.
 NOT_IN_CHART_YET = {
     "custom_metrics_addr",
     "custom_metrics_tls_cert",
@@ -88,6 +89,9 @@ NOT_IN_CHART_YET = {
     "custom_metrics_extra_headers_prefix",
     "custom_metrics_windows",
     "custom_metrics_rules",
+    "activator_addr", "activator_routes", "activator_max_pending", "activator_max_pending_total",
+    "activator_hold_timeout", "activator_probe_interval", "activator_probe_max_interval",
+    "activator_connect_timeout", "activator_header_read_timeout", "activator_max_connections",
 }
 
 # Helm's lint severities (pkg/lint/support).

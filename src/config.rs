@@ -197,6 +197,58 @@ pub struct Config {
     pub custom_metrics_windows: Vec<String>,
     /// Per-pod metrics computed by Prometheus (see [`CustomMetricsRule`]).
     pub custom_metrics_rules: Vec<CustomMetricsRule>,
+    // The activator (src/activator): the proxy that holds requests for a
+    // workload at zero until it can take them.
+    /// Where the activator proxy listens (HTTP/1.1 and cleartext HTTP/2);
+    /// unset: no proxy.
+    pub activator_addr: Option<SocketAddr>,
+    /// Which Host (and path prefix) goes to which upstream; config file only.
+    pub activator_routes: Vec<ActivatorRoute>,
+    /// Requests one route holds while its upstream cannot take them; past
+    /// it, 503 with `Retry-After`.
+    pub activator_max_pending: usize,
+    /// Requests all routes together hold: bounds memory under a burst
+    /// however many routes there are.
+    pub activator_max_pending_total: usize,
+    /// Longest a request is held; then 504.
+    #[serde(with = "humantime_serde")]
+    pub activator_hold_timeout: Duration,
+    /// Connect probes of an upstream start at least this often while
+    /// requests wait for it.
+    #[serde(with = "humantime_serde")]
+    pub activator_probe_interval: Duration,
+    /// While nothing waits, probes back off (doubling) up to this interval.
+    #[serde(with = "humantime_serde")]
+    pub activator_probe_max_interval: Duration,
+    /// Deadline of one TCP connect to an upstream (probe or request); a
+    /// request whose connect fails or times out is held again.
+    #[serde(with = "humantime_serde")]
+    pub activator_connect_timeout: Duration,
+    /// A client must send a complete request head within this long of
+    /// connecting or of its previous response (also the keep-alive idle
+    /// timeout of HTTP/1.1 connections).
+    #[serde(with = "humantime_serde")]
+    pub activator_header_read_timeout: Duration,
+    /// Client connections open at once; past it, new ones wait in the
+    /// kernel's accept queue.
+    pub activator_max_connections: usize,
+}
+
+/// One route of the activator proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivatorRoute {
+    /// `Host` / `:authority` to match (port ignored): a DNS name, or
+    /// `*.example.com` for any name under `example.com`.
+    pub host: String,
+    /// Path prefix to match, by whole segments (`/api` matches `/api` and
+    /// `/api/x`, not `/apix`); unset: `/`.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// `host:port` requests are forwarded to, e.g. `web.shop.svc.cluster.local:80`.
+    pub upstream: String,
+    /// The namespace whose triggers may read this route's count.
+    pub namespace: String,
 }
 
 impl Default for Config {
@@ -257,6 +309,16 @@ impl Default for Config {
             custom_metrics_extra_headers_prefix: vec!["X-Remote-Extra-".into()],
             custom_metrics_windows: Vec::new(),
             custom_metrics_rules: Vec::new(),
+            activator_addr: None,
+            activator_routes: Vec::new(),
+            activator_max_pending: 1000,
+            activator_max_pending_total: 10_000,
+            activator_hold_timeout: Duration::from_secs(60),
+            activator_probe_interval: Duration::from_millis(100),
+            activator_probe_max_interval: Duration::from_secs(10),
+            activator_connect_timeout: Duration::from_secs(1),
+            activator_header_read_timeout: Duration::from_secs(15),
+            activator_max_connections: 20_000,
         }
     }
 }
@@ -437,6 +499,7 @@ impl Config {
             readable(field, path.as_deref())?;
         }
         self.validate_custom_metrics()?;
+        self.validate_activator()?;
         Ok(())
     }
 
@@ -452,6 +515,163 @@ impl Config {
     pub fn redis_cluster_mode(&self) -> bool {
         self.redis_cluster || self.redis_url.contains("+cluster://")
     }
+}
+
+// ---- activator settings -------------------------------------------------
+
+impl Config {
+    fn validate_activator(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, why: &str| Err(ConfigError(format!("{field}: {why}")));
+        for (field, n) in [
+            ("activator_max_pending", self.activator_max_pending),
+            (
+                "activator_max_pending_total",
+                self.activator_max_pending_total,
+            ),
+            ("activator_max_connections", self.activator_max_connections),
+        ] {
+            if n == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        for (field, d) in [
+            ("activator_hold_timeout", self.activator_hold_timeout),
+            ("activator_probe_interval", self.activator_probe_interval),
+            ("activator_connect_timeout", self.activator_connect_timeout),
+            (
+                "activator_header_read_timeout",
+                self.activator_header_read_timeout,
+            ),
+        ] {
+            if d.is_zero() {
+                return bad(field, "must be greater than 0");
+            }
+        }
+        if self.activator_probe_max_interval < self.activator_probe_interval {
+            return bad(
+                "activator_probe_max_interval",
+                "must be at least activator_probe_interval",
+            );
+        }
+        if self.activator_addr.is_some() && self.activator_routes.is_empty() {
+            return bad(
+                "activator_routes",
+                "activator_addr is set but no route is configured",
+            );
+        }
+        check_activator_routes(&self.activator_routes)
+    }
+}
+
+/// Checks every route and that no two share host and path prefix; the error
+/// names the route by index, e.g. `activator_routes[2].upstream: "web" is not host:port`.
+pub fn check_activator_routes(routes: &[ActivatorRoute]) -> Result<(), ConfigError> {
+    for (i, route) in routes.iter().enumerate() {
+        route
+            .check()
+            .map_err(|(field, why)| ConfigError(format!("activator_routes[{i}].{field}: {why}")))?;
+        let key = (route.match_host(), route.match_prefix());
+        if let Some(j) = routes[..i]
+            .iter()
+            .position(|r| (r.match_host(), r.match_prefix()) == key)
+        {
+            return Err(ConfigError(format!(
+                "activator_routes[{i}]: same host and path_prefix as activator_routes[{j}]"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl ActivatorRoute {
+    /// The host as matched: lowercase, without a trailing dot.
+    pub fn match_host(&self) -> String {
+        self.host.trim_end_matches('.').to_ascii_lowercase()
+    }
+
+    /// The path prefix as matched: `/` when unset, else without trailing `/`.
+    pub fn match_prefix(&self) -> &str {
+        match self.path_prefix.as_deref().map(|p| p.trim_end_matches('/')) {
+            None | Some("") => "/",
+            Some(p) => p,
+        }
+    }
+
+    /// The first problem, as (field, why).
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let host = self.host.strip_suffix('.').unwrap_or(&self.host);
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        if name.contains('*') {
+            return Err((
+                "host",
+                format!("{:?}: only a leading `*.` wildcard is allowed", self.host),
+            ));
+        }
+        if !is_dns_name(name) {
+            return Err(("host", format!("{:?} is not a DNS name", self.host)));
+        }
+        if let Some(p) = &self.path_prefix
+            && (!p.starts_with('/')
+                || p.len() > 1024
+                || p.contains(['?', '#', '*'])
+                || p.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err((
+                "path_prefix",
+                format!(
+                    "{p:?} must start with '/' and be at most 1024 characters without \
+                     '?', '#', '*', spaces or control characters"
+                ),
+            ));
+        }
+        if !is_host_port(&self.upstream) {
+            return Err(("upstream", format!("{:?} is not host:port", self.upstream)));
+        }
+        if !is_dns_label(&self.namespace) {
+            return Err((
+                "namespace",
+                format!(
+                    "{:?} is not a namespace name (an RFC 1123 label: a-z, 0-9, '-', at most 63)",
+                    self.namespace
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// RFC 1123 host name: dot-separated labels of letters, digits and '-', none
+/// starting or ending with '-', at most 253 characters.
+pub fn is_dns_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// A Kubernetes namespace name: one lowercase RFC 1123 label.
+fn is_dns_label(name: &str) -> bool {
+    !name.contains('.') && is_dns_name(name) && !name.bytes().any(|b| b.is_ascii_uppercase())
+}
+
+/// `name:port`, `1.2.3.4:port` or `[::1]:port`, with a port of 1-65535.
+fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => host.parse::<std::net::Ipv4Addr>().is_ok() || is_dns_name(host),
+    };
+    port_ok && host_ok
 }
 
 fn set(
@@ -935,6 +1155,193 @@ mod tests {
         let c = Config::load_from(Some(&path), env, &[]).unwrap();
         assert_eq!(c.pod_ttl, Duration::from_secs(50));
         assert_eq!(c.http_addr.port(), 18080);
+    }
+
+    fn route(host: &str, prefix: Option<&str>, upstream: &str, ns: &str) -> ActivatorRoute {
+        ActivatorRoute {
+            host: host.into(),
+            path_prefix: prefix.map(String::from),
+            upstream: upstream.into(),
+            namespace: ns.into(),
+        }
+    }
+
+    #[test]
+    fn activator_routes_load_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "activator_addr: 0.0.0.0:8081\n\
+             activator_routes:\n\
+             \x20 - host: web.example.com\n\
+             \x20   path_prefix: /\n\
+             \x20   upstream: web.shop.svc.cluster.local:80\n\
+             \x20   namespace: shop\n\
+             \x20 - host: \"*.example.com\"\n\
+             \x20   upstream: 10.0.0.1:8080\n\
+             \x20   namespace: shop\n",
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&path), std::iter::empty(), &[]).unwrap();
+        assert_eq!(c.activator_addr, Some("0.0.0.0:8081".parse().unwrap()));
+        // The environment and flags override the address like any setting.
+        let env = vec![(
+            "ACTIVESCALE_ACTIVATOR_ADDR".to_string(),
+            "127.0.0.1:18081".to_string(),
+        )];
+        let flags = [("activator_hold_timeout", "2m".to_string())];
+        let o = Config::load_from(Some(&path), env, &flags).unwrap();
+        assert_eq!(o.activator_addr, Some("127.0.0.1:18081".parse().unwrap()));
+        assert_eq!(o.activator_hold_timeout, Duration::from_secs(120));
+        assert_eq!(o.activator_routes, c.activator_routes);
+        assert_eq!(
+            c.activator_routes,
+            vec![
+                route(
+                    "web.example.com",
+                    Some("/"),
+                    "web.shop.svc.cluster.local:80",
+                    "shop"
+                ),
+                route("*.example.com", None, "10.0.0.1:8080", "shop"),
+            ]
+        );
+        let c = load(
+            &[("ACTIVESCALE_ACTIVATOR_HOLD_TIMEOUT", "5s")],
+            &[("activator_max_pending", "7")],
+        )
+        .unwrap();
+        assert_eq!(c.activator_hold_timeout, Duration::from_secs(5));
+        assert_eq!(c.activator_max_pending, 7);
+        assert_eq!(c.activator_addr, None);
+    }
+
+    #[test]
+    fn activator_defaults() {
+        let c = Config::default();
+        assert_eq!(c.activator_max_pending, 1000);
+        assert_eq!(c.activator_max_pending_total, 10_000);
+        assert_eq!(c.activator_hold_timeout, Duration::from_secs(60));
+        assert_eq!(c.activator_probe_interval, Duration::from_millis(100));
+        assert!(c.activator_routes.is_empty() && c.activator_addr.is_none());
+    }
+
+    #[test]
+    fn bad_activator_routes_name_the_index_and_field() {
+        let ok = route("web.example.com", None, "web:80", "shop");
+        for (bad, expect) in [
+            (
+                route("web", None, "web", "shop"),
+                "activator_routes[1].upstream: \"web\" is not host:port",
+            ),
+            (
+                route("web", None, "web:0", "shop"),
+                "activator_routes[1].upstream",
+            ),
+            (
+                route("web", None, "web:http", "shop"),
+                "activator_routes[1].upstream",
+            ),
+            (
+                route("web", None, "[::1:80", "shop"),
+                "activator_routes[1].upstream",
+            ),
+            (
+                route("a.*.com", None, "web:80", "shop"),
+                "activator_routes[1].host",
+            ),
+            (
+                route("*", None, "web:80", "shop"),
+                "activator_routes[1].host",
+            ),
+            (
+                route("we b", None, "web:80", "shop"),
+                "activator_routes[1].host",
+            ),
+            (
+                route("-web.com", None, "web:80", "shop"),
+                "activator_routes[1].host",
+            ),
+            (
+                route("web", Some("api"), "web:80", "shop"),
+                "activator_routes[1].path_prefix",
+            ),
+            (
+                route("web", Some("/a?b"), "web:80", "shop"),
+                "activator_routes[1].path_prefix",
+            ),
+            (
+                route("web", None, "web:80", "Shop"),
+                "activator_routes[1].namespace",
+            ),
+            (
+                route("web", None, "web:80", "a.b"),
+                "activator_routes[1].namespace",
+            ),
+            (
+                route("web", None, "web:80", ""),
+                "activator_routes[1].namespace",
+            ),
+            (
+                route("WEB.example.com.", Some("/"), "other:80", "shop"),
+                "activator_routes[1]: same host and path_prefix as activator_routes[0]",
+            ),
+        ] {
+            let c = Config {
+                activator_routes: vec![ok.clone(), bad],
+                ..Config::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(expect), "{e:?} should contain {expect:?}");
+        }
+        for good in [
+            route("*.example.com", Some("/api/"), "10.1.2.3:8080", "shop"),
+            route("web.example.com", Some("/api"), "[::1]:80", "shop-2"),
+        ] {
+            let c = Config {
+                activator_routes: vec![ok.clone(), good],
+                ..Config::default()
+            };
+            c.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn activator_settings_are_checked() {
+        for (c, field) in [
+            (
+                Config {
+                    activator_addr: Some("127.0.0.1:0".parse().unwrap()),
+                    ..Config::default()
+                },
+                "activator_routes",
+            ),
+            (
+                Config {
+                    activator_max_pending: 0,
+                    ..Config::default()
+                },
+                "activator_max_pending",
+            ),
+            (
+                Config {
+                    activator_hold_timeout: Duration::ZERO,
+                    ..Config::default()
+                },
+                "activator_hold_timeout",
+            ),
+            (
+                Config {
+                    activator_probe_max_interval: Duration::from_millis(10),
+                    ..Config::default()
+                },
+                "activator_probe_max_interval",
+            ),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e:?} should name {field}");
+        }
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //! - [`custom_metrics`]: the Custom Metrics API (`custom.metrics.k8s.io`)
 //!   for plain HPAs, HTTPS with front-proxy authentication.
 //! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
+//! - [`activator`]: the optional proxy that holds requests for a workload at
+//!   zero, counts them for KEDA at once and forwards them once it is ready.
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
 //! - [`config`]: the one typed configuration, validated before anything binds.
 //! - [`telemetry`]: logs, the service's own metrics, summary lines.
@@ -34,6 +36,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod activator;
 pub mod check;
 pub mod config;
 pub mod custom_metrics;

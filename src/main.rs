@@ -132,6 +132,14 @@ struct ServeArgs {
     /// Comma-separated windowed forms of active_requests, e.g. max_30s,avg_2m.
     #[arg(long)]
     custom_metrics_windows: Option<String>,
+    /// Where the activator proxy listens (unset: no proxy); routes come from
+    /// the config file.
+    #[arg(long)]
+    activator_addr: Option<String>,
+    #[arg(long)]
+    activator_max_pending: Option<String>,
+    #[arg(long)]
+    activator_hold_timeout: Option<String>,
 }
 
 impl ServeArgs {
@@ -184,6 +192,9 @@ impl ServeArgs {
                 &self.custom_metrics_allowed_names,
             ),
             ("custom_metrics_windows", &self.custom_metrics_windows),
+            ("activator_addr", &self.activator_addr),
+            ("activator_max_pending", &self.activator_max_pending),
+            ("activator_hold_timeout", &self.activator_hold_timeout),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))

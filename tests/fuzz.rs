@@ -952,9 +952,10 @@ fn check_wire(input: &WireInput) -> Verdict {
     };
     let p = parsed.map_err(|e| format!("a valid message was refused: {e}"))?;
     let same = kept.len() == expected.len()
-        && kept.iter().zip(expected).all(|(a, b)| {
-            a.name == b.0 && a.value.to_bits() == b.1.to_bits()
-        });
+        && kept
+            .iter()
+            .zip(expected)
+            .all(|(a, b)| a.name == b.0 && a.value.to_bits() == b.1.to_bits());
     if !same {
         return Err(format!(
             "kept {kept:?}, a full decode keeps {expected:?} (families: {})",

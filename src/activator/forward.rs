@@ -1,0 +1,721 @@
+//! Forwarding a request to the upstream and its response back.
+//!
+//! - HTTP/1.1 requests go over HTTP/1.1 connections from a small idle pool
+//!   per route (at most [`MAX_IDLE`] kept, each for at most [`IDLE_TIMEOUT`]).
+//! - Requests that arrived over HTTP/2 (gRPC) go over one shared HTTP/2
+//!   prior-knowledge connection per route, so response trailers pass through.
+//! - HTTP/1.1 `Upgrade` requests (WebSocket) get a connection of their own;
+//!   on `101` the caller copies bytes both ways.
+//!
+//! We connect ourselves instead of using a pooled client so that a connect
+//! that fails hands the request back: nothing was sent, the request is held
+//! again and the route flips to not ready. A pooled connection that turns out
+//! closed before the request went out is retried on a fresh one.
+//!
+//! Headers: the RFC 9110 §7.6.1 hop-by-hop set and whatever `Connection`
+//! lists are removed in both directions, plus `Proxy-Authorization` /
+//! `Proxy-Authenticate` (credentials meant for a proxy, as Go's reverse proxy
+//! does); `Upgrade` and `Connection: upgrade` are kept for upgrades and
+//! `TE: trailers` for HTTP/2 (gRPC needs it). `X-Forwarded-For` is extended
+//! with the client's address, `X-Forwarded-Proto` set to `http` unless an
+//! earlier proxy set it, and a `Forwarded` element appended (RFC 7239).
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use http_body::{Body, Frame, SizeHint};
+use hyper::{
+    HeaderMap, Request, Response, StatusCode, Uri, Version,
+    body::Incoming,
+    client::conn::{http1, http2},
+    header::{self, HeaderName, HeaderValue},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{Flight, RouteState};
+
+/// Idle HTTP/1.1 connections kept per route.
+pub(crate) const MAX_IDLE: usize = 128;
+/// An idle HTTP/1.1 connection older than this is closed rather than reused
+/// (shorter than most servers' keep-alive, so we rarely race their close).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upstream HTTP/2 windows: enough for cluster round trips, and a bound on
+/// what a slow-reading client makes us buffer per stream.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONN_WINDOW: u32 = 1024 * 1024;
+
+/// Why a forward did not produce a response.
+// The request travels back by value on the rare refused path; boxing it
+// would cost an allocation there for nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum ForwardError {
+    /// Nothing was sent: the TCP connect was refused, failed or timed out.
+    /// Here is the request back, to be held again.
+    NotSent(Request<Incoming>, io::Error),
+    /// The upstream accepted the connection and then failed (before or
+    /// after the request went out): 502, not held again, so that a broken
+    /// upstream is not retried until the hold timeout says something else.
+    Failed(String),
+}
+
+/// A connection that could not be set up.
+enum Setup {
+    /// The TCP connect itself: the upstream is not there (yet).
+    Connect(io::Error),
+    /// Connected, then the HTTP handshake failed.
+    Handshake(String),
+}
+
+impl Setup {
+    fn into_error(self, req: Request<Incoming>) -> ForwardError {
+        match self {
+            Setup::Connect(e) => ForwardError::NotSent(req, e),
+            Setup::Handshake(e) => ForwardError::Failed(e),
+        }
+    }
+}
+
+/// How a request travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Http1,
+    Http2,
+    Upgrade,
+}
+
+/// One route's upstream connections.
+pub(crate) struct Upstream {
+    idle: Mutex<Vec<Idle>>,
+    /// The shared HTTP/2 connection; an async lock so that requests arriving
+    /// together wait for one new connection instead of each opening one.
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    connect_timeout: Duration,
+    keepalive: (Duration, Duration),
+    /// Closes every upstream connection when the activator stops.
+    stop: CancellationToken,
+}
+
+struct Idle {
+    since: Instant,
+    sender: http1::SendRequest<Incoming>,
+}
+
+impl Upstream {
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        keepalive: (Duration, Duration),
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+            connect_timeout,
+            keepalive,
+            stop,
+        }
+    }
+
+    /// Sends `req` to `addr`; for HTTP/1.1 also returns the connection, to
+    /// be given back with [`Upstream::checkin`] once the response body ends.
+    pub(crate) async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<Incoming>,
+        kind: Kind,
+    ) -> Result<(Response<Incoming>, Option<http1::SendRequest<Incoming>>), ForwardError> {
+        match kind {
+            Kind::Http1 => self.send_h1(addr, req).await,
+            Kind::Http2 => self.send_h2(addr, req).await.map(|r| (r, None)),
+            Kind::Upgrade => self.send_upgrade(addr, req).await.map(|r| (r, None)),
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<http1::SendRequest<Incoming>>), ForwardError> {
+        loop {
+            let (mut sender, pooled) = match self.checkout() {
+                Some(s) => (s, true),
+                None => match self.connect_h1(addr, false).await {
+                    Ok(s) => (s, false),
+                    Err(e) => return Err(e.into_error(req)),
+                },
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Some(sender))),
+                Err(mut e) => match e.take_message() {
+                    // The pooled connection closed before the request went
+                    // out: try again (the pool shrinks each time round).
+                    Some(back) if pooled => req = back,
+                    _ => return Err(ForwardError::Failed(e.into_error().to_string())),
+                },
+            }
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        loop {
+            let (mut sender, fresh) = match self.h2_sender(addr).await {
+                Ok(s) => s,
+                Err(e) => return Err(e.into_error(req)),
+            };
+            if let Err(e) = sender.ready().await {
+                self.forget_h2(&sender).await;
+                if fresh {
+                    return Err(ForwardError::Failed(e.to_string()));
+                }
+                // The shared connection went away: open a new one.
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => {
+                        self.forget_h2(&sender).await;
+                        req = back;
+                    }
+                    _ => return Err(ForwardError::Failed(e.into_error().to_string())),
+                },
+            }
+        }
+    }
+
+    async fn send_upgrade(
+        &self,
+        addr: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let mut sender = match self.connect_h1(addr, true).await {
+            Ok(s) => s,
+            Err(e) => return Err(e.into_error(req)),
+        };
+        sender
+            .try_send_request(req)
+            .await
+            .map_err(|e| ForwardError::Failed(e.into_error().to_string()))
+    }
+
+    /// A fresh HTTP/1.1 connection, ready to take a request.
+    async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+        upgrades: bool,
+    ) -> Result<http1::SendRequest<Incoming>, Setup> {
+        let tcp = connect(addr, self.connect_timeout)
+            .await
+            .map_err(Setup::Connect)?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| Setup::Handshake(e.to_string()))?;
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let result = if upgrades {
+                tokio::select! {
+                    r = conn.with_upgrades() => r,
+                    _ = stop.cancelled() => Ok(()),
+                }
+            } else {
+                tokio::select! {
+                    r = conn => r,
+                    _ = stop.cancelled() => Ok(()),
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "upstream connection ended");
+            }
+        });
+        // The connection task must run once before a request can be handed over.
+        sender
+            .ready()
+            .await
+            .map_err(|e| Setup::Handshake(e.to_string()))?;
+        Ok(sender)
+    }
+
+    /// The shared HTTP/2 connection, opened if there is none; `true` when new.
+    async fn h2_sender(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<Incoming>, bool), Setup> {
+        let mut slot = self.h2.lock().await;
+        if let Some(s) = slot.as_ref()
+            && !s.is_closed()
+        {
+            return Ok((s.clone(), false));
+        }
+        let tcp = connect(addr, self.connect_timeout)
+            .await
+            .map_err(Setup::Connect)?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW)
+            .keep_alive_interval(self.keepalive.0)
+            .keep_alive_timeout(self.keepalive.1)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| Setup::Handshake(e.to_string()))?;
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    debug!(error = %e, "upstream HTTP/2 connection ended");
+                },
+                _ = stop.cancelled() => {}
+            }
+        });
+        *slot = Some(sender.clone());
+        Ok((sender, true))
+    }
+
+    async fn forget_h2(&self, broken: &http2::SendRequest<Incoming>) {
+        let mut slot = self.h2.lock().await;
+        // Only if nobody replaced it meanwhile.
+        if slot
+            .as_ref()
+            .is_some_and(|s| s.is_closed() || broken.is_closed())
+        {
+            *slot = None;
+        }
+    }
+
+    /// An idle HTTP/1.1 connection that can take a request now, newest first.
+    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(mut entry) = idle.pop() {
+            if entry.since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            if let Some(Ok(())) = entry.sender.ready().now_or_never() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    /// Gives back a connection whose response has been read to the end.
+    pub(crate) fn checkin(&self, sender: http1::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            since: Instant::now(),
+            sender,
+        });
+    }
+
+    /// Closes idle connections past [`IDLE_TIMEOUT`] or closed by the upstream.
+    pub(crate) fn prune(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|e| e.since.elapsed() <= IDLE_TIMEOUT && !e.sender.is_closed());
+    }
+}
+
+/// A TCP connection to `addr` within `timeout`, Nagle off.
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out after {timeout:?}"),
+            )
+        })??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+// ---- headers ------------------------------------------------------------
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1) and proxy credentials.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// What [`strip_hop_by_hop`] found before removing it.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct HopByHop {
+    /// `Connection` listed `upgrade`.
+    pub(crate) connection_upgrade: bool,
+    /// The `Upgrade` field.
+    pub(crate) upgrade: Option<HeaderValue>,
+    /// `TE` listed `trailers`.
+    pub(crate) te_trailers: bool,
+}
+
+fn tokens(values: header::GetAll<'_, HeaderValue>) -> impl Iterator<Item = &str> {
+    values
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop fields and those `Connection` names.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopByHop {
+    let mut found = HopByHop {
+        te_trailers: tokens(headers.get_all(header::TE)).any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        }),
+        ..HopByHop::default()
+    };
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for token in tokens(headers.get_all(header::CONNECTION)) {
+        if token.eq_ignore_ascii_case("upgrade") {
+            found.connection_upgrade = true;
+        } else if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            // The target host is never hop-by-hop, whatever a client lists.
+            && name != header::HOST
+        {
+            listed.push(name);
+        }
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+    found.upgrade = headers.remove(header::UPGRADE);
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    found
+}
+
+/// Rewrites a client's request for the upstream; `Some(kind)` with the
+/// downstream upgrade handle for upgrade requests.
+pub(crate) fn prepare(
+    req: &mut Request<Incoming>,
+    peer: IpAddr,
+) -> (Kind, Option<hyper::upgrade::OnUpgrade>) {
+    let h2 = req.version() == Version::HTTP_2;
+    let hop = strip_hop_by_hop(req.headers_mut());
+    let mut kind = if h2 { Kind::Http2 } else { Kind::Http1 };
+    let mut on_upgrade = None;
+    if !h2
+        && hop.connection_upgrade
+        && let Some(upgrade) = hop.upgrade
+    {
+        let headers = req.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+        on_upgrade = Some(hyper::upgrade::on(&mut *req));
+        kind = Kind::Upgrade;
+    }
+    if h2 && hop.te_trailers {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if !h2 {
+        // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2);
+        // the upstream gets origin form.
+        if let Some(authority) = req.uri().authority()
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        let origin = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .parse::<Uri>()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        *req.uri_mut() = origin;
+        *req.version_mut() = Version::HTTP_11;
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        });
+    add_forwarding(req.headers_mut(), peer, host.as_deref());
+    (kind, on_upgrade)
+}
+
+/// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets
+/// `X-Forwarded-Proto` when no earlier proxy did.
+pub(crate) fn add_forwarding(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let mut chain: Vec<String> = headers
+        .get_all(&xff)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    chain.push(peer.to_string());
+    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+        headers.insert(xff, v);
+    }
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    if !headers.contains_key(&xfp) {
+        headers.insert(xfp, HeaderValue::from_static("http"));
+    }
+    let mut element = match peer {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    if let Some(host) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic())) {
+        element.push_str(";host=");
+        element.push_str(&quote_if_needed(host));
+    }
+    element.push_str(";proto=http");
+    if let Ok(v) = HeaderValue::from_str(&element) {
+        headers.append(header::FORWARDED, v);
+    }
+}
+
+/// An RFC 7230 token as is, anything else as a quoted string.
+fn quote_if_needed(s: &str) -> String {
+    let token = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if token {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// Cleans the upstream's response headers (keeping `Upgrade` on a 101).
+pub(crate) fn clean_response(resp: &mut Response<Incoming>) {
+    let hop = strip_hop_by_hop(resp.headers_mut());
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(upgrade) = hop.upgrade
+    {
+        let headers = resp.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+// ---- bodies -------------------------------------------------------------
+
+/// Every response body the activator sends: the upstream's, streamed, or a
+/// short text of its own.
+pub(crate) struct ProxyBody(Inner);
+
+enum Inner {
+    Local(Option<Bytes>),
+    Upstream {
+        body: Incoming,
+        ended: bool,
+        /// The HTTP/1.1 connection, given back to the pool when the body ends.
+        reuse: Option<(Arc<RouteState>, http1::SendRequest<Incoming>)>,
+        /// Counts the request as active until the body is done or dropped.
+        _flight: Flight,
+    },
+}
+
+impl ProxyBody {
+    pub(crate) fn text(text: String) -> Self {
+        Self(Inner::Local(Some(Bytes::from(text))))
+    }
+
+    pub(crate) fn empty() -> Self {
+        Self(Inner::Local(None))
+    }
+
+    pub(crate) fn upstream(
+        body: Incoming,
+        flight: Flight,
+        reuse: Option<(Arc<RouteState>, http1::SendRequest<Incoming>)>,
+    ) -> Self {
+        Self(Inner::Upstream {
+            body,
+            ended: false,
+            reuse,
+            _flight: flight,
+        })
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            Inner::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream { body, ended, .. } => {
+                let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
+                if frame.is_none() || body.is_end_stream() {
+                    *ended = true;
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Local(bytes) => bytes.is_none(),
+            Inner::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Local(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            Inner::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Inner::Upstream {
+            body, ended, reuse, ..
+        } = &mut self.0
+            && (*ended || body.is_end_stream())
+            && let Some((route, sender)) = reuse.take()
+        {
+            route.upstream_pool().checkin(sender);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut v: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_fields_go() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-authorization", "Basic eA=="),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("host", "web"),
+            ("accept", "*/*"),
+        ]);
+        let found = strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), vec!["accept", "host"]);
+        assert_eq!(found, HopByHop::default());
+    }
+
+    #[test]
+    fn upgrade_and_te_trailers_are_reported() {
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("sec-websocket-key", "k"),
+        ]);
+        let found = strip_hop_by_hop(&mut h);
+        assert!(found.connection_upgrade && found.te_trailers);
+        assert_eq!(found.upgrade.unwrap(), "websocket");
+        assert_eq!(names(&h), vec!["sec-websocket-key"]);
+    }
+
+    #[test]
+    fn a_client_cannot_strip_the_host() {
+        let mut h = headers(&[
+            ("connection", "host, content-type"),
+            ("host", "web"),
+            ("content-type", "x"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), vec!["host"]);
+    }
+
+    #[test]
+    fn forwarding_headers_extend_the_chain() {
+        let mut h = headers(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        add_forwarding(
+            &mut h,
+            "10.1.2.3".parse().unwrap(),
+            Some("web.example.com:8081"),
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(
+            h["forwarded"],
+            "for=10.1.2.3;host=\"web.example.com:8081\";proto=http"
+        );
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, "::1".parse().unwrap(), Some("web"));
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["forwarded"], "for=\"[::1]\";host=web;proto=http");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_if_needed("web"), "web");
+        assert_eq!(quote_if_needed("a:1"), "\"a:1\"");
+        assert_eq!(quote_if_needed("a\"b"), "\"a\\\"b\"");
+    }
+}
