@@ -230,7 +230,11 @@ impl ExternalScaler for Scaler {
         let (tx, rx) = mpsc::channel(4);
         let span = info_span!("active_stream", namespace = %r.namespace, scaled_object = %r.name);
         let seen = self.view.ask(&r, &trigger);
-        tokio::spawn(self.clone().push_activity(trigger, tx, seen).instrument(span));
+        tokio::spawn(
+            self.clone()
+                .push_activity(trigger, tx, seen)
+                .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

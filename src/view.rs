@@ -75,12 +75,7 @@ impl Description {
                     ("namespace".to_string(), bounded(&query.namespace)),
                     (param.0.to_string(), bounded(&param.1)),
                 ];
-                (
-                    "envoy",
-                    text,
-                    Some(bounded(&query.namespace)),
-                    Some(params),
-                )
+                ("envoy", text, Some(bounded(&query.namespace)), Some(params))
             }
             Source::Prometheus(_) => ("prometheus", prometheus_text(metadata), None, None),
         };
@@ -300,7 +295,11 @@ fn rate(samples: &mut VecDeque<(Instant, u64)>, now: Instant, total: u64) -> Opt
     {
         samples.push_back((now, total));
     }
-    while samples.len() > 2 && samples.front().is_some_and(|f| now.duration_since(f.0) > KEEP) {
+    while samples.len() > 2
+        && samples
+            .front()
+            .is_some_and(|f| now.duration_since(f.0) > KEEP)
+    {
         samples.pop_front();
     }
     let first = samples.front()?;
@@ -327,7 +326,11 @@ fn touch(
         map.retain(|_, e| now.duration_since(e.asked) < FORGET_AFTER);
     }
     while map.len() >= MAX_TRIGGERS {
-        let Some(oldest) = map.iter().min_by_key(|(_, e)| e.asked).map(|(k, _)| k.clone()) else {
+        let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, e)| e.asked)
+            .map(|(k, _)| k.clone())
+        else {
             break;
         };
         map.remove(&oldest);
@@ -376,7 +379,10 @@ pub struct TriggerView {
 
 fn view_of(k: &TriggerKey, e: &Entry, now: Instant, now_step: u64) -> TriggerView {
     let d = &e.description;
-    let value = e.answer.as_ref().and_then(|(_, a)| a.as_ref().ok().copied());
+    let value = e
+        .answer
+        .as_ref()
+        .and_then(|(_, a)| a.as_ref().ok().copied());
     TriggerView {
         id: format!("{}/{}/{}", k.namespace, k.scaled_object, k.metric),
         namespace: k.namespace.clone(),
@@ -509,7 +515,12 @@ mod tests {
         let mut map = HashMap::new();
         let t0 = Instant::now();
         for i in 0..MAX_TRIGGERS {
-            touch(&mut map, &key(i), desc(1.0), t0 + Duration::from_millis(i as u64));
+            touch(
+                &mut map,
+                &key(i),
+                desc(1.0),
+                t0 + Duration::from_millis(i as u64),
+            );
         }
         // Asking again about key 0 makes key 1 the oldest.
         let later = t0 + Duration::from_secs(5);
@@ -542,7 +553,10 @@ mod tests {
         r.pushed(&k, true);
         let v = &r.snapshot()[0];
         assert_eq!(v.id, "shop/so-1/active_requests");
-        assert_eq!((v.value, v.replicas, v.active), (Some(25.0), Some(3), Some(true)));
+        assert_eq!(
+            (v.value, v.replicas, v.active),
+            (Some(25.0), Some(3), Some(true))
+        );
         assert_eq!(v.pushed_active, Some(true));
         assert_eq!(v.series, vec![(0.0, 25.0)]);
 
@@ -579,11 +593,17 @@ mod tests {
     #[test]
     fn prometheus_text_names_query_parts_or_preset() {
         let m = |p: &[(&str, &str)]| -> HashMap<String, String> {
-            p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            p.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         assert_eq!(prometheus_text(&m(&[("query", " sum(up) ")])), "sum(up)");
         assert_eq!(
-            prometheus_text(&m(&[("query.b", "y"), ("query.a", "x"), ("formula", "a+b")])),
+            prometheus_text(&m(&[
+                ("query.b", "y"),
+                ("query.a", "x"),
+                ("formula", "a+b")
+            ])),
             "a: x; b: y; formula: a+b"
         );
         assert_eq!(prometheus_text(&m(&[("preset", "rps")])), "preset: rps");
