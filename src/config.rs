@@ -87,6 +87,11 @@ pub struct Config {
     /// Let a trigger's `namespace` metadata read pods of another namespace.
     /// Off: a trigger sees only its ScaledObject's namespace.
     pub allow_cross_namespace: bool,
+    /// Serve the live view on the HTTP port: the page at `/` and its JSON,
+    /// `/v1/triggers` (what KEDA asked and was answered) and `/v1/status`.
+    /// Off: those three answer 404. The view shows every namespace's
+    /// triggers to whoever reaches the HTTP port.
+    pub view_enabled: bool,
     /// Parsed trigger metadata kept (one entry per ScaledObject trigger).
     pub metadata_cache_size: usize,
     /// `text` or `json`.
@@ -268,6 +273,7 @@ impl Default for Config {
             max_window: Duration::from_secs(600),
             warmup: None,
             allow_cross_namespace: false,
+            view_enabled: true,
             metadata_cache_size: 10_000,
             log_format: LogFormat::Text,
             summary_interval: Duration::from_secs(60),

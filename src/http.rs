@@ -1,28 +1,36 @@
-//! The operations port: `/healthz`, `/readyz`, `/metrics` and `/v1/pods`.
+//! The operations port: `/healthz`, `/readyz`, `/metrics`, `/v1/pods` and
+//! the live view (`/`, `/v1/triggers`, `/v1/status`).
 //!
 //! `/healthz` is 200 while the process runs. `/readyz` is 200 once the ports
 //! are bound and the store answers, 503 otherwise (a replica that cannot reach
 //! Redis should get no KEDA traffic). `/v1/pods` shows what the scaler sees,
-//! for debugging with curl.
+//! for debugging with curl. The view's routes exist only when
+//! `view_enabled` is on (see [`crate::view`]).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use axum::{
     Json, Router,
     extract::{Query, State},
     http::{StatusCode, header},
-    response::{IntoResponse, Response},
+    response::{Html, IntoResponse, Response},
     routing::get,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    activator::RouteSet,
+    config::StoreKind,
     selector::Selector,
     store::{PodSelector, PodView, SharedStore},
     telemetry::Metrics,
+    view::{Recorder, RouteView, TriggerView},
 };
 
 /// What the HTTP handlers share.
@@ -32,15 +40,150 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set by the readiness probe task in `lib.rs`.
     pub ready: Arc<AtomicBool>,
+    /// What KEDA asked and was answered; `None` turns the view off (`/`,
+    /// `/v1/triggers` and `/v1/status` are then 404).
+    pub view: Option<Recorder>,
+    /// Which store backs this replica, for `/v1/status` and `/v1/pods`.
+    pub store_kind: StoreKind,
+    /// This replica's name (`HOSTNAME`), shown as the stream's replica of
+    /// pods with the memory store, where every stream is on this replica.
+    pub replica: String,
+    /// The activator's routes when it is on; `/v1/status` shows them.
+    pub activator: Option<RouteSet>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut r = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/pods", get(pods))
-        .with_state(state)
+        .route("/v1/pods", get(pods));
+    if state.view.is_some() {
+        r = r
+            .route("/", get(page))
+            .route("/v1/triggers", get(triggers))
+            .route("/v1/status", get(status));
+    }
+    r.with_state(state)
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CACHE_CONTROL, "no-cache"),
+            // The page runs only its own inline script and talks only to this origin.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        Html(crate::view::PAGE),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct TriggersAnswer {
+    count: usize,
+    triggers: Vec<TriggerView>,
+}
+
+async fn triggers(State(s): State<AppState>) -> Response {
+    let Some(view) = &s.view else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let triggers = view.snapshot();
+    Json(TriggersAnswer {
+        count: triggers.len(),
+        triggers,
+    })
+    .into_response()
+}
+
+#[derive(Serialize)]
+struct StatusAnswer {
+    replica: String,
+    sink: SinkStatus,
+    store: StoreStatus,
+    scaler: ScalerStatus,
+    /// `null` when the activator is off.
+    activator: Option<Vec<RouteView>>,
+}
+
+#[derive(Serialize)]
+struct SinkStatus {
+    streams_open: i64,
+    messages: u64,
+    /// Over the last minute of `/v1/status` reads; `null` on the first.
+    messages_per_second: Option<f64>,
+    rejected: u64,
+    identity_missing: u64,
+    store_errors: u64,
+}
+
+#[derive(Serialize)]
+struct StoreStatus {
+    kind: StoreKind,
+    ready: bool,
+    /// Why the store is not ready.
+    reason: Option<String>,
+    pods_tracked: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ScalerStatus {
+    streams_open: i64,
+    calls: u64,
+    errors: u64,
+    pushes: u64,
+}
+
+/// How long `/v1/status` waits for the store's answer.
+const STATUS_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn status(State(s): State<AppState>) -> Response {
+    let Some(view) = &s.view else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let m = &s.metrics;
+    let messages = m.sink_messages.get();
+    let reason = match tokio::time::timeout(STATUS_STORE_TIMEOUT, s.store.ready()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(crate::view::bounded(&e.to_string())),
+        Err(_) => Some(format!(
+            "the store did not answer within {STATUS_STORE_TIMEOUT:?}"
+        )),
+    };
+    Json(StatusAnswer {
+        replica: s.replica.clone(),
+        sink: SinkStatus {
+            streams_open: m.sink_streams.get(),
+            messages,
+            messages_per_second: view.message_rate(messages),
+            rejected: m.family("rejected").get(),
+            identity_missing: m.sink_identity_missing.get(),
+            store_errors: m.sink_store_errors.get(),
+        },
+        store: StoreStatus {
+            kind: s.store_kind,
+            ready: reason.is_none(),
+            reason,
+            pods_tracked: s.store.tracked_pods(),
+        },
+        scaler: ScalerStatus {
+            streams_open: m.scaler_streams.get(),
+            calls: m.api_calls.get(),
+            errors: m.api_errors.get(),
+            pushes: m.scaler_pushes.get(),
+        },
+        activator: s
+            .activator
+            .as_ref()
+            .map(|routes| routes.iter().map(RouteView::of).collect()),
+    })
+    .into_response()
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -83,7 +226,16 @@ struct PodsAnswer {
     count: usize,
     /// Sum of the pods' values: what `aggregation: sum` would answer.
     sum: f64,
-    pods: Vec<PodView>,
+    pods: Vec<PodEntry>,
+}
+
+#[derive(Serialize)]
+struct PodEntry {
+    #[serde(flatten)]
+    pod: PodView,
+    /// The replica holding the pod's sidecar stream: this one with the
+    /// memory store; `null` (not recorded) with Redis.
+    replica: Option<String>,
 }
 
 async fn pods(State(s): State<AppState>, Query(q): Query<PodsQuery>) -> Response {
@@ -104,7 +256,13 @@ async fn pods(State(s): State<AppState>, Query(q): Query<PodsQuery>) -> Response
             namespace,
             count: pods.len(),
             sum: pods.iter().map(|p| p.value).sum(),
-            pods,
+            pods: pods
+                .into_iter()
+                .map(|pod| PodEntry {
+                    pod,
+                    replica: (s.store_kind == StoreKind::Memory).then(|| s.replica.clone()),
+                })
+                .collect(),
         })
         .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),

@@ -20,7 +20,8 @@
 //! - [`trigger`]: trigger-metadata parsing and the parsed-trigger cache.
 //! - [`selector`]: Kubernetes label selectors.
 //! - [`prometheus`]: the optional Prometheus backend (`source: prometheus`).
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/v1/pods`.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/v1/pods`, and the live view.
+//! - [`view`]: what KEDA asked and was answered, for the page at `/`.
 //! - [`custom_metrics`]: the Custom Metrics API (`custom.metrics.k8s.io`)
 //!   for plain HPAs, HTTPS with front-proxy authentication.
 //! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
@@ -49,6 +50,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod trigger;
+pub mod view;
 
 use std::{
     net::SocketAddr,
@@ -178,6 +180,7 @@ pub async fn run(
         credentials_dir: config.prometheus_credentials_dir.clone(),
         max_response_bytes: config.prometheus_max_response_bytes,
     };
+    let view = view::Recorder::new();
     let triggers = Arc::new(trigger::TriggerCache::new(
         trigger::TriggerSettings {
             max_window: config.max_window,
@@ -193,6 +196,7 @@ pub async fn run(
         metrics.clone(),
         config.effective_warmup(),
         token.clone(),
+        view.clone(),
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -229,6 +233,10 @@ pub async fn run(
         store: store.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        view: config.view_enabled.then_some(view),
+        store_kind: config.store,
+        replica: view::replica_name(),
+        activator: None,
     });
     let http_server =
         axum::serve(listeners.http, app).with_graceful_shutdown(token.clone().cancelled_owned());

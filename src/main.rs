@@ -82,6 +82,10 @@ struct ServeArgs {
     warmup: Option<String>,
     #[arg(long)]
     allow_cross_namespace: Option<String>,
+    /// Serve the live view (`/`, `/v1/triggers`, `/v1/status`) on the HTTP
+    /// port (default true; false: those answer 404).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    view_enabled: Option<String>,
     /// text | json
     #[arg(long)]
     log_format: Option<String>,
@@ -158,6 +162,7 @@ impl ServeArgs {
             ("max_window", &self.max_window),
             ("warmup", &self.warmup),
             ("allow_cross_namespace", &self.allow_cross_namespace),
+            ("view_enabled", &self.view_enabled),
             ("log_format", &self.log_format),
             ("summary_interval", &self.summary_interval),
             ("drain_timeout", &self.drain_timeout),

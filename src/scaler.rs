@@ -50,6 +50,8 @@ pub struct Scaler {
     shutdown: CancellationToken,
     /// Shared reads for StreamIsActive streams of Envoy triggers.
     feeds: Arc<feed::Feeds>,
+    /// What the live view shows of each answer.
+    view: crate::view::Recorder,
 }
 
 /// The one mapping from library errors to gRPC statuses.
@@ -79,6 +81,7 @@ impl Scaler {
         metrics: Arc<Metrics>,
         warmup: Duration,
         shutdown: CancellationToken,
+        view: crate::view::Recorder,
     ) -> Self {
         Self {
             store,
@@ -88,6 +91,7 @@ impl Scaler {
             warm_at: Instant::now() + warmup,
             shutdown,
             feeds: Arc::default(),
+            view,
         }
     }
 
@@ -204,7 +208,7 @@ impl ExternalScaler for Scaler {
         let r = request.into_inner();
         self.observe("IsActive", Some(&r), async {
             let t = self.trigger(&r)?;
-            let v = self.value(&t).await?;
+            let v = self.view.answer(&r, &t, self.value(&t).await)?;
             Ok(IsActiveResponse {
                 result: v > t.activation,
             })
@@ -225,7 +229,12 @@ impl ExternalScaler for Scaler {
             .into_inner();
         let (tx, rx) = mpsc::channel(4);
         let span = info_span!("active_stream", namespace = %r.namespace, scaled_object = %r.name);
-        tokio::spawn(self.clone().push_activity(trigger, tx).instrument(span));
+        let seen = self.view.ask(&r, &trigger);
+        tokio::spawn(
+            self.clone()
+                .push_activity(trigger, tx, seen)
+                .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -262,7 +271,7 @@ impl ExternalScaler for Scaler {
                     served: t.metric_name.clone(),
                 });
             }
-            let v = self.value(&t).await?;
+            let v = self.view.answer(&r, &t, self.value(&t).await)?;
             Ok(GetMetricsResponse {
                 metric_values: vec![MetricValue {
                     metric_name: if req.metric_name.is_empty() {
@@ -304,6 +313,7 @@ impl Scaler {
         self,
         trigger: Arc<Trigger>,
         tx: mpsc::Sender<Result<IsActiveResponse, Status>>,
+        seen: crate::view::TriggerKey,
     ) {
         self.metrics.scaler_streams.inc();
         let _guard = GaugeGuard(&self.metrics.scaler_streams);
@@ -312,6 +322,7 @@ impl Scaler {
             tx,
             last: None,
             metrics: &self.metrics,
+            view: (&self.view, seen),
         };
         match &trigger.source {
             Source::Envoy { query, aggregation } => {
@@ -364,6 +375,7 @@ struct Pusher<'a> {
     tx: mpsc::Sender<Result<IsActiveResponse, Status>>,
     last: Option<bool>,
     metrics: &'a Metrics,
+    view: (&'a crate::view::Recorder, crate::view::TriggerKey),
 }
 
 impl Pusher<'_> {
@@ -384,6 +396,7 @@ impl Pusher<'_> {
             return false;
         }
         self.metrics.scaler_pushes.inc();
+        self.view.0.pushed(&self.view.1, active);
         self.last = Some(active);
         true
     }
