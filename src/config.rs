@@ -102,6 +102,11 @@ pub struct Config {
     /// On SIGTERM, how long open streams and calls get to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// The HTTP port closes a connection that has not sent a whole request
+    /// head within this long (slowloris), so such connections neither pile
+    /// up nor stretch the drain. 1s to 30s.
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Duration,
     /// HTTP/2 keepalive ping interval on both gRPC ports, so idle
     /// StreamIsActive and Envoy streams survive proxies and NAT.
     #[serde(with = "humantime_serde")]
@@ -278,6 +283,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             summary_interval: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            http_header_timeout: Duration::from_secs(10),
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
             redis_url: "redis://127.0.0.1:6379".into(),
@@ -434,6 +440,15 @@ impl Config {
         }
         if self.summary_interval.is_zero() {
             return bad("summary_interval", "must be greater than 0");
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(30)).contains(&self.http_header_timeout) {
+            return bad(
+                "http_header_timeout",
+                &format!(
+                    "{} is not between 1s and 30s",
+                    humantime::format_duration(self.http_header_timeout)
+                ),
+            );
         }
         if self.metadata_cache_size == 0 {
             return bad("metadata_cache_size", "must be at least 1");

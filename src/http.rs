@@ -52,6 +52,86 @@ pub struct AppState {
     pub activator: Option<RouteSet>,
 }
 
+/// Serves `router` on `listener` until `token` is cancelled, then lets each
+/// connection finish its request in flight.
+///
+/// hyper directly rather than `axum::serve`: axum's server has no header
+/// timeout, so a client that never finishes its request head would hold its
+/// connection (and the drain) for ever. Each connection gets
+/// `header_timeout` to send a whole head, for every request on it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    token: tokio_util::sync::CancellationToken,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = token.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                let router = router.clone();
+                let token = token.clone();
+                connections.spawn(connection(tcp, peer, router, header_timeout, token));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::warn!(error = %e, "HTTP port: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // Reap finished connections so the set stays as large as what is open.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    router: Router,
+    header_timeout: Duration,
+    token: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo, TokioTimer},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    // HTTP/2 (prior knowledge) has no request-head phase to time out; an idle
+    // connection is closed by keepalive instead.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let serving =
+        builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(router));
+    tokio::pin!(serving);
+    let result = tokio::select! {
+        r = serving.as_mut() => r,
+        _ = token.cancelled() => {
+            serving.as_mut().graceful_shutdown();
+            // A connection still reading its head is closed by the header
+            // timeout at the latest, which is within the drain.
+            serving.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended");
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let mut r = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

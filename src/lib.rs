@@ -238,8 +238,12 @@ pub async fn run(
         replica: view::replica_name(),
         activator: None,
     });
-    let http_server =
-        axum::serve(listeners.http, app).with_graceful_shutdown(token.clone().cancelled_owned());
+    let http_server = http::serve(
+        listeners.http,
+        app,
+        config.http_header_timeout,
+        token.clone(),
+    );
 
     let readiness = tokio::spawn(watch_readiness(store.clone(), ready, health, token.clone()));
     let summary = tokio::spawn(summarise(
@@ -253,7 +257,10 @@ pub async fn run(
 
     let sink_task = tokio::spawn(sink_server);
     let scaler_task = tokio::spawn(scaler_server);
-    let http_task = tokio::spawn(async move { http_server.await });
+    let http_task = tokio::spawn(async move {
+        http_server.await;
+        Ok::<(), std::convert::Infallible>(())
+    });
 
     let stopping = token.clone();
     tokio::select! {

@@ -93,6 +93,10 @@ struct ServeArgs {
     summary_interval: Option<String>,
     #[arg(long)]
     drain_timeout: Option<String>,
+    /// Close HTTP-port connections that send no whole request head within
+    /// this long, 1s to 30s (default 10s).
+    #[arg(long)]
+    http_header_timeout: Option<String>,
     #[arg(long)]
     redis_url: Option<String>,
     /// Redis Cluster / Valkey cluster mode (or use a redis+cluster:// URL).
@@ -166,6 +170,7 @@ impl ServeArgs {
             ("log_format", &self.log_format),
             ("summary_interval", &self.summary_interval),
             ("drain_timeout", &self.drain_timeout),
+            ("http_header_timeout", &self.http_header_timeout),
             ("redis_url", &self.redis_url),
             ("redis_cluster", &self.redis_cluster),
             ("redis_pool_size", &self.redis_pool_size),
@@ -255,9 +260,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              anyone on the path can read and forge scaling data"
         );
     }
+    raise_open_file_limit();
     let listeners = Listeners::bind(&config).await.context("binding ports")?;
     activescale::run(config, listeners, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Every sidecar stream, KEDA stream and HTTP connection is a descriptor; the
+/// usual soft limit (1024) would refuse connections long before memory or
+/// CPU run short, so take what the hard limit allows.
+fn raise_open_file_limit() {
+    let before = rlimit::Resource::NOFILE.get().ok();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) => tracing::info!(before = ?before.map(|b| b.0), now, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
 }
 
 /// SIGTERM (what Kubernetes sends) or Ctrl-C.
