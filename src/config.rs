@@ -73,6 +73,19 @@ pub struct Config {
     /// and the sink rewrites source addresses (SNAT); a pod then still stays
     /// bound to the address it was first seen from until it expires.
     pub sink_verify_peer_address: bool,
+    /// Bytes of Envoy messages all sidecar streams together may hold while
+    /// they arrive (1 MiB to 1 GiB, at least `max_message_bytes`). When it is
+    /// spent, streams stop being read and HTTP/2 flow control holds their
+    /// senders back, instead of the sink allocating.
+    pub sink_max_buffered_bytes: usize,
+    /// Concurrent HTTP/2 streams per sink connection (1 to 10000). A sidecar
+    /// opens one.
+    pub sink_max_concurrent_streams: u32,
+    /// A message whose first byte has arrived must be whole within this long
+    /// (1s to 5m); else its stream ends with RESOURCE_EXHAUSTED and gives its
+    /// bytes back.
+    #[serde(with = "humantime_serde")]
+    pub sink_message_timeout: Duration,
     /// Longest `window` a trigger may ask for; pod history older than this is
     /// forgotten.
     #[serde(with = "humantime_serde")]
@@ -275,6 +288,9 @@ impl Default for Config {
             exclude_sink_scope: true,
             max_families_per_pod: crate::store::DEFAULT_MAX_FAMILIES,
             sink_verify_peer_address: true,
+            sink_max_buffered_bytes: 64 * 1024 * 1024,
+            sink_max_concurrent_streams: 100,
+            sink_message_timeout: Duration::from_secs(10),
             max_window: Duration::from_secs(600),
             warmup: None,
             allow_cross_namespace: false,
@@ -425,6 +441,43 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes", "must be at least 1024");
+        }
+        if !(1 << 20..=1 << 30).contains(&self.sink_max_buffered_bytes) {
+            return bad(
+                "sink_max_buffered_bytes",
+                &format!(
+                    "{} is not between 1048576 (1 MiB) and 1073741824 (1 GiB)",
+                    self.sink_max_buffered_bytes
+                ),
+            );
+        }
+        if self.sink_max_buffered_bytes < self.max_message_bytes {
+            return bad(
+                "sink_max_buffered_bytes",
+                &format!(
+                    "{} is less than max_message_bytes ({}): the largest message could never arrive",
+                    self.sink_max_buffered_bytes, self.max_message_bytes
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&self.sink_max_concurrent_streams) {
+            return bad(
+                "sink_max_concurrent_streams",
+                &format!(
+                    "{} is not between 1 and 10000",
+                    self.sink_max_concurrent_streams
+                ),
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&self.sink_message_timeout)
+        {
+            return bad(
+                "sink_message_timeout",
+                &format!(
+                    "{} is not between 1s and 5m",
+                    humantime::format_duration(self.sink_message_timeout)
+                ),
+            );
         }
         if !(1..=MAX_FAMILIES_LIMIT).contains(&self.max_families_per_pod) {
             return bad(
@@ -1137,6 +1190,18 @@ mod tests {
             (("ACTIVESCALE_STORE", "etcd"), "store"),
             (("ACTIVESCALE_SINK_ADDR", "nowhere"), "sink_addr"),
             (("ACTIVESCALE_MAX_MESSAGE_BYTES", "12"), "max_message_bytes"),
+            (
+                ("ACTIVESCALE_SINK_MAX_BUFFERED_BYTES", "1000"),
+                "sink_max_buffered_bytes",
+            ),
+            (
+                ("ACTIVESCALE_SINK_MAX_CONCURRENT_STREAMS", "0"),
+                "sink_max_concurrent_streams",
+            ),
+            (
+                ("ACTIVESCALE_SINK_MESSAGE_TIMEOUT", "10m"),
+                "sink_message_timeout",
+            ),
             (
                 ("ACTIVESCALE_MAX_FAMILIES_PER_POD", "0"),
                 "max_families_per_pod",

@@ -212,12 +212,20 @@ pub async fn run(
     // was tried: it bounded what a flooding client parks in the server, but
     // saturated ingest ran 20-30 % slower with it (one run each; likely the
     // extra WINDOW_UPDATE frames).
+    let read_limits = sink::ReadLimits {
+        max_message: config.max_message_bytes,
+        message_timeout: config.sink_message_timeout,
+        budget: sink::Budget::new(
+            config.sink_max_buffered_bytes,
+            metrics.sink_buffered_bytes.clone(),
+        ),
+    };
+    // Per connection: a sidecar opens one stream, so a connection with many
+    // is a client multiplying what it can make the sink hold.
     let sink_server = server()
+        .max_concurrent_streams(Some(config.sink_max_concurrent_streams))
         .add_service(health_service.clone())
-        .add_service(sink::MetricsServiceServer::new(
-            sink,
-            config.max_message_bytes,
-        ))
+        .add_service(sink::MetricsServiceServer::new(sink, read_limits))
         .serve_with_incoming_shutdown(
             tls::incoming(listeners.sink, tls.clone().filter(|_| config.tls_sink)),
             token.clone().cancelled_owned(),

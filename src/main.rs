@@ -76,6 +76,16 @@ struct ServeArgs {
     /// (default true; false where source addresses are rewritten).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     sink_verify_peer_address: Option<String>,
+    /// Bytes of Envoy messages all sink streams may hold while they arrive,
+    /// 1 MiB to 1 GiB (default 67108864, 64 MiB).
+    #[arg(long)]
+    sink_max_buffered_bytes: Option<String>,
+    /// Concurrent HTTP/2 streams per sink connection, 1 to 10000 (default 100).
+    #[arg(long)]
+    sink_max_concurrent_streams: Option<String>,
+    /// A started Envoy message must be whole within this, 1s to 5m (default 10s).
+    #[arg(long)]
+    sink_message_timeout: Option<String>,
     #[arg(long)]
     max_window: Option<String>,
     #[arg(long)]
@@ -162,6 +172,12 @@ impl ServeArgs {
             ("metric_include", &self.metric_include),
             ("metric_exclude", &self.metric_exclude),
             ("max_families_per_pod", &self.max_families_per_pod),
+            ("sink_max_buffered_bytes", &self.sink_max_buffered_bytes),
+            (
+                "sink_max_concurrent_streams",
+                &self.sink_max_concurrent_streams,
+            ),
+            ("sink_message_timeout", &self.sink_message_timeout),
             ("sink_verify_peer_address", &self.sink_verify_peer_address),
             ("max_window", &self.max_window),
             ("warmup", &self.warmup),

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub sink_store_errors: Counter,
     /// Envoy streams open now.
     pub sink_streams: Gauge,
+    /// Bytes of Envoy messages held while they arrive (`sink_max_buffered_bytes`).
+    pub sink_buffered_bytes: Gauge,
     /// Pods the store tracks (where the store can tell cheaply).
     pub pods_tracked: Gauge,
     /// KEDA RPCs by method and gRPC code.
@@ -134,6 +136,7 @@ impl Metrics {
             sink_stream_errors: Family::default(),
             sink_store_errors: Counter::default(),
             sink_streams: Gauge::default(),
+            sink_buffered_bytes: Gauge::default(),
             pods_tracked: Gauge::default(),
             rpc_requests: Family::default(),
             rpc_duration: Family::new_with_constructor(|| {
@@ -185,6 +188,11 @@ impl Metrics {
             "sink_streams_open",
             "Envoy metrics streams open",
             m.sink_streams.clone(),
+        );
+        registry.register(
+            "sink_buffered_bytes",
+            "Bytes of Envoy messages held while they arrive (at most sink_max_buffered_bytes)",
+            m.sink_buffered_bytes.clone(),
         );
         registry.register(
             "pods_tracked",

@@ -10,16 +10,29 @@
 //! The framing is gRPC's: per message a compressed flag, a big-endian `u32`
 //! length and the message, over the HTTP/2 request body. The answer is one
 //! empty `StreamMetricsResponse` and `grpc-status`, or the error status alone.
+//!
+//! What a client can make the sink hold is bounded three ways. A buffer grows
+//! with the bytes that actually arrived, never with the length a prefix
+//! declares (a prefix alone costs nothing). Every byte held, across all
+//! streams, is taken from one [`Budget`]: when it is spent, streams stop
+//! reading their bodies, so HTTP/2 flow control makes their clients wait
+//! instead of the sink allocating. And a message, once it has started, must be
+//! complete within a timeout, so stalled streams cannot keep the budget from
+//! the sidecars that do finish their messages.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
+    sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::{sync::Semaphore, time::Instant};
 use tonic::{
     Status,
     body::Body,
@@ -35,17 +48,64 @@ pub const STREAM_METRICS: &str = "/envoy.service.metrics.v3.MetricsService/Strea
 /// gRPC's per-message prefix: compressed flag and length.
 const PREFIX: usize = 5;
 
+/// The message bytes all streams together may hold
+/// (`sink_max_buffered_bytes`), shared by every stream of the process.
+#[derive(Clone)]
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    /// `activescale_sink_buffered_bytes`: what is held now.
+    held: Gauge,
+}
+
+impl Budget {
+    /// `bytes` is at most `u32::MAX` (the config checks it); more is clamped.
+    pub fn new(bytes: usize, held: Gauge) -> Self {
+        let bytes = bytes.min(u32::MAX as usize);
+        Self {
+            permits: Arc::new(Semaphore::new(bytes)),
+            held,
+        }
+    }
+
+    /// Waits until `n` bytes are free and takes them.
+    async fn take(&self, n: usize) {
+        let Ok(n32) = u32::try_from(n) else { return };
+        // The semaphore is never closed, so acquiring only waits.
+        if let Ok(permit) = self.permits.acquire_many(n32).await {
+            permit.forget();
+            self.held.inc_by(n as i64);
+        }
+    }
+
+    fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.permits.add_permits(n);
+            self.held.dec_by(n as i64);
+        }
+    }
+}
+
+/// How a stream's messages are read: the limits of one process.
+#[derive(Clone)]
+pub struct ReadLimits {
+    /// `max_message_bytes`: larger messages end their stream with OUT_OF_RANGE.
+    pub max_message: usize,
+    /// `sink_message_timeout`: a message started must be whole within this.
+    pub message_timeout: Duration,
+    /// `sink_max_buffered_bytes`.
+    pub budget: Budget,
+}
+
 /// The metrics service, ready for tonic's router.
 #[derive(Clone)]
 pub struct MetricsServiceServer {
     sink: Sink,
-    max_message: usize,
+    limits: ReadLimits,
 }
 
 impl MetricsServiceServer {
-    /// `max_message`: larger messages end their stream with OUT_OF_RANGE.
-    pub fn new(sink: Sink, max_message: usize) -> Self {
-        Self { sink, max_message }
+    pub fn new(sink: Sink, limits: ReadLimits) -> Self {
+        Self { sink, limits }
     }
 }
 
@@ -68,11 +128,11 @@ impl Service<http::Request<Body>> for MetricsServiceServer {
             return Box::pin(async move { Ok(status.into_http()) });
         }
         let sink = self.sink.clone();
-        let max = self.max_message;
+        let limits = self.limits.clone();
         Box::pin(async move {
             let req = tonic::Request::from_http(req);
             let peer: Option<SocketAddr> = req.remote_addr();
-            let messages = Messages::new(req.into_inner(), max);
+            let messages = Messages::new(req.into_inner(), limits);
             Ok(match sink.stream_metrics(messages, peer).await {
                 Ok(()) => ok_response(),
                 Err(status) => status.into_http(),
@@ -107,6 +167,11 @@ pub enum ReadError {
     Compressed(u8),
     #[error("the stream ended inside a message")]
     Truncated,
+    #[error(
+        "a message was not complete within {0:?} of its first byte (sink_message_timeout); \
+         {1} bytes of it arrived"
+    )]
+    Stalled(Duration, usize),
     #[error("stream broken: {}", .0.message())]
     Broken(Status),
 }
@@ -115,42 +180,91 @@ pub enum ReadError {
 pub struct Messages {
     body: Body,
     buf: BytesMut,
-    max: usize,
+    limits: ReadLimits,
+    /// Budget bytes this stream holds: what `buf` holds plus the message
+    /// last handed out, which its caller is still reading.
+    held: usize,
+    /// Of `held`, the message last handed out; given back on the next call.
+    handed: usize,
 }
 
 impl Messages {
-    pub fn new(body: Body, max: usize) -> Self {
+    pub fn new(body: Body, limits: ReadLimits) -> Self {
         Self {
             body,
             buf: BytesMut::new(),
-            max,
+            limits,
+            held: 0,
+            handed: 0,
         }
     }
 
     /// The next message; `None` when the client ended the stream cleanly.
     pub async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
+        // The caller is done with the message it had.
+        self.limits.budget.give_back(self.handed);
+        self.held -= self.handed;
+        self.handed = 0;
+        // Between messages a stream may idle for ever (a flush every 5 s);
+        // once a message has started, its clock runs.
+        let mut deadline = (!self.buf.is_empty()).then(|| self.deadline());
         loop {
-            if let Some(message) = take_message(&mut self.buf, self.max)? {
+            if let Some(message) = take_message(&mut self.buf, self.limits.max_message)? {
+                self.handed = PREFIX + message.len();
                 return Ok(Some(message));
             }
-            match self.body.frame().await {
+            let frame = match deadline {
+                None => self.body.frame().await,
+                Some(at) => match tokio::time::timeout_at(at, self.body.frame()).await {
+                    Ok(frame) => frame,
+                    Err(_) => return Err(self.stalled()),
+                },
+            };
+            match frame {
                 None if self.buf.is_empty() => return Ok(None),
                 None => return Err(ReadError::Truncated),
                 Some(Err(status)) => return Err(ReadError::Broken(status)),
                 Some(Ok(frame)) => {
                     // Trailers from a client carry nothing for us.
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
                     }
+                    let at = *deadline.get_or_insert_with(|| self.deadline());
+                    // Until the budget has room this stream reads nothing
+                    // more: its HTTP/2 window closes and its client waits.
+                    let take = self.limits.budget.take(data.len());
+                    if tokio::time::timeout_at(at, take).await.is_err() {
+                        return Err(self.stalled());
+                    }
+                    self.held += data.len();
+                    self.buf.extend_from_slice(&data);
                 }
             }
         }
     }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.limits.message_timeout
+    }
+
+    fn stalled(&self) -> ReadError {
+        ReadError::Stalled(self.limits.message_timeout, self.buf.len())
+    }
 }
 
-/// Splits the first whole message off `buf`, if it holds one. Reserves room
-/// for exactly the rest of a message it has started, and leaves `buf` without
-/// an allocation once it is empty, so an idle stream holds no buffer.
+impl Drop for Messages {
+    fn drop(&mut self) {
+        self.limits.budget.give_back(self.held);
+    }
+}
+
+/// Splits the first whole message off `buf`, if it holds one. Reserves
+/// nothing for what a prefix declares (the buffer grows as bytes arrive), and
+/// leaves `buf` without an allocation once it is empty, so an idle stream
+/// holds no buffer.
 fn take_message(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ReadError> {
     let Some(&[flag, a, b, c, d]) = buf.get(..PREFIX) else {
         return Ok(None);
@@ -163,7 +277,6 @@ fn take_message(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ReadErr
         return Err(ReadError::Oversized { len, max });
     }
     if buf.len() < PREFIX + len {
-        buf.reserve(PREFIX + len - buf.len());
         return Ok(None);
     }
     buf.advance(PREFIX);
@@ -177,6 +290,7 @@ fn take_message(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ReadErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
 
     fn framed(messages: &[&[u8]]) -> BytesMut {
         let mut out = BytesMut::new();
@@ -207,7 +321,13 @@ mod tests {
             let got = take_message(&mut buf, 4096).unwrap();
             if (i + 1) * 333 < whole.len() {
                 assert!(got.is_none(), "chunk {i}");
-                assert!(buf.capacity() >= PREFIX + 1000, "room reserved once");
+                if i == 0 {
+                    assert!(
+                        buf.capacity() < PREFIX + 1000,
+                        "no room reserved for what has not arrived: {}",
+                        buf.capacity()
+                    );
+                }
             } else {
                 assert_eq!(got.unwrap().len(), 1000);
             }
@@ -237,5 +357,89 @@ mod tests {
             take_message(&mut buf, 1000),
             Err(ReadError::Compressed(1))
         ));
+    }
+
+    fn limits(budget: usize, held: &Gauge) -> ReadLimits {
+        ReadLimits {
+            max_message: 1 << 20,
+            message_timeout: Duration::from_secs(10),
+            budget: Budget::new(budget, held.clone()),
+        }
+    }
+
+    /// A body that yields `chunks` and then stays open without sending more.
+    fn open_body(chunks: Vec<Bytes>) -> Body {
+        let frames =
+            futures::stream::iter(chunks.into_iter().map(|c| Ok::<_, Status>(Frame::data(c))))
+                .chain(futures::stream::pending());
+        Body::new(StreamBody::new(frames))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_message_must_finish_within_the_timeout() {
+        let held = Gauge::default();
+        let mut whole = framed(&[&[1u8; 100]]).freeze();
+        let part = whole.split_to(40);
+        let mut messages = Messages::new(open_body(vec![part]), limits(1000, &held));
+        match messages.next().await {
+            Err(ReadError::Stalled(timeout, 40)) => assert_eq!(timeout, Duration::from_secs(10)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(held.get(), 40);
+        drop(messages);
+        assert_eq!(
+            held.get(),
+            0,
+            "a stream gives back what it held when it ends"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_waits_without_a_clock_and_holds_nothing() {
+        let held = Gauge::default();
+        let whole = framed(&[b"one"]).freeze();
+        let mut messages = Messages::new(open_body(vec![whole]), limits(1000, &held));
+        assert_eq!(messages.next().await.unwrap().unwrap(), "one");
+        assert_eq!(
+            held.get(),
+            8,
+            "the message handed out is held while it is read"
+        );
+        let idle = tokio::time::timeout(Duration::from_secs(3600), messages.next()).await;
+        assert!(idle.is_err(), "no timeout between messages: {idle:?}");
+        assert_eq!(held.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_stops_reading_until_bytes_are_given_back() {
+        let held = Gauge::default();
+        let shared = limits(1000, &held);
+        let mut a_whole = framed(&[&[1u8; 800]]).freeze();
+        let a_part = a_whole.split_to(700);
+        let mut a = Messages::new(open_body(vec![a_part]), shared.clone());
+        let b_whole = framed(&[&[2u8; 600]]).freeze();
+        let mut b = Messages::new(open_body(vec![b_whole]), shared);
+
+        // a holds 700 of 1,000 bytes and waits for the rest of its message.
+        let a_wait = tokio::time::timeout(Duration::from_secs(1), a.next()).await;
+        assert!(a_wait.is_err());
+        assert_eq!(held.get(), 700);
+        // b's 605 bytes do not fit: b reads nothing more and stalls.
+        match b.next().await {
+            Err(ReadError::Stalled(_, 0)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(held.get(), 700, "b took nothing it could not have");
+
+        // Once a is gone, a new stream like b gets its message.
+        drop(a);
+        let c_whole = framed(&[&[3u8; 600]]).freeze();
+        let mut c = Messages::new(open_body(vec![c_whole]), limits_sharing(&b));
+        assert_eq!(c.next().await.unwrap().unwrap().len(), 600);
+        assert_eq!(held.get(), 605);
+    }
+
+    fn limits_sharing(other: &Messages) -> ReadLimits {
+        other.limits.clone()
     }
 }

@@ -47,7 +47,7 @@ use identity::IdentityError;
 use names::NameFilter;
 use wire::{KeptFamily, RawMessage};
 
-pub use grpc::MetricsServiceServer;
+pub use grpc::{Budget, MetricsServiceServer, ReadLimits};
 use grpc::{Messages, ReadError};
 
 /// gRPC service name, for the health reporter.
@@ -350,6 +350,13 @@ impl Sink {
                             warn!(error = %e, held_back, "oversized metrics message: ending stream");
                         }
                         return Err(Status::out_of_range(e.to_string()));
+                    }
+                    Err(e @ ReadError::Stalled(..)) => {
+                        self.count_stream_error("stalled");
+                        if let Some(held_back) = MALFORMED_LOG.check() {
+                            warn!(error = %e, held_back, "stalled metrics message: ending stream");
+                        }
+                        return Err(Status::resource_exhausted(e.to_string()));
                     }
                     Err(e @ (ReadError::Compressed(_) | ReadError::Truncated)) => {
                         return Err(self.malformed(e.to_string()));

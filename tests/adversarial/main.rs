@@ -7,14 +7,17 @@
 //!   formulas, credential and CA files, endless responses).
 //! - [`sink`]: what any meshed pod can push (lying values, family floods,
 //!   claimed identities, proto3 zeros).
-//! - [`transport`]: the open ports themselves (HTTP/2 floods, slowloris,
-//!   client identities on the scaler port).
+//! - [`flood`]: HTTP/2 floods on the sink (streams per connection, message
+//!   bytes held across streams, messages that never finish).
+//! - [`transport`]: the open ports themselves (slowloris, client identities
+//!   on the scaler port).
 //! - [`store`]: a store that refuses writes, namespaces that are not names,
 //!   StreamIsActive through an outage.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod flood;
 mod prometheus;
 mod sink;
 mod store;
