@@ -86,9 +86,13 @@ struct Cli {
     http: Option<SocketAddr>,
 }
 
+#[path = "load/flood.rs"]
+mod flood;
+
 #[derive(Subcommand)]
 enum Mode {
     Sink(SinkArgs),
+    Flood(flood::FloodArgs),
     Scaler(ScalerArgs),
     Activation(ActivationArgs),
     Memory(MemoryArgs),
@@ -119,6 +123,10 @@ struct SinkArgs {
     /// Re-encode every message with envoy-types' generated client.
     #[arg(long)]
     envoy_client: bool,
+    /// Every stream flushes at the same moment (Envoys started together),
+    /// instead of spreading the first pushes over one interval.
+    #[arg(long)]
+    aligned: bool,
 }
 
 #[derive(Args)]
@@ -227,6 +235,7 @@ fn main() {
     let result = rt.block_on(async {
         match &cli.mode {
             Mode::Sink(a) => sink(&cli, a).await,
+            Mode::Flood(a) => flood::flood(&cli, a).await,
             Mode::Scaler(a) => scaler(&cli, a).await,
             Mode::Activation(a) => activation(&cli, a).await,
             Mode::Memory(a) => memory(&cli, a).await,
@@ -530,7 +539,11 @@ async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
         let node = common::istio_node(&format!("load-{}", i % 50), &format!("web-{i}"), "web");
         // Spread the first pushes over one interval, like Envoys started at
         // different times.
-        let offset = interval.mul_f64(i as f64 / a.streams as f64);
+        let offset = if a.aligned {
+            Duration::ZERO
+        } else {
+            interval.mul_f64(i as f64 / a.streams as f64)
+        };
         let (sent, errors) = (sent.clone(), errors.clone());
         if a.envoy_client {
             let tx = open_envoy_stream(channel, errors);
@@ -621,6 +634,7 @@ async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
             "families_per_message": a.families,
             "kept_per_message": a.kept,
             "envoy_client": a.envoy_client,
+            "aligned": a.aligned,
             "seconds": elapsed,
             "messages_per_s": msgs_per_s,
             "offered_messages_per_s": offered,
