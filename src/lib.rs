@@ -41,6 +41,7 @@ pub mod activator;
 pub mod check;
 pub mod config;
 pub mod custom_metrics;
+pub mod engine;
 pub mod http;
 pub mod prometheus;
 pub mod scaler;
@@ -74,19 +75,12 @@ pub mod proto {
     tonic::include_proto!("externalscaler");
 }
 
-/// Errors of the library; mapped to gRPC statuses in [`scaler::status_of`].
+/// Why the service could not start or stopped serving. Request errors are
+/// [`scaler::RequestError`] (and [`engine::EvalError`] beneath it).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Metadata(#[from] trigger::MetadataError),
-    #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error(transparent)]
-    Prometheus(#[from] prometheus::PromError),
-    #[error("warming up: envoy-source answers start in {0:?}, once sidecars have reconnected")]
-    WarmingUp(Duration),
-    #[error("metric {asked:?} is not served by this trigger (it serves {served:?})")]
-    UnknownMetric { asked: String, served: String },
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error("{0}: {1}")]
@@ -133,10 +127,10 @@ impl Listeners {
 /// Builds the store the config asks for.
 pub async fn open_store(config: &Config) -> Result<SharedStore> {
     Ok(match config.store {
-        StoreKind::Memory => Arc::new(store::memory::MemoryStore::new(
-            config.pod_ttl,
-            config.max_window,
-        )),
+        StoreKind::Memory => Arc::new(
+            store::memory::MemoryStore::new(config.pod_ttl, config.max_window)
+                .warming_up_for(config.effective_warmup()),
+        ),
         StoreKind::Redis => Arc::new(store::redis::RedisStore::connect(config).await?),
     })
 }
@@ -189,12 +183,17 @@ pub async fn run(
         },
         config.metadata_cache_size,
     ));
-    let scaler = scaler::Scaler::new(
+    let engine = engine::Engine::new(
         store.clone(),
-        triggers,
-        prometheus::PromBackend::new(prom_settings),
+        prometheus::PromBackend::new(prom_settings.clone()),
+        prom_settings.poll_interval,
         metrics.clone(),
-        config.effective_warmup(),
+        token.clone(),
+    );
+    let scaler = scaler::Scaler::new(
+        engine,
+        triggers,
+        metrics.clone(),
         token.clone(),
         view.clone(),
     );

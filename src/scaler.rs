@@ -1,119 +1,108 @@
 //! KEDA's `externalscaler.ExternalScaler`: the answers the autoscaler acts on.
 //!
-//! Every call resolves its trigger through the [`TriggerCache`], reads the
-//! value from the store (envoy source) or Prometheus, and answers. This is the
-//! one place where errors become gRPC statuses ([`status_of`]): a failure is
-//! always an error KEDA can fall back on, never a 0 that would scale a
-//! workload down.
+//! A thin adapter: every call resolves its trigger through the
+//! [`TriggerCache`], asks the [`Engine`] (a value, or the shared feed of its
+//! changes for StreamIsActive), and answers. This is the one place where
+//! request errors become gRPC statuses ([`status_of`]): a failure is always an
+//! error KEDA can fall back on, never a 0 that would scale a workload down.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use crate::{
-    Error,
-    prometheus::{PromBackend, PromError},
+    engine::{Engine, EvalError},
+    prometheus::PromError,
     proto::{
         GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
         MetricValue, ScaledObjectRef, external_scaler_server::ExternalScaler,
     },
-    store::{SharedStore, StoreError},
+    store::StoreError,
     telemetry::{MethodLabel, Metrics, RpcLabels},
-    trigger::{MetadataError, Source, Trigger, TriggerCache},
+    trigger::{MetadataError, Trigger, TriggerCache},
 };
 
 pub use crate::proto::external_scaler_server::ExternalScalerServer;
 
-mod feed;
-
 /// gRPC service name, for the health reporter.
 pub const SERVICE_NAME: &str = "externalscaler.ExternalScaler";
 
-/// How often a windowed envoy trigger's stream re-reads without an ingest:
-/// values fall out of a window with time alone.
-const WINDOW_RECHECK: Duration = Duration::from_secs(1);
+/// Why a call was not answered with a value.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error("metric {asked:?} is not served by this trigger (it serves {served:?})")]
+    UnknownMetric { asked: String, served: String },
+}
 
 /// The scaler service; clones share everything.
 #[derive(Clone)]
 pub struct Scaler {
-    store: SharedStore,
+    engine: Engine,
     triggers: Arc<TriggerCache>,
-    prometheus: PromBackend,
     metrics: Arc<Metrics>,
-    /// Envoy-source answers are refused before this instant (see `Config::warmup`).
-    warm_at: Instant,
     shutdown: CancellationToken,
-    /// Shared reads for StreamIsActive streams of Envoy triggers.
-    feeds: Arc<feed::Feeds>,
     /// What the live view shows of each answer.
     view: crate::view::Recorder,
 }
 
-/// The one mapping from library errors to gRPC statuses.
-pub fn status_of(error: &Error) -> Status {
+/// The one mapping from request errors to gRPC statuses.
+pub fn status_of(error: &RequestError) -> Status {
     let msg = error.to_string();
     match error {
-        Error::Metadata(MetadataError::CrossNamespace(_)) => Status::permission_denied(msg),
-        Error::Metadata(_) | Error::UnknownMetric { .. } => Status::invalid_argument(msg),
-        Error::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
-            Status::unavailable(msg)
+        RequestError::Metadata(MetadataError::CrossNamespace(_)) => Status::permission_denied(msg),
+        RequestError::Metadata(_) | RequestError::UnknownMetric { .. } => {
+            Status::invalid_argument(msg)
         }
-        Error::Store(StoreError::Corrupt(_)) => Status::internal(msg),
-        Error::Prometheus(PromError::Unavailable(_)) => Status::unavailable(msg),
-        Error::Prometheus(PromError::Empty(_)) => Status::not_found(msg),
-        Error::Prometheus(PromError::BadValue(_)) => Status::failed_precondition(msg),
-        Error::Prometheus(PromError::Rejected(_)) => Status::invalid_argument(msg),
-        Error::WarmingUp(_) => Status::unavailable(msg),
-        Error::Config(_) | Error::Io(..) | Error::Serve(_) => Status::internal(msg),
+        RequestError::Eval(e) => match e {
+            EvalError::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
+                Status::unavailable(msg)
+            }
+            EvalError::Store(StoreError::Corrupt(_)) => Status::internal(msg),
+            EvalError::Prometheus(PromError::Unavailable(_)) => Status::unavailable(msg),
+            EvalError::Prometheus(PromError::Empty(_)) => Status::not_found(msg),
+            EvalError::Prometheus(PromError::BadValue(_)) => Status::failed_precondition(msg),
+            EvalError::Prometheus(PromError::Rejected(_)) => Status::invalid_argument(msg),
+            EvalError::WarmingUp(_) => Status::unavailable(msg),
+        },
     }
 }
 
 impl Scaler {
     pub fn new(
-        store: SharedStore,
+        engine: Engine,
         triggers: Arc<TriggerCache>,
-        prometheus: PromBackend,
         metrics: Arc<Metrics>,
-        warmup: Duration,
         shutdown: CancellationToken,
         view: crate::view::Recorder,
     ) -> Self {
         Self {
-            store,
+            engine,
             triggers,
-            prometheus,
             metrics,
-            warm_at: Instant::now() + warmup,
             shutdown,
-            feeds: Arc::default(),
             view,
         }
     }
 
-    fn trigger(&self, r: &ScaledObjectRef) -> Result<Arc<Trigger>, Error> {
+    fn trigger(&self, r: &ScaledObjectRef) -> Result<Arc<Trigger>, RequestError> {
         Ok(self
             .triggers
             .get(&r.namespace, &r.name, &r.scaler_metadata)?)
     }
 
-    /// The trigger's current value.
-    pub async fn value(&self, trigger: &Trigger) -> Result<f64, Error> {
-        match &trigger.source {
-            Source::Envoy { query, aggregation } => {
-                let now = Instant::now();
-                if now < self.warm_at {
-                    return Err(Error::WarmingUp(self.warm_at - now));
-                }
-                let s = self.store.summary(query, aggregation.needs_max()).await?;
-                Ok(aggregation.of(&s))
-            }
-            Source::Prometheus(p) => Ok(self.prometheus.value(p).await?),
-        }
+    /// The trigger's current value, recorded for the live view.
+    async fn value(&self, r: &ScaledObjectRef, t: &Trigger) -> Result<f64, RequestError> {
+        let result = self.engine.value(&t.source).await;
+        Ok(self.view.answer(r, t, result)?)
     }
 
     /// Runs one unary call: span, latency, outcome, error mapping.
@@ -121,7 +110,7 @@ impl Scaler {
         &self,
         method: &'static str,
         r: Option<&ScaledObjectRef>,
-        call: impl Future<Output = Result<T, Error>>,
+        call: impl Future<Output = Result<T, RequestError>>,
     ) -> Result<Response<T>, Status> {
         let span = info_span!(
             "rpc",
@@ -208,7 +197,7 @@ impl ExternalScaler for Scaler {
         let r = request.into_inner();
         self.observe("IsActive", Some(&r), async {
             let t = self.trigger(&r)?;
-            let v = self.view.answer(&r, &t, self.value(&t).await)?;
+            let v = self.value(&r, &t).await?;
             Ok(IsActiveResponse {
                 result: v > t.activation,
             })
@@ -266,12 +255,12 @@ impl ExternalScaler for Scaler {
             let t = self.trigger(&r)?;
             let asked = strip_index_prefix(&req.metric_name);
             if !asked.is_empty() && asked != t.metric_name {
-                return Err(Error::UnknownMetric {
+                return Err(RequestError::UnknownMetric {
                     asked: req.metric_name.clone(),
                     served: t.metric_name.clone(),
                 });
             }
-            let v = self.view.answer(&r, &t, self.value(&t).await)?;
+            let v = self.value(&r, &t).await?;
             Ok(GetMetricsResponse {
                 metric_values: vec![MetricValue {
                     metric_name: if req.metric_name.is_empty() {
@@ -324,47 +313,18 @@ impl Scaler {
             metrics: &self.metrics,
             view: (&self.view, seen),
         };
-        match &trigger.source {
-            Source::Envoy { query, aggregation } => {
-                let mut feed = self.subscribe((query.clone(), *aggregation), &trigger);
-                loop {
-                    let reading = *feed.borrow_and_update();
-                    if let Some(v) = reading
-                        && !pusher.push(v, trigger.activation).await
-                    {
-                        return;
-                    }
-                    tokio::select! {
-                        ok = feed.changed() => if ok.is_err() { return },
-                        _ = pusher.tx.closed() => { debug!("stream closed by the client"); return }
-                        _ = self.shutdown.cancelled() => return,
-                    }
-                }
+        let mut feed = self.engine.watch(&trigger.source);
+        loop {
+            let reading = *feed.borrow_and_update();
+            if let Some(v) = reading
+                && !pusher.push(v, trigger.activation).await
+            {
+                return;
             }
-            Source::Prometheus(_) => {
-                let poll = self.triggers.settings().prometheus.poll_interval;
-                let mut failing = false;
-                loop {
-                    match self.value(&trigger).await {
-                        Ok(v) => {
-                            failing = false;
-                            if !pusher.push(v, trigger.activation).await {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            if !failing {
-                                warn!(error = %e, "activity unknown: the stream stays open and silent until Prometheus answers");
-                            }
-                            failing = true;
-                        }
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(poll) => {}
-                        _ = pusher.tx.closed() => { debug!("stream closed by the client"); return }
-                        _ = self.shutdown.cancelled() => return,
-                    }
-                }
+            tokio::select! {
+                ok = feed.changed() => if ok.is_err() { return },
+                _ = pusher.tx.closed() => { debug!("stream closed by the client"); return }
+                _ = self.shutdown.cancelled() => return,
             }
         }
     }
@@ -402,7 +362,7 @@ impl Pusher<'_> {
     }
 }
 
-struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+pub(crate) struct GaugeGuard<'a>(pub(crate) &'a prometheus_client::metrics::gauge::Gauge);
 
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
@@ -434,22 +394,23 @@ mod tests {
 
     #[test]
     fn failures_are_never_ok() {
+        use std::time::Duration;
         let cases = [
-            Error::Store(StoreError::Unavailable("down".into())),
-            Error::Store(StoreError::Timeout(Duration::from_millis(5))),
-            Error::Prometheus(PromError::Unavailable("down".into())),
-            Error::Prometheus(PromError::Empty("q".into())),
-            Error::WarmingUp(Duration::from_secs(1)),
+            EvalError::Store(StoreError::Unavailable("down".into())),
+            EvalError::Store(StoreError::Timeout(Duration::from_millis(5))),
+            EvalError::Prometheus(PromError::Unavailable("down".into())),
+            EvalError::Prometheus(PromError::Empty("q".into())),
+            EvalError::WarmingUp(Duration::from_secs(1)),
         ];
         for e in cases {
-            assert_ne!(status_of(&e).code(), tonic::Code::Ok);
+            assert_ne!(status_of(&e.into()).code(), tonic::Code::Ok);
         }
         assert_eq!(
-            status_of(&Error::Store(StoreError::Unavailable("x".into()))).code(),
+            status_of(&EvalError::Store(StoreError::Unavailable("x".into())).into()).code(),
             tonic::Code::Unavailable
         );
         assert_eq!(
-            status_of(&Error::Metadata(MetadataError::missing("targetValue", "x"))).code(),
+            status_of(&MetadataError::missing("targetValue", "x").into()).code(),
             tonic::Code::InvalidArgument
         );
     }

@@ -17,7 +17,6 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::{
-    Error,
     proto::ScaledObjectRef,
     store::PodSelector,
     trigger::{Source, Trigger},
@@ -232,12 +231,12 @@ impl Recorder {
 
     /// The scaler's hook for GetMetrics and IsActive: records that `r` asked
     /// about `trigger` and what it was answered, and passes `result` on.
-    pub fn answer(
+    pub fn answer<E: std::fmt::Display>(
         &self,
         r: &ScaledObjectRef,
         trigger: &Trigger,
-        result: Result<f64, Error>,
-    ) -> Result<f64, Error> {
+        result: Result<f64, E>,
+    ) -> Result<f64, E> {
         let key = self.ask(r, trigger);
         self.answered(&key, result.as_ref().map(|v| *v).map_err(|e| e.to_string()));
         result

@@ -723,3 +723,46 @@ async fn stream_is_active_follows_the_query() {
         "inactive once it reads 0"
     );
 }
+
+/// The gauge `name` of the server's own `/metrics`.
+async fn exported(server: &TestServer, name: &str) -> Option<f64> {
+    let (_, text) = http_get(&server.http_url("/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn stream_is_active_streams_of_one_query_share_one_feed() {
+    let p = shared().await;
+    let ns = "t-feed";
+    p.exporter.set("feed_probe", &[("namespace", ns)], 2.0);
+    let (server, mut c) = server().await;
+    let query = so(
+        ns,
+        &p.prometheus.url,
+        &[("query", "sum(feed_probe)"), ("targetValue", "1")],
+    );
+    assert_eq!(first_value(&mut c, &query).await, 2.0);
+
+    // Ten ScaledObjects with the same trigger, and one with another query.
+    let mut streams = Vec::new();
+    for i in 0..10 {
+        let mut r = query.clone();
+        r.name = format!("worker-{i}");
+        streams.push(c.stream_is_active(r).await.unwrap().into_inner());
+    }
+    let other = so(
+        ns,
+        &p.prometheus.url,
+        &[("query", "max(feed_probe)"), ("targetValue", "1")],
+    );
+    streams.push(c.stream_is_active(other).await.unwrap().into_inner());
+    for s in &mut streams {
+        assert!(next(s).await.unwrap(), "every stream hears the value");
+    }
+    assert_eq!(
+        exported(&server, "activescale_scaler_feeds_running").await,
+        Some(2.0),
+        "one poll loop per distinct query, not per stream"
+    );
+}

@@ -107,6 +107,30 @@ pub struct PromTrigger {
     ignore_null: bool,
 }
 
+/// What makes two prometheus triggers read the same value: the endpoint
+/// (server, TLS, credentials, timeout), the queries as sent, the formula and
+/// `ignoreNullValues`. A feed is shared per key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PromKey {
+    endpoint: Arc<Endpoint>,
+    queries: Vec<(String, String)>,
+    /// The parsed formula's canonical form (it holds floats, which do not hash).
+    formula: Option<String>,
+    ignore_null: bool,
+}
+
+impl PromTrigger {
+    /// This trigger's [`PromKey`].
+    pub fn feed_key(&self) -> PromKey {
+        PromKey {
+            endpoint: self.endpoint.clone(),
+            queries: self.queries.clone(),
+            formula: self.formula.as_ref().map(|f| format!("{f:?}")),
+            ignore_null: self.ignore_null,
+        }
+    }
+}
+
 /// What [`PromTrigger::parse`] yields: the trigger and the defaults its preset gives.
 pub struct ParsedProm {
     pub trigger: PromTrigger,

@@ -27,6 +27,8 @@ use crate::selector::Labels;
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
+    /// Until then its answers are not trusted (see [`MemoryStore::warming_up_for`]).
+    warm_at: Option<Instant>,
 }
 
 struct Inner {
@@ -77,7 +79,18 @@ impl MemoryStore {
             origin: Instant::now(),
         });
         tokio::spawn(sweep(Arc::downgrade(&inner)));
-        Self { inner }
+        Self {
+            inner,
+            warm_at: None,
+        }
+    }
+
+    /// A store that is empty at start although sidecars are running: until
+    /// each has reconnected and reported (two Envoy flushes by default), an
+    /// answer would count only some pods. Its answers wait `warmup`.
+    pub fn warming_up_for(mut self, warmup: Duration) -> Self {
+        self.warm_at = Some(Instant::now() + warmup);
+        self
     }
 }
 
@@ -215,6 +228,11 @@ async fn sweep(inner: Weak<Inner>) {
 
 #[async_trait]
 impl Store for MemoryStore {
+    fn warming_up(&self) -> Option<Duration> {
+        let left = self.warm_at?.checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then_some(left)
+    }
+
     async fn ingest(&self, ingest: &Ingest<'_>) -> Result<Ingested, StoreError> {
         let inner = &*self.inner;
         let pod = ingest.pod;
@@ -605,5 +623,17 @@ mod tests {
             at(Some(a), 1.0).await,
             Ingested::BoundElsewhere { bound: b }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_warming_up_says_how_long_until_it_is_not() {
+        let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
+        assert_eq!(store.warming_up(), None, "no warm-up unless asked");
+        let store = store.warming_up_for(Duration::from_secs(10));
+        assert_eq!(store.warming_up(), Some(Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(store.warming_up(), Some(Duration::from_secs(6)));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(store.warming_up(), None);
     }
 }

@@ -210,6 +210,14 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the backend answers right now (for `/readyz`).
     async fn ready(&self) -> Result<(), StoreError>;
 
+    /// How long until this store's answers count every pod, when they do not
+    /// yet: a store that starts empty while sidecars run fills up only as
+    /// they report again. `None`: its answers can be trusted now (a store
+    /// that learns it is young on its own reads says so in their errors).
+    fn warming_up(&self) -> Option<Duration> {
+        None
+    }
+
     /// Number of pods tracked, where cheap to know (for `/metrics`).
     fn tracked_pods(&self) -> Option<u64> {
         None

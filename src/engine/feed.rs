@@ -1,40 +1,37 @@
-//! One read loop per distinct Envoy query, shared by every StreamIsActive
-//! stream that asks it.
+//! One read loop per distinct query, shared by every watcher that asks it.
 //!
-//! A stream used to re-read the store itself whenever its namespace changed.
-//! With 1,000 streams on one workload, one flip cost 1,000 reads (1,000 Redis
-//! round trips with the Redis store), and the last stream learned of it
-//! 160 ms late. Now the first stream of a `(query, aggregation)` starts a
-//! feed: it reads once per change and publishes the value on a `watch`
-//! channel; every stream compares that value with its own activation
-//! threshold. The feed stops when its last stream is gone or on shutdown.
+//! With 1,000 StreamIsActive streams on one workload, one flip used to cost
+//! 1,000 reads (1,000 Redis round trips with the Redis store, or 1,000
+//! Prometheus queries per poll). Now the first watcher of a [`FeedKey`]
+//! starts a feed: it reads once per change (Envoy: the store's change
+//! signal; Prometheus: every poll interval) and publishes the value on a
+//! `watch` channel; every watcher applies its own threshold. The feed stops
+//! when its last watcher is gone or on shutdown.
 //!
 //! A read error does not stop it: the value becomes unknown (`None`), which
-//! streams treat as silence, and the feed retries on the next change signal
-//! or after [`retry_after`], whichever comes first. Ending the streams with
-//! the error instead would cost KEDA its push channel for up to a minute
-//! after a short outage: it doubles its reconnect wait (2 s up to 60 s) after
-//! every stream that ends with an error status. Polling meanwhile answers
-//! with the error, so KEDA applies its fallback.
+//! watchers treat as silence, and the feed retries on the next change signal
+//! or after [`retry_after`] (or as long as the store says its warm-up lasts),
+//! whichever comes first. Ending KEDA's streams with the error instead would
+//! cost it its push channel for up to a minute after a short outage: it
+//! doubles its reconnect wait (2 s up to 60 s) after every stream that ends
+//! with an error status. Polling meanwhile answers with the error, so KEDA
+//! applies its fallback.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{Scaler, WINDOW_RECHECK};
-use crate::{store::PodQuery, trigger::Aggregation, trigger::Trigger};
+use super::{Engine, EvalError, FeedKey};
+use crate::trigger::Source;
 
-/// What a feed reads: the value depends on nothing else.
-pub(super) type FeedKey = (PodQuery, Aggregation);
+/// How often a windowed Envoy feed re-reads without an ingest: values fall
+/// out of a window with time alone.
+const WINDOW_RECHECK: Duration = Duration::from_secs(1);
 
 /// The latest value, or `None` while it is unknown: nothing read yet, or the
 /// last read failed.
-pub(super) type Reading = Option<f64>;
+pub type Reading = Option<f64>;
 
 /// Wait before the next read after `failures` failed reads in a row: 1 s,
 /// doubling, at most 5 s. The first retry comes soon because most outages
@@ -88,35 +85,31 @@ impl Feeds {
     }
 }
 
-impl Scaler {
-    /// A receiver of the shared value of `trigger`'s Envoy query, starting its
-    /// feed when none runs.
-    pub(super) fn subscribe(
-        &self,
-        key: FeedKey,
-        trigger: &Arc<Trigger>,
-    ) -> watch::Receiver<Reading> {
+impl Engine {
+    /// A receiver of the shared value of `key`, starting its feed when none
+    /// runs.
+    pub(super) fn subscribe(&self, key: FeedKey, source: &Source) -> watch::Receiver<Reading> {
         let (rx, start) = self.feeds.join(&key);
         if let Some(tx) = start {
-            let span = info_span!("activity_feed", namespace = %key.0.namespace);
-            tokio::spawn(self.clone().feed(key, trigger.clone(), tx).instrument(span));
+            let span = info_span!("feed", namespace = key.namespace());
+            tokio::spawn(self.clone().feed(key, source.clone(), tx).instrument(span));
         }
         rx
     }
 
-    async fn feed(self, key: FeedKey, trigger: Arc<Trigger>, tx: watch::Sender<Reading>) {
+    async fn feed(self, key: FeedKey, source: Source, tx: watch::Sender<Reading>) {
         debug!("feed started");
         self.metrics.scaler_feeds.inc();
-        let _running = super::GaugeGuard(&self.metrics.scaler_feeds);
-        let mut changes = self.store.watch(&key.0.namespace);
-        let recheck = key.0.window.map(|_| WINDOW_RECHECK);
-        tokio::select! {
-            _ = tokio::time::sleep_until(self.warm_at) => {}
-            _ = self.shutdown.cancelled() => {
-                self.feeds.retire(&key, true);
-                return;
-            }
-        }
+        let _running = GaugeGuard(&self.metrics.scaler_feeds);
+        // Envoy values change with the store's signal (and, windowed, with
+        // time); Prometheus values only tell by being asked again.
+        let (mut changes, recheck) = match &key {
+            FeedKey::Envoy(query, _) => (
+                Some(self.store.watch(&query.namespace)),
+                query.window.map(|_| WINDOW_RECHECK),
+            ),
+            FeedKey::Prometheus(_) => (None, Some(self.poll_interval)),
+        };
         let mut failures = 0u32;
         let mut unknown = UnknownGauge {
             gauge: &self.metrics.scaler_feeds_unknown,
@@ -124,8 +117,10 @@ impl Scaler {
         };
         loop {
             // Everything up to now is covered by the read below.
-            changes.borrow_and_update();
-            let wait = match self.value(&trigger).await {
+            if let Some(c) = changes.as_mut() {
+                c.borrow_and_update();
+            }
+            let wait = match self.value(&source).await {
                 Ok(v) => {
                     if failures > 0 {
                         info!(failures, "activity known again");
@@ -140,6 +135,11 @@ impl Scaler {
                         !same
                     });
                     recheck
+                }
+                Err(EvalError::WarmingUp(left)) => {
+                    // The store says when it can be trusted: no sooner, no later.
+                    debug!(?left, "warming up");
+                    Some(left)
                 }
                 Err(e) => {
                     if failures == 0 {
@@ -165,8 +165,14 @@ impl Scaler {
                     None => std::future::pending().await,
                 }
             };
+            let changed = async {
+                match changes.as_mut() {
+                    Some(c) => c.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() {
+                alive = changed => if !alive {
                     self.feeds.retire(&key, true);
                     return;
                 },
@@ -181,6 +187,14 @@ impl Scaler {
                 }
             }
         }
+    }
+}
+
+struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -213,10 +227,13 @@ impl Drop for UnknownGauge<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::PodSelector;
+    use crate::{
+        store::{PodQuery, PodSelector},
+        trigger::Aggregation,
+    };
 
     fn key(ns: &str) -> FeedKey {
-        (
+        FeedKey::Envoy(
             PodQuery {
                 namespace: ns.into(),
                 selector: PodSelector::Workload("web".into()),

@@ -1,0 +1,121 @@
+//! The evaluation engine: what a parsed trigger's value is now, and a feed of
+//! its changes, for every front end alike (KEDA's gRPC scaler, the Custom
+//! Metrics API, the live view).
+//!
+//! [`Engine::value`] reads once. [`Engine::watch`] joins the one feed of a
+//! distinct query, whatever its source: the first watcher starts it, every
+//! other shares its reads, and it stops with its last watcher. Envoy feeds
+//! read on the store's change signal (and every second for windowed queries,
+//! whose values age out with time alone); Prometheus feeds poll at
+//! `prometheus_poll_interval`. A feed whose read fails publishes "unknown"
+//! (`None`) and retries: watchers stay silent rather than hear a number that
+//! may be false.
+//!
+//! Warm-up is the store's to say ([`Store::warming_up`](crate::store::Store::warming_up)):
+//! until then every store-backed answer is [`EvalError::WarmingUp`], so no
+//! front end needs to know which store it has.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    prometheus::{PromBackend, PromError, PromKey, PromTrigger},
+    store::{PodQuery, SharedStore, StoreError},
+    telemetry::Metrics,
+    trigger::{Aggregation, Source},
+};
+
+mod feed;
+
+pub use feed::Reading;
+
+/// Why a value is unknown. None of these is ever answered as a number.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Prometheus(#[from] PromError),
+    #[error("warming up: envoy-source answers start in {0:?}, once sidecars have reconnected")]
+    WarmingUp(Duration),
+}
+
+/// What a feed reads; two triggers with equal keys have equal values.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FeedKey {
+    Envoy(PodQuery, Aggregation),
+    Prometheus(PromKey),
+}
+
+impl FeedKey {
+    fn namespace(&self) -> Option<&str> {
+        match self {
+            FeedKey::Envoy(q, _) => Some(&q.namespace),
+            FeedKey::Prometheus(_) => None,
+        }
+    }
+}
+
+/// The engine; clones share everything (feeds included).
+#[derive(Clone)]
+pub struct Engine {
+    store: SharedStore,
+    prometheus: PromBackend,
+    /// How often a Prometheus feed re-reads (`prometheus_poll_interval`).
+    poll_interval: Duration,
+    metrics: Arc<Metrics>,
+    feeds: Arc<feed::Feeds>,
+    shutdown: CancellationToken,
+}
+
+impl Engine {
+    pub fn new(
+        store: SharedStore,
+        prometheus: PromBackend,
+        poll_interval: Duration,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            prometheus,
+            poll_interval,
+            metrics,
+            feeds: Arc::default(),
+            shutdown,
+        }
+    }
+
+    /// The source's value now.
+    pub async fn value(&self, source: &Source) -> Result<f64, EvalError> {
+        match source {
+            Source::Envoy { query, aggregation } => self.envoy(query, *aggregation).await,
+            Source::Prometheus(p) => self.prom(p).await,
+        }
+    }
+
+    async fn envoy(&self, query: &PodQuery, aggregation: Aggregation) -> Result<f64, EvalError> {
+        if let Some(left) = self.store.warming_up() {
+            return Err(EvalError::WarmingUp(left));
+        }
+        let s = self.store.summary(query, aggregation.needs_max()).await?;
+        Ok(aggregation.of(&s))
+    }
+
+    async fn prom(&self, p: &PromTrigger) -> Result<f64, EvalError> {
+        Ok(self.prometheus.value(p).await?)
+    }
+
+    /// The shared feed of the source's value, started if none runs. The
+    /// receiver sees `None` until the first read succeeds and whenever the
+    /// latest read failed.
+    pub fn watch(&self, source: &Source) -> watch::Receiver<Reading> {
+        let key = match source {
+            Source::Envoy { query, aggregation } => FeedKey::Envoy(query.clone(), *aggregation),
+            Source::Prometheus(p) => FeedKey::Prometheus(p.feed_key()),
+        };
+        self.subscribe(key, source)
+    }
+}
