@@ -23,8 +23,15 @@ pyyaml`). Its Lint runs without a cluster. What this script checks:
 6. Combinations the chart must refuse (memory store with two replicas, ...)
    make lint fail with the chart's own message.
 
+Helm's lint leaves `.Release.Namespace` empty, so the probe renders with a
+copy of the context whose release namespace is RELEASE_NAMESPACE: namespace
+fields and namespace selectors are then checked as an install has them. It
+is not `keda`, so a rule that confuses the release's namespace with KEDA's
+shows.
+
 `--env-out DIR` writes each case's rendered container environment as JSON
-for tests/helm.rs, which feeds it to the service's real config loader.
+for tests/helm.rs, which feeds it to the service's real config loader;
+`--manifests-out DIR` each case's rendered manifests.
 
 Exit status: 0 when everything holds, 1 on a failed check, 3 when
 helm-sdkpy (or jsonschema / PyYAML) is not installed.
@@ -56,7 +63,8 @@ except ImportError as e:  # pragma: no cover - environment problem
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "activescale"
 CONFIG_RS = ROOT / "src" / "config.rs"
-RELEASE_NAMESPACE = "keda"
+# The namespace renders use (see the docstring); KEDA's stays `keda`.
+RELEASE_NAMESPACE = "activescale-system"
 
 # Config fields the chart sets from `ports`, `redis` and `tls` instead of
 # `config:`, each with the variable that carries it.
@@ -72,6 +80,7 @@ SET_ELSEWHERE = {
     "tls_cert": "ACTIVESCALE_TLS_CERT",
     "tls_key": "ACTIVESCALE_TLS_KEY",
     "tls_client_ca": "ACTIVESCALE_TLS_CLIENT_CA",
+    "tls_client_names": "ACTIVESCALE_TLS_CLIENT_NAMES",
 }
 
 # Config fields the chart does not offer yet: the Custom Metrics API needs its
@@ -231,8 +240,12 @@ class Lint:
 
     @staticmethod
     def _dump_template(templates: list[str]) -> str:
-        parts = " ".join(f'(include (print $.Template.BasePath "/{t}") .)' for t in templates)
-        return ("{{- $docs := list " + parts + " }}\n"
+        # `merge` keeps what its first map has: the namespace set here, the
+        # rest of .Release and of the context copied in.
+        context = (f'{{{{- $release := merge (dict "Namespace" "{RELEASE_NAMESPACE}") .Release }}}}\n'
+                   '{{- $ctx := merge (dict "Release" $release) . }}\n')
+        parts = " ".join(f'(include (print $.Template.BasePath "/{t}") $ctx)' for t in templates)
+        return (context + "{{- $docs := list " + parts + " }}\n"
                 f'{{{{- fail (printf "{DUMP_BEGIN}%s{DUMP_END}" (join "\\n---\\n" $docs)) }}}}\n')
 
     def _lint_capturing_stderr(self, chart: str) -> tuple[dict, str]:
@@ -347,6 +360,9 @@ def container_env(deploy: dict) -> dict[str, dict]:
 
 
 def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
+    wrong_ns = [f"{d['kind']}/{d['metadata']['name']}: {d['metadata'].get('namespace')!r}"
+                for d in docs if d["metadata"].get("namespace") != RELEASE_NAMESPACE]
+    check(not wrong_ns, f"{name}: manifests not in the release namespace {RELEASE_NAMESPACE}: {wrong_ns}")
     deploy = one(docs, "Deployment", fullname(docs))
     spec = deploy["spec"]["template"]["spec"]
     check(deploy["spec"]["replicas"] == values["replicaCount"], f"{name}: replicas")
@@ -443,23 +459,79 @@ def case_assertions(name: str, docs: list[dict], values: dict, env: dict) -> Non
                          ("keyKey", "ACTIVESCALE_REDIS_KEY_FILE")]:
             if values["redis"]["tls"][key]:
                 check(env[var]["value"] == f"{mounts['redis-tls']['mountPath']}/{values['redis']['tls'][key]}", f"{name}: {var}")
-    policies = find(docs, "NetworkPolicy")
-    if values["networkPolicy"]["enabled"]:
-        np = one(docs, "NetworkPolicy", fullname(docs))
-        check(np["spec"]["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"], f"{name}: policy selector")
-        rules = {r["ports"][0]["port"]: r for r in np["spec"]["ingress"]}
-        check(set(rules) == {"grpc-scaler", "grpc-sink", "http"}, f"{name}: policy ports {list(rules)}")
-        scaler_from = rules["grpc-scaler"]["from"][0]
-        check(scaler_from["namespaceSelector"] == values["networkPolicy"]["scaler"]["namespaceSelector"]
-              and scaler_from["podSelector"] == values["networkPolicy"]["scaler"]["podSelector"],
-              f"{name}: only KEDA may reach the scaler port: {scaler_from}")
-        check(rules["grpc-sink"]["from"][0]["podSelector"] == values["networkPolicy"]["sink"]["podSelector"],
-              f"{name}: only meshed pods may reach the sink port")
-        bundled = values["config"]["store"] == "redis" and values["redis"]["bundled"]["enabled"]
-        check(len(policies) == (2 if bundled else 1), f"{name}: {len(policies)} NetworkPolicies")
+    names = values["tls"]["clientAuth"]["names"]
+    if values["tls"]["enabled"] and values["tls"]["clientAuth"]["enabled"] and names:
+        check(env.get("ACTIVESCALE_TLS_CLIENT_NAMES", {}).get("value") == ",".join(names),
+              f"{name}: tls.clientAuth.names must reach tls_client_names: {env.get('ACTIVESCALE_TLS_CLIENT_NAMES')}")
     else:
-        check(not policies, f"{name}: NetworkPolicy rendered while disabled")
+        check("ACTIVESCALE_TLS_CLIENT_NAMES" not in env, f"{name}: client names set without names or mTLS")
+    network_policy_assertions(name, docs, values, deploy)
     check(bool(find(docs, "ServiceMonitor")) == values["serviceMonitor"]["enabled"], f"{name}: ServiceMonitor")
+
+
+def network_policy_assertions(name: str, docs: list[dict], values: dict, deploy: dict) -> None:
+    """Who may reach which port: KEDA the scaler, meshed pods the sink, the
+    configured peers (anyone by default) the HTTP port, activescale Valkey."""
+    policies = find(docs, "NetworkPolicy")
+    npv = values["networkPolicy"]
+    if not npv["enabled"]:
+        check(not policies, f"{name}: NetworkPolicy rendered while disabled")
+        return
+    np = one(docs, "NetworkPolicy", fullname(docs))
+    check(np["spec"]["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"], f"{name}: policy selector")
+    # Ingress only: DNS, Redis and Prometheus egress must keep working.
+    check(np["spec"]["policyTypes"] == ["Ingress"] and "egress" not in np["spec"],
+          f"{name}: the policy must not restrict egress: {np['spec'].get('policyTypes')}")
+    rules = {r["ports"][0]["port"]: r for r in np["spec"]["ingress"]}
+    check(len(rules) == len(np["spec"]["ingress"]) == 3 and set(rules) == {"grpc-scaler", "grpc-sink", "http"},
+          f"{name}: policy ports {list(rules)}")
+    check(all(len(r["ports"]) == 1 and r["ports"][0]["protocol"] == "TCP" for r in rules.values()),
+          f"{name}: one TCP port per rule")
+
+    # The scaler: a single peer, KEDA's namespace (never "any namespace",
+    # and never the release's own namespace by accident).
+    scaler = rules["grpc-scaler"]["from"]
+    check(len(scaler) == 1, f"{name}: the scaler port admits one peer rule: {scaler}")
+    want_ns = npv["scaler"]["namespaceSelector"]
+    if not isinstance(want_ns, dict):
+        want_ns = {"matchLabels": {"kubernetes.io/metadata.name": npv["kedaNamespace"]}}
+    check(scaler[0].get("namespaceSelector") == want_ns and scaler[0].get("podSelector") == npv["scaler"]["podSelector"],
+          f"{name}: only KEDA may reach the scaler port: {scaler[0]}, want namespaceSelector {want_ns}")
+    check(scaler[0]["namespaceSelector"] != {}, f"{name}: the scaler port must not admit every namespace")
+    if npv["scaler"]["namespaceSelector"] is None:
+        labels = scaler[0]["namespaceSelector"]["matchLabels"]
+        check(labels == {"kubernetes.io/metadata.name": npv["kedaNamespace"]} and labels["kubernetes.io/metadata.name"],
+              f"{name}: KEDA's namespace must come from networkPolicy.kedaNamespace: {labels}")
+
+    # The sink: meshed pods, by their pod label, in the configured namespaces.
+    sink = rules["grpc-sink"]["from"]
+    check(len(sink) == 1 and sink[0].get("podSelector") == npv["sink"]["podSelector"]
+          and sink[0].get("namespaceSelector") == npv["sink"]["namespaceSelector"],
+          f"{name}: only meshed pods may reach the sink port: {sink}")
+    check(sink[0]["podSelector"] != {}, f"{name}: the sink's pod selector must name meshed pods")
+
+    # HTTP: anyone unless narrowed.
+    http = rules["http"]
+    if npv["http"]["from"]:
+        check(http.get("from") == npv["http"]["from"], f"{name}: HTTP peers {http.get('from')}")
+    else:
+        check("from" not in http, f"{name}: the HTTP port is open to all by default: {http}")
+
+    bundled = values["config"]["store"] == "redis" and values["redis"]["bundled"]["enabled"]
+    check(len(policies) == (2 if bundled else 1), f"{name}: {len(policies)} NetworkPolicies")
+    if bundled:
+        redis = one(docs, "NetworkPolicy", fullname(docs) + "-redis")
+        valkey = one(docs, "Deployment", fullname(docs) + "-redis")
+        check(redis["spec"]["podSelector"]["matchLabels"] == valkey["spec"]["selector"]["matchLabels"],
+              f"{name}: the Valkey policy selects other pods")
+        check(redis["spec"]["policyTypes"] == ["Ingress"], f"{name}: the Valkey policy must not restrict egress")
+        (rule,) = redis["spec"]["ingress"]
+        # A podSelector without namespaceSelector: the release namespace only.
+        check(rule["from"] == [{"podSelector": {"matchLabels": deploy["spec"]["selector"]["matchLabels"]}}],
+              f"{name}: only activescale's pods may reach Valkey: {rule['from']}")
+        ports = valkey["spec"]["template"]["spec"]["containers"][0]["ports"]
+        check(rule["ports"] == [{"port": "redis", "protocol": "TCP"}] and any(p.get("name") == "redis" for p in ports),
+              f"{name}: the Valkey rule must name its container port: {rule['ports']}, {ports}")
 
 
 # --- main --------------------------------------------------------------------
@@ -473,6 +545,12 @@ REFUSALS = [
      "config.store=redis needs redis.url"),
     ("TLS without a Secret", {"tls": {"enabled": True}}, "tls.enabled=true needs tls.existingSecret"),
     ("client auth without TLS", {"tls": {"clientAuth": {"enabled": True}}}, "tls.clientAuth.enabled=true needs tls.enabled"),
+    ("client names without client auth",
+     {"tls": {"enabled": True, "existingSecret": "s", "clientAuth": {"names": ["keda-operator.keda.svc"]}}},
+     "tls.clientAuth.names needs tls.clientAuth.enabled=true"),
+    ("a KEDA namespace that is no namespace name (schema)", {"networkPolicy": {"kedaNamespace": "KEDA"}}, ""),
+    ("a blank client name (schema)",
+     {"tls": {"enabled": True, "existingSecret": "s", "clientAuth": {"enabled": True, "names": [" "]}}}, ""),
     # Refused by values.schema.json inside Helm, before any template runs.
     ("an unknown store (schema)", {"config": {"store": "etcd"}}, ""),
     ("an unknown setting (schema)", {"config": {"pod_tll": "15s"}}, ""),
@@ -483,6 +561,7 @@ REFUSALS = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env-out", type=Path, help="write each case's rendered environment here as JSON")
+    parser.add_argument("--manifests-out", type=Path, help="write each case's rendered manifests here as JSON")
     args = parser.parse_args()
 
     defaults = load_yaml(CHART / "values.yaml")
@@ -503,20 +582,32 @@ def main() -> int:
     step("Dockerfile matches the chart", check_dockerfile, defaults)
     step("scaledobjects/ use the chart's addresses", check_example_addresses, defaults)
 
+    def defaults_are_locked_down():
+        npv = defaults["networkPolicy"]
+        check(npv["enabled"] is True, "networkPolicy.enabled must default to true: KEDA must be the scaler's only caller")
+        check(npv["kedaNamespace"] == "keda" and npv["scaler"]["namespaceSelector"] is None,
+              f"the default scaler peer is namespace keda via kedaNamespace: {npv}")
+    step("NetworkPolicy is on by default", defaults_are_locked_down)
+
     lint = Lint()
-    envs = {}
+    envs, manifests = {}, {}
     for name, values in {"defaults": defaults, **cases}.items():
         def lint_case(name=name, values=values):
             docs = render(lint, name, values)
             env = common_assertions(name, docs, values)
             case_assertions(name, docs, values, env)
             envs[name] = [[k, e.get("value", "<from secret>")] for k, e in env.items()]
+            manifests[name] = docs
         step(f"helm lint + render: {name}", lint_case)
     def notes():
         _, stderr = lint.run(defaults, dump=True, templates=["NOTES.txt"])
         (text,) = [m for m in fail_messages(stderr) if m.startswith(DUMP_BEGIN)]
         check("-scaler." in text and f":{defaults['ports']['scaler']}" in text and f":{defaults['ports']['sink']}" in text,
               f"NOTES.txt should give the headless scaler and the sink addresses:\n{text}")
+        check(f"{RELEASE_NAMESPACE}.svc.cluster.local" in text and f"namespace {RELEASE_NAMESPACE}." in text,
+              f"NOTES.txt should use the release namespace:\n{text}")
+        check("pods in namespace keda may call the scaler port" in text,
+              f"NOTES.txt should say who may call the scaler port:\n{text}")
     step("NOTES.txt renders the addresses", notes)
     for what, over, message in REFUSALS:
         step(f"refused: {what}", expect_refusal, lint, what, deep_merge(defaults, over), message)
@@ -525,6 +616,11 @@ def main() -> int:
         args.env_out.mkdir(parents=True, exist_ok=True)
         for name, env in envs.items():
             (args.env_out / f"{Path(name).stem}.env.json").write_text(json.dumps(env, indent=1), encoding="utf-8")
+
+    if args.manifests_out:
+        args.manifests_out.mkdir(parents=True, exist_ok=True)
+        for name, docs in manifests.items():
+            (args.manifests_out / f"{Path(name).stem}.json").write_text(json.dumps(docs, indent=1), encoding="utf-8")
 
     if failures:
         print(f"\n{len(failures)} check(s) failed", file=sys.stderr)

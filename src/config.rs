@@ -181,6 +181,12 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
     pub tls_client_ca: Option<PathBuf>,
+    /// Client certificate names the scaler port accepts (needs
+    /// `tls_client_ca`): a URI SAN such as KEDA's SPIFFE ID, a DNS SAN, or,
+    /// on a certificate without SANs, the subject CN. The scaler answers for
+    /// any namespace a caller names, so only KEDA should be able to call;
+    /// empty: any certificate `tls_client_ca` signed.
+    pub tls_client_names: Vec<String>,
     /// How often the TLS files are checked for changes (cert-manager rotation).
     #[serde(with = "humantime_serde")]
     pub tls_reload_interval: Duration,
@@ -324,6 +330,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            tls_client_names: Vec::new(),
             tls_reload_interval: Duration::from_secs(10),
             tls_sink: true,
             custom_metrics_addr: None,
@@ -379,6 +386,7 @@ pub const LEGACY_ENV: &[(&str, &str)] = &[
 const LIST_FIELDS: &[&str] = &[
     "metric_include",
     "metric_exclude",
+    "tls_client_names",
     "custom_metrics_tls_names",
     "custom_metrics_allowed_names",
     "custom_metrics_username_headers",
@@ -563,6 +571,22 @@ impl Config {
             return bad(
                 "tls_client_ca",
                 "client verification needs tls_cert and tls_key",
+            );
+        }
+        if !self.tls_client_names.is_empty() && self.tls_client_ca.is_none() {
+            return bad(
+                "tls_client_names",
+                "names are checked on client certificates, which only tls_client_ca asks for; set it too",
+            );
+        }
+        if let Some(n) = self
+            .tls_client_names
+            .iter()
+            .find(|n| n.trim().is_empty() || n.chars().any(char::is_control))
+        {
+            return bad(
+                "tls_client_names",
+                &format!("{n:?} is not a certificate name"),
             );
         }
         for (field, path) in [
@@ -1180,6 +1204,40 @@ mod tests {
     fn lists_are_comma_separated() {
         let c = load(&[("ACTIVESCALE_METRIC_EXCLUDE", "a.*, b.*")], &[]).unwrap();
         assert_eq!(c.metric_exclude, vec!["a.*", "b.*"]);
+    }
+
+    #[test]
+    fn tls_client_names_need_the_client_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pem");
+        std::fs::write(&file, "x").unwrap();
+        let file = file.to_string_lossy().into_owned();
+        let tls = [
+            ("tls_cert", file.as_str()),
+            ("tls_key", file.as_str()),
+            ("tls_client_ca", file.as_str()),
+        ];
+        let keda = "spiffe://cluster.local/ns/keda/sa/keda-operator";
+        let names = format!("{keda}, keda-operator.keda.svc");
+        let c = load(&[("ACTIVESCALE_TLS_CLIENT_NAMES", &names)], &tls).unwrap();
+        assert_eq!(c.tls_client_names, [keda, "keda-operator.keda.svc"]);
+        assert!(Config::default().tls_client_names.is_empty());
+
+        let e = load(&[], &[("tls_client_names", keda)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tls_client_names") && e.contains("tls_client_ca"),
+            "{e}"
+        );
+        // Lists from the environment drop empty items; a config file can
+        // still hold one.
+        let blank = Config {
+            tls_client_names: vec!["a".into(), " ".into()],
+            ..c
+        };
+        let e = blank.validate().unwrap_err().to_string();
+        assert!(e.contains("tls_client_names") && e.contains("\" \""), "{e}");
     }
 
     #[test]

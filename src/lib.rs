@@ -233,7 +233,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(scaler::ExternalScalerServer::new(scaler))
         .serve_with_incoming_shutdown(
-            tls::incoming(listeners.scaler, tls.clone()),
+            tls::incoming(listeners.scaler, tls.clone()).client_names(tls::ClientNames::new(
+                &config.tls_client_names,
+                metrics.scaler_clients_refused.clone(),
+            )),
             token.clone().cancelled_owned(),
         );
     let app = http::router(http::AppState {

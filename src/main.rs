@@ -134,6 +134,10 @@ struct ServeArgs {
     tls_key: Option<String>,
     #[arg(long)]
     tls_client_ca: Option<String>,
+    /// Comma-separated client certificate names the scaler port accepts
+    /// (URI or DNS SANs, or the CN); empty: any certificate of tls_client_ca.
+    #[arg(long)]
+    tls_client_names: Option<String>,
     /// Serve the Custom Metrics API (HTTPS) on this address; unset: off.
     #[arg(long)]
     custom_metrics_addr: Option<String>,
@@ -209,6 +213,7 @@ impl ServeArgs {
             ("tls_cert", &self.tls_cert),
             ("tls_key", &self.tls_key),
             ("tls_client_ca", &self.tls_client_ca),
+            ("tls_client_names", &self.tls_client_names),
             ("custom_metrics_addr", &self.custom_metrics_addr),
             ("custom_metrics_tls_cert", &self.custom_metrics_tls_cert),
             ("custom_metrics_tls_key", &self.custom_metrics_tls_key),

@@ -108,6 +108,9 @@ pub struct Metrics {
     pub scaler_streams: Gauge,
     /// StreamIsActive messages pushed.
     pub scaler_pushes: Counter,
+    /// Scaler-port connections closed after the TLS handshake because the
+    /// client certificate carries none of `tls_client_names`.
+    pub scaler_clients_refused: Counter,
     /// Shared read loops behind the StreamIsActive streams of Envoy triggers
     /// (one per distinct query): the store reads per change.
     pub scaler_feeds: Gauge,
@@ -148,6 +151,7 @@ impl Metrics {
             }),
             scaler_streams: Gauge::default(),
             scaler_pushes: Counter::default(),
+            scaler_clients_refused: Counter::default(),
             scaler_feeds: Gauge::default(),
             scaler_feeds_unknown: Gauge::default(),
             api_calls: Counter::default(),
@@ -218,6 +222,11 @@ impl Metrics {
             "scaler_pushes",
             "StreamIsActive messages sent",
             m.scaler_pushes.clone(),
+        );
+        registry.register(
+            "scaler_clients_refused",
+            "Scaler connections closed because the client certificate has no name in tls_client_names",
+            m.scaler_clients_refused.clone(),
         );
         registry.register(
             "scaler_feeds_running",

@@ -16,6 +16,11 @@
 //! failing client never holds up the accept loop. The HTTP ops port stays
 //! plaintext (kubelet probes and Prometheus scrapes).
 //!
+//! With `tls_client_names` set, the scaler port also checks who a verified
+//! client certificate names ([`ClientNames`]): the scaler answers for
+//! whatever namespace a caller asks about, so a certificate the client CA
+//! signed for some other workload must not be enough to ask.
+//!
 //! What is read and how it becomes a config is a [`TlsSource`]: [`TlsFiles`]
 //! for the gRPC ports; a port with its own needs (the Custom Metrics API's
 //! front-proxy CA, a certificate made at start-up) brings its own source and
@@ -32,6 +37,7 @@ use std::{
 };
 
 use futures::{Stream, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use prometheus_client::metrics::counter::Counter;
 use rustls::{
     RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer},
@@ -46,7 +52,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::{
+    config::{Config, ConfigError},
+    telemetry::RateLimit,
+};
 
 /// A client that has not finished its handshake by then is dropped, so
 /// half-open connections cannot pile up.
@@ -365,6 +374,7 @@ pub fn incoming<S: TlsSource>(listener: TcpListener, tls: Option<Arc<Tls<S>>>) -
     Incoming {
         listener,
         tls: tls.map(|tls| Arc::new(move || tls.acceptor()) as Acceptor),
+        client_names: None,
         handshakes: FuturesUnordered::new(),
     }
 }
@@ -380,7 +390,18 @@ type Acceptor = Arc<dyn Fn() -> TlsAcceptor + Send + Sync>;
 pub struct Incoming {
     listener: TcpListener,
     tls: Option<Acceptor>,
-    handshakes: FuturesUnordered<BoxFuture<'static, Result<Conn, (SocketAddr, io::Error)>>>,
+    client_names: Option<Arc<ClientNames>>,
+    handshakes: FuturesUnordered<BoxFuture<'static, Option<Conn>>>,
+}
+
+impl Incoming {
+    /// Accepts a TLS client only when its certificate carries one of
+    /// `names` (see [`ClientNames`]); `None` accepts any certificate the
+    /// handshake verified. No effect on a plaintext port.
+    pub fn client_names(mut self, names: Option<Arc<ClientNames>>) -> Self {
+        self.client_names = names;
+        self
+    }
 }
 
 impl Stream for Incoming {
@@ -397,7 +418,12 @@ impl Stream for Incoming {
                     let _ = tcp.set_nodelay(true);
                     match &this.tls {
                         None => return Poll::Ready(Some(Ok(Conn::Plain(tcp)))),
-                        Some(tls) => this.handshakes.push(Box::pin(handshake(tls(), tcp, peer))),
+                        Some(tls) => this.handshakes.push(Box::pin(handshake(
+                            tls(),
+                            tcp,
+                            peer,
+                            this.client_names.clone(),
+                        ))),
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
@@ -405,31 +431,50 @@ impl Stream for Incoming {
             }
         }
         while let Poll::Ready(Some(done)) = this.handshakes.poll_next_unpin(cx) {
-            match done {
-                Ok(conn) => return Poll::Ready(Some(Ok(conn))),
-                Err((peer, e)) => log_refused(peer, &e),
+            if let Some(conn) = done {
+                return Poll::Ready(Some(Ok(conn)));
             }
         }
         Poll::Pending
     }
 }
 
+/// One TLS handshake; `None` (logged) when the client is not served.
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Result<Conn, (SocketAddr, io::Error)> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => Ok(Conn::Tls(Box::new(stream))),
-        Ok(Err(e)) => Err((peer, e)),
-        Err(_) => Err((
-            peer,
-            io::Error::new(
+    client_names: Option<Arc<ClientNames>>,
+) -> Option<Conn> {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            log_refused(peer, &e);
+            return None;
+        }
+        Err(_) => {
+            let e = io::Error::new(
                 io::ErrorKind::TimedOut,
                 "TLS handshake not finished in time",
-            ),
-        )),
+            );
+            log_refused(peer, &e);
+            return None;
+        }
+    };
+    if let Some(pinned) = client_names {
+        let leaf = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first());
+        if let Err(presented) = pinned.check(leaf) {
+            // Dropping the stream closes the connection: the client's first
+            // RPC fails, and nothing it sent is read.
+            pinned.refuse(peer, &presented);
+            return None;
+        }
     }
+    Some(Conn::Tls(Box::new(stream)))
 }
 
 /// rustls reports protocol and certificate problems as `InvalidData`: those
@@ -442,6 +487,165 @@ fn log_refused(peer: SocketAddr, e: &io::Error) {
     } else {
         debug!(%peer, error = %e, "TLS handshake did not complete");
     }
+}
+
+/// Refusals by name are logged at most this often at warn (the rest at
+/// debug): a misconfigured client reconnects in a loop.
+const REFUSED_NAME_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// The client certificate names a port accepts (`tls_client_names`), checked
+/// after the handshake has verified the certificate against the client CA.
+pub struct ClientNames {
+    names: Vec<String>,
+    /// Connections closed because no name matched.
+    refused: Counter,
+    log: RateLimit,
+}
+
+impl ClientNames {
+    /// `None` when `names` is empty: any verified certificate is accepted.
+    pub fn new(names: &[String], refused: Counter) -> Option<Arc<Self>> {
+        let names: Vec<String> = names
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        (!names.is_empty()).then(|| {
+            Arc::new(Self {
+                names,
+                refused,
+                log: RateLimit::new(REFUSED_NAME_LOG_PERIOD),
+            })
+        })
+    }
+
+    /// `Ok` when `leaf` (the client's end-entity certificate) carries one of
+    /// the names; else what it presented, for the log.
+    fn check(&self, leaf: Option<&CertificateDer<'_>>) -> Result<(), String> {
+        let Some(leaf) = leaf else {
+            return Err("no client certificate".into());
+        };
+        match PresentedNames::of(leaf) {
+            Some(presented) if presented.matches(&self.names) => Ok(()),
+            Some(presented) => Err(bounded(presented.to_string())),
+            None => Err("a certificate that does not parse".into()),
+        }
+    }
+
+    fn refuse(&self, peer: SocketAddr, presented: &str) {
+        self.refused.inc();
+        match self.log.check() {
+            Some(held_back) => warn!(
+                %peer,
+                presented,
+                accepted = ?self.names,
+                held_back,
+                "client certificate refused on the scaler port: none of its names is in tls_client_names"
+            ),
+            None => {
+                debug!(%peer, presented, "client certificate refused: no name in tls_client_names")
+            }
+        }
+    }
+}
+
+/// Log text of at most 1 KiB: a CA can sign a certificate with thousands of
+/// names, and a log line should stay a line.
+fn bounded(mut text: String) -> String {
+    const MAX: usize = 1024;
+    if text.len() > MAX {
+        let mut cut = MAX;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" ...");
+    }
+    text
+}
+
+/// The names a certificate identifies its holder by.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PresentedNames {
+    /// URI subject alternative names (SPIFFE IDs).
+    pub uris: Vec<String>,
+    /// DNS subject alternative names.
+    pub dns: Vec<String>,
+    /// The subject's common name (the last CN attribute, as Go reads it).
+    pub common_name: Option<String>,
+}
+
+impl PresentedNames {
+    /// The names of `cert`; `None` when it is not a certificate.
+    pub fn of(cert: &CertificateDer<'_>) -> Option<Self> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        let mut names = Self {
+            common_name: subject_common_name(&parsed),
+            ..Self::default()
+        };
+        // A malformed or repeated SAN extension names nothing: the CA
+        // verified the signature, not that the extension makes sense.
+        if let Ok(Some(san)) = parsed.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    x509_parser::extensions::GeneralName::URI(u) => names.uris.push((*u).into()),
+                    x509_parser::extensions::GeneralName::DNSName(d) => names.dns.push((*d).into()),
+                    _ => {}
+                }
+            }
+        }
+        Some(names)
+    }
+
+    /// Whether one of `accepted` names this certificate: a URI SAN (exactly),
+    /// else a DNS SAN (ASCII case-insensitively, as DNS compares), else,
+    /// only on a certificate with neither, the subject CN (exactly). Once a
+    /// CA puts subject alternative names in a certificate the CN is legacy
+    /// text it may not have vetted (RFC 6125 6.4.4), so it then counts for
+    /// nothing. No wildcards: a pin names one identity.
+    pub fn matches(&self, accepted: &[String]) -> bool {
+        let uri = self.uris.iter().any(|u| accepted.iter().any(|a| a == u));
+        let dns = || {
+            self.dns
+                .iter()
+                .any(|d| accepted.iter().any(|a| a.eq_ignore_ascii_case(d)))
+        };
+        let cn = || {
+            self.uris.is_empty()
+                && self.dns.is_empty()
+                && self
+                    .common_name
+                    .as_ref()
+                    .is_some_and(|cn| accepted.contains(cn))
+        };
+        uri || dns() || cn()
+    }
+}
+
+impl std::fmt::Display for PresentedNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        parts.extend(self.uris.iter().map(|u| format!("uri:{u}")));
+        parts.extend(self.dns.iter().map(|d| format!("dns:{d}")));
+        parts.extend(self.common_name.iter().map(|cn| format!("cn:{cn}")));
+        if parts.is_empty() {
+            f.write_str("no names")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
+/// The subject's common name as Go's `pkix.Name.CommonName` has it: the last
+/// CN attribute. `None` when there is none or it is not a string.
+pub(crate) fn subject_common_name(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Option<String> {
+    cert.subject()
+        .iter_common_name()
+        .last()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
 }
 
 /// An accepted connection, plain or TLS.
@@ -652,5 +856,131 @@ mod tests {
     #[test]
     fn tls_is_off_without_a_certificate() {
         assert!(Tls::from_config(&Config::default()).unwrap().is_none());
+    }
+
+    /// A certificate with these SANs (`uri:` prefix: a URI, else DNS) and CN.
+    fn named(sans: &[&str], cn: Option<&str>) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| match s.strip_prefix("uri:") {
+                Some(u) => rcgen::SanType::URI((*u).try_into().unwrap()),
+                None => rcgen::SanType::DnsName((*s).try_into().unwrap()),
+            })
+            .collect();
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn list(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    const KEDA: &str = "spiffe://cluster.local/ns/keda/sa/keda-operator";
+
+    #[test]
+    fn presented_names_read_uri_and_dns_sans_and_the_cn() {
+        let cert = named(
+            &[&format!("uri:{KEDA}"), "keda-operator.keda.svc"],
+            Some("keda"),
+        );
+        let names = PresentedNames::of(&cert).unwrap();
+        assert_eq!(names.uris, [KEDA]);
+        assert_eq!(names.dns, ["keda-operator.keda.svc"]);
+        assert_eq!(names.common_name.as_deref(), Some("keda"));
+        assert_eq!(
+            names.to_string(),
+            format!("uri:{KEDA}, dns:keda-operator.keda.svc, cn:keda")
+        );
+        assert_eq!(
+            PresentedNames::of(&named(&[], None)).unwrap().to_string(),
+            "no names"
+        );
+        assert_eq!(
+            PresentedNames::of(&CertificateDer::from(vec![1, 2, 3])),
+            None
+        );
+    }
+
+    #[test]
+    fn a_uri_san_matches_exactly() {
+        let names = PresentedNames::of(&named(&[&format!("uri:{KEDA}")], None)).unwrap();
+        assert!(names.matches(&list(&[KEDA])));
+        assert!(names.matches(&list(&["other", KEDA])));
+        for near in [
+            "spiffe://cluster.local/ns/keda/sa/keda-operator2",
+            "spiffe://cluster.local/ns/keda/sa/",
+            "spiffe://cluster.local/ns/keda/sa/KEDA-operator",
+            "spiffe://cluster.local/ns/victim/sa/keda-operator",
+            "keda-operator",
+        ] {
+            assert!(!names.matches(&list(&[near])), "{near}");
+        }
+    }
+
+    #[test]
+    fn a_dns_san_matches_without_case() {
+        let names = PresentedNames::of(&named(
+            &[&format!("uri:{KEDA}"), "keda-operator.keda.svc"],
+            None,
+        ))
+        .unwrap();
+        assert!(names.matches(&list(&["keda-operator.keda.svc"])));
+        assert!(names.matches(&list(&["KEDA-Operator.keda.svc"])));
+        assert!(!names.matches(&list(&["keda-operator.keda"])));
+        assert!(!names.matches(&list(&["*.keda.svc"])), "no wildcards");
+    }
+
+    #[test]
+    fn the_cn_counts_only_without_sans() {
+        let cn_only = PresentedNames::of(&named(&[], Some("keda-operator"))).unwrap();
+        assert!(cn_only.matches(&list(&["keda-operator"])));
+        assert!(!cn_only.matches(&list(&["Keda-Operator"])), "CN: exact");
+        // With a SAN, a CN that happens to read like the pin is not enough.
+        let with_san =
+            PresentedNames::of(&named(&["tenant.shop.svc"], Some("keda-operator"))).unwrap();
+        assert!(!with_san.matches(&list(&["keda-operator"])));
+        assert!(with_san.matches(&list(&["tenant.shop.svc"])));
+        let nothing = PresentedNames::of(&named(&[], None)).unwrap();
+        assert!(!nothing.matches(&list(&["keda-operator", ""])));
+    }
+
+    #[test]
+    fn client_names_refuse_what_they_do_not_list() {
+        assert!(
+            ClientNames::new(&[], Counter::default()).is_none(),
+            "empty: any certificate"
+        );
+        assert!(ClientNames::new(&list(&[" ", ""]), Counter::default()).is_none());
+        let refused = Counter::default();
+        let pin = ClientNames::new(&list(&[&format!(" {KEDA} ")]), refused.clone()).unwrap();
+        let keda = named(&[&format!("uri:{KEDA}")], None);
+        assert_eq!(pin.check(Some(&keda)), Ok(()), "names are trimmed");
+        let tenant = named(&["uri:spiffe://cluster.local/ns/shop/sa/web"], Some("web"));
+        let why = pin.check(Some(&tenant)).unwrap_err();
+        assert_eq!(why, "uri:spiffe://cluster.local/ns/shop/sa/web, cn:web");
+        assert_eq!(pin.check(None).unwrap_err(), "no client certificate");
+        let junk = CertificateDer::from(vec![0x30, 0x00]);
+        assert!(pin.check(Some(&junk)).is_err());
+        pin.refuse("127.0.0.1:1".parse().unwrap(), &why);
+        pin.refuse("127.0.0.1:1".parse().unwrap(), &why);
+        assert_eq!(refused.get(), 2);
+    }
+
+    #[test]
+    fn long_name_lists_are_cut_for_the_log() {
+        let text = bounded("é".repeat(2000));
+        assert!(
+            text.len() <= 1028 && text.ends_with(" ..."),
+            "{}",
+            text.len()
+        );
+        assert_eq!(bounded("short".into()), "short");
     }
 }

@@ -1,6 +1,9 @@
 //! The Helm chart, checked with Helm's own lint (through `scripts/helm-lint.py`
-//! and the helm-sdkpy package), and its rendered environment fed to the
-//! service's real config loader.
+//! and the helm-sdkpy package), its rendered environment fed to the
+//! service's real config loader, and its rendered NetworkPolicy read as the
+//! trust model says: KEDA's namespace alone reaches the scaler port.
+//! Rendered in the release namespace `activescale-system` (helm-sdkpy's lint
+//! leaves it empty; the script sets it), not KEDA's.
 //!
 //! Needs `python3` with `helm-sdkpy`, `jsonschema` and `pyyaml`
 //! (`pip install --ignore-requires-python helm-sdkpy jsonschema pyyaml`). When
@@ -14,6 +17,7 @@ use std::{
 };
 
 use activescale::config::Config;
+use serde_json::{Value, json};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -88,10 +92,13 @@ fn chart_lints_renders_and_its_environment_loads() {
         return;
     }
     let out_dir = tempfile::tempdir().unwrap();
+    let manifests_dir = tempfile::tempdir().unwrap();
     let out = Command::new("python3")
         .arg(repo().join("scripts/helm-lint.py"))
         .arg("--env-out")
         .arg(out_dir.path())
+        .arg("--manifests-out")
+        .arg(manifests_dir.path())
         .current_dir(repo())
         .output()
         .expect("run scripts/helm-lint.py");
@@ -134,6 +141,13 @@ fn chart_lints_renders_and_its_environment_loads() {
                 "{name}: settings that did not reach the service"
             );
             assert_eq!(cfg.scaler_addr.port(), 19090);
+            assert_eq!(
+                cfg.tls_client_names,
+                [
+                    "spiffe://cluster.local/ns/keda/sa/keda-operator",
+                    "keda-operator.keda.svc"
+                ]
+            );
             assert_eq!(cfg.max_message_bytes, 32 << 20);
         }
         if name == "defaults.env.json" {
@@ -145,5 +159,115 @@ fn chart_lints_renders_and_its_environment_loads() {
     assert!(
         cases >= 6,
         "expected the default values and five ci/*.yaml cases, got {cases}"
+    );
+    default_network_policy(&manifests(manifests_dir.path(), "defaults"));
+    let tls = manifests(manifests_dir.path(), "tls-values");
+    assert_eq!(
+        scaler_peers(&tls),
+        [json!({
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda-system"}},
+            "podSelector": {},
+        })],
+        "networkPolicy.kedaNamespace names KEDA's namespace"
+    );
+    assert!(
+        manifests(manifests_dir.path(), "memory-values")
+            .iter()
+            .all(|d| d["kind"] != "NetworkPolicy"),
+        "networkPolicy.enabled=false renders none"
+    );
+}
+
+/// The rendered manifests of one case.
+fn manifests(dir: &Path, case: &str) -> Vec<Value> {
+    let path = dir.join(format!("{case}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+const RELEASE_NAMESPACE: &str = "activescale-system";
+
+/// The activescale pods' NetworkPolicy.
+fn scaler_policy(docs: &[Value]) -> &Value {
+    let policies: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .filter(|d| {
+            d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "scaler"
+        })
+        .collect();
+    assert_eq!(
+        policies.len(),
+        1,
+        "one NetworkPolicy for activescale's pods"
+    );
+    policies[0]
+}
+
+/// The ingress rule of a named port.
+fn rule<'a>(policy: &'a Value, port: &str) -> &'a Value {
+    let rules: Vec<&Value> = policy["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ports"][0]["port"] == port)
+        .collect();
+    assert_eq!(rules.len(), 1, "one rule for {port}: {policy}");
+    rules[0]
+}
+
+/// Who the scaler port admits.
+fn scaler_peers(docs: &[Value]) -> Vec<Value> {
+    rule(scaler_policy(docs), "grpc-scaler")["from"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// With the chart's default values: a NetworkPolicy exists, in the release
+/// namespace, and the scaler port admits only pods of namespace `keda`.
+fn default_network_policy(docs: &[Value]) {
+    for d in docs {
+        assert_eq!(
+            d["metadata"]["namespace"], RELEASE_NAMESPACE,
+            "{} {} has no release namespace",
+            d["kind"], d["metadata"]["name"]
+        );
+    }
+    let policy = scaler_policy(docs);
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        json!(["Ingress"]),
+        "egress stays open (DNS, Redis, Prometheus)"
+    );
+    assert_eq!(
+        scaler_peers(docs),
+        [json!({
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+            "podSelector": {},
+        })],
+        "only KEDA's namespace reaches the scaler port"
+    );
+    assert_eq!(
+        rule(policy, "grpc-sink")["from"],
+        json!([{
+            "namespaceSelector": {},
+            "podSelector": {"matchLabels": {"security.istio.io/tlsMode": "istio"}},
+        }]),
+        "meshed pods of any namespace reach the sink"
+    );
+    assert!(
+        rule(policy, "http").get("from").is_none(),
+        "the HTTP port is open to all unless narrowed"
+    );
+    // The bundled Valkey (on by default) admits activescale's pods only.
+    let valkey: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy" && d != &policy)
+        .collect();
+    assert_eq!(valkey.len(), 1);
+    assert_eq!(
+        valkey[0]["spec"]["ingress"][0]["from"],
+        json!([{"podSelector": policy["spec"]["podSelector"]}])
     );
 }

@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::service::metrics::v3::{
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
+    KeyPair, SanType,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
@@ -65,6 +65,30 @@ impl Ca {
         let mut params =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// A client certificate with exactly these names: `uri:` items are URI
+    /// SANs, the others DNS SANs; `cn` the subject's common name.
+    fn client_named(&self, sans: &[&str], cn: Option<&str>) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| match s.strip_prefix("uri:") {
+                Some(u) => SanType::URI((*u).try_into().unwrap()),
+                None => SanType::DnsName((*s).try_into().unwrap()),
+            })
+            .collect();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {
             cert: cert.pem(),
@@ -436,5 +460,76 @@ async fn tls_towards_keda_only_leaves_the_sink_plaintext() {
         async move { metric_value(&mut c).await == Some(4.0) }
     })
     .await;
+    server.stop().await.unwrap();
+}
+
+/// KEDA's operator as Istio (or SPIRE) names it.
+const KEDA_SPIFFE: &str = "spiffe://cluster.local/ns/keda/sa/keda-operator";
+
+/// `activescale_scaler_clients_refused_total` as `/metrics` reports it.
+async fn clients_refused(server: &TestServer) -> u64 {
+    let (_, text) = http_get(&server.http_url("/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("activescale_scaler_clients_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no refusal counter in /metrics:\n{text}"))
+}
+
+#[tokio::test]
+async fn pinned_client_names_admit_only_those_certificates_on_the_scaler_port() {
+    let ca = Ca::new("ca");
+    let mut volume = SecretVolume::new();
+    volume.publish(&ca.server(), &ca);
+    let mut config = tls_config(&volume, true);
+    config.tls_client_names = vec![KEDA_SPIFFE.into(), "keda-operator.keda.svc".into()];
+    let server = start_server(config).await;
+
+    // KEDA by its SPIFFE ID, or by a DNS SAN: served.
+    let keda = ca.client_named(&[&format!("uri:{KEDA_SPIFFE}")], None);
+    assert_eq!(spec(server.scaler, &ca, Some(&keda)).await, Ok(10.0));
+    let keda_dns = ca.client_named(&["keda-operator.keda.svc"], Some("keda"));
+    assert_eq!(spec(server.scaler, &ca, Some(&keda_dns)).await, Ok(10.0));
+    assert_eq!(clients_refused(&server).await, 0);
+
+    // A tenant's workload certificate from the same CA: the handshake
+    // verifies, but the connection is closed before any RPC is read.
+    let tenant = ca.client_named(
+        &["uri:spiffe://cluster.local/ns/shop/sa/web", "web.shop.svc"],
+        Some("keda-operator.keda.svc"),
+    );
+    let refused = spec(server.scaler, &ca, Some(&tenant)).await;
+    assert!(
+        refused.is_err(),
+        "a certificate naming another workload must be refused: {refused:?}"
+    );
+    // The old behaviour's test certificate (DNS SAN keda-operator) does not
+    // carry a pinned name either.
+    assert!(spec(server.scaler, &ca, Some(&ca.client())).await.is_err());
+    eventually(LIMIT, "two refusals counted", || async {
+        clients_refused(&server).await == 2
+    })
+    .await;
+
+    // Refusals stop nobody else, and the sink port is not pinned: any
+    // certificate of the CA streams there.
+    assert_eq!(spec(server.scaler, &ca, Some(&keda)).await, Ok(10.0));
+    assert_eq!(health(server.sink, &ca, Some(&tenant)).await, Ok(()));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_client_names_any_certificate_of_the_client_ca_is_served() {
+    let ca = Ca::new("ca");
+    let mut volume = SecretVolume::new();
+    volume.publish(&ca.server(), &ca);
+    let config = tls_config(&volume, true);
+    assert!(config.tls_client_names.is_empty());
+    let server = start_server(config).await;
+    let tenant = ca.client_named(&["uri:spiffe://cluster.local/ns/shop/sa/web"], None);
+    assert_eq!(spec(server.scaler, &ca, Some(&tenant)).await, Ok(10.0));
+    let nameless = ca.client_named(&[], None);
+    assert_eq!(spec(server.scaler, &ca, Some(&nameless)).await, Ok(10.0));
+    assert!(spec(server.scaler, &ca, None).await.is_err(), "still mTLS");
+    assert_eq!(clients_refused(&server).await, 0);
     server.stop().await.unwrap();
 }

@@ -215,12 +215,7 @@ impl FrontProxy {
 /// CN attribute. `None` when there is none or it is not a string.
 pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    parsed
-        .subject()
-        .iter_common_name()
-        .last()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned)
+    crate::tls::subject_common_name(&parsed)
 }
 
 /// How the API authenticates requests; cheap to clone, read per request.

@@ -125,6 +125,9 @@ bad install before anything is created.
 {{- if and .Values.tls.clientAuth.enabled (not .Values.tls.enabled) }}
 {{- fail "tls.clientAuth.enabled=true needs tls.enabled=true: client certificates are verified during the TLS handshake." }}
 {{- end }}
+{{- if and .Values.tls.clientAuth.names (not .Values.tls.clientAuth.enabled) }}
+{{- fail "tls.clientAuth.names needs tls.clientAuth.enabled=true: names are checked on client certificates, which only mTLS asks for." }}
+{{- end }}
 {{- if and .Values.redis.tls.existingSecret (or (and .Values.redis.tls.certKey (not .Values.redis.tls.keyKey)) (and .Values.redis.tls.keyKey (not .Values.redis.tls.certKey))) }}
 {{- fail "redis.tls.certKey and redis.tls.keyKey go together (client certificate and its key)." }}
 {{- end }}
