@@ -91,8 +91,6 @@ pub enum Error {
     Config(#[from] config::ConfigError),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
-    #[error("serving: {0}")]
-    Serve(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -69,7 +69,7 @@ pub fn status_of(error: &Error) -> Status {
         Error::Prometheus(PromError::BadValue(_)) => Status::failed_precondition(msg),
         Error::Prometheus(PromError::Rejected(_)) => Status::invalid_argument(msg),
         Error::WarmingUp(_) => Status::unavailable(msg),
-        Error::Config(_) | Error::Io(..) | Error::Serve(_) => Status::internal(msg),
+        Error::Config(_) | Error::Io(..) => Status::internal(msg),
     }
 }
 
