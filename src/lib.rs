@@ -25,6 +25,7 @@
 //! - [`custom_metrics`]: the Custom Metrics API (`custom.metrics.k8s.io`)
 //!   for plain HPAs, HTTPS with front-proxy authentication.
 //! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
+//! - [`reflection`]: gRPC server reflection on both gRPC ports (`grpcurl`).
 //! - [`activator`]: the optional proxy that holds requests for a workload at
 //!   zero, counts them for KEDA at once and forwards them once it is ready.
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
@@ -43,6 +44,7 @@ pub mod config;
 pub mod custom_metrics;
 pub mod http;
 pub mod prometheus;
+pub mod reflection;
 pub mod scaler;
 pub mod selector;
 pub mod sink;
@@ -210,8 +212,15 @@ pub async fn run(
     // was tried: it bounded what a flooding client parks in the server, but
     // saturated ingest ran 20-30 % slower with it (one run each; likely the
     // extra WINDOW_UPDATE frames).
+    let sink_reflection = reflection::for_port(reflection::SINK_DESCRIPTORS, sink::SERVICE_NAME)
+        .expect("the sink's descriptor set, checked by reflection's tests");
+    let scaler_reflection =
+        reflection::for_port(reflection::SCALER_DESCRIPTORS, scaler::SERVICE_NAME)
+            .expect("the scaler's descriptor set, checked by reflection's tests");
     let sink_server = server()
         .add_service(health_service.clone())
+        .add_service(sink_reflection.v1)
+        .add_service(sink_reflection.v1alpha)
         .add_service(sink::MetricsServiceServer::new(
             sink,
             config.max_message_bytes,
@@ -222,6 +231,8 @@ pub async fn run(
         );
     let scaler_server = server()
         .add_service(health_service)
+        .add_service(scaler_reflection.v1)
+        .add_service(scaler_reflection.v1alpha)
         .add_service(scaler::ExternalScalerServer::new(scaler))
         .serve_with_incoming_shutdown(
             tls::incoming(listeners.scaler, tls.clone()),
