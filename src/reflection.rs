@@ -17,7 +17,8 @@ pub const SCALER_DESCRIPTORS: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/scaler_descriptor.bin"));
 
 /// Envoy's metrics service and everything it imports, as served on the sink port.
-pub const SINK_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sink_descriptor.bin"));
+pub const SINK_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sink_descriptor.bin"));
 
 const HEALTH: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
@@ -47,7 +48,9 @@ pub fn for_port(
         // Each version's builder adds its own descriptor; the other one's is
         // registered here so that `describe` resolves every listed service.
         v1: builder()
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
             .build_v1()?,
         v1alpha: builder()
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)

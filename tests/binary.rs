@@ -117,10 +117,7 @@ fn serve_help_flags() -> Vec<(String, String)> {
         .expect("run");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let help = String::from_utf8(out.stdout).unwrap();
-    let options = help
-        .split_once("Options:")
-        .expect("an Options: section")
-        .1;
+    let options = help.split_once("Options:").expect("an Options: section").1;
     let mut flags: Vec<(String, String)> = Vec::new();
     for line in options.lines() {
         let text = line.trim();

@@ -141,8 +141,9 @@ async fn both_grpc_ports_list_and_describe_their_services() {
 #[tokio::test]
 async fn v1alpha_lists_the_scaler() {
     let server = start_server(test_config()).await;
-    let mut client =
-        v1alpha::server_reflection_client::ServerReflectionClient::new(channel(server.scaler).await);
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(
+        channel(server.scaler).await,
+    );
     let request = v1alpha::ServerReflectionRequest {
         host: String::new(),
         message_request: Some(
