@@ -608,11 +608,6 @@ impl Config {
             StoreKind::Redis => Duration::ZERO,
         })
     }
-
-    /// Redis cluster mode, from the flag or a `redis+cluster://` URL.
-    pub fn redis_cluster_mode(&self) -> bool {
-        self.redis_cluster || self.redis_url.contains("+cluster://")
-    }
 }
 
 // ---- activator settings -------------------------------------------------

@@ -25,6 +25,7 @@
 //! - [`custom_metrics`]: the Custom Metrics API (`custom.metrics.k8s.io`)
 //!   for plain HPAs, HTTPS with front-proxy authentication.
 //! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
+//! - [`reflection`]: gRPC server reflection on both gRPC ports (`grpcurl`).
 //! - [`activator`]: the optional proxy that holds requests for a workload at
 //!   zero, counts them for KEDA at once and forwards them once it is ready.
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
@@ -44,6 +45,7 @@ pub mod custom_metrics;
 pub mod engine;
 pub mod http;
 pub mod prometheus;
+pub mod reflection;
 pub mod scaler;
 pub mod selector;
 pub mod sink;
@@ -85,8 +87,6 @@ pub enum Error {
     Config(#[from] config::ConfigError),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
-    #[error("serving: {0}")]
-    Serve(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -211,6 +211,11 @@ pub async fn run(
     // was tried: it bounded what a flooding client parks in the server, but
     // saturated ingest ran 20-30 % slower with it (one run each; likely the
     // extra WINDOW_UPDATE frames).
+    let sink_reflection = reflection::for_port(reflection::SINK_DESCRIPTORS, sink::SERVICE_NAME)
+        .expect("the sink's descriptor set, checked by reflection's tests");
+    let scaler_reflection =
+        reflection::for_port(reflection::SCALER_DESCRIPTORS, scaler::SERVICE_NAME)
+            .expect("the scaler's descriptor set, checked by reflection's tests");
     let read_limits = sink::ReadLimits {
         max_message: config.max_message_bytes,
         message_timeout: config.sink_message_timeout,
@@ -224,6 +229,8 @@ pub async fn run(
     let sink_server = server()
         .max_concurrent_streams(Some(config.sink_max_concurrent_streams))
         .add_service(health_service.clone())
+        .add_service(sink_reflection.v1)
+        .add_service(sink_reflection.v1alpha)
         .add_service(sink::MetricsServiceServer::new(sink, read_limits))
         .serve_with_incoming_shutdown(
             tls::incoming(listeners.sink, tls.clone().filter(|_| config.tls_sink)),
@@ -231,6 +238,8 @@ pub async fn run(
         );
     let scaler_server = server()
         .add_service(health_service)
+        .add_service(scaler_reflection.v1)
+        .add_service(scaler_reflection.v1alpha)
         .add_service(scaler::ExternalScalerServer::new(scaler))
         .serve_with_incoming_shutdown(
             tls::incoming(listeners.scaler, tls.clone()).client_names(tls::ClientNames::new(

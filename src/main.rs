@@ -3,7 +3,7 @@
 use std::{io::Write, path::PathBuf};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use activescale::{Listeners, config::Config};
 
@@ -22,11 +22,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Envoy sink, the KEDA scaler and the HTTP port.
+    #[command(after_help = SERVE_AFTER_HELP)]
     Serve(ServeArgs),
     /// Validate the activescale triggers of ScaledObjects in Kubernetes YAML,
     /// offline, with the server's own parser. Exits 1 on any error.
     Check(CheckArgs),
 }
+
+const SERVE_AFTER_HELP: &str = "\
+Each flag sets the config field of the same name, as ACTIVESCALE_<FIELD> does \
+(--pod-ttl 20s, ACTIVESCALE_POD_TTL=20s); a flag wins over the environment, \
+which wins over --config. The defaults shown are the built-in ones. Settings \
+without a flag are set in the file or the environment (see README).";
 
 #[derive(Args)]
 struct CheckArgs {
@@ -44,94 +51,121 @@ struct CheckArgs {
 }
 
 /// Flags override the config file and the environment. Each sets the config
-/// field of the same name (`--pod-ttl` sets `pod_ttl`); see README.
+/// field of the same name (`--pod-ttl` sets `pod_ttl`); see README. The
+/// `[default: ...]` of each flag's help is appended at start-up from
+/// `Config::default()` ([`with_defaults`]), so it cannot drift from the code.
 #[derive(Args, Default)]
 struct ServeArgs {
     /// YAML or TOML file with any config fields.
     #[arg(long, env = "ACTIVESCALE_CONFIG")]
     config: Option<PathBuf>,
+    /// Where the Envoy metrics sink (gRPC StreamMetrics) listens.
     #[arg(long)]
     sink_addr: Option<String>,
+    /// Where KEDA's external scaler gRPC service listens.
     #[arg(long)]
     scaler_addr: Option<String>,
+    /// Where /healthz, /readyz, /metrics, /v1/pods and the live view are served.
     #[arg(long)]
     http_addr: Option<String>,
+    /// A pod not heard from for this long drops out of every answer.
     #[arg(long)]
     pod_ttl: Option<String>,
-    /// memory | redis
+    /// memory (one replica) | redis (several replicas, one view).
     #[arg(long)]
     store: Option<String>,
+    /// Largest Envoy message accepted, in bytes.
     #[arg(long)]
     max_message_bytes: Option<String>,
     /// Comma-separated stat-name globs to keep.
     #[arg(long)]
     metric_include: Option<String>,
-    /// Comma-separated stat-name globs to drop.
+    /// Comma-separated stat-name globs to drop even when included.
     #[arg(long)]
     metric_exclude: Option<String>,
-    /// Distinct stat families kept per pod, 1 to 1024 (default 64).
+    /// Distinct stat families kept per pod, 1 to 1024.
     #[arg(long)]
     max_families_per_pod: Option<String>,
-    /// Accept a sidecar stream only from the pod IP its node id names
-    /// (default true; false where source addresses are rewritten).
+    /// Accept a sidecar stream only from the pod IP its node id names (false
+    /// where source addresses are rewritten).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     sink_verify_peer_address: Option<String>,
     /// Bytes of Envoy messages all sink streams may hold while they arrive,
-    /// 1 MiB to 1 GiB (default 67108864, 64 MiB).
+    /// 1 MiB to 1 GiB.
     #[arg(long)]
     sink_max_buffered_bytes: Option<String>,
-    /// Concurrent HTTP/2 streams per sink connection, 1 to 10000 (default 100).
+    /// Concurrent HTTP/2 streams per sink connection, 1 to 10000.
     #[arg(long)]
     sink_max_concurrent_streams: Option<String>,
-    /// A started Envoy message must be whole within this, 1s to 5m (default 10s).
+    /// A started Envoy message must be whole within this, 1s to 5m.
     #[arg(long)]
     sink_message_timeout: Option<String>,
+    /// Longest `window` a trigger may ask for; older pod history is forgotten.
     #[arg(long)]
     max_window: Option<String>,
+    /// Envoy-source answers are UNAVAILABLE this long after start-up; unset:
+    /// 10s with the memory store, 0s with redis.
     #[arg(long)]
     warmup: Option<String>,
+    /// Let a trigger's `namespace` metadata read pods of another namespace.
     #[arg(long)]
     allow_cross_namespace: Option<String>,
     /// Serve the live view (`/`, `/v1/triggers`, `/v1/status`) on the HTTP
-    /// port (default true; false: those answer 404).
+    /// port; false: those answer 404.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     view_enabled: Option<String>,
     /// text | json
     #[arg(long)]
     log_format: Option<String>,
+    /// How often the ingest and API summary lines are logged.
     #[arg(long)]
     summary_interval: Option<String>,
+    /// On SIGTERM, how long open streams and calls get to finish.
     #[arg(long)]
     drain_timeout: Option<String>,
     /// Close HTTP-port connections that send no whole request head within
-    /// this long, 1s to 30s (default 10s).
+    /// this long, 1s to 30s.
     #[arg(long)]
     http_header_timeout: Option<String>,
+    /// redis://, rediss:// (TLS), redis+cluster:// or rediss+cluster:// URL
+    /// (also REDIS_URL).
     #[arg(long)]
     redis_url: Option<String>,
     /// Redis Cluster / Valkey cluster mode (or use a redis+cluster:// URL).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     redis_cluster: Option<String>,
+    /// Connections in the Redis command pool.
     #[arg(long)]
     redis_pool_size: Option<String>,
+    /// Deadline for one Redis command or pipeline.
     #[arg(long)]
     redis_timeout: Option<String>,
+    /// Prefix of every Redis key and channel, so installs can share one Redis.
     #[arg(long)]
     redis_key_prefix: Option<String>,
+    /// Inject namespace="<ScaledObject namespace>" into every selector of
+    /// prometheus-source queries.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     prometheus_enforce_namespace: Option<String>,
+    /// How long a Prometheus result is reused for the same server and query.
     #[arg(long)]
     prometheus_cache_ttl: Option<String>,
+    /// How often StreamIsActive re-reads prometheus-source triggers.
     #[arg(long)]
     prometheus_poll_interval: Option<String>,
+    /// Largest Prometheus response body read, in bytes; a longer one is an error.
     #[arg(long)]
     prometheus_max_response_bytes: Option<String>,
+    /// Trigger credential files are read only from <this>/<ScaledObject namespace>/.
     #[arg(long)]
     prometheus_credentials_dir: Option<String>,
+    /// PEM certificate chain for TLS on both gRPC ports; unset: plaintext.
     #[arg(long)]
     tls_cert: Option<String>,
+    /// PEM private key for --tls-cert.
     #[arg(long)]
     tls_key: Option<String>,
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS).
     #[arg(long)]
     tls_client_ca: Option<String>,
     /// Comma-separated client certificate names the scaler port accepts
@@ -141,14 +175,16 @@ struct ServeArgs {
     /// Serve the Custom Metrics API (HTTPS) on this address; unset: off.
     #[arg(long)]
     custom_metrics_addr: Option<String>,
+    /// PEM certificate chain of the Custom Metrics API; unset: self-signed.
     #[arg(long)]
     custom_metrics_tls_cert: Option<String>,
+    /// PEM private key for --custom-metrics-tls-cert.
     #[arg(long)]
     custom_metrics_tls_key: Option<String>,
     /// The front-proxy CA (requestheader-client-ca-file).
     #[arg(long)]
     custom_metrics_client_ca: Option<String>,
-    /// Comma-separated common names of the front-proxy certificate.
+    /// Comma-separated common names of the front-proxy certificate; none: any.
     #[arg(long)]
     custom_metrics_allowed_names: Option<String>,
     /// Comma-separated windowed forms of active_requests, e.g. max_30s,avg_2m.
@@ -158,8 +194,10 @@ struct ServeArgs {
     /// the config file.
     #[arg(long)]
     activator_addr: Option<String>,
+    /// Requests one route holds while its upstream cannot take them; past it, 503.
     #[arg(long)]
     activator_max_pending: Option<String>,
+    /// Longest a request is held; then 504.
     #[arg(long)]
     activator_hold_timeout: Option<String>,
 }
@@ -233,9 +271,57 @@ impl ServeArgs {
     }
 }
 
+/// The `serve` flags' help with `[default: ...]` appended, as clap would show
+/// a `default_value`. Not a `default_value` itself: a flag given no value must
+/// leave the config file's and the environment's settings alone.
+fn with_defaults(cli: clap::Command) -> clap::Command {
+    let defaults = match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(fields)) => fields,
+        _ => Default::default(),
+    };
+    cli.mut_subcommand("serve", |serve| {
+        let ids: Vec<String> = serve
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        ids.into_iter().fold(serve, |serve, id| {
+            let shown = match (id.as_str(), defaults.get(&id)) {
+                // No file: only built-in defaults, the environment and flags.
+                ("config", _) => Some("unset".to_string()),
+                (_, Some(value)) => Some(default_text(value)),
+                // `--help`, `--version`: no setting behind them.
+                (_, None) => None,
+            };
+            match shown {
+                Some(shown) => serve.mut_arg(id, |arg| {
+                    let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    arg.help(format!("{help} [default: {shown}]"))
+                }),
+                None => serve,
+            }
+        })
+    })
+}
+
+/// A default as it would be written on the command line: durations in
+/// humantime form (serde's), lists comma-separated, `unset` for no value.
+fn default_text(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Null => "unset".into(),
+        Value::String(s) if s.is_empty() => "\"\"".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "none".into(),
+        Value::Array(items) => items.iter().map(default_text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let matches = with_defaults(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Check(args) => check(args),
     }

@@ -106,3 +106,126 @@ fn bad_config_fails_fast_with_one_line_naming_it() {
         );
     }
 }
+
+/// `serve --help`, split into one (flag name, text) per flag: clap wraps long
+/// help onto further lines, which are joined back with single spaces.
+fn serve_help_flags() -> Vec<(String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_activescale"))
+        .args(["serve", "--help"])
+        .env_remove("ACTIVESCALE_CONFIG")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let options = help.split_once("Options:").expect("an Options: section").1;
+    let mut flags: Vec<(String, String)> = Vec::new();
+    for line in options.lines() {
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        if !line.starts_with(' ') {
+            // The after-help paragraph.
+            break;
+        }
+        let spec = text.strip_prefix("-h, ").unwrap_or(text);
+        if let Some(rest) = spec.strip_prefix("--") {
+            let (name, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+            // The value placeholder: `<POD_TTL>` or `[<VIEW_ENABLED>]`.
+            let rest = rest.trim_start();
+            let rest = match rest.split_once('>') {
+                Some((value, after)) if value.starts_with(['<', '[']) => {
+                    after.trim_start_matches(']')
+                }
+                _ => rest,
+            };
+            flags.push((name.to_string(), rest.trim().to_string()));
+        } else {
+            let (_, last) = flags.last_mut().expect("help text before the first flag");
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(text);
+        }
+    }
+    flags
+}
+
+#[test]
+fn serve_help_describes_every_flag_and_shows_its_default() {
+    let flags = serve_help_flags();
+    assert!(flags.len() >= 40, "parsed too few flags: {flags:?}");
+    let mut defaults = std::collections::HashMap::new();
+    for (name, text) in &flags {
+        if name == "help" {
+            continue;
+        }
+        let (description, default) = text
+            .split_once("[default: ")
+            .unwrap_or_else(|| panic!("--{name} shows no [default: ...]: {text:?}"));
+        let default = default.split_once(']').expect("closing ]").0;
+        let description = description
+            .split_once("[env: ")
+            .map_or(description, |(d, _)| d)
+            .trim();
+        assert!(
+            description.split_whitespace().count() >= 2,
+            "--{name} has no description: {text:?}"
+        );
+        defaults.insert(name.clone(), default.to_string());
+    }
+
+    let d = activescale::config::Config::default();
+    let duration = |v: std::time::Duration| humantime::format_duration(v).to_string();
+    for (flag, expected) in [
+        ("config", "unset".to_string()),
+        ("sink-addr", d.sink_addr.to_string()),
+        ("scaler-addr", d.scaler_addr.to_string()),
+        ("http-addr", d.http_addr.to_string()),
+        ("pod-ttl", duration(d.pod_ttl)),
+        ("max-window", duration(d.max_window)),
+        ("redis-timeout", duration(d.redis_timeout)),
+        ("http-header-timeout", duration(d.http_header_timeout)),
+        ("activator-hold-timeout", duration(d.activator_hold_timeout)),
+        ("max-message-bytes", d.max_message_bytes.to_string()),
+        ("max-families-per-pod", d.max_families_per_pod.to_string()),
+        ("redis-pool-size", d.redis_pool_size.to_string()),
+        (
+            "prometheus-max-response-bytes",
+            d.prometheus_max_response_bytes.to_string(),
+        ),
+        ("view-enabled", d.view_enabled.to_string()),
+        ("redis-cluster", d.redis_cluster.to_string()),
+        ("redis-url", d.redis_url.clone()),
+        ("metric-include", d.metric_include.join(",")),
+        (
+            "prometheus-credentials-dir",
+            d.prometheus_credentials_dir.display().to_string(),
+        ),
+        ("store", "memory".into()),
+        ("log-format", "text".into()),
+        ("warmup", "unset".into()),
+        ("custom-metrics-addr", "unset".into()),
+    ] {
+        assert_eq!(
+            defaults.get(flag).map(String::as_str),
+            Some(expected.as_str()),
+            "--{flag}'s shown default"
+        );
+    }
+}
+
+/// `redis_cluster_mode` was never a setting (`redis_cluster` is): a file
+/// naming it fails like any unknown key, naming it, before anything binds.
+#[test]
+fn unknown_config_key_fails_fast_naming_it() {
+    let mut file = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    std::io::Write::write_all(&mut file, b"redis_cluster_mode: true\n").unwrap();
+    let path = file.path().to_str().unwrap();
+    let out = serve(&["--config", path]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.contains("redis_cluster_mode"), "{stderr:?}");
+    assert!(out.stdout.is_empty());
+}
