@@ -460,6 +460,28 @@ def case_assertions(name: str, docs: list[dict], values: dict, env: dict) -> Non
     else:
         check(not policies, f"{name}: NetworkPolicy rendered while disabled")
     check(bool(find(docs, "ServiceMonitor")) == values["serviceMonitor"]["enabled"], f"{name}: ServiceMonitor")
+    check_dashboard(name, docs, values)
+
+
+def check_dashboard(name: str, docs: list[dict], values: dict) -> None:
+    """The dashboard ConfigMap carries dashboards/activescale.json unchanged,
+    with the label Grafana's sidecar selects on."""
+    maps = [d for d in find(docs, "ConfigMap") if "grafana_dashboard" in d["metadata"].get("labels", {})]
+    if not values["dashboards"]["enabled"]:
+        check(not maps, f"{name}: dashboard ConfigMap rendered while disabled")
+        return
+    check(len(maps) == 1, f"{name}: {len(maps)} dashboard ConfigMaps")
+    (cm,) = maps
+    meta = cm["metadata"]
+    check(meta["labels"]["grafana_dashboard"] == "1", f"{name}: grafana_dashboard label {meta['labels']}")
+    for k, v in values["dashboards"]["labels"].items():
+        check(meta["labels"].get(k) == v, f"{name}: dashboard label {k}")
+    check((meta.get("annotations") or {}) == values["dashboards"]["annotations"], f"{name}: dashboard annotations")
+    if values["dashboards"]["namespace"]:
+        check(meta.get("namespace") == values["dashboards"]["namespace"], f"{name}: dashboard namespace")
+    shipped = json.loads((CHART / "dashboards" / "activescale.json").read_text(encoding="utf-8"))
+    check(json.loads(cm["data"]["activescale.json"]) == shipped, f"{name}: the ConfigMap's dashboard differs from dashboards/activescale.json")
+    check(shipped.get("uid") and shipped.get("panels"), f"{name}: the dashboard has no uid or panels")
 
 
 # --- main --------------------------------------------------------------------
