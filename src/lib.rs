@@ -192,7 +192,7 @@ pub async fn run(
     let scaler = scaler::Scaler::new(
         store.clone(),
         triggers,
-        prometheus::PromBackend::new(prom_settings),
+        prometheus::PromBackend::counted(prom_settings, metrics.prometheus_queries.clone()),
         metrics.clone(),
         config.effective_warmup(),
         token.clone(),
