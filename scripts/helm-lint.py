@@ -360,8 +360,14 @@ def container_env(deploy: dict) -> dict[str, dict]:
 
 
 def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
+    # The dashboard ConfigMap may go where Grafana's sidecar looks
+    # (dashboards.namespace); everything else lives in the release namespace.
+    dashboard_ns = (values.get("dashboards") or {}).get("namespace") or RELEASE_NAMESPACE
+    def expected_ns(d: dict) -> str:
+        is_dashboard = d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")
+        return dashboard_ns if is_dashboard else RELEASE_NAMESPACE
     wrong_ns = [f"{d['kind']}/{d['metadata']['name']}: {d['metadata'].get('namespace')!r}"
-                for d in docs if d["metadata"].get("namespace") != RELEASE_NAMESPACE]
+                for d in docs if d["metadata"].get("namespace") != expected_ns(d)]
     check(not wrong_ns, f"{name}: manifests not in the release namespace {RELEASE_NAMESPACE}: {wrong_ns}")
     deploy = one(docs, "Deployment", fullname(docs))
     spec = deploy["spec"]["template"]["spec"]
@@ -467,6 +473,28 @@ def case_assertions(name: str, docs: list[dict], values: dict, env: dict) -> Non
         check("ACTIVESCALE_TLS_CLIENT_NAMES" not in env, f"{name}: client names set without names or mTLS")
     network_policy_assertions(name, docs, values, deploy)
     check(bool(find(docs, "ServiceMonitor")) == values["serviceMonitor"]["enabled"], f"{name}: ServiceMonitor")
+    check_dashboard(name, docs, values)
+
+
+def check_dashboard(name: str, docs: list[dict], values: dict) -> None:
+    """The dashboard ConfigMap carries dashboards/activescale.json unchanged,
+    with the label Grafana's sidecar selects on."""
+    maps = [d for d in find(docs, "ConfigMap") if "grafana_dashboard" in d["metadata"].get("labels", {})]
+    if not values["dashboards"]["enabled"]:
+        check(not maps, f"{name}: dashboard ConfigMap rendered while disabled")
+        return
+    check(len(maps) == 1, f"{name}: {len(maps)} dashboard ConfigMaps")
+    (cm,) = maps
+    meta = cm["metadata"]
+    check(meta["labels"]["grafana_dashboard"] == "1", f"{name}: grafana_dashboard label {meta['labels']}")
+    for k, v in values["dashboards"]["labels"].items():
+        check(meta["labels"].get(k) == v, f"{name}: dashboard label {k}")
+    check((meta.get("annotations") or {}) == values["dashboards"]["annotations"], f"{name}: dashboard annotations")
+    if values["dashboards"]["namespace"]:
+        check(meta.get("namespace") == values["dashboards"]["namespace"], f"{name}: dashboard namespace")
+    shipped = json.loads((CHART / "dashboards" / "activescale.json").read_text(encoding="utf-8"))
+    check(json.loads(cm["data"]["activescale.json"]) == shipped, f"{name}: the ConfigMap's dashboard differs from dashboards/activescale.json")
+    check(shipped.get("uid") and shipped.get("panels"), f"{name}: the dashboard has no uid or panels")
 
 
 def network_policy_assertions(name: str, docs: list[dict], values: dict, deploy: dict) -> None:

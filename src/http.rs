@@ -282,6 +282,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
     if let Some(n) = s.store.tracked_pods() {
         s.metrics.pods_tracked.set(n as i64);
     }
+    s.metrics
+        .store_ready
+        .set(i64::from(s.ready.load(Ordering::Acquire)));
     (
         [(
             header::CONTENT_TYPE,

@@ -185,7 +185,7 @@ pub async fn run(
     ));
     let engine = engine::Engine::new(
         store.clone(),
-        prometheus::PromBackend::new(prom_settings.clone()),
+        prometheus::PromBackend::counted(prom_settings.clone(), metrics.prometheus_queries.clone()),
         prom_settings.poll_interval,
         metrics.clone(),
         token.clone(),

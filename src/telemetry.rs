@@ -100,6 +100,12 @@ pub struct Metrics {
     pub sink_buffered_bytes: Gauge,
     /// Pods the store tracks (where the store can tell cheaply).
     pub pods_tracked: Gauge,
+    /// 1 while the store answers its readiness check (what `/readyz` says).
+    pub store_ready: Gauge,
+    /// Requests sent to Prometheus servers for prometheus-source triggers
+    /// (cache hits and joined in-flight requests are not counted), by
+    /// outcome: `value`, `empty` or `error`.
+    pub prometheus_queries: Family<OutcomeLabel, Counter>,
     /// KEDA RPCs by method and gRPC code.
     pub rpc_requests: Family<RpcLabels, Counter>,
     /// KEDA RPC latency by method.
@@ -141,6 +147,8 @@ impl Metrics {
             sink_streams: Gauge::default(),
             sink_buffered_bytes: Gauge::default(),
             pods_tracked: Gauge::default(),
+            store_ready: Gauge::default(),
+            prometheus_queries: Family::default(),
             rpc_requests: Family::default(),
             rpc_duration: Family::new_with_constructor(|| {
                 // 50 µs .. ~3 s: an in-memory answer is tens of µs, a
@@ -202,6 +210,16 @@ impl Metrics {
             "pods_tracked",
             "Pods with a live sample in the store",
             m.pods_tracked.clone(),
+        );
+        registry.register(
+            "store_ready",
+            "1 while the store answers its readiness check",
+            m.store_ready.clone(),
+        );
+        registry.register(
+            "prometheus_queries",
+            "Requests sent to Prometheus servers for prometheus-source triggers, by outcome",
+            m.prometheus_queries.clone(),
         );
         registry.register(
             "rpc_requests",

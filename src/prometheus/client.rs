@@ -15,6 +15,7 @@ use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use prometheus_http_query::{
     Client, Error as HttpQueryError,
     error::PrometheusError,
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
 use super::{PromError, files::CredentialFile};
+use crate::telemetry::OutcomeLabel;
 
 /// Cache entries kept before expired ones are swept.
 const SWEEP_AT: usize = 1024;
@@ -319,6 +321,9 @@ pub struct Connections {
     // std Mutex: held for a map probe, never across an await.
     clients: Mutex<HashMap<Arc<Endpoint>, Client>>,
     results: Arc<Mutex<HashMap<Key, Slot>>>,
+    /// `activescale_prometheus_queries_total`; unregistered unless
+    /// [`Connections::counted`] hands in the service's family.
+    queries: Family<OutcomeLabel, Counter>,
 }
 
 impl Connections {
@@ -328,7 +333,13 @@ impl Connections {
             max_response_bytes,
             clients: Mutex::default(),
             results: Arc::default(),
+            queries: Family::default(),
         }
+    }
+
+    /// Counts every request sent to a Prometheus server in `queries`.
+    pub fn counted(self, queries: Family<OutcomeLabel, Counter>) -> Self {
+        Self { queries, ..self }
     }
 
     fn client(&self, endpoint: &Arc<Endpoint>) -> Result<Client, PromError> {
@@ -348,11 +359,21 @@ impl Connections {
         let endpoint = Arc::clone(endpoint);
         let query = query.to_owned();
         let max_bytes = self.max_response_bytes;
+        let queries = self.queries.clone();
         self.shared(Key(endpoint.clone(), query.clone()), move || {
             let span = debug_span!("prometheus_query", server = %endpoint.url, query = %query);
-            async move { fetch(&client, &endpoint, &query, max_bytes).await }
-                .instrument(span)
-                .boxed()
+            async move {
+                let r = fetch(&client, &endpoint, &query, max_bytes).await;
+                let outcome = match &r {
+                    Ok(Outcome::Value(_)) => "value",
+                    Ok(Outcome::Empty) => "empty",
+                    Err(_) => "error",
+                };
+                queries.get_or_create(&OutcomeLabel { outcome }).inc();
+                r
+            }
+            .instrument(span)
+            .boxed()
         })
         .await
     }

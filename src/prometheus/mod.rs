@@ -602,6 +602,21 @@ impl PromBackend {
         }
     }
 
+    /// As [`PromBackend::new`], counting the requests it sends in `queries`.
+    pub fn counted(
+        settings: PromSettings,
+        queries: prometheus_client::metrics::family::Family<
+            crate::telemetry::OutcomeLabel,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) -> Self {
+        Self {
+            connections: Arc::new(
+                Connections::new(settings.cache_ttl, settings.max_response_bytes).counted(queries),
+            ),
+        }
+    }
+
     /// The trigger's current value. The queries of a formula run concurrently.
     pub async fn value(&self, trigger: &PromTrigger) -> Result<f64, PromError> {
         let answers = futures::future::join_all(
