@@ -91,36 +91,87 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The three listening sockets, bound before [`run`] so that tests can use
-/// port 0 and learn the real addresses.
-pub struct Listeners {
-    pub sink: TcpListener,
-    pub scaler: TcpListener,
-    pub http: TcpListener,
+/// A port activescale serves. Each is one server in [`run`], with its own
+/// listener, TLS choice and part in the drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Port {
+    /// Envoy's `StreamMetrics` (`sink_addr`).
+    Sink,
+    /// KEDA's external scaler (`scaler_addr`).
+    Scaler,
+    /// Probes, `/metrics`, `/v1/*` and the live view (`http_addr`).
+    Http,
+    /// The Custom Metrics API (`custom_metrics_addr`; off unless set).
+    CustomMetrics,
+    /// The activator proxy (`activator_addr`; off unless set).
+    Activator,
 }
 
-impl Listeners {
-    /// Binds the addresses of `config`.
-    pub async fn bind(config: &Config) -> Result<Self> {
-        async fn one(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::Io(format!("binding the {what} port {addr}"), e))
+impl Port {
+    pub const ALL: [Port; 5] = [
+        Port::Sink,
+        Port::Scaler,
+        Port::Http,
+        Port::CustomMetrics,
+        Port::Activator,
+    ];
+
+    /// What logs and errors call it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Port::Sink => "sink",
+            Port::Scaler => "scaler",
+            Port::Http => "HTTP",
+            Port::CustomMetrics => "custom metrics",
+            Port::Activator => "activator",
         }
-        Ok(Self {
-            sink: one(config.sink_addr, "sink").await?,
-            scaler: one(config.scaler_addr, "scaler").await?,
-            http: one(config.http_addr, "HTTP").await?,
-        })
     }
 
-    /// The bound addresses (sink, scaler, http).
-    pub fn addrs(&self) -> Result<(SocketAddr, SocketAddr, SocketAddr)> {
-        let addr = |l: &TcpListener| {
-            l.local_addr()
-                .map_err(|e| Error::Io("local address".into(), e))
-        };
-        Ok((addr(&self.sink)?, addr(&self.scaler)?, addr(&self.http)?))
+    /// Where the config puts it; `None`: turned off.
+    pub fn addr(self, config: &Config) -> Option<SocketAddr> {
+        match self {
+            Port::Sink => Some(config.sink_addr),
+            Port::Scaler => Some(config.scaler_addr),
+            Port::Http => Some(config.http_addr),
+            Port::CustomMetrics => config.custom_metrics_addr,
+            Port::Activator => config.activator_addr,
+        }
+    }
+}
+
+/// The listening sockets, bound before [`run`] so that tests can use port 0
+/// and learn the real addresses. [`run`] serves exactly the ports bound here.
+pub struct Listeners(Vec<(Port, TcpListener)>);
+
+impl Listeners {
+    /// Binds every port the config turns on.
+    pub async fn bind(config: &Config) -> Result<Self> {
+        Self::bind_only(config, &Port::ALL).await
+    }
+
+    /// Binds those of `ports` the config turns on (tests start subsets).
+    pub async fn bind_only(config: &Config, ports: &[Port]) -> Result<Self> {
+        let mut bound = Vec::new();
+        for &port in ports {
+            if let Some(addr) = port.addr(config) {
+                let listener = TcpListener::bind(addr).await.map_err(|e| {
+                    Error::Io(format!("binding the {} port {addr}", port.name()), e)
+                })?;
+                bound.push((port, listener));
+            }
+        }
+        Ok(Self(bound))
+    }
+
+    /// The bound address of `port`, if it is bound.
+    pub fn addr_of(&self, port: Port) -> Option<SocketAddr> {
+        let (_, l) = self.0.iter().find(|(p, _)| *p == port)?;
+        l.local_addr().ok()
+    }
+
+    fn take(&mut self, port: Port) -> Option<TcpListener> {
+        let i = self.0.iter().position(|(p, _)| *p == port)?;
+        Some(self.0.swap_remove(i).1)
     }
 }
 
@@ -144,8 +195,28 @@ pub async fn run(
 ) -> Result<()> {
     // reqwest and the Redis client use rustls without choosing a provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let (sink_addr, scaler_addr, http_addr) = listeners.addrs()?;
-    let metrics = Arc::new(Metrics::new());
+    let mut listeners = listeners;
+    let sink_addr = listeners.addr_of(Port::Sink);
+    // For the start-up line: each port's address, or "off".
+    let [sink_at, scaler_at, http_at, custom_metrics_at, activator_at] = Port::ALL.map(|p| {
+        listeners
+            .addr_of(p)
+            .map_or_else(|| "off".to_string(), |a| a.to_string())
+    });
+    let mut metrics = Metrics::new();
+    // Checked and built before anything is served: a bad route names its setting.
+    let activator = match listeners.take(Port::Activator) {
+        Some(l) => Some((
+            activator::Activator::new(
+                activator::ActivatorSettings::from_config(&config),
+                &mut metrics.registry,
+            )
+            .map_err(|e| Error::Config(config::ConfigError(e.to_string())))?,
+            l,
+        )),
+        None => None,
+    };
+    let metrics = Arc::new(metrics);
     let token = CancellationToken::new();
     let store = open_store(&config).await?;
     let tls = tls::Tls::from_config(&config)?;
@@ -157,7 +228,10 @@ pub async fn run(
         &config.metric_include,
         &config.metric_exclude,
         // The bound port: what the scaler's own sidecar names its inbound scope by.
-        config.exclude_sink_scope.then_some(sink_addr.port()),
+        config
+            .exclude_sink_scope
+            .then_some(sink_addr.map(|a| a.port()))
+            .flatten(),
     );
     let sink = sink::Sink::new(
         store.clone(),
@@ -191,7 +265,7 @@ pub async fn run(
         token.clone(),
     );
     let scaler = scaler::Scaler::new(
-        engine,
+        engine.clone(),
         triggers,
         metrics.clone(),
         token.clone(),
@@ -224,45 +298,80 @@ pub async fn run(
             metrics.sink_buffered_bytes.clone(),
         ),
     };
+    let mut servers = Servers::default();
     // Per connection: a sidecar opens one stream, so a connection with many
     // is a client multiplying what it can make the sink hold.
-    let sink_server = server()
-        .max_concurrent_streams(Some(config.sink_max_concurrent_streams))
-        .add_service(health_service.clone())
-        .add_service(sink_reflection.v1)
-        .add_service(sink_reflection.v1alpha)
-        .add_service(sink::MetricsServiceServer::new(sink, read_limits))
-        .serve_with_incoming_shutdown(
-            tls::incoming(listeners.sink, tls.clone().filter(|_| config.tls_sink)),
-            token.clone().cancelled_owned(),
+    if let Some(l) = listeners.take(Port::Sink) {
+        let tls = tls.clone().filter(|_| config.tls_sink);
+        servers.spawn(
+            Port::Sink,
+            server()
+                .max_concurrent_streams(Some(config.sink_max_concurrent_streams))
+                .add_service(health_service.clone())
+                .add_service(sink_reflection.v1)
+                .add_service(sink_reflection.v1alpha)
+                .add_service(sink::MetricsServiceServer::new(sink, read_limits))
+                .serve_with_incoming_shutdown(
+                    tls::incoming(l, tls),
+                    token.clone().cancelled_owned(),
+                ),
         );
-    let scaler_server = server()
-        .add_service(health_service)
-        .add_service(scaler_reflection.v1)
-        .add_service(scaler_reflection.v1alpha)
-        .add_service(scaler::ExternalScalerServer::new(scaler))
-        .serve_with_incoming_shutdown(
-            tls::incoming(listeners.scaler, tls.clone()).client_names(tls::ClientNames::new(
-                &config.tls_client_names,
-                metrics.scaler_clients_refused.clone(),
-            )),
-            token.clone().cancelled_owned(),
+    }
+    if let Some(l) = listeners.take(Port::Scaler) {
+        let names = tls::ClientNames::new(
+            &config.tls_client_names,
+            metrics.scaler_clients_refused.clone(),
         );
-    let app = http::router(http::AppState {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        view: config.view_enabled.then_some(view),
-        store_kind: config.store,
-        replica: view::replica_name(),
-        activator: None,
-    });
-    let http_server = http::serve(
-        listeners.http,
-        app,
-        config.http_header_timeout,
-        token.clone(),
-    );
+        servers.spawn(
+            Port::Scaler,
+            server()
+                .add_service(health_service)
+                .add_service(scaler_reflection.v1)
+                .add_service(scaler_reflection.v1alpha)
+                .add_service(scaler::ExternalScalerServer::new(scaler))
+                .serve_with_incoming_shutdown(
+                    tls::incoming(l, tls.clone()).client_names(names),
+                    token.clone().cancelled_owned(),
+                ),
+        );
+    }
+    if let Some(l) = listeners.take(Port::CustomMetrics) {
+        custom_metrics::servable(&config)?;
+        let api = custom_metrics::CustomMetricsApi::new(
+            &config,
+            Arc::new(custom_metrics::EngineSource::new(engine.clone())),
+            ready.clone(),
+        )?;
+        let (reload, token) = (config.tls_reload_interval, token.clone());
+        servers.spawn(Port::CustomMetrics, async move {
+            api.serve(l, reload, token).await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
+    let routes = activator.as_ref().map(|(a, _)| a.routes());
+    if let Some((activator, l)) = activator {
+        let token = token.clone();
+        servers.spawn(Port::Activator, async move {
+            activator.serve(l, token).await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
+    if let Some(l) = listeners.take(Port::Http) {
+        let app = http::router(http::AppState {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            view: config.view_enabled.then_some(view),
+            store_kind: config.store,
+            replica: view::replica_name(),
+            activator: routes,
+        });
+        let serve = http::serve(l, app, config.http_header_timeout, token.clone());
+        servers.spawn(Port::Http, async move {
+            serve.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
 
     let readiness = tokio::spawn(watch_readiness(store.clone(), ready, health, token.clone()));
     let summary = tokio::spawn(summarise(
@@ -271,15 +380,9 @@ pub async fn run(
         config.summary_interval,
         token.clone(),
     ));
-    info!(%sink_addr, %scaler_addr, %http_addr, store = ?config.store, pod_ttl = ?config.pod_ttl,
+    info!(sink_addr = %sink_at, scaler_addr = %scaler_at, http_addr = %http_at,
+        custom_metrics_addr = %custom_metrics_at, activator_addr = %activator_at, store = ?config.store, pod_ttl = ?config.pod_ttl,
         tls = tls.is_some(), mtls = tls.as_ref().is_some_and(|t| t.verifies_clients()), "activescale serving");
-
-    let sink_task = tokio::spawn(sink_server);
-    let scaler_task = tokio::spawn(scaler_server);
-    let http_task = tokio::spawn(async move {
-        http_server.await;
-        Ok::<(), std::convert::Infallible>(())
-    });
 
     let stopping = token.clone();
     tokio::select! {
@@ -287,21 +390,7 @@ pub async fn run(
         _ = stopping.cancelled() => {}
     }
     token.cancel();
-    let drain = async {
-        let (a, b, c) = tokio::join!(sink_task, scaler_task, http_task);
-        for (what, r) in [
-            ("sink", a.map(|r| r.map_err(|e| e.to_string()))),
-            ("scaler", b.map(|r| r.map_err(|e| e.to_string()))),
-            ("http", c.map(|r| r.map_err(|e| e.to_string()))),
-        ] {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => error!(server = what, error = %e, "server failed"),
-                Err(e) => error!(server = what, error = %e, "server task panicked"),
-            }
-        }
-    };
-    if tokio::time::timeout(config.drain_timeout, drain)
+    if tokio::time::timeout(config.drain_timeout, servers.drain())
         .await
         .is_err()
     {
@@ -311,6 +400,37 @@ pub async fn run(
     summary.abort();
     info!("stopped");
     Ok(())
+}
+
+/// The servers `run` started, each named by its port.
+#[derive(Default)]
+struct Servers {
+    tasks: Vec<(
+        Port,
+        tokio::task::JoinHandle<std::result::Result<(), String>>,
+    )>,
+}
+
+impl Servers {
+    fn spawn<E: std::fmt::Display>(
+        &mut self,
+        port: Port,
+        server: impl Future<Output = std::result::Result<(), E>> + Send + 'static,
+    ) {
+        let task = tokio::spawn(async move { server.await.map_err(|e| e.to_string()) });
+        self.tasks.push((port, task));
+    }
+
+    /// Waits for every server to finish its drain, logging failures.
+    async fn drain(self) {
+        for (port, task) in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(server = port.name(), error = %e, "server failed"),
+                Err(e) => error!(server = port.name(), error = %e, "server task panicked"),
+            }
+        }
+    }
 }
 
 /// Keeps `/readyz` and the gRPC health status in step with the store.

@@ -361,8 +361,12 @@ fn aggregator(pki: &Pki, http: Http) -> reqwest::Client {
 }
 
 async fn get(client: &reqwest::Client, served: &Served, path: &str) -> (u16, Value, Version) {
+    get_port(client, served.addr.port(), path).await
+}
+
+async fn get_port(client: &reqwest::Client, port: u16, path: &str) -> (u16, Value, Version) {
     let response = client
-        .get(format!("https://localhost:{}{path}", served.addr.port()))
+        .get(format!("https://localhost:{port}{path}"))
         .header(
             "X-Remote-User",
             "system:serviceaccount:kube-system:horizontal-pod-autoscaler",
@@ -863,4 +867,132 @@ async fn plaintext_and_stalled_handshakes_disturb_nobody() {
     let _stalled = tokio::net::TcpStream::connect(served.addr).await.unwrap();
     let (code, _, _) = get(&aggregator(&pki, Http::Two), &served, V2).await;
     assert_eq!(code, 200);
+}
+
+// ---- served by `run`, over the engine and a real store ----
+
+/// A whole server (`run`) with the API on, its certificate and front-proxy
+/// CA from `pki`, and `change` applied.
+async fn served_by_run(
+    pki: &Pki,
+    change: impl FnOnce(&mut Config),
+) -> (common::TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = pki.server_ca.server();
+    std::fs::write(dir.path().join("tls.crt"), &server.cert_pem).unwrap();
+    std::fs::write(dir.path().join("tls.key"), &server.key_pem).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), pki.front_proxy_ca.0.pem()).unwrap();
+    let mut config = Config {
+        custom_metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        custom_metrics_tls_cert: Some(dir.path().join("tls.crt")),
+        custom_metrics_tls_key: Some(dir.path().join("tls.key")),
+        custom_metrics_client_ca: Some(dir.path().join("ca.crt")),
+        custom_metrics_allowed_names: vec!["front-proxy-client".into()],
+        ..common::test_config()
+    };
+    change(&mut config);
+    (common::start_server(config).await, dir)
+}
+
+fn item_values(body: &Value) -> Vec<(String, String)> {
+    body["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no items: {body}"))
+        .iter()
+        .map(|i| {
+            (
+                i["describedObject"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                i["value"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_the_same_pod_samples_as_get_metrics() {
+    use common::envoy::{Sidecar, inbound, istio_node};
+    let pki = Pki::new();
+    let (server, _dir) = served_by_run(&pki, |_| {}).await;
+    let port = server.addr(activescale::Port::CustomMetrics).port();
+    let mut pods = Vec::new();
+    for (name, value) in [("web-1", 3.0), ("web-2", 4.0)] {
+        let node = istio_node("shop", name, &[("app", "web")], "web");
+        let mut sidecar = Sidecar::connect(server.sink, node).await;
+        sidecar.push_gauges(&[(&inbound(8080), value)]).await;
+        pods.push(sidecar);
+    }
+    let scaler = server.scaler_client().await;
+    let r = common::so_ref(
+        "shop",
+        "web",
+        &[("labelSelector", "app=web"), ("targetValue", "10")],
+    );
+    eventually(LIMIT, "GetMetrics sees both pods", || {
+        let (mut c, r) = (scaler.clone(), r.clone());
+        async move { common::get_metric(&mut c, &r).await.ok() == Some(7.0) }
+    })
+    .await;
+
+    for http in [Http::Two, Http::One] {
+        let c = aggregator(&pki, http);
+        let list = format!("{V2}/namespaces/shop/pods/*/active_requests?labelSelector=app=web");
+        let (code, body, _) = get_port(&c, port, &list).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            item_values(&body),
+            [("web-1".into(), "3".into()), ("web-2".into(), "4".into())],
+            "the values GetMetrics summed to 7"
+        );
+        let one = format!("{V2}/namespaces/shop/pods/web-2/active_requests");
+        let (code, body, _) = get_port(&c, port, &one).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(item_values(&body), [("web-2".into(), "4".into())]);
+        let v1 = format!("{V1}/namespaces/shop/pods/*/active_requests?labelSelector=app=web");
+        let (code, body, _) = get_port(&c, port, &v1).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["items"].as_array().map(Vec::len), Some(2), "{body}");
+        let (code, body, _) = get_port(
+            &c,
+            port,
+            &format!("{V2}/namespaces/shop/pods/*/active_requests?labelSelector=app=nothing"),
+        )
+        .await;
+        assert_eq!(
+            (code, body["items"].clone()),
+            (200, json!([])),
+            "no pods: empty"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_answers_503_while_the_store_warms_up_never_an_empty_list() {
+    let pki = Pki::new();
+    let (server, _dir) = served_by_run(&pki, |c| c.warmup = Some(Duration::from_secs(3600))).await;
+    let port = server.addr(activescale::Port::CustomMetrics).port();
+    let c = aggregator(&pki, Http::Two);
+    let (code, body, _) = get_port(
+        &c,
+        port,
+        &format!("{V2}/namespaces/shop/pods/*/active_requests?labelSelector=app=web"),
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["kind"], "Status", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_metrics_it_cannot_serve_yet_naming_the_setting() {
+    let mut config = common::test_config();
+    config.custom_metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.custom_metrics_windows = vec!["max_30s".into()];
+    let listeners = activescale::Listeners::bind(&config).await.unwrap();
+    let e = activescale::run(config, listeners, std::future::ready(()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("custom_metrics_windows"), "{e}");
 }

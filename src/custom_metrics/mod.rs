@@ -114,3 +114,82 @@ pub enum SourceError {
 pub trait PodMetricSource: Send + Sync + 'static {
     async fn pods(&self, query: &PodQuery<'_>) -> Result<Vec<PodSample>, SourceError>;
 }
+
+/// The engine's per-pod values as the API's source: `active_requests` now.
+pub struct EngineSource {
+    engine: crate::engine::Engine,
+}
+
+impl EngineSource {
+    pub fn new(engine: crate::engine::Engine) -> Self {
+        Self { engine }
+    }
+}
+
+#[async_trait]
+impl PodMetricSource for EngineSource {
+    async fn pods(&self, query: &PodQuery<'_>) -> Result<Vec<PodSample>, SourceError> {
+        use crate::{engine::EvalError, store::PodSelector};
+        match &query.metric.kind {
+            MetricKind::ActiveRequests { window: None } => {}
+            // Refused at start-up by `run` (see `servable`); never answered
+            // with a number the store cannot back.
+            _ => {
+                return Err(SourceError::Failed(format!(
+                    "metric {} is not served by this build",
+                    query.metric.name
+                )));
+            }
+        }
+        let selector = match query.pods {
+            PodScope::Matching(s) => s.cloned().map(PodSelector::Labels),
+            PodScope::Named(_) => None,
+        };
+        let pods = self
+            .engine
+            .pods(query.namespace, selector.as_ref())
+            .await
+            .map_err(|e| match e {
+                EvalError::WarmingUp(left) => SourceError::WarmingUp(left),
+                e => SourceError::Unavailable(e.to_string()),
+            })?;
+        let now = SystemTime::now();
+        Ok(pods
+            .into_iter()
+            .filter(|p| match query.pods {
+                PodScope::Named(name) => p.name == name,
+                PodScope::Matching(_) => true,
+            })
+            .map(|p| PodSample {
+                name: p.name,
+                value: p.value,
+                last_report: now.checked_sub(p.age).unwrap_or(now),
+            })
+            .collect())
+    }
+}
+
+/// Refuses, naming the setting, what the served API cannot answer yet:
+/// windowed forms and Prometheus rules need per-pod reads the engine does
+/// not offer yet. Listing them in discovery and failing every request would
+/// leave an HPA stuck without saying why.
+pub fn servable(config: &crate::config::Config) -> Result<(), crate::config::ConfigError> {
+    for (field, set) in [
+        (
+            "custom_metrics_windows",
+            !config.custom_metrics_windows.is_empty(),
+        ),
+        (
+            "custom_metrics_rules",
+            !config.custom_metrics_rules.is_empty(),
+        ),
+    ] {
+        if set {
+            return Err(crate::config::ConfigError(format!(
+                "{field}: not served yet with custom_metrics_addr (only active_requests is); \
+                 leave it empty"
+            )));
+        }
+    }
+    Ok(())
+}

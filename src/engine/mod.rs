@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     prometheus::{PromBackend, PromError, PromKey, PromTrigger},
-    store::{PodQuery, SharedStore, StoreError},
+    store::{PodQuery, PodSelector, SharedStore, StoreError},
     telemetry::Metrics,
     trigger::{Aggregation, Source},
 };
@@ -56,6 +56,15 @@ impl FeedKey {
             FeedKey::Prometheus(_) => None,
         }
     }
+}
+
+/// One live pod's value now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodReading {
+    pub name: String,
+    pub value: f64,
+    /// Since its sidecar last reported.
+    pub age: Duration,
 }
 
 /// The engine; clones share everything (feeds included).
@@ -106,6 +115,27 @@ impl Engine {
 
     async fn prom(&self, p: &PromTrigger) -> Result<f64, EvalError> {
         Ok(self.prometheus.value(p).await?)
+    }
+
+    /// Each live pod of `namespace` matching `selector` (every pod when
+    /// `None`), with its value now: for front ends that answer per pod.
+    pub async fn pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+    ) -> Result<Vec<PodReading>, EvalError> {
+        if let Some(left) = self.store.warming_up() {
+            return Err(EvalError::WarmingUp(left));
+        }
+        let pods = self.store.pods(namespace, selector).await?;
+        Ok(pods
+            .into_iter()
+            .map(|p| PodReading {
+                name: p.identity.name,
+                value: p.value,
+                age: p.age,
+            })
+            .collect())
     }
 
     /// The shared feed of the source's value, started if none runs. The

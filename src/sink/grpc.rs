@@ -48,6 +48,10 @@ pub const STREAM_METRICS: &str = "/envoy.service.metrics.v3.MetricsService/Strea
 /// gRPC's per-message prefix: compressed flag and length.
 const PREFIX: usize = 5;
 
+/// The largest HTTP/2 DATA frame a client may send us (the protocol's
+/// default `SETTINGS_MAX_FRAME_SIZE`, which the server keeps).
+const MAX_FRAME: usize = 16 * 1024;
+
 /// The message bytes all streams together may hold
 /// (`sink_max_buffered_bytes`), shared by every stream of the process.
 #[derive(Clone)]
@@ -186,6 +190,8 @@ pub struct Messages {
     held: usize,
     /// Of `held`, the message last handed out; given back on the next call.
     handed: usize,
+    /// Of `held`, room taken for a frame not read yet.
+    reserved: usize,
 }
 
 impl Messages {
@@ -196,15 +202,15 @@ impl Messages {
             limits,
             held: 0,
             handed: 0,
+            reserved: 0,
         }
     }
 
     /// The next message; `None` when the client ended the stream cleanly.
     pub async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
         // The caller is done with the message it had.
-        self.limits.budget.give_back(self.handed);
-        self.held -= self.handed;
-        self.handed = 0;
+        let handed = std::mem::take(&mut self.handed);
+        self.give_back(handed);
         // Between messages a stream may idle for ever (a flush every 5 s);
         // once a message has started, its clock runs.
         let mut deadline = (!self.buf.is_empty()).then(|| self.deadline());
@@ -215,35 +221,69 @@ impl Messages {
             }
             let frame = match deadline {
                 None => self.body.frame().await,
-                Some(at) => match tokio::time::timeout_at(at, self.body.frame()).await {
-                    Ok(frame) => frame,
-                    Err(_) => return Err(self.stalled()),
-                },
-            };
-            match frame {
-                None if self.buf.is_empty() => return Ok(None),
-                None => return Err(ReadError::Truncated),
-                Some(Err(status)) => return Err(ReadError::Broken(status)),
-                Some(Ok(frame)) => {
-                    // Trailers from a client carry nothing for us.
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    if data.is_empty() {
-                        continue;
+                Some(at) => {
+                    // Inside a message, room for the next frame is taken
+                    // before it is read: a stream waiting for the budget
+                    // holds no frame outside it, and its sender waits on
+                    // HTTP/2 flow control instead.
+                    if self.reserved == 0 {
+                        let take = self.limits.budget.take(MAX_FRAME);
+                        if tokio::time::timeout_at(at, take).await.is_err() {
+                            return Err(self.stalled());
+                        }
+                        self.held += MAX_FRAME;
+                        self.reserved = MAX_FRAME;
                     }
-                    let at = *deadline.get_or_insert_with(|| self.deadline());
-                    // Until the budget has room this stream reads nothing
-                    // more: its HTTP/2 window closes and its client waits.
-                    let take = self.limits.budget.take(data.len());
-                    if tokio::time::timeout_at(at, take).await.is_err() {
-                        return Err(self.stalled());
+                    match tokio::time::timeout_at(at, self.body.frame()).await {
+                        Ok(frame) => frame,
+                        Err(_) => {
+                            let reserved = std::mem::take(&mut self.reserved);
+                            self.give_back(reserved);
+                            return Err(self.stalled());
+                        }
                     }
-                    self.held += data.len();
-                    self.buf.extend_from_slice(&data);
                 }
+            };
+            let reserved = std::mem::take(&mut self.reserved);
+            let data = match frame {
+                // Trailers from a client carry nothing for us.
+                Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+                end => {
+                    self.give_back(reserved);
+                    return match end {
+                        None if self.buf.is_empty() => Ok(None),
+                        Some(Err(status)) => Err(ReadError::Broken(status)),
+                        _ => Err(ReadError::Truncated),
+                    };
+                }
+            };
+            let at = match deadline {
+                Some(at) => at,
+                None if data.is_empty() => continue,
+                None => *deadline.insert(self.deadline()),
+            };
+            // What the reservation does not cover is taken now (a first
+            // frame, or one larger than the peer was told to send); until
+            // the budget has room this stream reads nothing more.
+            let more = data.len().saturating_sub(reserved);
+            if more > 0 {
+                if tokio::time::timeout_at(at, self.limits.budget.take(more))
+                    .await
+                    .is_err()
+                {
+                    self.give_back(reserved);
+                    return Err(self.stalled());
+                }
+                self.held += more;
             }
+            self.give_back(reserved.saturating_sub(data.len()));
+            self.buf.extend_from_slice(&data);
         }
+    }
+
+    fn give_back(&mut self, n: usize) {
+        self.limits.budget.give_back(n);
+        self.held -= n;
     }
 
     fn deadline(&self) -> Instant {
@@ -380,7 +420,7 @@ mod tests {
         let held = Gauge::default();
         let mut whole = framed(&[&[1u8; 100]]).freeze();
         let part = whole.split_to(40);
-        let mut messages = Messages::new(open_body(vec![part]), limits(1000, &held));
+        let mut messages = Messages::new(open_body(vec![part]), limits(1 << 20, &held));
         match messages.next().await {
             Err(ReadError::Stalled(timeout, 40)) => assert_eq!(timeout, Duration::from_secs(10)),
             other => panic!("{other:?}"),
@@ -412,31 +452,52 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_spent_budget_stops_reading_until_bytes_are_given_back() {
+        const KIB: usize = 1024;
         let held = Gauge::default();
-        let shared = limits(1000, &held);
-        let mut a_whole = framed(&[&[1u8; 800]]).freeze();
-        let a_part = a_whole.split_to(700);
+        let shared = limits(3 * MAX_FRAME, &held);
+        let mut a_whole = framed(&[&[1u8; 40 * KIB]]).freeze();
+        let a_part = a_whole.split_to(30 * KIB);
         let mut a = Messages::new(open_body(vec![a_part]), shared.clone());
-        let b_whole = framed(&[&[2u8; 600]]).freeze();
+        let b_whole = framed(&[&[2u8; 20 * KIB]]).freeze();
         let mut b = Messages::new(open_body(vec![b_whole]), shared);
 
-        // a holds 700 of 1,000 bytes and waits for the rest of its message.
+        // a holds what arrived plus room for its next frame, and waits for it.
         let a_wait = tokio::time::timeout(Duration::from_secs(1), a.next()).await;
         assert!(a_wait.is_err());
-        assert_eq!(held.get(), 700);
-        // b's 605 bytes do not fit: b reads nothing more and stalls.
+        assert_eq!(held.get(), (30 * KIB + MAX_FRAME) as i64);
+        // b's 20 KiB do not fit in what is left: b reads nothing more and stalls.
         match b.next().await {
             Err(ReadError::Stalled(_, 0)) => {}
             other => panic!("{other:?}"),
         }
-        assert_eq!(held.get(), 700, "b took nothing it could not have");
+        assert_eq!(
+            held.get(),
+            (30 * KIB + MAX_FRAME) as i64,
+            "b took nothing it could not have"
+        );
 
         // Once a is gone, a new stream like b gets its message.
         drop(a);
-        let c_whole = framed(&[&[3u8; 600]]).freeze();
+        assert_eq!(held.get(), 0);
+        let c_whole = framed(&[&[3u8; 20 * KIB]]).freeze();
         let mut c = Messages::new(open_body(vec![c_whole]), limits_sharing(&b));
-        assert_eq!(c.next().await.unwrap().unwrap().len(), 600);
-        assert_eq!(held.get(), 605);
+        assert_eq!(c.next().await.unwrap().unwrap().len(), 20 * KIB);
+        assert_eq!(held.get(), (20 * KIB + PREFIX) as i64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_for_a_frame_is_taken_before_it_is_read_and_the_rest_given_back() {
+        let held = Gauge::default();
+        let mut whole = framed(&[&[1u8; 100]]).freeze();
+        let first = whole.split_to(10);
+        let frames = futures::stream::iter([first, whole].map(|c| Ok::<_, Status>(Frame::data(c))));
+        let body = Body::new(StreamBody::new(frames.chain(futures::stream::pending())));
+        let mut messages = Messages::new(body, limits(1 << 20, &held));
+        assert_eq!(messages.next().await.unwrap().unwrap().len(), 100);
+        assert_eq!(held.get(), 105, "only the message is held, no reservation");
+        let idle = tokio::time::timeout(Duration::from_secs(60), messages.next()).await;
+        assert!(idle.is_err());
+        assert_eq!(held.get(), 0, "an idle stream reserves nothing");
     }
 
     fn limits_sharing(other: &Messages) -> ReadLimits {

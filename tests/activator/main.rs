@@ -4,6 +4,8 @@
 //! count, its readiness, a response); the only timeouts are safety nets and
 //! the short hold timeouts under test.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod memory;
 mod support;
 
@@ -556,4 +558,31 @@ async fn route_handles_expose_namespace_and_lookup() {
             .find("other.example.com", Some("/api"))
             .is_none()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_the_activator_port_and_shows_its_routes() {
+    let port = free_port();
+    let _upstream = Upstream::echo(&port).await;
+    let server = common::start_server(activescale::config::Config {
+        activator_addr: Some("127.0.0.1:0".parse().unwrap()),
+        activator_routes: vec![route("web.example.com", None, port.n)],
+        ..common::test_config()
+    })
+    .await;
+    let proxy = server.addr(activescale::Port::Activator);
+    let reply = within(send(proxy, get("web.example.com", "/hello"))).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.body.starts_with("GET /hello\n"), "{}", reply.body);
+    let unknown = within(send(proxy, get("other.example.com", "/"))).await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+
+    let (code, status) = common::http_get(&server.http_url("/v1/status")).await;
+    assert_eq!(code, 200, "{status}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let routes = status["activator"]
+        .as_array()
+        .expect("the activator's routes");
+    assert_eq!(routes.len(), 1, "{status}");
+    assert_eq!(routes[0]["host"], "web.example.com", "{status}");
 }

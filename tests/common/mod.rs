@@ -8,15 +8,20 @@ pub mod redis_server;
 
 use std::{net::SocketAddr, time::Duration};
 
-use activescale::{Listeners, config::Config, proto::external_scaler_client::ExternalScalerClient};
+use activescale::{
+    Listeners, Port, config::Config, proto::external_scaler_client::ExternalScalerClient,
+};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-/// A running server on ephemeral loopback ports.
+/// A running server on ephemeral loopback ports. A port that was not
+/// started reads as `127.0.0.1:0` (nothing can connect to it).
 pub struct TestServer {
     pub sink: SocketAddr,
     pub scaler: SocketAddr,
     pub http: SocketAddr,
+    /// Every started port's address, the optional ones included.
+    pub ports: Vec<(Port, SocketAddr)>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<activescale::Result<()>>>,
 }
@@ -35,10 +40,22 @@ pub fn test_config() -> Config {
 }
 
 /// Starts `activescale::run` with `config` (its addresses are overridden by
-/// ephemeral ones) and returns once every port accepts connections.
+/// ephemeral ones) and returns once every port accepts connections. Every
+/// port the config turns on is started.
 pub async fn start_server(config: Config) -> TestServer {
-    let listeners = Listeners::bind(&config).await.expect("bind");
-    let (sink, scaler, http) = listeners.addrs().unwrap();
+    start_only(config, &Port::ALL).await
+}
+
+/// [`start_server`] with only those of `ports` the config turns on.
+pub async fn start_only(config: Config, ports: &[Port]) -> TestServer {
+    let listeners = Listeners::bind_only(&config, ports).await.expect("bind");
+    let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let addr = |p| listeners.addr_of(p).unwrap_or(unbound);
+    let (sink, scaler, http) = (addr(Port::Sink), addr(Port::Scaler), addr(Port::Http));
+    let ports = Port::ALL
+        .iter()
+        .filter_map(|&p| Some((p, listeners.addr_of(p)?)))
+        .collect();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(activescale::run(config, listeners, async move {
         let _ = stopped.await;
@@ -47,12 +64,19 @@ pub async fn start_server(config: Config) -> TestServer {
         sink,
         scaler,
         http,
+        ports,
         stop: Some(stop),
         task: Some(task),
     }
 }
 
 impl TestServer {
+    /// The address of a started port.
+    pub fn addr(&self, port: Port) -> SocketAddr {
+        let found = self.ports.iter().find(|(p, _)| *p == port);
+        found.map(|(_, a)| *a).expect("that port was started")
+    }
+
     pub async fn scaler_client(&self) -> ExternalScalerClient<Channel> {
         ExternalScalerClient::connect(format!("http://{}", self.scaler))
             .await

@@ -626,6 +626,8 @@ struct StoredPod {
 /// The answer of `read.lua`.
 struct Snapshot {
     now_ms: u64,
+    /// The node's uptime: a young node's pods may not all have reported yet.
+    uptime: Duration,
     pods: Vec<StoredPod>,
 }
 
@@ -729,11 +731,10 @@ impl Snapshot {
             "now",
             &it.next().flatten().ok_or_else(|| corrupt("no time"))?,
         )? as u64;
-        // The node's uptime matters to `values` only (see `values_of`).
-        number(
+        let uptime = Duration::from_secs(number(
             "uptime",
             &it.next().flatten().ok_or_else(|| corrupt("no uptime"))?,
-        )?;
+        )? as u64);
         let mut pods = Vec::new();
         // Pods of one workload share a label set: parse each distinct one once
         // (a map: with per-pod labels a linear search would be quadratic).
@@ -787,7 +788,11 @@ impl Snapshot {
                 families,
             });
         }
-        Ok(Self { now_ms, pods })
+        Ok(Self {
+            now_ms,
+            uptime,
+            pods,
+        })
     }
 }
 
@@ -866,6 +871,9 @@ impl Store for RedisStore {
     ) -> Result<Vec<PodView>, StoreError> {
         self.inner.writes.check()?;
         let snap = self.inner.read(namespace, false).await?;
+        // Per-pod answers feed the Custom Metrics API: a young node's list
+        // may miss pods that have not reported since it started.
+        self.inner.check_uptime(snap.uptime)?;
         let mut views: Vec<PodView> = snap
             .pods
             .into_iter()
