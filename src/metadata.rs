@@ -56,7 +56,7 @@ impl MetadataError {
 /// Most characters of a refused value shown in the error. A status message
 /// travels in an HTTP/2 trailer, and a 16 KiB query echoed whole makes the
 /// client drop the response (a protocol error instead of the reason).
-const SHOWN_CHARS: usize = 200;
+pub const SHOWN_CHARS: usize = 200;
 
 /// [`MetadataError::invalid`] with the value cut to [`SHOWN_CHARS`], for
 /// values that may be long (queries, selectors, URLs).

@@ -203,7 +203,7 @@ mod tests {
         let e = parse(
             &Metadata(&m),
             "shop",
-            &super::super::tests::settings(),
+            &crate::source::tests::settings(),
             None,
         )
         .unwrap_err()
