@@ -847,6 +847,29 @@ mod tests {
     }
 
     #[test]
+    fn a_preset_gives_the_target_when_targetvalue_does_not() {
+        let settings = crate::source::tests::settings();
+        let kind = |pairs: &[(&str, &str)], target| {
+            let mut m = meta(pairs);
+            m.insert("serverAddress".into(), "http://p:9090".into());
+            super::parse(&Metadata(&m), "shop", &settings, target)
+        };
+        let p = kind(&[("preset", "membrane-capacity")], None).unwrap();
+        assert_eq!(
+            (p.target, p.default_metric_name),
+            (0.45, "membrane_capacity")
+        );
+        let p = kind(&[("preset", "membrane-capacity")], Some(2.0)).unwrap();
+        assert_eq!(p.target, 2.0);
+        assert!(matches!(p.source, Source::Prometheus(_)));
+        let e = kind(&[("query", "up")], None).unwrap_err().to_string();
+        assert!(
+            e.contains("`targetValue`") && e.contains("per-replica target"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn custom_headers_parse() {
         assert_eq!(
             custom_headers("X-Scope-OrgID=tenant, X-Other = v=1").unwrap(),
