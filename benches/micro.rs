@@ -13,8 +13,9 @@ use activescale::{
     prometheus::PromSettings,
     selector::{Labels, Selector},
     sink::{names::NameFilter, wire},
+    source::envoy::Aggregation,
     store::{PodIdentity, PodQuery, PodSelector, Store, memory::MemoryStore},
-    trigger::{self, Aggregation, TriggerCache, TriggerSettings},
+    trigger::{self, TriggerCache, TriggerSettings},
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;

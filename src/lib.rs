@@ -17,9 +17,14 @@
 //! - [`scaler`]: KEDA's `externalscaler.ExternalScaler`; the one place where
 //!   errors become gRPC statuses. StreamIsActive streams of one query share a
 //!   read loop (a feed).
-//! - [`trigger`]: trigger-metadata parsing and the parsed-trigger cache.
+//! - [`trigger`]: a parsed trigger (target, activation, metric name, source)
+//!   and the parsed-trigger cache.
+//! - [`source`]: one module per source (`envoy`, `prometheus`), each owning
+//!   its metadata keys and parser, plugged into one [`source::Source`] enum.
+//! - [`metadata`]: typed readers of trigger-metadata keys and their errors.
 //! - [`selector`]: Kubernetes label selectors.
-//! - [`prometheus`]: the optional Prometheus backend (`source: prometheus`).
+//! - [`prometheus`]: the optional Prometheus backend that runs
+//!   `source: prometheus` triggers (client, PromQL checks, formulas, presets).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/v1/pods`, and the live view.
 //! - [`view`]: what KEDA asked and was answered, for the page at `/`.
 //! - [`custom_metrics`]: the Custom Metrics API (`custom.metrics.k8s.io`)
@@ -44,11 +49,13 @@ pub mod config;
 pub mod custom_metrics;
 pub mod engine;
 pub mod http;
+pub mod metadata;
 pub mod prometheus;
 pub mod reflection;
 pub mod scaler;
 pub mod selector;
 pub mod sink;
+pub mod source;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::{
     engine::{Engine, EvalError},
+    metadata::MetadataError,
     prometheus::PromError,
     proto::{
         GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
@@ -24,7 +25,7 @@ use crate::{
     },
     store::StoreError,
     telemetry::{MethodLabel, Metrics, RpcLabels},
-    trigger::{MetadataError, Trigger, TriggerCache},
+    trigger::{Trigger, TriggerCache},
 };
 
 pub use crate::proto::external_scaler_server::ExternalScalerServer;

@@ -1,5 +1,10 @@
-//! Trigger metadata: what a ScaledObject's `external`/`external-push` trigger
-//! asks for, parsed and validated once.
+//! A parsed trigger: what a ScaledObject's `external`/`external-push`
+//! trigger asks for, parsed and validated once.
+//!
+//! This module reads the keys every trigger has (`targetValue`,
+//! `activationValue`, `metricName`, `source`) and checks the ScaledObject's
+//! namespace; the `source` key hands the rest to one of [`crate::source`]'s
+//! parsers, and [`crate::metadata`] reads the keys.
 //!
 //! KEDA sends the trigger's `metadata` map with every call, and its metrics
 //! server calls `GetMetricSpec` on every HPA read, so parsed triggers are
@@ -11,54 +16,14 @@ use std::{
     collections::HashMap,
     hash::BuildHasher,
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
 use crate::{
-    prometheus::{PromSettings, PromTrigger},
-    selector::Selector,
-    store::{PodQuery, PodSelector, Summary, Window, WindowReduce},
+    metadata::{self, KEDA_CLIENT_KEYS, Metadata, MetadataError, NAMESPACE_NAME},
+    source::{self, Source},
 };
 
-/// How per-pod values are combined into the trigger's value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum Aggregation {
-    #[default]
-    Sum,
-    Max,
-    Avg,
-}
-
-impl Aggregation {
-    /// Reduces pod values. No pods is 0 for every form: nothing is in flight.
-    pub fn apply(self, values: &[f64]) -> f64 {
-        if values.is_empty() {
-            return 0.0;
-        }
-        match self {
-            Aggregation::Sum => values.iter().sum(),
-            Aggregation::Max => values.iter().copied().fold(f64::MIN, f64::max),
-            Aggregation::Avg => values.iter().sum::<f64>() / values.len() as f64,
-        }
-    }
-
-    /// [`Aggregation::apply`] from a summary of the values.
-    pub fn of(self, s: &Summary) -> f64 {
-        if s.count == 0 {
-            return 0.0;
-        }
-        match self {
-            Aggregation::Sum => s.sum,
-            Aggregation::Max => s.max,
-            Aggregation::Avg => s.sum / s.count as f64,
-        }
-    }
-
-    /// Whether [`Aggregation::of`] reads the summary's maximum.
-    pub fn needs_max(self) -> bool {
-        self == Aggregation::Max
-    }
-}
+pub use crate::source::TriggerSettings;
 
 /// A parsed trigger.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,199 +37,8 @@ pub struct Trigger {
     pub source: Source,
 }
 
-/// Where a trigger's value comes from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Source {
-    /// Requests in flight reported by Envoy sidecars.
-    Envoy {
-        query: PodQuery,
-        aggregation: Aggregation,
-    },
-    /// A Prometheus query, preset or formula.
-    Prometheus(Box<PromTrigger>),
-}
-
-/// Settings from the service config that bound what a trigger may ask.
-#[derive(Clone, Debug)]
-pub struct TriggerSettings {
-    pub max_window: Duration,
-    pub allow_cross_namespace: bool,
-    pub prometheus: PromSettings,
-}
-
-/// A refused trigger; shown to the user verbatim in KEDA's events.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum MetadataError {
-    #[error("trigger metadata `{key}` is required: {expected}")]
-    Missing { key: String, expected: String },
-    #[error("trigger metadata `{key}` = {value:?} is not accepted: expected {expected}")]
-    Invalid {
-        key: String,
-        value: String,
-        expected: String,
-    },
-    #[error("trigger metadata `{key}` is not a known key; accepted keys: {accepted}")]
-    Unknown { key: String, accepted: String },
-    #[error("trigger metadata: {0}")]
-    Conflict(String),
-    #[error(
-        "trigger metadata `namespace` = {0:?} reads another namespace; \
-         the operator has not set allow_cross_namespace"
-    )]
-    CrossNamespace(String),
-    /// A field of KEDA's `ScaledObjectRef` itself, not of the metadata.
-    #[error("ScaledObjectRef `{field}` = {value:?} is not accepted: expected {expected}")]
-    Reference {
-        field: String,
-        value: String,
-        expected: String,
-    },
-}
-
-impl MetadataError {
-    pub fn invalid(key: &str, value: &str, expected: impl Into<String>) -> Self {
-        Self::Invalid {
-            key: key.into(),
-            value: value.into(),
-            expected: expected.into(),
-        }
-    }
-
-    pub fn missing(key: &str, expected: impl Into<String>) -> Self {
-        Self::Missing {
-            key: key.into(),
-            expected: expected.into(),
-        }
-    }
-}
-
 /// Keys every source understands.
 const COMMON_KEYS: &[&str] = &["source", "targetValue", "activationValue", "metricName"];
-/// Keys of the envoy source.
-const ENVOY_KEYS: &[&str] = &[
-    "labelSelector",
-    "workload",
-    "aggregation",
-    "window",
-    "windowAggregation",
-    "namespace",
-];
-/// Keys KEDA's own client reads (TLS towards the scaler); present in the map,
-/// not ours to interpret.
-const KEDA_CLIENT_KEYS: &[&str] = &[
-    "scalerAddress",
-    "enableTLS",
-    "unsafeSsl",
-    "caCert",
-    "tlsClientCert",
-    "tlsClientKey",
-    "tlsCertFile",
-];
-
-/// Read access to a trigger's metadata with typed, self-describing errors.
-pub struct Metadata<'a>(pub &'a HashMap<String, String>);
-
-impl<'a> Metadata<'a> {
-    /// The trimmed value of `key`; an empty value counts as absent.
-    pub fn get(&self, key: &str) -> Option<&'a str> {
-        self.0.get(key).map(|v| v.trim()).filter(|v| !v.is_empty())
-    }
-
-    /// A finite number, optionally bounded below.
-    pub fn number(
-        &self,
-        key: &str,
-        min: Option<(f64, bool)>,
-    ) -> Result<Option<f64>, MetadataError> {
-        let Some(raw) = self.get(key) else {
-            return Ok(None);
-        };
-        let expected = match min {
-            Some((m, true)) => format!("a number greater than {m}"),
-            Some((m, false)) => format!("a number of at least {m}"),
-            None => "a number".into(),
-        };
-        let v: f64 = raw
-            .parse()
-            .ok()
-            .filter(|v: &f64| v.is_finite())
-            .ok_or_else(|| MetadataError::invalid(key, raw, &expected))?;
-        match min {
-            Some((m, true)) if v <= m => Err(MetadataError::invalid(key, raw, expected)),
-            Some((m, false)) if v < m => Err(MetadataError::invalid(key, raw, expected)),
-            _ => Ok(Some(v)),
-        }
-    }
-
-    /// `true` / `false` (any case).
-    pub fn boolean(&self, key: &str) -> Result<Option<bool>, MetadataError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
-            Some(v) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
-            Some(v) => Err(MetadataError::invalid(key, v, "true or false")),
-        }
-    }
-
-    /// A humantime duration (`30s`, `2m`, `500ms`).
-    pub fn duration(&self, key: &str) -> Result<Option<Duration>, MetadataError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => humantime::parse_duration(v)
-                .map(Some)
-                .map_err(|_| MetadataError::invalid(key, v, "a duration such as 30s, 2m or 500ms")),
-        }
-    }
-
-    /// One of a fixed set of words.
-    pub fn choice<T: Copy>(
-        &self,
-        key: &str,
-        options: &[(&str, T)],
-    ) -> Result<Option<T>, MetadataError> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        options
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(v))
-            .map(|(_, t)| Some(*t))
-            .ok_or_else(|| {
-                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-                MetadataError::invalid(key, v, format!("one of {}", names.join(", ")))
-            })
-    }
-
-    /// Rejects keys that are neither in `keys` nor start with one of `prefixes`.
-    pub fn reject_unknown(&self, keys: &[&[&str]], prefixes: &[&str]) -> Result<(), MetadataError> {
-        let mut unknown: Vec<&String> = self
-            .0
-            .keys()
-            .filter(|k| {
-                !keys.iter().any(|set| set.contains(&k.as_str()))
-                    && !prefixes.iter().any(|p| k.starts_with(p))
-            })
-            .collect();
-        unknown.sort();
-        match unknown.first() {
-            None => Ok(()),
-            Some(key) => {
-                let mut accepted: Vec<String> = keys
-                    .iter()
-                    .flat_map(|set| set.iter())
-                    .filter(|k| !KEDA_CLIENT_KEYS.contains(k))
-                    .map(|k| k.to_string())
-                    .chain(prefixes.iter().map(|p| format!("{p}<name>")))
-                    .collect();
-                accepted.sort();
-                Err(MetadataError::Unknown {
-                    key: key.to_string(),
-                    accepted: accepted.join(", "),
-                })
-            }
-        }
-    }
-}
 
 /// Parses a trigger of a ScaledObject in `namespace`.
 pub fn parse(
@@ -273,186 +47,56 @@ pub fn parse(
     settings: &TriggerSettings,
 ) -> Result<Trigger, MetadataError> {
     // First: it names Redis keys, credential directories and PromQL matchers.
-    if !is_namespace_name(namespace) {
-        return Err(MetadataError::Reference {
-            field: "namespace".into(),
-            value: namespace.into(),
-            expected: NAMESPACE_NAME.into(),
-        });
-    }
+    check_reference_namespace(namespace)?;
     let resolved;
-    let metadata = if metadata.keys().any(|k| k.ends_with(FROM_ENV)) {
-        resolved = resolve_from_env(metadata)?;
+    let metadata = if metadata.keys().any(|k| k.ends_with(metadata::FROM_ENV)) {
+        resolved = metadata::resolve_from_env(metadata)?;
         &resolved
     } else {
         metadata
     };
     let meta = Metadata(metadata);
-    let source = meta
-        .choice("source", &[("envoy", false), ("prometheus", true)])?
-        .unwrap_or(false);
+    let kind = source::kind(&meta)?;
     let activation = meta
         .number("activationValue", Some((0.0, false)))?
         .unwrap_or(0.0);
-    let metric_name = meta.get("metricName").map(str::to_owned);
-    if let Some(name) = &metric_name
-        && !is_metric_name(name)
-    {
-        return Err(MetadataError::invalid(
-            "metricName",
-            name,
-            "1-200 characters of letters, digits, '_', '-', '.' or ':'",
-        ));
-    }
+    let metric_name = metric_name(&meta)?;
     let target = meta.number("targetValue", Some((0.0, true)))?;
-
-    if source {
-        meta.reject_unknown(
-            &[COMMON_KEYS, PromTrigger::KEYS, KEDA_CLIENT_KEYS],
-            PromTrigger::KEY_PREFIXES,
-        )?;
-        let parsed = PromTrigger::parse(&meta, namespace, &settings.prometheus)?;
-        let target = target.or(parsed.default_target).ok_or_else(|| {
-            MetadataError::missing(
-                "targetValue",
-                "a number greater than 0 (the per-replica target)",
-            )
-        })?;
-        return Ok(Trigger {
-            metric_name: metric_name.unwrap_or_else(|| parsed.default_metric_name.to_string()),
-            target,
-            activation,
-            source: Source::Prometheus(Box::new(parsed.trigger)),
-        });
-    }
-
-    meta.reject_unknown(&[COMMON_KEYS, ENVOY_KEYS, KEDA_CLIENT_KEYS], &[])?;
-    let target = target.ok_or_else(|| {
-        MetadataError::missing(
-            "targetValue",
-            "a number greater than 0 (in-flight requests per replica)",
-        )
-    })?;
-    let selector = match (meta.get("labelSelector"), meta.get("workload")) {
-        (Some(_), Some(_)) => {
-            return Err(MetadataError::Conflict(
-                "give either `labelSelector` or `workload`, not both".into(),
-            ));
-        }
-        (Some(s), None) => PodSelector::Labels(Selector::parse(s).map_err(|e| {
-            MetadataError::invalid(
-                "labelSelector",
-                s,
-                format!("a Kubernetes label selector ({e})"),
-            )
-        })?),
-        (None, Some(w)) => PodSelector::Workload(w.to_owned()),
-        (None, None) => {
-            return Err(MetadataError::missing(
-                "labelSelector",
-                "a label selector such as `app=web` (or `workload` with a workload name)",
-            ));
-        }
-    };
-    let aggregation = meta
-        .choice(
-            "aggregation",
-            &[
-                ("sum", Aggregation::Sum),
-                ("max", Aggregation::Max),
-                ("avg", Aggregation::Avg),
-            ],
-        )?
-        .unwrap_or_default();
-    let window_reduce = meta.choice(
-        "windowAggregation",
-        &[("max", WindowReduce::Max), ("avg", WindowReduce::Avg)],
+    meta.reject_unknown(
+        &[COMMON_KEYS, kind.keys, KEDA_CLIENT_KEYS],
+        kind.key_prefixes,
     )?;
-    let window = match meta.duration("window")? {
-        Some(length) if length.is_zero() || length > settings.max_window => {
-            return Err(MetadataError::invalid(
-                "window",
-                meta.get("window").unwrap_or_default(),
-                format!(
-                    "a duration greater than 0 and at most {} (max_window)",
-                    humantime::format_duration(settings.max_window)
-                ),
-            ));
-        }
-        Some(length) => Some(Window {
-            length,
-            reduce: window_reduce.unwrap_or_default(),
-        }),
-        None if window_reduce.is_some() => {
-            return Err(MetadataError::Conflict(
-                "`windowAggregation` needs a `window`".into(),
-            ));
-        }
-        None => None,
-    };
-    let pods_namespace = match meta.get("namespace") {
-        Some(ns) if !is_namespace_name(ns) => {
-            return Err(MetadataError::invalid("namespace", ns, NAMESPACE_NAME));
-        }
-        Some(ns) if ns != namespace => {
-            if !settings.allow_cross_namespace {
-                return Err(MetadataError::CrossNamespace(ns.to_owned()));
-            }
-            ns.to_owned()
-        }
-        _ => namespace.to_owned(),
-    };
+    let parsed = (kind.parse)(&meta, namespace, settings, target)?;
     Ok(Trigger {
-        metric_name: metric_name.unwrap_or_else(|| "active_requests".into()),
-        target,
+        metric_name: metric_name.unwrap_or_else(|| parsed.default_metric_name.to_owned()),
+        target: parsed.target,
         activation,
-        source: Source::Envoy {
-            query: PodQuery {
-                namespace: pods_namespace,
-                selector,
-                window,
-            },
-            aggregation,
-        },
+        source: parsed.source,
     })
 }
 
-/// KEDA resolves `<key>FromEnv: VAR` from the target's environment and passes
-/// the value on under the `<key>FromEnv` name.
-const FROM_ENV: &str = "FromEnv";
-
-/// Renames `<key>FromEnv` to `<key>`; both forms of one key is an error.
-fn resolve_from_env(
-    metadata: &HashMap<String, String>,
-) -> Result<HashMap<String, String>, MetadataError> {
-    let mut out = HashMap::with_capacity(metadata.len());
-    for (k, v) in metadata {
-        let key = k
-            .strip_suffix(FROM_ENV)
-            .filter(|b| !b.is_empty())
-            .unwrap_or(k);
-        if key != k && metadata.contains_key(key) {
-            return Err(MetadataError::Conflict(format!(
-                "give either `{key}` or `{k}`, not both"
-            )));
-        }
-        out.insert(key.to_owned(), v.clone());
+/// The ScaledObject's own namespace, as KEDA's `ScaledObjectRef` gives it.
+fn check_reference_namespace(namespace: &str) -> Result<(), MetadataError> {
+    if metadata::is_namespace_name(namespace) {
+        return Ok(());
     }
-    Ok(out)
+    Err(MetadataError::Reference {
+        field: "namespace".into(),
+        value: namespace.into(),
+        expected: NAMESPACE_NAME.into(),
+    })
 }
 
-/// What [`is_namespace_name`] accepts, for error messages.
-const NAMESPACE_NAME: &str = "a Kubernetes namespace name (RFC 1123 label: 1-63 characters of \
-     a-z, 0-9 and '-', starting and ending with a letter or digit)";
-
-/// A Kubernetes namespace name: an RFC 1123 label.
-pub fn is_namespace_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    let edge = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    (1..=63).contains(&b.len())
-        && b.first().is_some_and(edge)
-        && b.last().is_some_and(edge)
-        && b.iter().all(|c| edge(c) || *c == b'-')
+/// `metricName`, when given.
+fn metric_name(meta: &Metadata<'_>) -> Result<Option<String>, MetadataError> {
+    match meta.get("metricName") {
+        Some(name) if !is_metric_name(name) => Err(MetadataError::invalid(
+            "metricName",
+            name,
+            "1-200 characters of letters, digits, '_', '-', '.' or ':'",
+        )),
+        name => Ok(name.map(str::to_owned)),
+    }
 }
 
 fn is_metric_name(s: &str) -> bool {
@@ -547,16 +191,14 @@ impl TriggerCache {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+mod tests {
+    use std::time::Duration;
 
-    pub fn settings() -> TriggerSettings {
-        TriggerSettings {
-            max_window: Duration::from_secs(600),
-            allow_cross_namespace: false,
-            prometheus: PromSettings::default(),
-        }
-    }
+    use super::*;
+    use crate::{
+        source::{envoy::Aggregation, tests::settings},
+        store::{PodSelector, Window, WindowReduce},
+    };
 
     fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -765,32 +407,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn namespace_names_are_rfc_1123_labels() {
-        let long = "a".repeat(63);
-        for good in ["a", "0", "shop", "team-a", "a1-b2", "1abc", long.as_str()] {
-            assert!(is_namespace_name(good), "{good:?}");
-        }
-        let too_long = "a".repeat(64);
-        for bad in [
-            "",
-            ".",
-            "..",
-            "a/b",
-            "Shop",
-            "shop\n",
-            "-a",
-            "a-",
-            "a.b",
-            "a_b",
-            " a",
-            "\u{e9}",
-            too_long.as_str(),
-        ] {
-            assert!(!is_namespace_name(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn namespaces_that_are_not_names_are_refused_naming_field_and_value() {
         let envoy = meta(&[("labelSelector", "a"), ("targetValue", "1")]);
         let prom = meta(&[
@@ -867,52 +483,6 @@ pub(crate) mod tests {
             e.contains("targetValueFromEnv") && e.contains("not both"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn aggregation_forms() {
-        assert_eq!(Aggregation::Sum.apply(&[1.0, 2.0, 3.0]), 6.0);
-        assert_eq!(Aggregation::Max.apply(&[1.0, 5.0, 3.0]), 5.0);
-        assert_eq!(Aggregation::Avg.apply(&[1.0, 2.0, 3.0]), 2.0);
-        for a in [Aggregation::Sum, Aggregation::Max, Aggregation::Avg] {
-            assert_eq!(a.apply(&[]), 0.0);
-        }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn aggregation_bounds(values in proptest::collection::vec(0.0f64..1e6, 1..50)) {
-            let max = Aggregation::Max.apply(&values);
-            let avg = Aggregation::Avg.apply(&values);
-            let sum = Aggregation::Sum.apply(&values);
-            let min = values.iter().copied().fold(f64::MAX, f64::min);
-            proptest::prop_assert!(min <= avg + 1e-9 && avg <= max + 1e-9 && max <= sum + 1e-9);
-            proptest::prop_assert!((avg * values.len() as f64 - sum).abs() <= 1e-6 * sum.max(1.0));
-        }
-
-        #[test]
-        fn aggregation_of_a_summary_agrees_with_apply(
-            values in proptest::collection::vec(-1e6f64..1e6, 0..50)
-        ) {
-            let s = Summary::of(&values);
-            for a in [Aggregation::Sum, Aggregation::Max, Aggregation::Avg] {
-                proptest::prop_assert_eq!(a.of(&s), a.apply(&values));
-            }
-        }
-    }
-
-    #[test]
-    fn aggregation_of_no_pods_is_zero_whatever_the_max() {
-        let s = Summary {
-            count: 0,
-            sum: 0.0,
-            max: f64::MIN,
-        };
-        for a in [Aggregation::Sum, Aggregation::Max, Aggregation::Avg] {
-            assert_eq!(a.of(&s), 0.0);
-        }
-        assert!(Aggregation::Max.needs_max());
-        assert!(!Aggregation::Sum.needs_max() && !Aggregation::Avg.needs_max());
     }
 
     #[test]

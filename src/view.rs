@@ -16,11 +16,7 @@ use std::{
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{
-    proto::ScaledObjectRef,
-    store::PodSelector,
-    trigger::{Source, Trigger},
-};
+use crate::{proto::ScaledObjectRef, source::Source, store::PodSelector, trigger::Trigger};
 
 /// The page, served at `/`.
 pub const PAGE: &str = include_str!("view.html");

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Engine, EvalError, FeedKey};
-use crate::trigger::Source;
+use crate::source::Source;
 
 /// How often a windowed Envoy feed re-reads without an ingest: values fall
 /// out of a window with time alone.
@@ -228,8 +228,8 @@ impl Drop for UnknownGauge<'_> {
 mod tests {
     use super::*;
     use crate::{
+        source::envoy::Aggregation,
         store::{PodQuery, PodSelector},
-        trigger::Aggregation,
     };
 
     fn key(ns: &str) -> FeedKey {

@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     prometheus::{PromBackend, PromError, PromKey, PromTrigger},
+    source::{Source, envoy::Aggregation},
     store::{PodQuery, PodSelector, SharedStore, StoreError},
     telemetry::Metrics,
-    trigger::{Aggregation, Source},
 };
 
 mod feed;

@@ -13,7 +13,7 @@
 //! `membrane-capacity` is a utilisation ratio: the ScaledObject must set
 //! `metricType: Value`, or the HPA multiplies it by the replica count.
 
-use crate::trigger::{Metadata, MetadataError};
+use crate::metadata::{Metadata, MetadataError, invalid_excerpt};
 
 /// Preset parameter keys (besides `preset` and `selector`).
 pub const PARAM_KEYS: &[&str] = &["jobsPerWorker", "bufferRatio", "capacityTarget"];
@@ -45,7 +45,7 @@ pub fn expand(name: &str, meta: &Metadata<'_>) -> Result<Expanded, MetadataError
         "membrane-queued-tasks" => &["bufferRatio"],
         "membrane-capacity" => &["capacityTarget"],
         _ => {
-            return Err(super::invalid(
+            return Err(invalid_excerpt(
                 "preset",
                 name,
                 format!("one of {}", NAMES.join(", ")),
