@@ -15,8 +15,6 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::sink::names;
-
 /// Which store backs the sink and the scaler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -289,10 +287,10 @@ impl Default for Config {
             pod_ttl: Duration::from_secs(15),
             store: StoreKind::Memory,
             max_message_bytes: 16 * 1024 * 1024,
-            metric_include: names::default_include(),
-            metric_exclude: names::default_exclude(),
+            metric_include: default_metric_include(),
+            metric_exclude: default_metric_exclude(),
             exclude_sink_scope: true,
-            max_families_per_pod: crate::store::DEFAULT_MAX_FAMILIES,
+            max_families_per_pod: DEFAULT_MAX_FAMILIES,
             sink_verify_peer_address: true,
             sink_max_buffered_bytes: 64 * 1024 * 1024,
             sink_max_concurrent_streams: 100,
@@ -325,8 +323,8 @@ impl Default for Config {
             prometheus_cache_ttl: Duration::from_secs(2),
             prometheus_poll_interval: Duration::from_secs(5),
             prometheus_timeout: Duration::from_secs(5),
-            prometheus_max_response_bytes: crate::prometheus::MAX_RESPONSE_BYTES,
-            prometheus_credentials_dir: crate::prometheus::CREDENTIALS_DIR.into(),
+            prometheus_max_response_bytes: PROMETHEUS_MAX_RESPONSE_BYTES,
+            prometheus_credentials_dir: PROMETHEUS_CREDENTIALS_DIR.into(),
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -357,6 +355,39 @@ impl Default for Config {
         }
     }
 }
+
+/// Default of `metric_include`: the inbound HTTP connection managers' gauge
+/// of requests in flight (see `sink::names` for why these names).
+pub fn default_metric_include() -> Vec<String> {
+    vec!["http.inbound_*.downstream_rq_active".into()]
+}
+
+/// Default of `metric_exclude`; the sink's own inbound scope is added from
+/// its bound port at start-up (`exclude_sink_scope`).
+pub fn default_metric_exclude() -> Vec<String> {
+    vec![
+        "http.admin.*".into(),
+        "http.agent.*".into(),
+        "http.stats.*".into(),
+        "http.outbound_*".into(),
+    ]
+}
+
+/// Default of `max_families_per_pod`: distinct stat families a pod may hold.
+/// A pod serves on a handful of inbound ports; 64 leaves room for many.
+pub const DEFAULT_MAX_FAMILIES: usize = 64;
+
+/// Default of `prometheus_credentials_dir`. Files named by triggers
+/// (`caCert`, `bearerTokenFile`, `passwordFile`) are read only from
+/// `<this>/<ScaledObject namespace>/`: a trigger must not be able to make the
+/// scaler send a file of its own choosing (its service-account token, another
+/// tenant's password) to a server of its own choosing, nor read a device, a
+/// FIFO or `/proc`.
+pub const PROMETHEUS_CREDENTIALS_DIR: &str = "/etc/activescale/prometheus";
+
+/// Default of `prometheus_max_response_bytes`: an instant query answered
+/// with one series is a few hundred bytes.
+pub const PROMETHEUS_MAX_RESPONSE_BYTES: usize = 8 << 20;
 
 /// Largest `max_families_per_pod`: a pod's sum (at most this many values of
 /// at most 1e9) stays far below 2^53, where f64 sums stop being exact, and a

@@ -35,17 +35,12 @@ use files::CredentialFile;
 use formula::Formula;
 use promql::Rewrite;
 
-/// Default of `prometheus_credentials_dir`. Files named by triggers
-/// (`caCert`, `bearerTokenFile`, `passwordFile`) are read only from
-/// `<this>/<ScaledObject namespace>/`: a trigger must not be able to make the
-/// scaler send a file of its own choosing (its service-account token, another
-/// tenant's password) to a server of its own choosing, nor read a device, a
-/// FIFO or `/proc` (see [`files`]).
-pub const CREDENTIALS_DIR: &str = "/etc/activescale/prometheus";
+/// Default of `prometheus_credentials_dir` (see [`files`] for what is
+/// refused inside it).
+pub use crate::config::PROMETHEUS_CREDENTIALS_DIR as CREDENTIALS_DIR;
 
-/// Default of `prometheus_max_response_bytes`: an instant query answered
-/// with one series is a few hundred bytes.
-pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
+/// Default of `prometheus_max_response_bytes`.
+pub use crate::config::PROMETHEUS_MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES;
 
 /// Longest `timeout` a trigger may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
