@@ -567,33 +567,7 @@ impl Config {
             );
         }
         if self.store == StoreKind::Redis {
-            let scheme = self.redis_url.split("://").next().unwrap_or("");
-            if !matches!(
-                scheme,
-                "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
-            ) || !self.redis_url.contains("://")
-            {
-                return bad(
-                    "redis_url",
-                    &format!(
-                        "{:?} is not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL",
-                        self.redis_url
-                    ),
-                );
-            }
-            if self.redis_cert_file.is_some() != self.redis_key_file.is_some() {
-                return bad(
-                    "redis_cert_file",
-                    "redis_cert_file and redis_key_file go together",
-                );
-            }
-            for (field, path) in [
-                ("redis_ca_file", &self.redis_ca_file),
-                ("redis_cert_file", &self.redis_cert_file),
-                ("redis_key_file", &self.redis_key_file),
-            ] {
-                readable(field, path.as_deref())?;
-            }
+            self.redis().check()?;
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "tls_cert and tls_key go together");
@@ -620,12 +594,11 @@ impl Config {
                 &format!("{n:?} is not a certificate name"),
             );
         }
-        for (field, path) in [
-            ("tls_cert", &self.tls_cert),
-            ("tls_key", &self.tls_key),
-            ("tls_client_ca", &self.tls_client_ca),
-        ] {
-            readable(field, path.as_deref())?;
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            pem_pair(("tls_cert", cert), ("tls_key", key))?;
+        }
+        if let Some(ca) = &self.tls_client_ca {
+            pem_certs("tls_client_ca", ca)?;
         }
         self.validate_custom_metrics()?;
         self.validate_activator()?;
@@ -826,12 +799,230 @@ fn is_service_link(field: &str) -> bool {
         || field.starts_with("PORT_")
 }
 
-fn readable(field: &str, path: Option<&Path>) -> Result<(), ConfigError> {
-    match path {
-        Some(p) => std::fs::metadata(p)
-            .map(drop)
-            .map_err(|e| ConfigError(format!("{field}: cannot read {}: {e}", p.display()))),
-        None => Ok(()),
+// ---- Certificates and keys: parsed here, so a bad file stops start-up
+// before any port is bound. The servers and the Redis client parse them
+// again when they load (and on every rotation).
+
+fn read_file(field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError(format!("{field}: cannot read {}: {e}", path.display())))
+}
+
+/// The PEM certificates of `path`; none, or a file that is not PEM, is an error.
+fn pem_certs(
+    field: &str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+    let pem = read_file(field, path)?;
+    let bad = |why: String| ConfigError(format!("{field}: {}: {why}", path.display()));
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
+/// A certificate chain and its private key: both parse, the key is of a kind
+/// rustls can sign with, and it is the key of the chain's first certificate.
+fn pem_pair(
+    (cert_field, cert): (&str, &Path),
+    (key_field, key): (&str, &Path),
+) -> Result<(), ConfigError> {
+    let certs = pem_certs(cert_field, cert)?;
+    let pem = read_file(key_field, key)?;
+    let bad = |why: String| ConfigError(format!("{key_field}: {}: {why}", key.display()));
+    let der = rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| bad(format!("not valid PEM: {e}")))?
+        .ok_or_else(|| bad("no PEM private key (PKCS#8, PKCS#1 or SEC1) found".into()))?;
+    rustls::sign::CertifiedKey::from_der(
+        certs,
+        der,
+        &rustls::crypto::ring::default_provider(),
+    )
+    .map_err(|e| bad(format!("not usable with {cert_field}: {e}")))?;
+    Ok(())
+}
+
+// ---- Redis ----
+
+/// What the Redis store takes: the `redis_*` settings, and the store
+/// settings it applies itself (pod TTL, history, warm-up).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisConfig {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: Option<i64>,
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub tls_insecure: bool,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub cluster: bool,
+    pub pool_size: usize,
+    pub timeout: Duration,
+    pub key_prefix: String,
+    pub pod_ttl: Duration,
+    pub max_window: Duration,
+    /// `warmup` as set: with Redis it applies after a restart of the node.
+    pub warmup: Option<Duration>,
+}
+
+/// `redis_url` taken apart: TLS and cluster mode (from the scheme or the
+/// flags) and one URL per seed host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisSeeds {
+    pub tls: bool,
+    pub cluster: bool,
+    /// `redis://` or `rediss://` URLs, one host each, with the URL's
+    /// credentials, database and options.
+    pub urls: Vec<String>,
+}
+
+impl Config {
+    /// The Redis store's settings.
+    pub fn redis(&self) -> RedisConfig {
+        RedisConfig {
+            url: self.redis_url.clone(),
+            username: self.redis_username.clone(),
+            password: self.redis_password.clone(),
+            db: self.redis_db,
+            tls: self.redis_tls,
+            ca_file: self.redis_ca_file.clone(),
+            tls_insecure: self.redis_tls_insecure,
+            cert_file: self.redis_cert_file.clone(),
+            key_file: self.redis_key_file.clone(),
+            cluster: self.redis_cluster,
+            pool_size: self.redis_pool_size,
+            timeout: self.redis_timeout,
+            key_prefix: self.redis_key_prefix.clone(),
+            pod_ttl: self.pod_ttl,
+            max_window: self.max_window,
+            warmup: self.warmup,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// `url` split into seeds. It takes one or several comma-separated seed
+    /// hosts: `redis://[user:pass@]host:port[,host:port...][/db]`. The scheme
+    /// picks TLS (`rediss`) and cluster mode (`redis+cluster`,
+    /// `rediss+cluster`); `tls` and `cluster` do the same for `redis://`.
+    pub fn seeds(&self) -> Result<RedisSeeds, ConfigError> {
+        let (scheme_tls, scheme_cluster, seeds) = split_redis_url(&self.url)?;
+        let tls = scheme_tls || self.tls;
+        let cluster = scheme_cluster || self.cluster;
+        if !cluster && seeds.len() > 1 {
+            return Err(ConfigError(
+                "redis_url lists several hosts: that needs cluster mode (redis+cluster:// or redis_cluster)".into(),
+            ));
+        }
+        let urls = seeds
+            .iter()
+            .map(|seed| {
+                let mut url = format!("{}://{seed}", if tls { "rediss" } else { "redis" });
+                if tls && self.tls_insecure && !url.contains('#') {
+                    // The redis crate's switch for "do not verify the server certificate".
+                    url.push_str("#insecure");
+                }
+                url
+            })
+            .collect();
+        Ok(RedisSeeds { tls, cluster, urls })
+    }
+
+    /// `url` without its password, for messages.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+
+    /// Everything that can be known without a server: the URL and each seed
+    /// parse, the database fits the mode, the certificate files parse and the
+    /// client key matches its certificate.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        use redis::IntoConnectionInfo;
+        let seeds = self.seeds()?;
+        for url in &seeds.urls {
+            url.as_str().into_connection_info().map_err(|e| {
+                ConfigError(format!("redis_url {:?}: {e}", self.redacted_url()))
+            })?;
+        }
+        if let Some(db) = self.db
+            && seeds.cluster
+            && db != 0
+        {
+            return Err(ConfigError(format!(
+                "redis_db {db}: a Redis Cluster has only database 0"
+            )));
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                pem_pair(("redis_cert_file", cert), ("redis_key_file", key))?
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ConfigError(
+                    "redis_cert_file: redis_cert_file and redis_key_file go together".into(),
+                ));
+            }
+        }
+        if let Some(ca) = &self.ca_file {
+            pem_certs("redis_ca_file", ca)?;
+        }
+        Ok(())
+    }
+}
+
+/// `(tls, cluster, seeds)`; each seed is `userinfo@host:port/path?query#fragment`
+/// without the scheme.
+fn split_redis_url(url: &str) -> Result<(bool, bool, Vec<String>), ConfigError> {
+    let bad = |why: &str| ConfigError(format!("redis_url {:?}: {why}", redact(url)));
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        bad("not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL")
+    })?;
+    let (tls, cluster) = match scheme {
+        "redis" => (false, false),
+        "rediss" => (true, false),
+        "redis+cluster" => (false, true),
+        "rediss+cluster" => (true, true),
+        _ => {
+            return Err(bad(
+                "not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL",
+            ));
+        }
+    };
+    let split_at = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(split_at);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let seeds: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| match userinfo {
+            Some(u) => format!("{u}@{h}{tail}"),
+            None => format!("{h}{tail}"),
+        })
+        .collect();
+    if seeds.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok((tls, cluster, seeds))
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (userinfo, hosts) = rest.rsplit_once('@').unwrap_or(("", rest));
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{hosts}")
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -968,12 +1159,16 @@ impl Config {
                 "custom_metrics_tls_cert and custom_metrics_tls_key go together".into(),
             );
         }
-        for (field, path) in [
-            ("custom_metrics_tls_cert", &self.custom_metrics_tls_cert),
-            ("custom_metrics_tls_key", &self.custom_metrics_tls_key),
-            ("custom_metrics_client_ca", &self.custom_metrics_client_ca),
-        ] {
-            readable(field, path.as_deref())?;
+        if let (Some(cert), Some(key)) =
+            (&self.custom_metrics_tls_cert, &self.custom_metrics_tls_key)
+        {
+            pem_pair(
+                ("custom_metrics_tls_cert", cert),
+                ("custom_metrics_tls_key", key),
+            )?;
+        }
+        if let Some(ca) = &self.custom_metrics_client_ca {
+            pem_certs("custom_metrics_client_ca", ca)?;
         }
         if let Some(addr) = self.custom_metrics_addr
             && self.custom_metrics_client_ca.is_none()
@@ -1232,16 +1427,116 @@ mod tests {
         assert_eq!(c.metric_exclude, vec!["a.*", "b.*"]);
     }
 
+    /// A self-signed certificate, its key, another key and a file that is
+    /// not PEM, written to a directory.
+    struct PemFiles {
+        cert: String,
+        key: String,
+        other_key: String,
+        not_pem: String,
+    }
+
+    impl PemFiles {
+        fn new(dir: &Path) -> Self {
+            let write = |name: &str, text: &str| {
+                let path = dir.join(name);
+                std::fs::write(&path, text).unwrap();
+                path.to_string_lossy().into_owned()
+            };
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            Self {
+                cert: write("cert.pem", &cert.pem()),
+                key: write("key.pem", &key.serialize_pem()),
+                other_key: write(
+                    "other.pem",
+                    &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+                ),
+                not_pem: write("not.pem", "not a certificate\n"),
+            }
+        }
+    }
+
+    #[test]
+    fn certificates_and_keys_are_parsed_and_paired() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = PemFiles::new(dir.path());
+        for (cert_field, key_field, ca_field, needs) in [
+            ("tls_cert", "tls_key", "tls_client_ca", &[][..]),
+            (
+                "custom_metrics_tls_cert",
+                "custom_metrics_tls_key",
+                "custom_metrics_client_ca",
+                &[][..],
+            ),
+            (
+                "redis_cert_file",
+                "redis_key_file",
+                "redis_ca_file",
+                &[("store", "redis")][..],
+            ),
+        ] {
+            let with = |cert: &str, key: &str, ca: &str| {
+                let mut o: Vec<(&str, &str)> = needs.to_vec();
+                o.extend([(cert_field, cert), (key_field, key), (ca_field, ca)]);
+                load(&[], &o)
+            };
+            with(&pem.cert, &pem.key, &pem.cert).unwrap();
+            for (cert, key, ca, field, why) in [
+                (&pem.not_pem, &pem.key, &pem.cert, cert_field, "no PEM CERTIFICATE"),
+                (&pem.key, &pem.key, &pem.cert, cert_field, "no PEM CERTIFICATE"),
+                (&pem.cert, &pem.not_pem, &pem.cert, key_field, "no PEM private key"),
+                (&pem.cert, &pem.other_key, &pem.cert, key_field, "not usable with"),
+                (&pem.cert, &pem.key, &pem.not_pem, ca_field, "no PEM CERTIFICATE"),
+            ] {
+                let e = with(cert, key, ca).unwrap_err().to_string();
+                assert!(
+                    e.starts_with(&format!("invalid configuration: {field}: ")) && e.contains(why),
+                    "{e:?} should name {field} and say {why:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn redis_settings_are_checked_with_the_redis_store_only() {
+        let redis = |url: &str, extra: &[(&'static str, &'static str)]| {
+            let mut o = vec![("store", "redis"), ("redis_url", url)];
+            o.extend_from_slice(extra);
+            load(&[], &o).map(drop).map_err(|e| e.to_string())
+        };
+        redis("redis://cache:6379/2", &[]).unwrap();
+        redis("rediss+cluster://u:p@a:1,b:2", &[]).unwrap();
+        for (url, extra, expect) in [
+            ("cache:6379", &[][..], "redis_url"),
+            ("http://cache", &[][..], "redis_url"),
+            ("redis://", &[][..], "redis_url"),
+            ("redis://a:1,b:2", &[][..], "cluster mode"),
+            ("redis://a:notaport", &[][..], "redis_url"),
+            ("redis+cluster://a:1", &[("redis_db", "3")][..], "redis_db"),
+            ("redis://a:1", &[("redis_cert_file", "/x.pem")][..], "go together"),
+            ("redis://a:1", &[("redis_ca_file", "/nonexistent.pem")][..], "redis_ca_file"),
+        ] {
+            let e = redis(url, extra).unwrap_err();
+            assert!(e.contains(expect), "{url} {extra:?}: {e:?} should say {expect}");
+        }
+        let e = redis("redis://u:secret@a:1,b:2", &[]).unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
+        // The memory store reads none of them.
+        load(&[], &[("redis_url", "cache:6379")]).unwrap();
+    }
+
     #[test]
     fn tls_client_names_need_the_client_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("pem");
-        std::fs::write(&file, "x").unwrap();
-        let file = file.to_string_lossy().into_owned();
+        let pem = PemFiles::new(dir.path());
         let tls = [
-            ("tls_cert", file.as_str()),
-            ("tls_key", file.as_str()),
-            ("tls_client_ca", file.as_str()),
+            ("tls_cert", pem.cert.as_str()),
+            ("tls_key", pem.key.as_str()),
+            ("tls_client_ca", pem.cert.as_str()),
         ];
         let keda = "spiffe://cluster.local/ns/keda/sa/keda-operator";
         let names = format!("{keda}, keda-operator.keda.svc");
@@ -1582,9 +1877,7 @@ custom_metrics_rules:
     #[test]
     fn custom_metrics_refusals_name_the_setting() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca.crt");
-        std::fs::write(&ca, "x").unwrap();
-        let ca = ca.to_string_lossy().into_owned();
+        let ca = PemFiles::new(dir.path()).cert;
         let rule = |f: &dyn Fn(&mut CustomMetricsRule)| {
             let mut r = CustomMetricsRule {
                 name: "rps".into(),

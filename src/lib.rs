@@ -131,7 +131,7 @@ pub async fn open_store(config: &Config) -> Result<SharedStore> {
             store::memory::MemoryStore::new(config.pod_ttl, config.max_window)
                 .warming_up_for(config.effective_warmup()),
         ),
-        StoreKind::Redis => Arc::new(store::redis::RedisStore::connect(config).await?),
+        StoreKind::Redis => Arc::new(store::redis::RedisStore::connect(&config.redis()).await?),
     })
 }
 
