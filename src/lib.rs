@@ -85,6 +85,9 @@ pub enum Error {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// A certificate or key that does not load; the message names the setting.
+    #[error("invalid configuration: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
 }
