@@ -389,6 +389,10 @@ pub const PROMETHEUS_CREDENTIALS_DIR: &str = "/etc/activescale/prometheus";
 /// with one series is a few hundred bytes.
 pub const PROMETHEUS_MAX_RESPONSE_BYTES: usize = 8 << 20;
 
+/// Longest Prometheus query timeout, a trigger's `timeout` or
+/// `prometheus_timeout`: KEDA's own call to the scaler times out long before.
+pub const PROMETHEUS_MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Largest `max_families_per_pod`: a pod's sum (at most this many values of
 /// at most 1e9) stays far below 2^53, where f64 sums stop being exact, and a
 /// pod's state stays small.
@@ -553,6 +557,16 @@ impl Config {
         }
         if self.prometheus_poll_interval.is_zero() {
             return bad("prometheus_poll_interval", "must be greater than 0");
+        }
+        if self.prometheus_timeout.is_zero() || self.prometheus_timeout > PROMETHEUS_MAX_TIMEOUT {
+            return bad(
+                "prometheus_timeout",
+                &format!(
+                    "{} is not between 1ms and {}",
+                    humantime::format_duration(self.prometheus_timeout),
+                    humantime::format_duration(PROMETHEUS_MAX_TIMEOUT)
+                ),
+            );
         }
         if self.prometheus_max_response_bytes < 1024 {
             return bad("prometheus_max_response_bytes", "must be at least 1024");
@@ -799,6 +813,77 @@ fn is_service_link(field: &str) -> bool {
         || field.starts_with("PORT_")
 }
 
+// ---- The settings of each part, as the part takes them. The flat `Config`
+// is the form of the file, the environment and the flags (their names stay
+// as they are); each part is built from its group only.
+
+/// What the Prometheus backend takes (`prometheus_*`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrometheusConfig {
+    /// `prometheus_enforce_namespace`.
+    pub enforce_namespace: bool,
+    /// `prometheus_cache_ttl`.
+    pub cache_ttl: Duration,
+    /// `prometheus_poll_interval`.
+    pub poll_interval: Duration,
+    /// `prometheus_timeout`: a trigger's query timeout when it sets none.
+    pub default_timeout: Duration,
+    /// `prometheus_credentials_dir`: where each namespace's credential files are.
+    pub credentials_dir: PathBuf,
+    /// `prometheus_max_response_bytes`.
+    pub max_response_bytes: usize,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        Config::default().prometheus()
+    }
+}
+
+/// TLS on the gRPC ports (`tls_*`), when `tls_cert` is set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// `tls_cert`.
+    pub cert: PathBuf,
+    /// `tls_key`.
+    pub key: PathBuf,
+    /// `tls_client_ca`: when set, clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
+    /// `tls_client_names`.
+    pub client_names: Vec<String>,
+    /// `tls_reload_interval`.
+    pub reload_interval: Duration,
+    /// `tls_sink`: the sink port uses TLS too.
+    pub sink: bool,
+}
+
+impl Config {
+    /// The Prometheus backend's settings.
+    pub fn prometheus(&self) -> PrometheusConfig {
+        PrometheusConfig {
+            enforce_namespace: self.prometheus_enforce_namespace,
+            cache_ttl: self.prometheus_cache_ttl,
+            poll_interval: self.prometheus_poll_interval,
+            default_timeout: self.prometheus_timeout,
+            credentials_dir: self.prometheus_credentials_dir.clone(),
+            max_response_bytes: self.prometheus_max_response_bytes,
+        }
+    }
+
+    /// The gRPC ports' TLS settings; `None` when TLS is off (`tls_cert` or
+    /// `tls_key` unset, which `validate` allows only together).
+    pub fn tls(&self) -> Option<TlsConfig> {
+        Some(TlsConfig {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+            client_names: self.tls_client_names.clone(),
+            reload_interval: self.tls_reload_interval,
+            sink: self.tls_sink,
+        })
+    }
+}
+
 // ---- Certificates and keys: parsed here, so a bad file stops start-up
 // before any port is bound. The servers and the Redis client parse them
 // again when they load (and on every rotation).
@@ -1036,7 +1121,7 @@ pub const MAX_CUSTOM_METRICS_RULES: usize = 64;
 /// Longest rule query template, in bytes (the PromQL guard's limit).
 pub const MAX_CUSTOM_METRICS_QUERY: usize = 16 * 1024;
 /// Longest `timeout` of a rule.
-const MAX_RULE_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_RULE_TIMEOUT: Duration = PROMETHEUS_MAX_TIMEOUT;
 
 /// A per-pod metric computed by Prometheus, the way prometheus-adapter's
 /// `metricsQuery` rules work: the query is a template over the pods of the
@@ -1527,6 +1612,37 @@ mod tests {
         assert!(!e.contains("secret"), "{e}");
         // The memory store reads none of them.
         load(&[], &[("redis_url", "cache:6379")]).unwrap();
+    }
+
+    #[test]
+    fn each_part_gets_its_group_under_the_same_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = PemFiles::new(dir.path());
+        let c = load(
+            &[
+                ("ACTIVESCALE_PROMETHEUS_TIMEOUT", "7s"),
+                ("ACTIVESCALE_TLS_CERT", &pem.cert),
+                ("REDIS_URL", "rediss://cache:6380"),
+            ],
+            &[("tls_key", &pem.key), ("tls_sink", "false")],
+        )
+        .unwrap();
+        let p = c.prometheus();
+        assert_eq!(p.default_timeout, Duration::from_secs(7));
+        assert_eq!(p.poll_interval, c.prometheus_poll_interval);
+        assert_eq!(
+            PrometheusConfig::default().credentials_dir,
+            Path::new(PROMETHEUS_CREDENTIALS_DIR)
+        );
+        let t = c.tls().unwrap();
+        assert_eq!((t.cert.to_str(), t.sink), (Some(pem.cert.as_str()), false));
+        assert_eq!(c.redis().url, "rediss://cache:6380");
+        assert!(Config::default().tls().is_none());
+
+        for bad in ["0s", "61s"] {
+            let e = load(&[], &[("prometheus_timeout", bad)]).unwrap_err();
+            assert!(e.to_string().contains("prometheus_timeout"), "{e}");
+        }
     }
 
     #[test]

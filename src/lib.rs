@@ -151,7 +151,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let token = CancellationToken::new();
     let store = open_store(&config).await?;
-    let tls = tls::Tls::from_config(&config)?;
+    let tls = config.tls().map(|t| tls::Tls::from_config(&t)).transpose()?;
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().watch(config.tls_reload_interval, token.clone()));
     }
@@ -169,14 +169,7 @@ pub async fn run(
         metrics.clone(),
         token.clone(),
     );
-    let prom_settings = prometheus::PromSettings {
-        enforce_namespace: config.prometheus_enforce_namespace,
-        cache_ttl: config.prometheus_cache_ttl,
-        poll_interval: config.prometheus_poll_interval,
-        default_timeout: config.prometheus_timeout,
-        credentials_dir: config.prometheus_credentials_dir.clone(),
-        max_response_bytes: config.prometheus_max_response_bytes,
-    };
+    let prom_settings = config.prometheus();
     let view = view::Recorder::new();
     let triggers = Arc::new(trigger::TriggerCache::new(
         trigger::TriggerSettings {

@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, info, warn};
 
-use crate::{config::Config, telemetry::RateLimit};
+use crate::{config::TlsConfig, telemetry::RateLimit};
 
 /// A client that has not finished its handshake by then is dropped, so
 /// half-open connections cannot pile up.
@@ -68,13 +68,13 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The files `config` names; `None` when TLS is off.
-    pub fn from_config(config: &Config) -> Option<Self> {
-        Some(Self {
-            cert: config.tls_cert.clone()?,
-            key: config.tls_key.clone()?,
-            client_ca: config.tls_client_ca.clone(),
-        })
+    /// The files `config` names.
+    pub fn from_config(config: &TlsConfig) -> Self {
+        Self {
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            client_ca: config.client_ca.clone(),
+        }
     }
 
     /// Reads the three files as they are now.
@@ -287,9 +287,9 @@ struct ReloadState<C> {
 }
 
 impl Tls {
-    /// TLS as `config` asks: `None` when `tls_cert` is unset.
-    pub fn from_config(config: &Config) -> Result<Option<Arc<Self>>, TlsError> {
-        TlsFiles::from_config(config).map(Self::load).transpose()
+    /// Loads the files `config` names.
+    pub fn from_config(config: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+        Self::load(TlsFiles::from_config(config))
     }
 
     /// Whether clients must present a certificate.
@@ -881,7 +881,7 @@ mod tests {
 
     #[test]
     fn tls_is_off_without_a_certificate() {
-        assert!(Tls::from_config(&Config::default()).unwrap().is_none());
+        assert!(crate::config::Config::default().tls().is_none());
     }
 
     /// A certificate with these SANs (`uri:` prefix: a URI, else DNS) and CN.

@@ -21,7 +21,7 @@ pub mod presets;
 pub mod promql;
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -43,7 +43,7 @@ pub use crate::config::PROMETHEUS_CREDENTIALS_DIR as CREDENTIALS_DIR;
 pub use crate::config::PROMETHEUS_MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES;
 
 /// Longest `timeout` a trigger may ask for.
-const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_TIMEOUT: Duration = crate::config::PROMETHEUS_MAX_TIMEOUT;
 
 /// Most characters of a refused value shown in the error. A status message
 /// travels in an HTTP/2 trailer, and a 16 KiB query echoed whole makes the
@@ -63,31 +63,8 @@ pub(crate) fn excerpt(value: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Service-wide settings of the Prometheus backend (from [`crate::config::Config`]).
-#[derive(Clone, Debug, PartialEq)]
-pub struct PromSettings {
-    pub enforce_namespace: bool,
-    pub cache_ttl: Duration,
-    pub poll_interval: Duration,
-    pub default_timeout: Duration,
-    /// Where each namespace's credential files are (see [`CREDENTIALS_DIR`]).
-    pub credentials_dir: PathBuf,
-    /// Largest response body read from a Prometheus server.
-    pub max_response_bytes: usize,
-}
-
-impl Default for PromSettings {
-    fn default() -> Self {
-        Self {
-            enforce_namespace: true,
-            cache_ttl: Duration::from_secs(2),
-            poll_interval: Duration::from_secs(5),
-            default_timeout: Duration::from_secs(5),
-            credentials_dir: PathBuf::from(CREDENTIALS_DIR),
-            max_response_bytes: MAX_RESPONSE_BYTES,
-        }
-    }
-}
+/// Service-wide settings of the Prometheus backend: its group of the config.
+pub use crate::config::PrometheusConfig as PromSettings;
 
 /// A parsed prometheus-source trigger: where to ask, what to ask (already
 /// checked and rewritten), and how to combine the answers.
