@@ -857,7 +857,37 @@ pub struct TlsConfig {
     pub sink: bool,
 }
 
+/// Which store backs the sink and the scaler, with its settings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreConfig {
+    Memory(MemoryConfig),
+    Redis(RedisConfig),
+}
+
+/// What the memory store takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// `pod_ttl`.
+    pub pod_ttl: Duration,
+    /// `max_window`: history older than this is forgotten.
+    pub max_window: Duration,
+    /// `warmup`, or 10s when unset: the store is empty after a start.
+    pub warmup: Duration,
+}
+
 impl Config {
+    /// The store `store` names, with its settings.
+    pub fn store_config(&self) -> StoreConfig {
+        match self.store {
+            StoreKind::Memory => StoreConfig::Memory(MemoryConfig {
+                pod_ttl: self.pod_ttl,
+                max_window: self.max_window,
+                warmup: self.effective_warmup(),
+            }),
+            StoreKind::Redis => StoreConfig::Redis(self.redis()),
+        }
+    }
+
     /// The Prometheus backend's settings.
     pub fn prometheus(&self) -> PrometheusConfig {
         PrometheusConfig {
@@ -1638,6 +1668,14 @@ mod tests {
         assert_eq!((t.cert.to_str(), t.sink), (Some(pem.cert.as_str()), false));
         assert_eq!(c.redis().url, "rediss://cache:6380");
         assert!(Config::default().tls().is_none());
+        assert_eq!(
+            Config::default().store_config(),
+            StoreConfig::Memory(MemoryConfig {
+                pod_ttl: Duration::from_secs(15),
+                max_window: Duration::from_secs(600),
+                warmup: Duration::from_secs(10),
+            })
+        );
 
         for bad in ["0s", "61s"] {
             let e = load(&[], &[("prometheus_timeout", bad)]).unwrap_err();

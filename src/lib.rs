@@ -68,7 +68,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use config::{Config, StoreKind};
+use config::{Config, StoreConfig};
 use store::SharedStore;
 use telemetry::Metrics;
 
@@ -129,12 +129,11 @@ impl Listeners {
 
 /// Builds the store the config asks for.
 pub async fn open_store(config: &Config) -> Result<SharedStore> {
-    Ok(match config.store {
-        StoreKind::Memory => Arc::new(
-            store::memory::MemoryStore::new(config.pod_ttl, config.max_window)
-                .warming_up_for(config.effective_warmup()),
+    Ok(match config.store_config() {
+        StoreConfig::Memory(m) => Arc::new(
+            store::memory::MemoryStore::new(m.pod_ttl, m.max_window).warming_up_for(m.warmup),
         ),
-        StoreKind::Redis => Arc::new(store::redis::RedisStore::connect(&config.redis()).await?),
+        StoreConfig::Redis(r) => Arc::new(store::redis::RedisStore::connect(&r).await?),
     })
 }
 
