@@ -6,6 +6,13 @@
 //! `REDIS_PASSWORD`, ...), environment variables `ACTIVESCALE_<FIELD>` (for
 //! example `ACTIVESCALE_POD_TTL=20s`), then command-line flags. Every field has
 //! a default; durations are written the humantime way (`15s`, `500ms`, `2m`).
+//!
+//! [`Config`] is the flat form those sources share (its field names are the
+//! file keys, the `ACTIVESCALE_*` names and the flags). [`Config::validate`]
+//! checks everything that can be known before binding, files and URLs
+//! included; each part then takes its own group ([`Config::store_config`],
+//! [`Config::redis`], [`Config::tls`], [`Config::prometheus`]). This module
+//! imports nothing else of the crate, so every part may depend on it.
 
 use std::{
     net::SocketAddr,
@@ -858,6 +865,8 @@ pub struct TlsConfig {
 }
 
 /// Which store backs the sink and the scaler, with its settings.
+// Built once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreConfig {
     Memory(MemoryConfig),
@@ -951,12 +960,8 @@ fn pem_pair(
     let der = rustls_pemfile::private_key(&mut &pem[..])
         .map_err(|e| bad(format!("not valid PEM: {e}")))?
         .ok_or_else(|| bad("no PEM private key (PKCS#8, PKCS#1 or SEC1) found".into()))?;
-    rustls::sign::CertifiedKey::from_der(
-        certs,
-        der,
-        &rustls::crypto::ring::default_provider(),
-    )
-    .map_err(|e| bad(format!("not usable with {cert_field}: {e}")))?;
+    rustls::sign::CertifiedKey::from_der(certs, der, &rustls::crypto::ring::default_provider())
+        .map_err(|e| bad(format!("not usable with {cert_field}: {e}")))?;
     Ok(())
 }
 
@@ -1060,9 +1065,9 @@ impl RedisConfig {
         use redis::IntoConnectionInfo;
         let seeds = self.seeds()?;
         for url in &seeds.urls {
-            url.as_str().into_connection_info().map_err(|e| {
-                ConfigError(format!("redis_url {:?}: {e}", self.redacted_url()))
-            })?;
+            url.as_str()
+                .into_connection_info()
+                .map_err(|e| ConfigError(format!("redis_url {:?}: {e}", self.redacted_url())))?;
         }
         if let Some(db) = self.db
             && seeds.cluster
@@ -1601,11 +1606,41 @@ mod tests {
             };
             with(&pem.cert, &pem.key, &pem.cert).unwrap();
             for (cert, key, ca, field, why) in [
-                (&pem.not_pem, &pem.key, &pem.cert, cert_field, "no PEM CERTIFICATE"),
-                (&pem.key, &pem.key, &pem.cert, cert_field, "no PEM CERTIFICATE"),
-                (&pem.cert, &pem.not_pem, &pem.cert, key_field, "no PEM private key"),
-                (&pem.cert, &pem.other_key, &pem.cert, key_field, "not usable with"),
-                (&pem.cert, &pem.key, &pem.not_pem, ca_field, "no PEM CERTIFICATE"),
+                (
+                    &pem.not_pem,
+                    &pem.key,
+                    &pem.cert,
+                    cert_field,
+                    "no PEM CERTIFICATE",
+                ),
+                (
+                    &pem.key,
+                    &pem.key,
+                    &pem.cert,
+                    cert_field,
+                    "no PEM CERTIFICATE",
+                ),
+                (
+                    &pem.cert,
+                    &pem.not_pem,
+                    &pem.cert,
+                    key_field,
+                    "no PEM private key",
+                ),
+                (
+                    &pem.cert,
+                    &pem.other_key,
+                    &pem.cert,
+                    key_field,
+                    "not usable with",
+                ),
+                (
+                    &pem.cert,
+                    &pem.key,
+                    &pem.not_pem,
+                    ca_field,
+                    "no PEM CERTIFICATE",
+                ),
             ] {
                 let e = with(cert, key, ca).unwrap_err().to_string();
                 assert!(
@@ -1632,11 +1667,22 @@ mod tests {
             ("redis://a:1,b:2", &[][..], "cluster mode"),
             ("redis://a:notaport", &[][..], "redis_url"),
             ("redis+cluster://a:1", &[("redis_db", "3")][..], "redis_db"),
-            ("redis://a:1", &[("redis_cert_file", "/x.pem")][..], "go together"),
-            ("redis://a:1", &[("redis_ca_file", "/nonexistent.pem")][..], "redis_ca_file"),
+            (
+                "redis://a:1",
+                &[("redis_cert_file", "/x.pem")][..],
+                "go together",
+            ),
+            (
+                "redis://a:1",
+                &[("redis_ca_file", "/nonexistent.pem")][..],
+                "redis_ca_file",
+            ),
         ] {
             let e = redis(url, extra).unwrap_err();
-            assert!(e.contains(expect), "{url} {extra:?}: {e:?} should say {expect}");
+            assert!(
+                e.contains(expect),
+                "{url} {extra:?}: {e:?} should say {expect}"
+            );
         }
         let e = redis("redis://u:secret@a:1,b:2", &[]).unwrap_err();
         assert!(!e.contains("secret"), "{e}");

@@ -29,7 +29,10 @@
 //! - [`activator`]: the optional proxy that holds requests for a workload at
 //!   zero, counts them for KEDA at once and forwards them once it is ready.
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
-//! - [`config`]: the one typed configuration, validated before anything binds.
+//! - [`config`]: the one typed configuration, validated before anything binds
+//!   (certificates and the Redis URL parsed too); a leaf that imports no other
+//!   module. Parts take their own group of it ([`config::StoreConfig`],
+//!   [`config::RedisConfig`], [`config::TlsConfig`], [`config::PrometheusConfig`]).
 //! - [`telemetry`]: logs, the service's own metrics, summary lines.
 //!
 //! [`run`] serves everything on listeners the caller bound, until `shutdown`
@@ -150,7 +153,10 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let token = CancellationToken::new();
     let store = open_store(&config).await?;
-    let tls = config.tls().map(|t| tls::Tls::from_config(&t)).transpose()?;
+    let tls = config
+        .tls()
+        .map(|t| tls::Tls::from_config(&t))
+        .transpose()?;
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().watch(config.tls_reload_interval, token.clone()));
     }

@@ -159,12 +159,10 @@ fn server_config(files: &TlsFiles, contents: &Contents) -> Result<Arc<ServerConf
         (Some(path), Some(pem)) => {
             let mut roots = RootCertStore::empty();
             for ca in pem_certs("tls_client_ca", path, pem)? {
-                roots
-                    .add(ca)
-                    .map_err(|e| TlsError::ClientCa {
-                        path: path.clone(),
-                        source: e.into(),
-                    })?;
+                roots.add(ca).map_err(|e| TlsError::ClientCa {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()

@@ -143,14 +143,21 @@ fn unusable_files_and_urls_fail_before_binding() {
             vec!["--store", "redis", "--redis-url", "cache:6379"],
             "redis_url",
         ),
+        (vec!["--tls-cert", &not_pem, "--tls-key", &key], "tls_cert"),
         (
-            vec!["--tls-cert", &not_pem, "--tls-key", &key],
-            "tls_cert",
+            vec!["--tls-cert", &cert, "--tls-key", &other_key],
+            "tls_key",
         ),
-        (vec!["--tls-cert", &cert, "--tls-key", &other_key], "tls_key"),
         (vec!["--tls-cert", &cert, "--tls-key", &not_pem], "tls_key"),
         (
-            vec!["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &key],
+            vec![
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                &key,
+            ],
             "tls_client_ca",
         ),
     ] {

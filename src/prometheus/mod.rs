@@ -20,11 +20,7 @@ pub mod formula;
 pub mod presets;
 pub mod promql;
 
-use std::{
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use tracing::warn;

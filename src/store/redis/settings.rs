@@ -143,7 +143,10 @@ mod tests {
         assert!(!s.tls && !s.cluster);
         assert_eq!(s.urls, vec!["redis://localhost:6379"]);
         for bad in ["http://x", "redis://", "localhost:6379"] {
-            assert!(redis(|c| c.redis_url = bad.into()).seeds().is_err(), "{bad}");
+            assert!(
+                redis(|c| c.redis_url = bad.into()).seeds().is_err(),
+                "{bad}"
+            );
         }
     }
 
