@@ -151,6 +151,15 @@ fn unusable_files_and_urls_fail_before_binding() {
         (vec!["--tls-cert", &cert, "--tls-key", &not_pem], "tls_key"),
         (
             vec![
+                "--custom-metrics-tls-cert",
+                &cert,
+                "--custom-metrics-tls-key",
+                &other_key,
+            ],
+            "custom_metrics_tls_key",
+        ),
+        (
+            vec![
                 "--tls-cert",
                 &cert,
                 "--tls-key",
