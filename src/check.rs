@@ -24,7 +24,6 @@ use serde_yaml::Value;
 
 use crate::{
     config::Config,
-    prometheus::PromSettings,
     selector::{Labels, Selector},
     sink::names::NameFilter,
     trigger::{self, TriggerSettings},
@@ -70,14 +69,7 @@ fn trigger_settings(config: &Config) -> TriggerSettings {
     TriggerSettings {
         max_window: config.max_window,
         allow_cross_namespace: config.allow_cross_namespace,
-        prometheus: PromSettings {
-            enforce_namespace: config.prometheus_enforce_namespace,
-            cache_ttl: config.prometheus_cache_ttl,
-            poll_interval: config.prometheus_poll_interval,
-            default_timeout: config.prometheus_timeout,
-            credentials_dir: config.prometheus_credentials_dir.clone(),
-            max_response_bytes: config.prometheus_max_response_bytes,
-        },
+        prometheus: config.prometheus(),
     }
 }
 

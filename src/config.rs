@@ -6,6 +6,13 @@
 //! `REDIS_PASSWORD`, ...), environment variables `ACTIVESCALE_<FIELD>` (for
 //! example `ACTIVESCALE_POD_TTL=20s`), then command-line flags. Every field has
 //! a default; durations are written the humantime way (`15s`, `500ms`, `2m`).
+//!
+//! [`Config`] is the flat form those sources share (its field names are the
+//! file keys, the `ACTIVESCALE_*` names and the flags). [`Config::validate`]
+//! checks everything that can be known before binding, files and URLs
+//! included; each part then takes its own group ([`Config::store_config`],
+//! [`Config::redis`], [`Config::tls`], [`Config::prometheus`]). This module
+//! imports nothing else of the crate, so every part may depend on it.
 
 use std::{
     net::SocketAddr,
@@ -14,8 +21,6 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-
-use crate::sink::names;
 
 /// Which store backs the sink and the scaler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -289,10 +294,10 @@ impl Default for Config {
             pod_ttl: Duration::from_secs(15),
             store: StoreKind::Memory,
             max_message_bytes: 16 * 1024 * 1024,
-            metric_include: names::default_include(),
-            metric_exclude: names::default_exclude(),
+            metric_include: default_metric_include(),
+            metric_exclude: default_metric_exclude(),
             exclude_sink_scope: true,
-            max_families_per_pod: crate::store::DEFAULT_MAX_FAMILIES,
+            max_families_per_pod: DEFAULT_MAX_FAMILIES,
             sink_verify_peer_address: true,
             sink_max_buffered_bytes: 64 * 1024 * 1024,
             sink_max_concurrent_streams: 100,
@@ -325,8 +330,8 @@ impl Default for Config {
             prometheus_cache_ttl: Duration::from_secs(2),
             prometheus_poll_interval: Duration::from_secs(5),
             prometheus_timeout: Duration::from_secs(5),
-            prometheus_max_response_bytes: crate::prometheus::MAX_RESPONSE_BYTES,
-            prometheus_credentials_dir: crate::prometheus::CREDENTIALS_DIR.into(),
+            prometheus_max_response_bytes: PROMETHEUS_MAX_RESPONSE_BYTES,
+            prometheus_credentials_dir: PROMETHEUS_CREDENTIALS_DIR.into(),
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -357,6 +362,43 @@ impl Default for Config {
         }
     }
 }
+
+/// Default of `metric_include`: the inbound HTTP connection managers' gauge
+/// of requests in flight (see `sink::names` for why these names).
+pub fn default_metric_include() -> Vec<String> {
+    vec!["http.inbound_*.downstream_rq_active".into()]
+}
+
+/// Default of `metric_exclude`; the sink's own inbound scope is added from
+/// its bound port at start-up (`exclude_sink_scope`).
+pub fn default_metric_exclude() -> Vec<String> {
+    vec![
+        "http.admin.*".into(),
+        "http.agent.*".into(),
+        "http.stats.*".into(),
+        "http.outbound_*".into(),
+    ]
+}
+
+/// Default of `max_families_per_pod`: distinct stat families a pod may hold.
+/// A pod serves on a handful of inbound ports; 64 leaves room for many.
+pub const DEFAULT_MAX_FAMILIES: usize = 64;
+
+/// Default of `prometheus_credentials_dir`. Files named by triggers
+/// (`caCert`, `bearerTokenFile`, `passwordFile`) are read only from
+/// `<this>/<ScaledObject namespace>/`: a trigger must not be able to make the
+/// scaler send a file of its own choosing (its service-account token, another
+/// tenant's password) to a server of its own choosing, nor read a device, a
+/// FIFO or `/proc`.
+pub const PROMETHEUS_CREDENTIALS_DIR: &str = "/etc/activescale/prometheus";
+
+/// Default of `prometheus_max_response_bytes`: an instant query answered
+/// with one series is a few hundred bytes.
+pub const PROMETHEUS_MAX_RESPONSE_BYTES: usize = 8 << 20;
+
+/// Longest Prometheus query timeout, a trigger's `timeout` or
+/// `prometheus_timeout`: KEDA's own call to the scaler times out long before.
+pub const PROMETHEUS_MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Largest `max_families_per_pod`: a pod's sum (at most this many values of
 /// at most 1e9) stays far below 2^53, where f64 sums stop being exact, and a
@@ -523,6 +565,16 @@ impl Config {
         if self.prometheus_poll_interval.is_zero() {
             return bad("prometheus_poll_interval", "must be greater than 0");
         }
+        if self.prometheus_timeout.is_zero() || self.prometheus_timeout > PROMETHEUS_MAX_TIMEOUT {
+            return bad(
+                "prometheus_timeout",
+                &format!(
+                    "{} is not between 1ms and {}",
+                    humantime::format_duration(self.prometheus_timeout),
+                    humantime::format_duration(PROMETHEUS_MAX_TIMEOUT)
+                ),
+            );
+        }
         if self.prometheus_max_response_bytes < 1024 {
             return bad("prometheus_max_response_bytes", "must be at least 1024");
         }
@@ -536,33 +588,7 @@ impl Config {
             );
         }
         if self.store == StoreKind::Redis {
-            let scheme = self.redis_url.split("://").next().unwrap_or("");
-            if !matches!(
-                scheme,
-                "redis" | "rediss" | "redis+cluster" | "rediss+cluster"
-            ) || !self.redis_url.contains("://")
-            {
-                return bad(
-                    "redis_url",
-                    &format!(
-                        "{:?} is not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL",
-                        self.redis_url
-                    ),
-                );
-            }
-            if self.redis_cert_file.is_some() != self.redis_key_file.is_some() {
-                return bad(
-                    "redis_cert_file",
-                    "redis_cert_file and redis_key_file go together",
-                );
-            }
-            for (field, path) in [
-                ("redis_ca_file", &self.redis_ca_file),
-                ("redis_cert_file", &self.redis_cert_file),
-                ("redis_key_file", &self.redis_key_file),
-            ] {
-                readable(field, path.as_deref())?;
-            }
+            self.redis().check()?;
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "tls_cert and tls_key go together");
@@ -589,12 +615,11 @@ impl Config {
                 &format!("{n:?} is not a certificate name"),
             );
         }
-        for (field, path) in [
-            ("tls_cert", &self.tls_cert),
-            ("tls_key", &self.tls_key),
-            ("tls_client_ca", &self.tls_client_ca),
-        ] {
-            readable(field, path.as_deref())?;
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            pem_pair(("tls_cert", cert), ("tls_key", key))?;
+        }
+        if let Some(ca) = &self.tls_client_ca {
+            pem_certs("tls_client_ca", ca)?;
         }
         self.validate_custom_metrics()?;
         self.validate_activator()?;
@@ -795,12 +820,329 @@ fn is_service_link(field: &str) -> bool {
         || field.starts_with("PORT_")
 }
 
-fn readable(field: &str, path: Option<&Path>) -> Result<(), ConfigError> {
-    match path {
-        Some(p) => std::fs::metadata(p)
-            .map(drop)
-            .map_err(|e| ConfigError(format!("{field}: cannot read {}: {e}", p.display()))),
-        None => Ok(()),
+// ---- The settings of each part, as the part takes them. The flat `Config`
+// is the form of the file, the environment and the flags (their names stay
+// as they are); each part is built from its group only.
+
+/// What the Prometheus backend takes (`prometheus_*`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrometheusConfig {
+    /// `prometheus_enforce_namespace`.
+    pub enforce_namespace: bool,
+    /// `prometheus_cache_ttl`.
+    pub cache_ttl: Duration,
+    /// `prometheus_poll_interval`.
+    pub poll_interval: Duration,
+    /// `prometheus_timeout`: a trigger's query timeout when it sets none.
+    pub default_timeout: Duration,
+    /// `prometheus_credentials_dir`: where each namespace's credential files are.
+    pub credentials_dir: PathBuf,
+    /// `prometheus_max_response_bytes`.
+    pub max_response_bytes: usize,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        Config::default().prometheus()
+    }
+}
+
+/// TLS on the gRPC ports (`tls_*`), when `tls_cert` is set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// `tls_cert`.
+    pub cert: PathBuf,
+    /// `tls_key`.
+    pub key: PathBuf,
+    /// `tls_client_ca`: when set, clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
+    /// `tls_client_names`.
+    pub client_names: Vec<String>,
+    /// `tls_reload_interval`.
+    pub reload_interval: Duration,
+    /// `tls_sink`: the sink port uses TLS too.
+    pub sink: bool,
+}
+
+/// Which store backs the sink and the scaler, with its settings.
+// Built once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreConfig {
+    Memory(MemoryConfig),
+    Redis(RedisConfig),
+}
+
+/// What the memory store takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// `pod_ttl`.
+    pub pod_ttl: Duration,
+    /// `max_window`: history older than this is forgotten.
+    pub max_window: Duration,
+    /// `warmup`, or 10s when unset: the store is empty after a start.
+    pub warmup: Duration,
+}
+
+impl Config {
+    /// The store `store` names, with its settings.
+    pub fn store_config(&self) -> StoreConfig {
+        match self.store {
+            StoreKind::Memory => StoreConfig::Memory(MemoryConfig {
+                pod_ttl: self.pod_ttl,
+                max_window: self.max_window,
+                warmup: self.effective_warmup(),
+            }),
+            StoreKind::Redis => StoreConfig::Redis(self.redis()),
+        }
+    }
+
+    /// The Prometheus backend's settings.
+    pub fn prometheus(&self) -> PrometheusConfig {
+        PrometheusConfig {
+            enforce_namespace: self.prometheus_enforce_namespace,
+            cache_ttl: self.prometheus_cache_ttl,
+            poll_interval: self.prometheus_poll_interval,
+            default_timeout: self.prometheus_timeout,
+            credentials_dir: self.prometheus_credentials_dir.clone(),
+            max_response_bytes: self.prometheus_max_response_bytes,
+        }
+    }
+
+    /// The gRPC ports' TLS settings; `None` when TLS is off (`tls_cert` or
+    /// `tls_key` unset, which `validate` allows only together).
+    pub fn tls(&self) -> Option<TlsConfig> {
+        Some(TlsConfig {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+            client_names: self.tls_client_names.clone(),
+            reload_interval: self.tls_reload_interval,
+            sink: self.tls_sink,
+        })
+    }
+}
+
+// ---- Certificates and keys: parsed here, so a bad file stops start-up
+// before any port is bound. The servers and the Redis client parse them
+// again when they load (and on every rotation).
+
+fn read_file(field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError(format!("{field}: cannot read {}: {e}", path.display())))
+}
+
+/// The PEM certificates of `path`; none, or a file that is not PEM, is an error.
+fn pem_certs(
+    field: &str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+    let pem = read_file(field, path)?;
+    let bad = |why: String| ConfigError(format!("{field}: {}: {why}", path.display()));
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
+/// A certificate chain and its private key: both parse, the key is of a kind
+/// rustls can sign with, and it is the key of the chain's first certificate.
+fn pem_pair(
+    (cert_field, cert): (&str, &Path),
+    (key_field, key): (&str, &Path),
+) -> Result<(), ConfigError> {
+    let certs = pem_certs(cert_field, cert)?;
+    let pem = read_file(key_field, key)?;
+    let bad = |why: String| ConfigError(format!("{key_field}: {}: {why}", key.display()));
+    let der = rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| bad(format!("not valid PEM: {e}")))?
+        .ok_or_else(|| bad("no PEM private key (PKCS#8, PKCS#1 or SEC1) found".into()))?;
+    rustls::sign::CertifiedKey::from_der(certs, der, &rustls::crypto::ring::default_provider())
+        .map_err(|e| bad(format!("not usable with {cert_field}: {e}")))?;
+    Ok(())
+}
+
+// ---- Redis ----
+
+/// What the Redis store takes: the `redis_*` settings, and the store
+/// settings it applies itself (pod TTL, history, warm-up).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisConfig {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: Option<i64>,
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub tls_insecure: bool,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub cluster: bool,
+    pub pool_size: usize,
+    pub timeout: Duration,
+    pub key_prefix: String,
+    pub pod_ttl: Duration,
+    pub max_window: Duration,
+    /// `warmup` as set: with Redis it applies after a restart of the node.
+    pub warmup: Option<Duration>,
+}
+
+/// `redis_url` taken apart: TLS and cluster mode (from the scheme or the
+/// flags) and one URL per seed host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisSeeds {
+    pub tls: bool,
+    pub cluster: bool,
+    /// `redis://` or `rediss://` URLs, one host each, with the URL's
+    /// credentials, database and options.
+    pub urls: Vec<String>,
+}
+
+impl Config {
+    /// The Redis store's settings.
+    pub fn redis(&self) -> RedisConfig {
+        RedisConfig {
+            url: self.redis_url.clone(),
+            username: self.redis_username.clone(),
+            password: self.redis_password.clone(),
+            db: self.redis_db,
+            tls: self.redis_tls,
+            ca_file: self.redis_ca_file.clone(),
+            tls_insecure: self.redis_tls_insecure,
+            cert_file: self.redis_cert_file.clone(),
+            key_file: self.redis_key_file.clone(),
+            cluster: self.redis_cluster,
+            pool_size: self.redis_pool_size,
+            timeout: self.redis_timeout,
+            key_prefix: self.redis_key_prefix.clone(),
+            pod_ttl: self.pod_ttl,
+            max_window: self.max_window,
+            warmup: self.warmup,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// `url` split into seeds. It takes one or several comma-separated seed
+    /// hosts: `redis://[user:pass@]host:port[,host:port...][/db]`. The scheme
+    /// picks TLS (`rediss`) and cluster mode (`redis+cluster`,
+    /// `rediss+cluster`); `tls` and `cluster` do the same for `redis://`.
+    pub fn seeds(&self) -> Result<RedisSeeds, ConfigError> {
+        let (scheme_tls, scheme_cluster, seeds) = split_redis_url(&self.url)?;
+        let tls = scheme_tls || self.tls;
+        let cluster = scheme_cluster || self.cluster;
+        if !cluster && seeds.len() > 1 {
+            return Err(ConfigError(
+                "redis_url lists several hosts: that needs cluster mode (redis+cluster:// or redis_cluster)".into(),
+            ));
+        }
+        let urls = seeds
+            .iter()
+            .map(|seed| {
+                let mut url = format!("{}://{seed}", if tls { "rediss" } else { "redis" });
+                if tls && self.tls_insecure && !url.contains('#') {
+                    // The redis crate's switch for "do not verify the server certificate".
+                    url.push_str("#insecure");
+                }
+                url
+            })
+            .collect();
+        Ok(RedisSeeds { tls, cluster, urls })
+    }
+
+    /// `url` without its password, for messages.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+
+    /// Everything that can be known without a server: the URL and each seed
+    /// parse, the database fits the mode, the certificate files parse and the
+    /// client key matches its certificate.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        use redis::IntoConnectionInfo;
+        let seeds = self.seeds()?;
+        for url in &seeds.urls {
+            url.as_str()
+                .into_connection_info()
+                .map_err(|e| ConfigError(format!("redis_url {:?}: {e}", self.redacted_url())))?;
+        }
+        if let Some(db) = self.db
+            && seeds.cluster
+            && db != 0
+        {
+            return Err(ConfigError(format!(
+                "redis_db {db}: a Redis Cluster has only database 0"
+            )));
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                pem_pair(("redis_cert_file", cert), ("redis_key_file", key))?
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ConfigError(
+                    "redis_cert_file: redis_cert_file and redis_key_file go together".into(),
+                ));
+            }
+        }
+        if let Some(ca) = &self.ca_file {
+            pem_certs("redis_ca_file", ca)?;
+        }
+        Ok(())
+    }
+}
+
+/// `(tls, cluster, seeds)`; each seed is `userinfo@host:port/path?query#fragment`
+/// without the scheme.
+fn split_redis_url(url: &str) -> Result<(bool, bool, Vec<String>), ConfigError> {
+    let bad = |why: &str| ConfigError(format!("redis_url {:?}: {why}", redact(url)));
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        bad("not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL")
+    })?;
+    let (tls, cluster) = match scheme {
+        "redis" => (false, false),
+        "rediss" => (true, false),
+        "redis+cluster" => (false, true),
+        "rediss+cluster" => (true, true),
+        _ => {
+            return Err(bad(
+                "not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL",
+            ));
+        }
+    };
+    let split_at = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(split_at);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let seeds: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| match userinfo {
+            Some(u) => format!("{u}@{h}{tail}"),
+            None => format!("{h}{tail}"),
+        })
+        .collect();
+    if seeds.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok((tls, cluster, seeds))
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (userinfo, hosts) = rest.rsplit_once('@').unwrap_or(("", rest));
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{hosts}")
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -814,7 +1156,7 @@ pub const MAX_CUSTOM_METRICS_RULES: usize = 64;
 /// Longest rule query template, in bytes (the PromQL guard's limit).
 pub const MAX_CUSTOM_METRICS_QUERY: usize = 16 * 1024;
 /// Longest `timeout` of a rule.
-const MAX_RULE_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_RULE_TIMEOUT: Duration = PROMETHEUS_MAX_TIMEOUT;
 
 /// A per-pod metric computed by Prometheus, the way prometheus-adapter's
 /// `metricsQuery` rules work: the query is a template over the pods of the
@@ -937,12 +1279,16 @@ impl Config {
                 "custom_metrics_tls_cert and custom_metrics_tls_key go together".into(),
             );
         }
-        for (field, path) in [
-            ("custom_metrics_tls_cert", &self.custom_metrics_tls_cert),
-            ("custom_metrics_tls_key", &self.custom_metrics_tls_key),
-            ("custom_metrics_client_ca", &self.custom_metrics_client_ca),
-        ] {
-            readable(field, path.as_deref())?;
+        if let (Some(cert), Some(key)) =
+            (&self.custom_metrics_tls_cert, &self.custom_metrics_tls_key)
+        {
+            pem_pair(
+                ("custom_metrics_tls_cert", cert),
+                ("custom_metrics_tls_key", key),
+            )?;
+        }
+        if let Some(ca) = &self.custom_metrics_client_ca {
+            pem_certs("custom_metrics_client_ca", ca)?;
         }
         if let Some(addr) = self.custom_metrics_addr
             && self.custom_metrics_client_ca.is_none()
@@ -1201,16 +1547,196 @@ mod tests {
         assert_eq!(c.metric_exclude, vec!["a.*", "b.*"]);
     }
 
+    /// A self-signed certificate, its key, another key and a file that is
+    /// not PEM, written to a directory.
+    struct PemFiles {
+        cert: String,
+        key: String,
+        other_key: String,
+        not_pem: String,
+    }
+
+    impl PemFiles {
+        fn new(dir: &Path) -> Self {
+            let write = |name: &str, text: &str| {
+                let path = dir.join(name);
+                std::fs::write(&path, text).unwrap();
+                path.to_string_lossy().into_owned()
+            };
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            Self {
+                cert: write("cert.pem", &cert.pem()),
+                key: write("key.pem", &key.serialize_pem()),
+                other_key: write(
+                    "other.pem",
+                    &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+                ),
+                not_pem: write("not.pem", "not a certificate\n"),
+            }
+        }
+    }
+
+    #[test]
+    fn certificates_and_keys_are_parsed_and_paired() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = PemFiles::new(dir.path());
+        for (cert_field, key_field, ca_field, needs) in [
+            ("tls_cert", "tls_key", "tls_client_ca", &[][..]),
+            (
+                "custom_metrics_tls_cert",
+                "custom_metrics_tls_key",
+                "custom_metrics_client_ca",
+                &[][..],
+            ),
+            (
+                "redis_cert_file",
+                "redis_key_file",
+                "redis_ca_file",
+                &[("store", "redis")][..],
+            ),
+        ] {
+            let with = |cert: &str, key: &str, ca: &str| {
+                let mut o: Vec<(&str, &str)> = needs.to_vec();
+                o.extend([(cert_field, cert), (key_field, key), (ca_field, ca)]);
+                load(&[], &o)
+            };
+            with(&pem.cert, &pem.key, &pem.cert).unwrap();
+            for (cert, key, ca, field, why) in [
+                (
+                    &pem.not_pem,
+                    &pem.key,
+                    &pem.cert,
+                    cert_field,
+                    "no PEM CERTIFICATE",
+                ),
+                (
+                    &pem.key,
+                    &pem.key,
+                    &pem.cert,
+                    cert_field,
+                    "no PEM CERTIFICATE",
+                ),
+                (
+                    &pem.cert,
+                    &pem.not_pem,
+                    &pem.cert,
+                    key_field,
+                    "no PEM private key",
+                ),
+                (
+                    &pem.cert,
+                    &pem.other_key,
+                    &pem.cert,
+                    key_field,
+                    "not usable with",
+                ),
+                (
+                    &pem.cert,
+                    &pem.key,
+                    &pem.not_pem,
+                    ca_field,
+                    "no PEM CERTIFICATE",
+                ),
+            ] {
+                let e = with(cert, key, ca).unwrap_err().to_string();
+                assert!(
+                    e.starts_with(&format!("invalid configuration: {field}: ")) && e.contains(why),
+                    "{e:?} should name {field} and say {why:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn redis_settings_are_checked_with_the_redis_store_only() {
+        let redis = |url: &str, extra: &[(&'static str, &'static str)]| {
+            let mut o = vec![("store", "redis"), ("redis_url", url)];
+            o.extend_from_slice(extra);
+            load(&[], &o).map(drop).map_err(|e| e.to_string())
+        };
+        redis("redis://cache:6379/2", &[]).unwrap();
+        redis("rediss+cluster://u:p@a:1,b:2", &[]).unwrap();
+        for (url, extra, expect) in [
+            ("cache:6379", &[][..], "redis_url"),
+            ("http://cache", &[][..], "redis_url"),
+            ("redis://", &[][..], "redis_url"),
+            ("redis://a:1,b:2", &[][..], "cluster mode"),
+            ("redis://a:notaport", &[][..], "redis_url"),
+            ("redis+cluster://a:1", &[("redis_db", "3")][..], "redis_db"),
+            (
+                "redis://a:1",
+                &[("redis_cert_file", "/x.pem")][..],
+                "go together",
+            ),
+            (
+                "redis://a:1",
+                &[("redis_ca_file", "/nonexistent.pem")][..],
+                "redis_ca_file",
+            ),
+        ] {
+            let e = redis(url, extra).unwrap_err();
+            assert!(
+                e.contains(expect),
+                "{url} {extra:?}: {e:?} should say {expect}"
+            );
+        }
+        let e = redis("redis://u:secret@a:1,b:2", &[]).unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
+        // The memory store reads none of them.
+        load(&[], &[("redis_url", "cache:6379")]).unwrap();
+    }
+
+    #[test]
+    fn each_part_gets_its_group_under_the_same_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = PemFiles::new(dir.path());
+        let c = load(
+            &[
+                ("ACTIVESCALE_PROMETHEUS_TIMEOUT", "7s"),
+                ("ACTIVESCALE_TLS_CERT", &pem.cert),
+                ("REDIS_URL", "rediss://cache:6380"),
+            ],
+            &[("tls_key", &pem.key), ("tls_sink", "false")],
+        )
+        .unwrap();
+        let p = c.prometheus();
+        assert_eq!(p.default_timeout, Duration::from_secs(7));
+        assert_eq!(p.poll_interval, c.prometheus_poll_interval);
+        assert_eq!(
+            PrometheusConfig::default().credentials_dir,
+            Path::new(PROMETHEUS_CREDENTIALS_DIR)
+        );
+        let t = c.tls().unwrap();
+        assert_eq!((t.cert.to_str(), t.sink), (Some(pem.cert.as_str()), false));
+        assert_eq!(c.redis().url, "rediss://cache:6380");
+        assert!(Config::default().tls().is_none());
+        assert_eq!(
+            Config::default().store_config(),
+            StoreConfig::Memory(MemoryConfig {
+                pod_ttl: Duration::from_secs(15),
+                max_window: Duration::from_secs(600),
+                warmup: Duration::from_secs(10),
+            })
+        );
+
+        for bad in ["0s", "61s"] {
+            let e = load(&[], &[("prometheus_timeout", bad)]).unwrap_err();
+            assert!(e.to_string().contains("prometheus_timeout"), "{e}");
+        }
+    }
+
     #[test]
     fn tls_client_names_need_the_client_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("pem");
-        std::fs::write(&file, "x").unwrap();
-        let file = file.to_string_lossy().into_owned();
+        let pem = PemFiles::new(dir.path());
         let tls = [
-            ("tls_cert", file.as_str()),
-            ("tls_key", file.as_str()),
-            ("tls_client_ca", file.as_str()),
+            ("tls_cert", pem.cert.as_str()),
+            ("tls_key", pem.key.as_str()),
+            ("tls_client_ca", pem.cert.as_str()),
         ];
         let keda = "spiffe://cluster.local/ns/keda/sa/keda-operator";
         let names = format!("{keda}, keda-operator.keda.svc");
@@ -1551,9 +2077,7 @@ custom_metrics_rules:
     #[test]
     fn custom_metrics_refusals_name_the_setting() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca.crt");
-        std::fs::write(&ca, "x").unwrap();
-        let ca = ca.to_string_lossy().into_owned();
+        let ca = PemFiles::new(dir.path()).cert;
         let rule = |f: &dyn Fn(&mut CustomMetricsRule)| {
             let mut r = CustomMetricsRule {
                 name: "rps".into(),

@@ -34,7 +34,10 @@
 //! - [`activator`]: the optional proxy that holds requests for a workload at
 //!   zero, counts them for KEDA at once and forwards them once it is ready.
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
-//! - [`config`]: the one typed configuration, validated before anything binds.
+//! - [`config`]: the one typed configuration, validated before anything binds
+//!   (certificates and the Redis URL parsed too); a leaf that imports no other
+//!   module. Parts take their own group of it ([`config::StoreConfig`],
+//!   [`config::RedisConfig`], [`config::TlsConfig`], [`config::PrometheusConfig`]).
 //! - [`telemetry`]: logs, the service's own metrics, summary lines.
 //!
 //! [`run`] serves everything on listeners the caller bound, until `shutdown`
@@ -75,7 +78,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use config::{Config, StoreKind};
+use config::{Config, StoreConfig};
 use store::SharedStore;
 use telemetry::Metrics;
 
@@ -92,6 +95,9 @@ pub enum Error {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// A certificate or key that does not load; the message names the setting.
+    #[error("invalid configuration: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
 }
@@ -182,14 +188,26 @@ impl Listeners {
     }
 }
 
+/// What [`Config::validate`] cannot check without importing the parts it
+/// must not (config is a leaf): the Custom Metrics API's catalogue (its
+/// PromQL rules) and whether this build serves what it names. `main` calls
+/// it before binding anything (a failure exits 2, naming the setting); `run`
+/// calls it again for callers that did not.
+pub fn preflight(config: &Config) -> Result<()> {
+    if config.custom_metrics_addr.is_some() {
+        custom_metrics::servable(config)?;
+        custom_metrics::Catalogue::from_config(config)?;
+    }
+    Ok(())
+}
+
 /// Builds the store the config asks for.
 pub async fn open_store(config: &Config) -> Result<SharedStore> {
-    Ok(match config.store {
-        StoreKind::Memory => Arc::new(
-            store::memory::MemoryStore::new(config.pod_ttl, config.max_window)
-                .warming_up_for(config.effective_warmup()),
+    Ok(match config.store_config() {
+        StoreConfig::Memory(m) => Arc::new(
+            store::memory::MemoryStore::new(m.pod_ttl, m.max_window).warming_up_for(m.warmup),
         ),
-        StoreKind::Redis => Arc::new(store::redis::RedisStore::connect(config).await?),
+        StoreConfig::Redis(r) => Arc::new(store::redis::RedisStore::connect(&r).await?),
     })
 }
 
@@ -202,6 +220,7 @@ pub async fn run(
 ) -> Result<()> {
     // reqwest and the Redis client use rustls without choosing a provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    preflight(&config)?;
     let mut listeners = listeners;
     let sink_addr = listeners.addr_of(Port::Sink);
     // For the start-up line: each port's address, or "off".
@@ -226,7 +245,10 @@ pub async fn run(
     let metrics = Arc::new(metrics);
     let token = CancellationToken::new();
     let store = open_store(&config).await?;
-    let tls = tls::Tls::from_config(&config)?;
+    let tls = config
+        .tls()
+        .map(|t| tls::Tls::from_config(&t))
+        .transpose()?;
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().watch(config.tls_reload_interval, token.clone()));
     }
@@ -247,14 +269,7 @@ pub async fn run(
         metrics.clone(),
         token.clone(),
     );
-    let prom_settings = prometheus::PromSettings {
-        enforce_namespace: config.prometheus_enforce_namespace,
-        cache_ttl: config.prometheus_cache_ttl,
-        poll_interval: config.prometheus_poll_interval,
-        default_timeout: config.prometheus_timeout,
-        credentials_dir: config.prometheus_credentials_dir.clone(),
-        max_response_bytes: config.prometheus_max_response_bytes,
-    };
+    let prom_settings = config.prometheus();
     let view = view::Recorder::new();
     let triggers = Arc::new(trigger::TriggerCache::new(
         trigger::TriggerSettings {
@@ -343,7 +358,6 @@ pub async fn run(
         );
     }
     if let Some(l) = listeners.take(Port::CustomMetrics) {
-        custom_metrics::servable(&config)?;
         let api = custom_metrics::CustomMetricsApi::new(
             &config,
             Arc::new(custom_metrics::EngineSource::new(engine.clone())),

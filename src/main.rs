@@ -360,7 +360,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    activescale::telemetry::init(config.log_format);
+    if let Err(e) = activescale::preflight(&config) {
+        eprintln!("activescale: {e}");
+        std::process::exit(2);
+    }
+    activescale::telemetry::init(match config.log_format {
+        activescale::config::LogFormat::Text => activescale::telemetry::LogFormat::Text,
+        activescale::config::LogFormat::Json => activescale::telemetry::LogFormat::Json,
+    });
     if config.redis_tls_insecure {
         tracing::warn!(
             "REDIS_TLS_INSECURE is set: the Redis server's certificate is NOT verified; \

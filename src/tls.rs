@@ -52,10 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, info, warn};
 
-use crate::{
-    config::{Config, ConfigError},
-    telemetry::RateLimit,
-};
+use crate::{config::TlsConfig, telemetry::RateLimit};
 
 /// A client that has not finished its handshake by then is dropped, so
 /// half-open connections cannot pile up.
@@ -71,13 +68,13 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The files `config` names; `None` when TLS is off.
-    pub fn from_config(config: &Config) -> Option<Self> {
-        Some(Self {
-            cert: config.tls_cert.clone()?,
-            key: config.tls_key.clone()?,
-            client_ca: config.tls_client_ca.clone(),
-        })
+    /// The files `config` names.
+    pub fn from_config(config: &TlsConfig) -> Self {
+        Self {
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            client_ca: config.client_ca.clone(),
+        }
     }
 
     /// Reads the three files as they are now.
@@ -120,30 +117,34 @@ pub enum TlsError {
         #[source]
         source: io::Error,
     },
+    /// The file is PEM but not what the setting needs.
     #[error("{field}: {}: {problem}", path.display())]
     Pem {
         field: &'static str,
         path: PathBuf,
         problem: String,
     },
+    #[error("{field}: {}: not valid PEM: {source}", path.display())]
+    PemSyntax {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("tls_cert/tls_key: the certificate and key are not usable together: {0}")]
     CertKey(#[source] rustls::Error),
-    #[error("tls_client_ca: {0}")]
-    ClientCa(String),
+    #[error("tls_client_ca: {}: {source}", path.display())]
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Any other setting of a [`TlsSource`] that does not work.
     #[error("{field}: {problem}")]
     Setting {
         field: &'static str,
         problem: String,
     },
-}
-
-impl From<TlsError> for crate::Error {
-    /// A certificate that does not load at start-up is a configuration error:
-    /// the process exits naming the setting.
-    fn from(e: TlsError) -> Self {
-        crate::Error::Config(ConfigError(e.to_string()))
-    }
 }
 
 /// Builds the server config for `contents`. Pure apart from rustls itself.
@@ -158,13 +159,17 @@ fn server_config(files: &TlsFiles, contents: &Contents) -> Result<Arc<ServerConf
         (Some(path), Some(pem)) => {
             let mut roots = RootCertStore::empty();
             for ca in pem_certs("tls_client_ca", path, pem)? {
-                roots
-                    .add(ca)
-                    .map_err(|e| TlsError::ClientCa(format!("{}: {e}", path.display())))?;
+                roots.add(ca).map_err(|e| TlsError::ClientCa {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| TlsError::ClientCa(format!("{}: {e}", path.display())))?;
+                .map_err(|e| TlsError::ClientCa {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
         _ => builder.with_no_client_auth(),
@@ -189,7 +194,11 @@ pub(crate) fn pem_certs(
     };
     let certs = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| problem(format!("not valid PEM: {e}")))?;
+        .map_err(|source| TlsError::PemSyntax {
+            field,
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
         return Err(problem("no PEM CERTIFICATE block found".into()));
     }
@@ -207,7 +216,11 @@ pub(crate) fn pem_key(
         problem,
     };
     rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| problem(format!("not valid PEM: {e}")))?
+        .map_err(|source| TlsError::PemSyntax {
+            field,
+            path: path.to_owned(),
+            source,
+        })?
         .ok_or_else(|| problem("no PEM private key (PKCS#8, PKCS#1 or SEC1) found".into()))
 }
 
@@ -272,9 +285,9 @@ struct ReloadState<C> {
 }
 
 impl Tls {
-    /// TLS as `config` asks: `None` when `tls_cert` is unset.
-    pub fn from_config(config: &Config) -> Result<Option<Arc<Self>>, TlsError> {
-        TlsFiles::from_config(config).map(Self::load).transpose()
+    /// Loads the files `config` names.
+    pub fn from_config(config: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+        Self::load(TlsFiles::from_config(config))
     }
 
     /// Whether clients must present a certificate.
@@ -851,11 +864,22 @@ mod tests {
                 .starts_with("invalid configuration: tls_cert"),
             "{as_lib}"
         );
+        let source = std::error::Error::source(&as_lib).expect("the TlsError");
+        assert!(
+            matches!(
+                source.downcast_ref::<TlsError>(),
+                Some(TlsError::Pem {
+                    field: "tls_cert",
+                    ..
+                })
+            ),
+            "{source:?}"
+        );
     }
 
     #[test]
     fn tls_is_off_without_a_certificate() {
-        assert!(Tls::from_config(&Config::default()).unwrap().is_none());
+        assert!(crate::config::Config::default().tls().is_none());
     }
 
     /// A certificate with these SANs (`uri:` prefix: a URI, else DNS) and CN.

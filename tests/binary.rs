@@ -15,6 +15,11 @@ impl Drop for Running {
 }
 
 fn serve(extra: &[&str]) -> Command {
+    serve_on("127.0.0.1:0", extra)
+}
+
+/// [`serve`] with the HTTP port at `http`.
+fn serve_on(http: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_activescale"));
     cmd.args([
         "serve",
@@ -23,7 +28,7 @@ fn serve(extra: &[&str]) -> Command {
         "--scaler-addr",
         "127.0.0.1:0",
         "--http-addr",
-        "127.0.0.1:0",
+        http,
     ])
     .args(["--log-format", "json", "--warmup", "0s"])
     .args(extra)
@@ -105,6 +110,95 @@ fn bad_config_fails_fast_with_one_line_naming_it() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// Settings that only reading files or parsing the URL can refute stop
+/// start-up the same way, before any port is bound: the HTTP port given is
+/// held by the test, so a process that got as far as binding would fail on
+/// it instead (exit 1, "binding ports").
+#[test]
+fn unusable_files_and_urls_fail_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let cert = write("cert.pem", &cert.pem());
+    let key = write("key.pem", &key.serialize_pem());
+    let other_key = write(
+        "other.pem",
+        &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    );
+    let not_pem = write("not.pem", "not a certificate\n");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = held.local_addr().unwrap().to_string();
+    for (args, name) in [
+        (
+            vec!["--store", "redis", "--redis-url", "cache:6379"],
+            "redis_url",
+        ),
+        (vec!["--tls-cert", &not_pem, "--tls-key", &key], "tls_cert"),
+        (
+            vec!["--tls-cert", &cert, "--tls-key", &other_key],
+            "tls_key",
+        ),
+        (vec!["--tls-cert", &cert, "--tls-key", &not_pem], "tls_key"),
+        (
+            vec![
+                "--custom-metrics-tls-cert",
+                &cert,
+                "--custom-metrics-tls-key",
+                &other_key,
+            ],
+            "custom_metrics_tls_key",
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                &key,
+            ],
+            "tls_client_ca",
+        ),
+        (
+            // Checked by `preflight`, outside the config leaf, still before binding.
+            vec![
+                "--custom-metrics-addr",
+                "127.0.0.1:0",
+                "--custom-metrics-windows",
+                "max_30s",
+            ],
+            "custom_metrics_windows",
+        ),
+    ] {
+        let out = serve_on(&held, &args).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {stderr:?}");
+        assert!(
+            lines[0].starts_with(&format!("activescale: invalid configuration: {name}")),
+            "{stderr:?} should name {name}"
+        );
+        assert!(out.stdout.is_empty(), "nothing started: {args:?}");
+    }
+    // The same files, usable, get past the checks: the held port is the
+    // next thing in the way.
+    let out = serve_on(&held, &["--tls-cert", &cert, "--tls-key", &key])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("binding ports"), "{stderr}");
 }
 
 /// `serve --help`, split into one (flag name, text) per flag: clap wraps long

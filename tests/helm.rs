@@ -60,12 +60,26 @@ fn read_env(path: &Path) -> Vec<(String, String)> {
 /// Points the chart's mount paths at real files, since the loader checks
 /// that certificate files are readable.
 fn with_real_files(env: Vec<(String, String)>, dir: &Path) -> Vec<(String, String)> {
+    // The service parses them: one certificate and its key serve for every
+    // certificate, CA and key setting.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem();
+    let key = key.serialize_pem();
     env.into_iter()
         .map(|(k, v)| match v.strip_prefix("/etc/activescale/") {
             Some(rest) => {
                 let file = dir.join(rest);
                 std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-                std::fs::write(&file, "PEM").unwrap();
+                let pem = if k.ends_with("KEY_FILE") || k.ends_with("TLS_KEY") {
+                    &key
+                } else {
+                    &cert
+                };
+                std::fs::write(&file, pem).unwrap();
                 (k, file.to_string_lossy().into_owned())
             }
             None => (k, v),

@@ -269,7 +269,7 @@ async fn tls_with_a_test_ca_and_client_certificates() {
     // Without our CA the server's certificate is not trusted.
     let mut untrusted = config.clone();
     untrusted.redis_ca_file = None;
-    let s = RedisStore::connect(&untrusted).await.unwrap();
+    let s = RedisStore::connect(&untrusted.redis()).await.unwrap();
     let e = s.ready().await.unwrap_err();
     assert!(e.to_string().contains("certificate"), "{e}");
 
@@ -277,7 +277,7 @@ async fn tls_with_a_test_ca_and_client_certificates() {
     let mut upgraded = config.clone();
     upgraded.redis_url = format!("redis://127.0.0.1:{}", redis.port);
     upgraded.redis_tls = true;
-    let s = RedisStore::connect(&upgraded).await.unwrap();
+    let s = RedisStore::connect(&upgraded.redis()).await.unwrap();
     ready_soon(&s).await;
     assert_eq!(s.values(&web_query("shop")).await.unwrap(), vec![2.0]);
 }
@@ -287,7 +287,7 @@ async fn tls_insecure_skips_verification() {
     let redis = RedisServer::start_tls(false);
     let mut config = redis_config(&redis.url());
     config.redis_tls_insecure = true;
-    let s = RedisStore::connect(&config).await.unwrap();
+    let s = RedisStore::connect(&config.redis()).await.unwrap();
     ready_soon(&s).await;
 }
 
@@ -332,7 +332,7 @@ async fn acl_user_and_password() {
     // Credentials in the URL work too.
     let mut in_url = redis_config(&format!("redis://scaler:s3cret@127.0.0.1:{}", redis.port));
     in_url.pod_ttl = config.pod_ttl;
-    let s = RedisStore::connect(&in_url).await.unwrap();
+    let s = RedisStore::connect(&in_url.redis()).await.unwrap();
     ready_soon(&s).await;
     assert_eq!(s.values(&web_query("shop")).await.unwrap(), vec![7.0]);
 
@@ -429,7 +429,7 @@ fn pod(ns: &str, name: &str) -> PodIdentity {
 #[tokio::test]
 async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()))
+    let store = RedisStore::connect(&redis.config(test_config()).redis())
         .await
         .unwrap();
     ready_soon(&store).await;
@@ -475,8 +475,8 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
     let mut two = one.clone();
     two.redis_key_prefix = "two".into();
     let (one, two) = (
-        RedisStore::connect(&one).await.unwrap(),
-        RedisStore::connect(&two).await.unwrap(),
+        RedisStore::connect(&one.redis()).await.unwrap(),
+        RedisStore::connect(&two.redis()).await.unwrap(),
     );
     ready_soon(&one).await;
     one.record(&pod("shop", "web-1"), &[("f".into(), 1.0)])
@@ -557,7 +557,7 @@ async fn measure_memory_per_1000_pods() {
     let redis = RedisServer::start();
     let mut config = redis.config(test_config());
     config.pod_ttl = Duration::from_secs(600);
-    let store = RedisStore::connect(&config).await.unwrap();
+    let store = RedisStore::connect(&config.redis()).await.unwrap();
     ready_soon(&store).await;
     let mut raw = redis.client().await;
     let used = |raw: &mut redis::aio::MultiplexedConnection| {
@@ -717,7 +717,7 @@ async fn slow_redis_is_a_timeout_not_a_value() {
     let redis = RedisServer::start();
     let mut config = redis.config(test_config());
     config.redis_timeout = Duration::from_millis(200);
-    let store = RedisStore::connect(&config).await.unwrap();
+    let store = RedisStore::connect(&config.redis()).await.unwrap();
     ready_soon(&store).await;
     store
         .record(&pod("shop", "web-1"), &[("f".into(), 3.0)])
@@ -774,7 +774,7 @@ async fn a_young_redis_is_not_read_as_no_load() {
     let redis = RedisServer::start();
     let mut config = redis.config(test_config());
     config.warmup = Some(Duration::from_secs(3));
-    let store = RedisStore::connect(&config).await.unwrap();
+    let store = RedisStore::connect(&config.redis()).await.unwrap();
     ready_soon(&store).await;
     store
         .record(&pod("shop", "web-1"), &[("f".into(), 5.0)])
@@ -895,7 +895,7 @@ async fn expire(raw: &mut redis::aio::MultiplexedConnection, ns: &str, pod: &str
 #[tokio::test]
 async fn group_aggregates_do_not_drift() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()))
+    let store = RedisStore::connect(&redis.config(test_config()).redis())
         .await
         .unwrap();
     ready_soon(&store).await;
@@ -978,7 +978,7 @@ async fn group_aggregates_do_not_drift() {
 #[tokio::test]
 async fn groups_are_rebuilt_from_data_without_them() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()))
+    let store = RedisStore::connect(&redis.config(test_config()).redis())
         .await
         .unwrap();
     ready_soon(&store).await;
@@ -1071,7 +1071,7 @@ async fn hset(raw: &mut redis::aio::MultiplexedConnection, key: &str, field: &st
 #[tokio::test]
 async fn sums_poisoned_before_values_were_checked_heal() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()))
+    let store = RedisStore::connect(&redis.config(test_config()).redis())
         .await
         .unwrap();
     ready_soon(&store).await;
@@ -1141,7 +1141,7 @@ async fn sums_poisoned_before_values_were_checked_heal() {
 #[tokio::test]
 async fn the_address_binding_costs_no_write_per_message() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()))
+    let store = RedisStore::connect(&redis.config(test_config()).redis())
         .await
         .unwrap();
     ready_soon(&store).await;

@@ -42,7 +42,7 @@ async fn store(kind: Kind, ttl: Duration) -> Under {
             config.max_window = max_window;
             // The server was just started: no young-server warm-up here.
             config.warmup = Some(Duration::ZERO);
-            let store = RedisStore::connect(&config).await.expect("connect");
+            let store = RedisStore::connect(&config.redis()).await.expect("connect");
             // Ready means subscribed: the subscription's first wake-up is over.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while let Err(e) = store.ready().await {

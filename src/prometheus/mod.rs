@@ -21,48 +21,20 @@ pub mod formula;
 pub mod presets;
 pub mod promql;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use client::{Connections, Endpoint, Outcome};
 use formula::Formula;
 
-/// Default of `prometheus_credentials_dir`. Files named by triggers
-/// (`caCert`, `bearerTokenFile`, `passwordFile`) are read only from
-/// `<this>/<ScaledObject namespace>/`: a trigger must not be able to make the
-/// scaler send a file of its own choosing (its service-account token, another
-/// tenant's password) to a server of its own choosing, nor read a device, a
-/// FIFO or `/proc` (see [`files`]).
-pub const CREDENTIALS_DIR: &str = "/etc/activescale/prometheus";
+/// Default of `prometheus_credentials_dir` (see [`files`] for what is
+/// refused inside it).
+pub use crate::config::PROMETHEUS_CREDENTIALS_DIR as CREDENTIALS_DIR;
 
-/// Default of `prometheus_max_response_bytes`: an instant query answered
-/// with one series is a few hundred bytes.
-pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
+/// Default of `prometheus_max_response_bytes`.
+pub use crate::config::PROMETHEUS_MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES;
 
-/// Service-wide settings of the Prometheus backend (from [`crate::config::Config`]).
-#[derive(Clone, Debug, PartialEq)]
-pub struct PromSettings {
-    pub enforce_namespace: bool,
-    pub cache_ttl: Duration,
-    pub poll_interval: Duration,
-    pub default_timeout: Duration,
-    /// Where each namespace's credential files are (see [`CREDENTIALS_DIR`]).
-    pub credentials_dir: PathBuf,
-    /// Largest response body read from a Prometheus server.
-    pub max_response_bytes: usize,
-}
-
-impl Default for PromSettings {
-    fn default() -> Self {
-        Self {
-            enforce_namespace: true,
-            cache_ttl: Duration::from_secs(2),
-            poll_interval: Duration::from_secs(5),
-            default_timeout: Duration::from_secs(5),
-            credentials_dir: PathBuf::from(CREDENTIALS_DIR),
-            max_response_bytes: MAX_RESPONSE_BYTES,
-        }
-    }
-}
+/// Service-wide settings of the Prometheus backend: its group of the config.
+pub use crate::config::PrometheusConfig as PromSettings;
 
 /// A parsed prometheus-source trigger: where to ask, what to ask (already
 /// checked and rewritten), and how to combine the answers.

@@ -23,21 +23,11 @@
 /// The suffix of every stat the defaults keep.
 pub const GAUGE_SUFFIX: &str = "downstream_rq_active";
 
-/// The default include patterns.
-pub fn default_include() -> Vec<String> {
-    vec!["http.inbound_*.downstream_rq_active".into()]
-}
-
-/// The default exclude patterns; the sink's own inbound scope is derived from
-/// its port at start-up (see [`NameFilter::new`]).
-pub fn default_exclude() -> Vec<String> {
-    vec![
-        "http.admin.*".into(),
-        "http.agent.*".into(),
-        "http.stats.*".into(),
-        "http.outbound_*".into(),
-    ]
-}
+/// The default patterns; the sink's own inbound scope is derived from its
+/// port at start-up (see [`NameFilter::new`]).
+pub use crate::config::{
+    default_metric_exclude as default_exclude, default_metric_include as default_include,
+};
 
 /// The compiled keep/drop rules.
 #[derive(Clone, Debug)]

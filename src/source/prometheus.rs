@@ -29,7 +29,7 @@ use crate::{
 use super::{Kind, Parsed, Source, TriggerSettings};
 
 /// Longest `timeout` a trigger may ask for.
-const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_TIMEOUT: Duration = crate::config::PROMETHEUS_MAX_TIMEOUT;
 
 const QUERY_PREFIX: &str = "query.";
 

@@ -120,9 +120,8 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// Default of `max_families_per_pod`: distinct stat families a pod may hold.
-/// A pod serves on a handful of inbound ports; 64 leaves room for many.
-pub const DEFAULT_MAX_FAMILIES: usize = 64;
+/// Default of `max_families_per_pod`.
+pub use crate::config::DEFAULT_MAX_FAMILIES;
 
 /// One Envoy message's worth of samples for one pod, as the sink writes it.
 #[derive(Clone, Copy, Debug)]

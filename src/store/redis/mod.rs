@@ -117,7 +117,7 @@ use super::{
     Ingest, Ingested, Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError,
     Summary, sorted_families, window,
 };
-use crate::{config::Config, selector::Labels};
+use crate::{config::RedisConfig, selector::Labels};
 
 use settings::Settings;
 
@@ -166,19 +166,19 @@ impl RedisStore {
     /// Builds the pool and starts the subscriber and the sweeper. Fails only
     /// on settings that can never work (a bad URL, unreadable or invalid
     /// certificate files); an unreachable server is retried in the background.
-    pub async fn connect(config: &Config) -> Result<Self, StoreError> {
+    pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
         let settings = Settings::from_config(config)
             .map_err(|e| StoreError::Unavailable(format!("redis settings: {e}")))?;
         Ok(Self::with_settings(settings, config))
     }
 
-    fn with_settings(settings: Settings, config: &Config) -> Self {
-        let timeout = config.redis_timeout;
+    fn with_settings(settings: Settings, config: &RedisConfig) -> Self {
+        let timeout = config.timeout;
         let subscriber = settings.subscriber_clients.clone();
         let pool = Pool::builder(Manager {
             backend: settings.backend,
         })
-        .max_size(config.redis_pool_size)
+        .max_size(config.pool_size)
         .runtime(deadpool::Runtime::Tokio1)
         .timeouts(Timeouts {
             wait: Some(timeout),
@@ -187,7 +187,7 @@ impl RedisStore {
         })
         .build()
         .expect("a runtime is set, so building the pool cannot fail");
-        let prefix = config.redis_key_prefix.clone();
+        let prefix = config.key_prefix.clone();
         let ttl_ms = config.pod_ttl.as_millis() as u64;
         let young_server = config.warmup.unwrap_or(YOUNG_SERVER);
         // Inside the documented ACL key pattern `~{<prefix>:*`; the suffix has

@@ -1,10 +1,11 @@
-//! From [`Config`] to redis clients: URL, TLS, ACL credentials, cluster mode.
+//! From [`RedisConfig`] to redis clients: URL, TLS, ACL credentials, cluster
+//! mode.
 //!
-//! `redis_url` takes one or several comma-separated seed hosts:
-//! `redis://[user:pass@]host:port[,host:port...][/db]`. The scheme picks TLS
-//! (`rediss`) and cluster mode (`redis+cluster`, `rediss+cluster`); the flags
-//! `redis_tls` and `redis_cluster` do the same for a plain `redis://` URL.
-//! `redis_username`, `redis_password` and `redis_db` win over the URL's.
+//! [`RedisConfig::seeds`] takes `redis_url` apart (one or several seed hosts;
+//! the scheme or the flags pick TLS and cluster mode); `redis_username`,
+//! `redis_password` and `redis_db` win over the URL's. `Config::validate`
+//! has already run the same checks, so a failure here is for a config built
+//! in code.
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use redis::{
 use tracing::warn;
 
 use super::Backend;
-use crate::config::Config;
+use crate::config::RedisConfig;
 
 /// Everything [`super::RedisStore`] needs to connect.
 pub struct Settings {
@@ -25,31 +26,29 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(config: &Config) -> Result<Self, String> {
-        let (scheme_tls, cluster_scheme, seeds) = split_url(&config.redis_url)?;
-        let tls = scheme_tls || config.redis_tls;
-        let cluster = cluster_scheme || config.redis_cluster;
+    pub fn from_config(config: &RedisConfig) -> Result<Self, String> {
+        let seeds = config.seeds().map_err(|e| e.0)?;
+        let (tls, cluster) = (seeds.tls, seeds.cluster);
         let certs = certificates(config)?;
         if certs.is_some() && !tls {
             warn!(
                 "redis_ca_file / redis_cert_file are set but the connection is not TLS (use rediss:// or redis_tls); they are ignored"
             );
         }
-        let mut infos = Vec::with_capacity(seeds.len());
-        for seed in &seeds {
-            let url = seed_url(seed, tls, config.redis_tls_insecure);
+        let mut infos = Vec::with_capacity(seeds.urls.len());
+        for url in &seeds.urls {
             let info = url
                 .as_str()
                 .into_connection_info()
-                .map_err(|e| format!("redis_url {:?}: {e}", redact(&config.redis_url)))?;
+                .map_err(|e| format!("redis_url {:?}: {e}", config.redacted_url()))?;
             let mut redis = info.redis_settings().clone();
-            if let Some(u) = &config.redis_username {
+            if let Some(u) = &config.username {
                 redis = redis.set_username(u);
             }
-            if let Some(p) = &config.redis_password {
+            if let Some(p) = &config.password {
                 redis = redis.set_password(p);
             }
-            if let Some(db) = config.redis_db {
+            if let Some(db) = config.db {
                 if cluster && db != 0 {
                     return Err(format!(
                         "redis_db {db}: a Redis Cluster has only database 0"
@@ -59,7 +58,7 @@ impl Settings {
             }
             infos.push(info.set_redis_settings(redis));
         }
-        let timeout = config.redis_timeout;
+        let timeout = config.timeout;
         let client = |info: &ConnectionInfo| -> Result<redis::Client, String> {
             match (&certs, tls) {
                 (Some(c), true) => redis::Client::build_with_tls(info.clone(), c.clone()),
@@ -82,9 +81,6 @@ impl Settings {
                     .map_err(|e| format!("redis cluster settings: {e}"))?,
             )
         } else {
-            if seeds.len() > 1 {
-                return Err("redis_url lists several hosts: that needs cluster mode (redis+cluster:// or redis_cluster)".into());
-            }
             Backend::Single {
                 client: subscriber_clients[0].clone(),
                 config: AsyncConnectionConfig::new()
@@ -99,73 +95,15 @@ impl Settings {
     }
 }
 
-/// `(tls, cluster, seeds)`; each seed is `userinfo@host:port/path?query#fragment`
-/// without the scheme.
-fn split_url(url: &str) -> Result<(bool, bool, Vec<String>), String> {
-    let bad = |why: &str| format!("redis_url {:?}: {why}", redact(url));
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
-    let (tls, cluster) = match scheme {
-        "redis" => (false, false),
-        "rediss" => (true, false),
-        "redis+cluster" => (false, true),
-        "rediss+cluster" => (true, true),
-        _ => {
-            return Err(bad(
-                "the scheme must be redis, rediss, redis+cluster or rediss+cluster",
-            ));
-        }
-    };
-    let split_at = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(split_at);
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    let seeds: Vec<String> = hosts
-        .split(',')
-        .map(str::trim)
-        .filter(|h| !h.is_empty())
-        .map(|h| match userinfo {
-            Some(u) => format!("{u}@{h}{tail}"),
-            None => format!("{h}{tail}"),
-        })
-        .collect();
-    if seeds.is_empty() {
-        return Err(bad("no host"));
-    }
-    Ok((tls, cluster, seeds))
-}
-
-fn seed_url(seed: &str, tls: bool, insecure: bool) -> String {
-    let mut url = format!("{}://{seed}", if tls { "rediss" } else { "redis" });
-    if tls && insecure && !url.contains('#') {
-        // The redis crate's switch for "do not verify the server certificate".
-        url.push_str("#insecure");
-    }
-    url
-}
-
-/// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, rest)), Some(_)) => {
-            let (userinfo, hosts) = rest.rsplit_once('@').unwrap_or(("", rest));
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{hosts}")
-        }
-        _ => url.to_string(),
-    }
-}
-
-fn certificates(config: &Config) -> Result<Option<TlsCertificates>, String> {
+fn certificates(config: &RedisConfig) -> Result<Option<TlsCertificates>, String> {
     let read = |field: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))
     };
-    let root_cert = match &config.redis_ca_file {
+    let root_cert = match &config.ca_file {
         Some(p) => Some(read("redis_ca_file", p)?),
         None => None,
     };
-    let client_tls = match (&config.redis_cert_file, &config.redis_key_file) {
+    let client_tls = match (&config.cert_file, &config.key_file) {
         (Some(c), Some(k)) => Some(ClientTlsConfig {
             client_cert: read("redis_cert_file", c)?,
             client_key: read("redis_key_file", k)?,
@@ -184,30 +122,58 @@ fn certificates(config: &Config) -> Result<Option<TlsCertificates>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn redis(f: impl FnOnce(&mut Config)) -> RedisConfig {
+        let mut c = Config::default();
+        f(&mut c);
+        c.redis()
+    }
 
     #[test]
     fn urls_split_into_seeds() {
-        let (tls, cluster, seeds) = split_url("rediss+cluster://u:p@a:1,b:2/0").unwrap();
-        assert!(tls && cluster);
-        assert_eq!(seeds, vec!["u:p@a:1/0", "u:p@b:2/0"]);
-        let (tls, cluster, seeds) = split_url("redis://localhost:6379").unwrap();
-        assert!(!tls && !cluster);
-        assert_eq!(seeds, vec!["localhost:6379"]);
-        assert!(split_url("http://x").is_err());
-        assert!(split_url("redis://").is_err());
+        let s = redis(|c| c.redis_url = "rediss+cluster://u:p@a:1,b:2/0".into())
+            .seeds()
+            .unwrap();
+        assert!(s.tls && s.cluster);
+        assert_eq!(s.urls, vec!["rediss://u:p@a:1/0", "rediss://u:p@b:2/0"]);
+        let s = redis(|c| c.redis_url = "redis://localhost:6379".into())
+            .seeds()
+            .unwrap();
+        assert!(!s.tls && !s.cluster);
+        assert_eq!(s.urls, vec!["redis://localhost:6379"]);
+        for bad in ["http://x", "redis://", "localhost:6379"] {
+            assert!(
+                redis(|c| c.redis_url = bad.into()).seeds().is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
     fn tls_flags_shape_the_seed_url() {
-        assert_eq!(seed_url("h:1", true, true), "rediss://h:1#insecure");
-        assert_eq!(seed_url("h:1", false, true), "redis://h:1");
-        assert_eq!(seed_url("h:1", true, false), "rediss://h:1");
+        let url = |tls, insecure| {
+            redis(|c| {
+                c.redis_url = "redis://h:1".into();
+                c.redis_tls = tls;
+                c.redis_tls_insecure = insecure;
+            })
+            .seeds()
+            .unwrap()
+            .urls
+        };
+        assert_eq!(url(true, true), ["rediss://h:1#insecure"]);
+        assert_eq!(url(false, true), ["redis://h:1"]);
+        assert_eq!(url(true, false), ["rediss://h:1"]);
     }
 
     #[test]
     fn passwords_stay_out_of_messages() {
-        assert_eq!(redact("redis://u:secret@h:1"), "redis://u:***@h:1");
-        assert_eq!(redact("redis://h:1"), "redis://h:1");
+        let r = redis(|c| c.redis_url = "redis://u:secret@h:1".into());
+        assert_eq!(r.redacted_url(), "redis://u:***@h:1");
+        let r = redis(|c| c.redis_url = "ftp://u:secret@h:1".into());
+        assert!(!r.seeds().unwrap_err().to_string().contains("secret"));
+        assert_eq!(redis(|_| {}).redacted_url(), "redis://127.0.0.1:6379");
     }
 
     #[test]
@@ -216,22 +182,13 @@ mod tests {
             redis_url: "redis://a:1,b:2".into(),
             ..Config::default()
         };
-        assert!(Settings::from_config(&c).err().unwrap().contains("cluster"));
+        let err = |c: &Config| Settings::from_config(&c.redis()).err().unwrap();
+        assert!(err(&c).contains("cluster"));
         c.redis_url = "redis+cluster://a:1".into();
         c.redis_db = Some(3);
-        assert!(
-            Settings::from_config(&c)
-                .err()
-                .unwrap()
-                .contains("redis_db")
-        );
+        assert!(err(&c).contains("redis_db"));
         c.redis_db = None;
         c.redis_ca_file = Some("/nonexistent/ca.pem".into());
-        assert!(
-            Settings::from_config(&c)
-                .err()
-                .unwrap()
-                .contains("redis_ca_file")
-        );
+        assert!(err(&c).contains("redis_ca_file"));
     }
 }
