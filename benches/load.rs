@@ -475,7 +475,7 @@ async fn populate(
     for i in 0..pods {
         let tx = open_stream(channels[i % channels.len()].clone(), errors.clone());
         let mut first =
-            common::identifier_field(common::istio_node(namespace, &format!("{app}-{i}"), app));
+            common::identifier_field(common::sidecar_node(namespace, &format!("{app}-{i}"), app));
         first.extend_from_slice(&body);
         tx.send(Bytes::from(first))
             .await
@@ -536,7 +536,7 @@ async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
     let start = tokio::time::Instant::now();
     for i in 0..a.streams {
         let channel = channels[i % channels.len()].clone();
-        let node = common::istio_node(&format!("load-{}", i % 50), &format!("web-{i}"), "web");
+        let node = common::sidecar_node(&format!("load-{}", i % 50), &format!("web-{i}"), "web");
         // Spread the first pushes over one interval, like Envoys started at
         // different times.
         let offset = if a.aligned {
@@ -965,7 +965,7 @@ async fn memory(cli: &Cli, a: &MemoryArgs) -> Res {
                 let ns = format!("mem-{}", i / per_ns);
                 let app = format!("app-{}", i / per_wl);
                 let mut msg =
-                    common::identifier_field(common::istio_node(&ns, &format!("{app}-{i}"), &app));
+                    common::identifier_field(common::sidecar_node(&ns, &format!("{app}-{i}"), &app));
                 msg.extend_from_slice(&body);
                 if tx.send(Bytes::from(msg)).await.is_err() {
                     return;

@@ -485,6 +485,7 @@ fn namespace_of(value: &Value) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::labels;
 
     fn run(text: &str) -> Report {
         let inputs = [Input {
@@ -492,13 +493,6 @@ mod tests {
             text: Ok(text.into()),
         }];
         check(&inputs, &Options::new(&[], &Config::default()))
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
     }
 
     fn lines(r: &Report) -> Vec<String> {

@@ -549,6 +549,7 @@ impl TriggerCache {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::testkit::meta;
 
     pub fn settings() -> TriggerSettings {
         TriggerSettings {
@@ -556,13 +557,6 @@ pub(crate) mod tests {
             allow_cross_namespace: false,
             prometheus: PromSettings::default(),
         }
-    }
-
-    fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
     }
 
     fn ok(pairs: &[(&str, &str)]) -> Trigger {
