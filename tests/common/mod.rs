@@ -5,6 +5,7 @@
 #[path = "../../testkit/builders.rs"]
 pub mod builders;
 pub mod envoy;
+#[path = "../../testkit/prometheus.rs"]
 pub mod prometheus_server;
 pub mod redis_server;
 
