@@ -14,7 +14,7 @@ use prost::Message;
 
 // Not every bench uses every builder.
 #[allow(unused_imports)]
-pub use builders::{inbound, istio_node, labels, message};
+pub use builders::{inbound, istio_node, labels, message, so_ref};
 
 /// Inbound ports whose `downstream_rq_active` the sink keeps, in order.
 pub const KEPT_PORTS: [u16; 4] = [8080, 8081, 9080, 3000];
