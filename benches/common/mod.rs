@@ -1,5 +1,5 @@
 //! Message builders shared by the micro-benchmarks (`benches/micro.rs`) and
-//! the load tool (`benches/load.rs`): what an Istio sidecar pushes, built
+//! the load tool (`benches/load/`): what an Istio sidecar pushes, built
 //! with Envoy's published protos (`envoy-types`) and encoded by prost.
 #![allow(dead_code)]
 

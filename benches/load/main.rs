@@ -4,26 +4,21 @@
 //! cargo bench --bench load -- <mode> [options]      (see --help)
 //! ```
 //!
-//! Modes (each prints a summary and appends one JSON object per figure to
-//! `--out`):
-//! - `sink`: N sidecar streams over C HTTP/2 connections push a 600-family
-//!   message every interval (0 = as fast as the server takes them);
-//!   messages/s, families/s, server CPU-seconds per 1,000 pods per flush.
-//! - `scaler`: P pods pushed once, then 1 and 64 (`--clients`) concurrent
-//!   KEDA clients calling GetMetrics (or IsActive) in a loop; calls/s, p50/p99.
-//! - `activation`: W open StreamIsActive streams on one workload; the
-//!   workload's load flips 0 → 1 → 0 and each stream's push is timed from
-//!   the moment the flipping message is handed to the sidecar's stream.
-//! - `memory`: P pods created by a few streams that re-identify on every
-//!   message (the sink takes an identifier on any message); server RSS per
-//!   tracked pod.
-//! - `prom`: the same per-pod gauges on a loopback exporter scraped by a real
-//!   `prometheus` child process; `sum(...)` over its HTTP API (latency, its
-//!   CPU) and gauge change → visible time, beside activescale's
-//!   push → visible in GetMetrics.
+//! One file a mode, each printing a summary and appending one JSON object
+//! per figure to `--out` ([`report`], which also reads the server's CPU and
+//! memory from `/proc/<pid>` of `--pid`):
+//! - [`sink`]: N sidecar streams over C HTTP/2 connections push a 600-family
+//!   message every interval; messages/s, families/s, server CPU-seconds per
+//!   1,000 pods per flush.
+//! - [`flood`]: streams that declare large messages and never finish them.
+//! - [`scaler`]: P pods pushed once, then concurrent KEDA clients calling
+//!   GetMetrics (or IsActive); calls/s, p50/p99.
+//! - [`activation`]: StreamIsActive streams on a workload whose load flips.
+//! - [`memory`]: server RSS per tracked pod.
+//! - [`prom`]: a real Prometheus on the same gauges, through the integration
+//!   tests' harness (`testkit/prometheus.rs`).
 //!
-//! Server CPU comes from `/proc/<pid>/stat` (utime + stime) and memory from
-//! `/proc/<pid>/status` (VmRSS, VmHWM) of `--pid`.
+//! [`sidecars`] holds the connections and streams every mode drives.
 //!
 //! Sidecars send bytes prost encoded once from `envoy-types` messages
 //! (`common::istio_families`) through a raw-bytes tonic codec: the wire is
