@@ -43,7 +43,12 @@ pub fn so_ref(namespace: &str, name: &str, pairs: &[(&str, &str)]) -> ScaledObje
 }
 
 /// A pod as the sink learns it from a node.
-pub fn pod(namespace: &str, name: &str, labels: &[(&str, &str)], workload: Option<&str>) -> PodIdentity {
+pub fn pod(
+    namespace: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    workload: Option<&str>,
+) -> PodIdentity {
     PodIdentity {
         namespace: namespace.into(),
         name: name.into(),

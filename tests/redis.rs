@@ -977,7 +977,10 @@ async fn groups_are_rebuilt_from_data_without_them() {
     let mut raw = redis.client().await;
     for (i, v) in [3.0, 4.0, 5.0].into_iter().enumerate() {
         store
-            .record(&app_pod("shop", &format!("web-{i}"), "web"), &[("f".into(), v)])
+            .record(
+                &app_pod("shop", &format!("web-{i}"), "web"),
+                &[("f".into(), v)],
+            )
             .await
             .unwrap();
     }
@@ -1070,7 +1073,10 @@ async fn sums_poisoned_before_values_were_checked_heal() {
     let mut raw = redis.client().await;
     for (i, v) in [3.0, 4.0].into_iter().enumerate() {
         store
-            .record(&app_pod("shop", &format!("web-{i}"), "web"), &[("f".into(), v)])
+            .record(
+                &app_pod("shop", &format!("web-{i}"), "web"),
+                &[("f".into(), v)],
+            )
             .await
             .unwrap();
     }

@@ -369,7 +369,10 @@ async fn window_avg_is_between_the_steps(kind: Kind) {
 
 async fn pod_without_kept_families_counts_zero(kind: Kind) {
     let u = store(kind, LONG).await;
-    u.store.record(&app_pod("shop", "web-1", "web"), &[]).await.unwrap();
+    u.store
+        .record(&app_pod("shop", "web-1", "web"), &[])
+        .await
+        .unwrap();
     assert_eq!(
         u.store.values(&labels("shop", "app=web")).await.unwrap(),
         vec![0.0]
@@ -477,9 +480,12 @@ async fn summary_follows_values_and_label_moves(kind: Kind) {
     let s = &u.store;
     let web_q = labels("shop", "app=web");
     let api_q = labels("shop", "app=api");
-    s.record(&app_pod("shop", "p", "web"), &fams(&[("a", 3.0), ("b", 4.0)]))
-        .await
-        .unwrap();
+    s.record(
+        &app_pod("shop", "p", "web"),
+        &fams(&[("a", 3.0), ("b", 4.0)]),
+    )
+    .await
+    .unwrap();
     s.record(&app_pod("shop", "q", "web"), &fams(&[("a", 1.0)]))
         .await
         .unwrap();
@@ -489,9 +495,12 @@ async fn summary_follows_values_and_label_moves(kind: Kind) {
         .await
         .unwrap();
     summary_is(s, &web_q, 2, 15.0, 14.0).await;
-    s.record(&app_pod("shop", "p", "web"), &fams(&[("a", 0.0), ("b", 0.0)]))
-        .await
-        .unwrap();
+    s.record(
+        &app_pod("shop", "p", "web"),
+        &fams(&[("a", 0.0), ("b", 0.0)]),
+    )
+    .await
+    .unwrap();
     summary_is(s, &web_q, 2, 1.0, 1.0).await;
     // An unchanged message changes nothing.
     s.record(&app_pod("shop", "q", "web"), &[]).await.unwrap();

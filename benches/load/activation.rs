@@ -44,7 +44,6 @@ pub struct ActivationArgs {
     connections: usize,
 }
 
-
 struct Flip {
     /// The state every watcher is expected to report next.
     want: std::sync::atomic::AtomicBool,
@@ -56,7 +55,6 @@ struct Flip {
     down: Mutex<Histogram<u64>>,
     wrong: AtomicU64,
 }
-
 
 pub async fn activation(cli: &Cli, a: &ActivationArgs) -> Res {
     let errors = Arc::new(AtomicU64::new(0));
@@ -182,4 +180,3 @@ pub async fn activation(cli: &Cli, a: &ActivationArgs) -> Res {
     );
     Ok(())
 }
-

@@ -38,7 +38,6 @@ pub struct MemoryArgs {
     per_workload: usize,
 }
 
-
 pub async fn memory(cli: &Cli, a: &MemoryArgs) -> Res {
     let pid = cli.pid.ok_or("memory needs --pid")?;
     let errors = Arc::new(AtomicU64::new(0));
@@ -65,8 +64,11 @@ pub async fn memory(cli: &Cli, a: &MemoryArgs) -> Res {
             while i < a_pods {
                 let ns = format!("mem-{}", i / per_ns);
                 let app = format!("app-{}", i / per_wl);
-                let mut msg =
-                    common::identifier_field(common::sidecar_node(&ns, &format!("{app}-{i}"), &app));
+                let mut msg = common::identifier_field(common::sidecar_node(
+                    &ns,
+                    &format!("{app}-{i}"),
+                    &app,
+                ));
                 msg.extend_from_slice(&body);
                 if tx.send(Bytes::from(msg)).await.is_err() {
                     return;
@@ -109,4 +111,3 @@ pub async fn memory(cli: &Cli, a: &MemoryArgs) -> Res {
     drop(senders);
     Ok(())
 }
-

@@ -280,4 +280,3 @@ pub async fn prom(cli: &Cli, a: &PromArgs) -> Res {
     drop(prometheus);
     Ok(())
 }
-

@@ -51,7 +51,6 @@ pub struct ScalerArgs {
     rates: Vec<f64>,
 }
 
-
 pub async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
     let errors = Arc::new(AtomicU64::new(0));
     let ns = format!("scale-{}", a.pods);
@@ -193,4 +192,3 @@ pub async fn scaler(cli: &Cli, a: &ScalerArgs) -> Res {
     }
     Ok(())
 }
-

@@ -3,7 +3,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::{AtomicU64, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -28,7 +31,6 @@ use crate::{Res, common};
 
 /// Envoy's default stats flush interval.
 pub const ENVOY_FLUSH: Duration = Duration::from_secs(5);
-
 
 /// Sends pre-encoded `StreamMetricsMessage` bytes as they are.
 #[derive(Clone, Copy, Default)]
@@ -176,7 +178,10 @@ pub fn flush_body(value: f64) -> Bytes {
     ))
 }
 
-pub async fn get_metrics(client: &mut ExternalScalerClient<Channel>, so: &ScaledObjectRef) -> Res<f64> {
+pub async fn get_metrics(
+    client: &mut ExternalScalerClient<Channel>,
+    so: &ScaledObjectRef,
+) -> Res<f64> {
     let r = client
         .get_metrics(GetMetricsRequest {
             scaled_object_ref: Some(so.clone()),

@@ -51,7 +51,6 @@ pub struct SinkArgs {
     aligned: bool,
 }
 
-
 pub async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
     let conns = a.connections.unwrap_or(a.streams.min(1000));
     let channels = connections(a.sink, conns).await?;
@@ -183,4 +182,3 @@ pub async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
     );
     Ok(())
 }
-

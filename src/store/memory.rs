@@ -473,8 +473,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn label_sets_are_shared_between_pods() {
         let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
-        store.record(&app_pod("ns", "p1", "web"), &[]).await.unwrap();
-        store.record(&app_pod("ns", "p2", "web"), &[]).await.unwrap();
+        store
+            .record(&app_pod("ns", "p1", "web"), &[])
+            .await
+            .unwrap();
+        store
+            .record(&app_pod("ns", "p2", "web"), &[])
+            .await
+            .unwrap();
         assert_eq!(store.inner.labels.lock().unwrap().len(), 1);
         store
             .record(&app_pod("ns", "p1", "web"), &[("f".into(), 1.0)])
