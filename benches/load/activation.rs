@@ -12,7 +12,6 @@ use std::{
 };
 
 use activescale::proto::external_scaler_client::ExternalScalerClient;
-use bytes::Bytes;
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -22,7 +21,7 @@ use tokio_stream::StreamExt;
 use crate::{
     Cli, Res, common,
     report::{cpu_between, emit, nanos, new_hist, server_metric, snap, us},
-    sidecars::{connections, get_metrics, populate, wait_for},
+    sidecars::{connections, flush_body, get_metrics, populate, wait_for},
 };
 
 #[derive(Args)]
@@ -60,14 +59,7 @@ pub async fn activation(cli: &Cli, a: &ActivationArgs) -> Res {
     let errors = Arc::new(AtomicU64::new(0));
     let ns = format!("act-{}", a.watchers);
     let sidecars = populate(a.sink, &ns, "web", a.pods, 0.0, a.pods, &errors).await?;
-    let zero = Bytes::from(common::encode(
-        None,
-        common::istio_families(600, &common::kept(1, 0.0)),
-    ));
-    let one = Bytes::from(common::encode(
-        None,
-        common::istio_families(600, &common::kept(1, 1.0)),
-    ));
+    let (zero, one) = (flush_body(0.0), flush_body(1.0));
     let so = common::so_ref(
         &ns,
         "web",

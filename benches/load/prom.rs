@@ -17,14 +17,13 @@ use std::{
 };
 
 use activescale::proto::external_scaler_client::ExternalScalerClient;
-use bytes::Bytes;
 use clap::Args;
 use serde_json::json;
 
 use crate::{
     Cli, Res, common,
     report::{cpu_between, emit, nanos, new_hist, snap, us},
-    sidecars::{connections, get_metrics, populate, wait_for},
+    sidecars::{connections, flush_body, get_metrics, populate, wait_for},
 };
 use harness::{Exporter, Options, Prometheus};
 
@@ -209,14 +208,7 @@ pub async fn prom(cli: &Cli, a: &PromArgs) -> Res {
     // polled every 5 ms. activescale: the sidecar pushes the flip, GetMetrics
     // is polled every 1 ms (and StreamIsActive would push it: see `activation`).
     let sidecars = populate(a.sink, "vis", "web", 1, 0.0, 1, &errors).await?;
-    let zero = Bytes::from(common::encode(
-        None,
-        common::istio_families(600, &common::kept(1, 0.0)),
-    ));
-    let one = Bytes::from(common::encode(
-        None,
-        common::istio_families(600, &common::kept(1, 1.0)),
-    ));
+    let (zero, one) = (flush_body(0.0), flush_body(1.0));
     let so = common::so_ref(
         "vis",
         "web",
