@@ -62,7 +62,7 @@ fn ingest(c: &mut Criterion) {
 }
 
 fn labels(app: &str) -> Labels {
-    common::pod_labels(app).into_iter().collect()
+    common::labels(&common::pod_labels(app))
 }
 
 fn aggregate(c: &mut Criterion) {
@@ -87,7 +87,7 @@ fn aggregate(c: &mut Criterion) {
                         labels: l.clone(),
                     };
                     store
-                        .record(&id, &[(common::inbound_gauge(8080), 2.0)])
+                        .record(&id, &[(common::inbound(8080), 2.0)])
                         .await
                         .unwrap();
                 }

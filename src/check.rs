@@ -477,6 +477,7 @@ fn namespace_of(value: &Value) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::labels;
 
     fn run(text: &str) -> Report {
         let inputs = [Input {
@@ -484,13 +485,6 @@ mod tests {
             text: Ok(text.into()),
         }];
         check(&inputs, &Options::new(&[], &Config::default()))
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
     }
 
     fn lines(r: &Report) -> Vec<String> {

@@ -46,6 +46,14 @@
 
 #![forbid(unsafe_code)]
 
+// The builders shared with the integration tests and benches name the crate
+// `activescale`, as they do from outside it.
+#[cfg(test)]
+extern crate self as activescale;
+#[cfg(test)]
+#[path = "../testkit/builders.rs"]
+pub(crate) mod testkit;
+
 pub mod activator;
 pub mod check;
 pub mod config;

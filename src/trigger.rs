@@ -198,14 +198,8 @@ mod tests {
     use crate::{
         source::{envoy::Aggregation, tests::settings},
         store::{PodSelector, Window, WindowReduce},
+        testkit::meta,
     };
-
-    fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn ok(pairs: &[(&str, &str)]) -> Trigger {
         parse("shop", &meta(pairs), &settings()).unwrap()

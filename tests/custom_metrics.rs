@@ -24,7 +24,7 @@ use activescale::{
     selector::Labels,
 };
 use async_trait::async_trait;
-use common::envoy::eventually;
+use common::{builders::labels, envoy::eventually};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
@@ -165,13 +165,6 @@ impl PodMetricSource for StandIn {
             })
             .collect())
     }
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// 2026-01-02T03:04:05Z

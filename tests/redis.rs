@@ -17,6 +17,7 @@ use activescale::{
     },
 };
 use common::{
+    builders::app_pod,
     envoy::*,
     redis_server::{RedisCluster, RedisServer},
     *,
@@ -417,15 +418,6 @@ async fn command_calls(
         .collect()
 }
 
-fn pod(ns: &str, name: &str) -> PodIdentity {
-    PodIdentity {
-        namespace: ns.into(),
-        name: name.into(),
-        workload: Some("web".into()),
-        labels: Arc::new([("app".to_string(), "web".to_string())].into()),
-    }
-}
-
 #[tokio::test]
 async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
     let redis = RedisServer::start();
@@ -434,7 +426,7 @@ async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
         .unwrap();
     ready_soon(&store).await;
     let mut raw = redis.client().await;
-    let p = pod("shop", "web-1");
+    let p = app_pod("shop", "web-1", "web");
     let families = vec![("f".to_string(), 3.0)];
     store.record(&p, &families).await.unwrap();
     let before = command_calls(&mut raw).await;
@@ -479,13 +471,13 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
         RedisStore::connect(&two.redis()).await.unwrap(),
     );
     ready_soon(&one).await;
-    one.record(&pod("shop", "web-1"), &[("f".into(), 1.0)])
+    one.record(&app_pod("shop", "web-1", "web"), &[("f".into(), 1.0)])
         .await
         .unwrap();
-    two.record(&pod("shop", "web-1"), &[("f".into(), 2.0)])
+    two.record(&app_pod("shop", "web-1", "web"), &[("f".into(), 2.0)])
         .await
         .unwrap();
-    one.record(&pod("other", "web-1"), &[("f".into(), 9.0)])
+    one.record(&app_pod("other", "web-1", "web"), &[("f".into(), 9.0)])
         .await
         .unwrap();
     assert_eq!(one.values(&web_query("shop")).await.unwrap(), vec![1.0]);
@@ -720,7 +712,7 @@ async fn slow_redis_is_a_timeout_not_a_value() {
     let store = RedisStore::connect(&config.redis()).await.unwrap();
     ready_soon(&store).await;
     store
-        .record(&pod("shop", "web-1"), &[("f".into(), 3.0)])
+        .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 3.0)])
         .await
         .unwrap();
     let mut raw = redis.client().await;
@@ -739,7 +731,7 @@ async fn slow_redis_is_a_timeout_not_a_value() {
     );
     assert!(
         store
-            .record(&pod("shop", "web-1"), &[("f".into(), 4.0)])
+            .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 4.0)])
             .await
             .is_err()
     );
@@ -777,7 +769,7 @@ async fn a_young_redis_is_not_read_as_no_load() {
     let store = RedisStore::connect(&config.redis()).await.unwrap();
     ready_soon(&store).await;
     store
-        .record(&pod("shop", "web-1"), &[("f".into(), 5.0)])
+        .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 5.0)])
         .await
         .unwrap();
     let early = store.values(&web_query("shop")).await;
@@ -985,7 +977,10 @@ async fn groups_are_rebuilt_from_data_without_them() {
     let mut raw = redis.client().await;
     for (i, v) in [3.0, 4.0, 5.0].into_iter().enumerate() {
         store
-            .record(&pod("shop", &format!("web-{i}")), &[("f".into(), v)])
+            .record(
+                &app_pod("shop", &format!("web-{i}"), "web"),
+                &[("f".into(), v)],
+            )
             .await
             .unwrap();
     }
@@ -1047,7 +1042,7 @@ async fn groups_are_rebuilt_from_data_without_them() {
         .await
         .unwrap();
     store
-        .record(&pod("shop", "web-1"), &[("f".into(), 9.0)])
+        .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 9.0)])
         .await
         .unwrap();
     assert_eq!(summary_agrees(&store, &q, "value healed").await.sum, 14.0);
@@ -1078,7 +1073,10 @@ async fn sums_poisoned_before_values_were_checked_heal() {
     let mut raw = redis.client().await;
     for (i, v) in [3.0, 4.0].into_iter().enumerate() {
         store
-            .record(&pod("shop", &format!("web-{i}")), &[("f".into(), v)])
+            .record(
+                &app_pod("shop", &format!("web-{i}"), "web"),
+                &[("f".into(), v)],
+            )
             .await
             .unwrap();
     }
@@ -1127,7 +1125,7 @@ async fn sums_poisoned_before_values_were_checked_heal() {
     )
     .await;
     store
-        .record(&pod("shop", "web-1"), &[("f".into(), 4.0)])
+        .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 4.0)])
         .await
         .unwrap();
     let web1 = &store.pods("shop", None).await.unwrap()[1];
@@ -1146,7 +1144,7 @@ async fn the_address_binding_costs_no_write_per_message() {
         .unwrap();
     ready_soon(&store).await;
     let mut raw = redis.client().await;
-    let p = pod("shop", "web-1");
+    let p = app_pod("shop", "web-1", "web");
     let families = vec![("f".to_string(), 3.0)];
     let from = |peer: [u8; 4]| Ingest {
         pod: &p,

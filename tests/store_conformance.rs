@@ -13,7 +13,10 @@ use activescale::{
         WindowReduce, memory::MemoryStore, redis::RedisStore,
     },
 };
-use common::redis_server::RedisServer;
+use common::{
+    builders::{app_pod, pod},
+    redis_server::RedisServer,
+};
 use tokio::sync::watch;
 
 /// A store under test, and what keeps its backend alive.
@@ -61,24 +64,6 @@ async fn store(kind: Kind, ttl: Duration) -> Under {
 }
 
 const LONG: Duration = Duration::from_secs(30);
-
-fn pod(ns: &str, name: &str, labels: &[(&str, &str)], workload: Option<&str>) -> PodIdentity {
-    PodIdentity {
-        namespace: ns.into(),
-        name: name.into(),
-        workload: workload.map(Into::into),
-        labels: Arc::new(
-            labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        ),
-    }
-}
-
-fn web(ns: &str, name: &str) -> PodIdentity {
-    pod(ns, name, &[("app", "web")], Some("web"))
-}
 
 fn labels(ns: &str, selector: &str) -> PodQuery {
     PodQuery {
@@ -141,7 +126,7 @@ conformance!(
 
 async fn record_then_values_and_pods(kind: Kind) {
     let u = store(kind, LONG).await;
-    let p = web("shop", "web-1");
+    let p = app_pod("shop", "web-1", "web");
     u.store.record(&p, &fams(&[("f", 2.0)])).await.unwrap();
     assert_eq!(
         u.store.values(&labels("shop", "app=web")).await.unwrap(),
@@ -157,7 +142,7 @@ async fn record_then_values_and_pods(kind: Kind) {
 
 async fn families_merge_across_messages(kind: Kind) {
     let u = store(kind, LONG).await;
-    let p = web("shop", "web-1");
+    let p = app_pod("shop", "web-1", "web");
     u.store.record(&p, &fams(&[("a", 1.0)])).await.unwrap();
     u.store.record(&p, &fams(&[("b", 2.0)])).await.unwrap();
     assert_eq!(
@@ -182,13 +167,13 @@ async fn value_is_the_sum_over_families(kind: Kind) {
     let u = store(kind, LONG).await;
     u.store
         .record(
-            &web("shop", "web-1"),
+            &app_pod("shop", "web-1", "web"),
             &fams(&[("a", 1.0), ("b", 20.0), ("c", 300.0)]),
         )
         .await
         .unwrap();
     u.store
-        .record(&web("shop", "web-2"), &fams(&[("a", 4.0)]))
+        .record(&app_pod("shop", "web-2", "web"), &fams(&[("a", 4.0)]))
         .await
         .unwrap();
     assert_eq!(
@@ -248,11 +233,11 @@ async fn selector_and_workload_filtering(kind: Kind) {
 async fn namespaces_are_isolated(kind: Kind) {
     let u = store(kind, LONG).await;
     u.store
-        .record(&web("a", "web-1"), &fams(&[("f", 1.0)]))
+        .record(&app_pod("a", "web-1", "web"), &fams(&[("f", 1.0)]))
         .await
         .unwrap();
     u.store
-        .record(&web("b", "web-1"), &fams(&[("f", 10.0)]))
+        .record(&app_pod("b", "web-1", "web"), &fams(&[("f", 10.0)]))
         .await
         .unwrap();
     assert_eq!(
@@ -272,7 +257,7 @@ async fn pods_drop_out_after_ttl(kind: Kind) {
     let u = store(kind, Duration::from_millis(300)).await;
     let mut rx = u.store.watch("shop");
     u.store
-        .record(&web("shop", "web-1"), &fams(&[("f", 3.0)]))
+        .record(&app_pod("shop", "web-1", "web"), &fams(&[("f", 3.0)]))
         .await
         .unwrap();
     woken(&mut rx, "record").await;
@@ -284,7 +269,7 @@ async fn pods_drop_out_after_ttl(kind: Kind) {
     assert!(u.store.pods("shop", None).await.unwrap().is_empty());
     // A pod back after expiry starts afresh: its old families are gone.
     u.store
-        .record(&web("shop", "web-1"), &fams(&[("g", 1.0)]))
+        .record(&app_pod("shop", "web-1", "web"), &fams(&[("g", 1.0)]))
         .await
         .unwrap();
     let views = u.store.pods("shop", None).await.unwrap();
@@ -313,13 +298,13 @@ async fn watch_wakes_on_change(kind: Kind) {
     let mut a = u.store.watch("a");
     let b = u.store.watch("b");
     u.store
-        .record(&web("a", "web-1"), &fams(&[("f", 1.0)]))
+        .record(&app_pod("a", "web-1", "web"), &fams(&[("f", 1.0)]))
         .await
         .unwrap();
     woken(&mut a, "new pod").await;
     a.borrow_and_update();
     u.store
-        .record(&web("a", "web-1"), &fams(&[("f", 2.0)]))
+        .record(&app_pod("a", "web-1", "web"), &fams(&[("f", 2.0)]))
         .await
         .unwrap();
     woken(&mut a, "value changed").await;
@@ -332,7 +317,7 @@ async fn watch_wakes_on_change(kind: Kind) {
 async fn watch_wakes_on_expiry(kind: Kind) {
     let u = store(kind, Duration::from_millis(300)).await;
     u.store
-        .record(&web("shop", "web-1"), &fams(&[("f", 3.0)]))
+        .record(&app_pod("shop", "web-1", "web"), &fams(&[("f", 3.0)]))
         .await
         .unwrap();
     let mut rx = u.store.watch("shop");
@@ -353,7 +338,7 @@ fn windowed(reduce: WindowReduce) -> PodQuery {
 
 async fn window_max_sees_a_past_peak(kind: Kind) {
     let u = store(kind, LONG).await;
-    let p = web("shop", "web-1");
+    let p = app_pod("shop", "web-1", "web");
     u.store.record(&p, &fams(&[("f", 5.0)])).await.unwrap();
     // Not synchronisation: the peak must last at least a clock tick (1 ms).
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -370,7 +355,7 @@ async fn window_max_sees_a_past_peak(kind: Kind) {
 
 async fn window_avg_is_between_the_steps(kind: Kind) {
     let u = store(kind, LONG).await;
-    let p = web("shop", "web-1");
+    let p = app_pod("shop", "web-1", "web");
     u.store.record(&p, &fams(&[("f", 4.0)])).await.unwrap();
     // Not synchronisation: each step must last at least a clock tick (1 ms)
     // for the time-weighted average to weigh both.
@@ -384,7 +369,10 @@ async fn window_avg_is_between_the_steps(kind: Kind) {
 
 async fn pod_without_kept_families_counts_zero(kind: Kind) {
     let u = store(kind, LONG).await;
-    u.store.record(&web("shop", "web-1"), &[]).await.unwrap();
+    u.store
+        .record(&app_pod("shop", "web-1", "web"), &[])
+        .await
+        .unwrap();
     assert_eq!(
         u.store.values(&labels("shop", "app=web")).await.unwrap(),
         vec![0.0]
@@ -396,7 +384,7 @@ async fn pod_without_kept_families_counts_zero(kind: Kind) {
 async fn new_labels_start_afresh(kind: Kind) {
     let u = store(kind, LONG).await;
     u.store
-        .record(&web("shop", "p"), &fams(&[("a", 1.0)]))
+        .record(&app_pod("shop", "p", "web"), &fams(&[("a", 1.0)]))
         .await
         .unwrap();
     let moved = pod("shop", "p", &[("app", "api")], Some("api"));
@@ -492,24 +480,30 @@ async fn summary_follows_values_and_label_moves(kind: Kind) {
     let s = &u.store;
     let web_q = labels("shop", "app=web");
     let api_q = labels("shop", "app=api");
-    s.record(&web("shop", "p"), &fams(&[("a", 3.0), ("b", 4.0)]))
-        .await
-        .unwrap();
-    s.record(&web("shop", "q"), &fams(&[("a", 1.0)]))
+    s.record(
+        &app_pod("shop", "p", "web"),
+        &fams(&[("a", 3.0), ("b", 4.0)]),
+    )
+    .await
+    .unwrap();
+    s.record(&app_pod("shop", "q", "web"), &fams(&[("a", 1.0)]))
         .await
         .unwrap();
     summary_is(s, &web_q, 2, 8.0, 7.0).await;
     // One family changes, the other keeps its value; then the value goes down.
-    s.record(&web("shop", "p"), &fams(&[("a", 10.0)]))
+    s.record(&app_pod("shop", "p", "web"), &fams(&[("a", 10.0)]))
         .await
         .unwrap();
     summary_is(s, &web_q, 2, 15.0, 14.0).await;
-    s.record(&web("shop", "p"), &fams(&[("a", 0.0), ("b", 0.0)]))
-        .await
-        .unwrap();
+    s.record(
+        &app_pod("shop", "p", "web"),
+        &fams(&[("a", 0.0), ("b", 0.0)]),
+    )
+    .await
+    .unwrap();
     summary_is(s, &web_q, 2, 1.0, 1.0).await;
     // An unchanged message changes nothing.
-    s.record(&web("shop", "q"), &[]).await.unwrap();
+    s.record(&app_pod("shop", "q", "web"), &[]).await.unwrap();
     summary_is(s, &web_q, 2, 1.0, 1.0).await;
     // New labels move the pod to another group, starting afresh.
     let moved = pod("shop", "q", &[("app", "api")], Some("api"));
@@ -517,7 +511,7 @@ async fn summary_follows_values_and_label_moves(kind: Kind) {
     summary_is(s, &web_q, 1, 0.0, 0.0).await;
     summary_is(s, &api_q, 1, 5.0, 5.0).await;
     // And back: the group it left was emptied and is filled again.
-    s.record(&web("shop", "q"), &fams(&[("a", 2.0)]))
+    s.record(&app_pod("shop", "q", "web"), &fams(&[("a", 2.0)]))
         .await
         .unwrap();
     summary_is(s, &web_q, 2, 2.0, 2.0).await;
@@ -529,10 +523,10 @@ async fn summary_drops_expired_pods_before_and_after_the_sweep(kind: Kind) {
     let u = store(kind, Duration::from_secs(1)).await;
     let s = &u.store;
     let web_q = labels("shop", "app=web");
-    s.record(&web("shop", "w1"), &fams(&[("f", 3.0)]))
+    s.record(&app_pod("shop", "w1", "web"), &fams(&[("f", 3.0)]))
         .await
         .unwrap();
-    s.record(&web("shop", "w2"), &fams(&[("f", 5.0)]))
+    s.record(&app_pod("shop", "w2", "web"), &fams(&[("f", 5.0)]))
         .await
         .unwrap();
     s.record(
@@ -551,13 +545,13 @@ async fn summary_drops_expired_pods_before_and_after_the_sweep(kind: Kind) {
     }
     summary_is(s, &labels("shop", "app"), 0, 0.0, 0.0).await;
     // A record in the namespace removes expired pods; the new one counts.
-    s.record(&web("shop", "w3"), &fams(&[("f", 11.0)]))
+    s.record(&app_pod("shop", "w3", "web"), &fams(&[("f", 11.0)]))
         .await
         .unwrap();
     summary_is(s, &web_q, 1, 11.0, 11.0).await;
     summary_is(s, &labels("shop", "app=api"), 0, 0.0, 0.0).await;
     // A pod back after expiry counts with its new value only.
-    s.record(&web("shop", "w1"), &fams(&[("g", 1.0)]))
+    s.record(&app_pod("shop", "w1", "web"), &fams(&[("g", 1.0)]))
         .await
         .unwrap();
     summary_is(s, &web_q, 2, 12.0, 11.0).await;
@@ -570,7 +564,7 @@ async fn summary_drops_expired_pods_before_and_after_the_sweep(kind: Kind) {
         }
     }
     summary_is(s, &web_q, 0, 0.0, 0.0).await;
-    s.record(&web("shop", "w2"), &fams(&[("f", 2.0)]))
+    s.record(&app_pod("shop", "w2", "web"), &fams(&[("f", 2.0)]))
         .await
         .unwrap();
     summary_is(s, &web_q, 1, 2.0, 2.0).await;
@@ -586,15 +580,15 @@ async fn summary_of_windows_and_empty_namespaces(kind: Kind) {
             .count,
         0
     );
-    s.record(&web("shop", "p"), &fams(&[("f", 9.0)]))
+    s.record(&app_pod("shop", "p", "web"), &fams(&[("f", 9.0)]))
         .await
         .unwrap();
     // Not synchronisation: the peak must last at least a clock tick (1 ms).
     tokio::time::sleep(Duration::from_millis(5)).await;
-    s.record(&web("shop", "p"), &fams(&[("f", 1.0)]))
+    s.record(&app_pod("shop", "p", "web"), &fams(&[("f", 1.0)]))
         .await
         .unwrap();
-    s.record(&web("shop", "q"), &fams(&[("f", 2.0)]))
+    s.record(&app_pod("shop", "q", "web"), &fams(&[("f", 2.0)]))
         .await
         .unwrap();
     // A window reduces each pod before summing: the peak of 9 is seen.
@@ -628,7 +622,7 @@ const STORED: Ingested = Ingested::Stored { refused: 0 };
 async fn a_live_pod_stays_bound_to_its_first_address(kind: Kind) {
     let u = store(kind, Duration::from_secs(1)).await;
     let s = &u.store;
-    let p = web("shop", "web-1");
+    let p = app_pod("shop", "web-1", "web");
     let first: IpAddr = "10.0.0.1".parse().unwrap();
     let mut rx = s.watch("shop");
     assert_eq!(
@@ -672,7 +666,7 @@ async fn a_live_pod_stays_bound_to_its_first_address(kind: Kind) {
 async fn families_per_pod_are_capped(kind: Kind) {
     let u = store(kind, LONG).await;
     let s = &u.store;
-    let p = web("shop", "web-1");
+    let p = app_pod("shop", "web-1", "web");
     // Past the cap within one message: in name order.
     assert_eq!(
         ingest(

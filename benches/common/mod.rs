@@ -1,17 +1,20 @@
 //! Message builders shared by the micro-benchmarks (`benches/micro.rs`) and
-//! the load tool (`benches/load.rs`): what an Istio sidecar pushes, built
+//! the load tool (`benches/load/`): what an Istio sidecar pushes, built
 //! with Envoy's published protos (`envoy-types`) and encoded by prost.
 #![allow(dead_code)]
 
+#[path = "../../testkit/builders.rs"]
+mod builders;
+
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::metrics::v3::{
-    StreamMetricsMessage, stream_metrics_message::Identifier,
-};
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::io::prometheus::client::{
     Bucket, Counter, Gauge, Histogram, Metric, MetricFamily, MetricType,
 };
 use prost::Message;
+
+// Not every bench uses every builder.
+#[allow(unused_imports)]
+pub use builders::{inbound, istio_node, labels, message, so_ref};
 
 /// Inbound ports whose `downstream_rq_active` the sink keeps, in order.
 pub const KEPT_PORTS: [u16; 4] = [8080, 8081, 9080, 3000];
@@ -66,11 +69,6 @@ fn family(name: String, kind: MetricType, value: f64) -> MetricFamily {
     }
 }
 
-/// The inbound gauge the sink keeps, recent (`;`) form.
-pub fn inbound_gauge(port: u16) -> String {
-    format!("http.inbound_0.0.0.0_{port};.downstream_rq_active")
-}
-
 /// A stats dump the way an Istio sidecar without a stats matcher pushes it:
 /// `total` families (cluster, listener, http, server scopes; counters,
 /// gauges and histograms), of which the inbound `downstream_rq_active` gauges
@@ -81,7 +79,7 @@ pub fn istio_families(total: usize, kept: &[(u16, f64)]) -> Vec<MetricFamily> {
     use MetricType::{Counter as C, Gauge as G, Histogram as H};
     let mut out = Vec::with_capacity(total);
     for &(port, value) in kept {
-        out.push(family(inbound_gauge(port), G, value));
+        out.push(family(inbound(port), G, value));
     }
     let fixed: &[(&str, MetricType)] = &[
         ("http.admin.downstream_rq_active", G),
@@ -197,14 +195,8 @@ pub fn kept(k: usize, value: f64) -> Vec<(u16, f64)> {
     KEPT_PORTS.iter().take(k).map(|p| (*p, value)).collect()
 }
 
-fn string(v: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(v.into())),
-    }
-}
-
 /// The labels of a pod of `app`, as a Deployment in a meshed namespace has them.
-pub fn pod_labels(app: &str) -> Vec<(String, String)> {
+pub fn pod_labels(app: &str) -> [(&str, &str); 6] {
     [
         ("app", app),
         ("version", "v1"),
@@ -213,54 +205,17 @@ pub fn pod_labels(app: &str) -> Vec<(String, String)> {
         ("service.istio.io/canonical-name", app),
         ("service.istio.io/canonical-revision", "v1"),
     ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
 }
 
-/// A node as Istio sends it: sidecar id, NAME/NAMESPACE/WORKLOAD_NAME and the
-/// pod's labels (`app=<app>` plus the usual Istio ones). The pod IP is
-/// 127.0.0.1, where the load generator connects from: the sink checks that
-/// the node id's IP is the stream's peer address (`sink_verify_peer_address`;
-/// set it to false to drive a server on another host).
-pub fn istio_node(namespace: &str, pod: &str, app: &str) -> Node {
-    let labels = Struct {
-        fields: pod_labels(app)
-            .into_iter()
-            .map(|(k, v)| (k, string(&v)))
-            .collect(),
-    };
-    Node {
-        id: format!("sidecar~127.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local"),
-        cluster: format!("{app}.{namespace}"),
-        metadata: Some(Struct {
-            fields: [
-                ("NAME".to_string(), string(pod)),
-                ("NAMESPACE".to_string(), string(namespace)),
-                ("WORKLOAD_NAME".to_string(), string(app)),
-                ("CLUSTER_ID".to_string(), string("Kubernetes")),
-                ("MESH_ID".to_string(), string("cluster.local")),
-                (
-                    "LABELS".to_string(),
-                    Value {
-                        kind: Some(Kind::StructValue(labels)),
-                    },
-                ),
-            ]
-            .into_iter()
-            .collect(),
-        }),
-        ..Default::default()
-    }
+/// The node of pod `pod` of `app` (labels [`pod_labels`], workload `app`),
+/// at `builders::POD_IP`, where the load tool connects from.
+pub fn sidecar_node(namespace: &str, pod: &str, app: &str) -> Node {
+    istio_node(namespace, pod, &pod_labels(app), app)
 }
 
 /// A whole message, encoded.
 pub fn encode(node: Option<Node>, families: Vec<MetricFamily>) -> Vec<u8> {
-    StreamMetricsMessage {
-        identifier: node.map(|n| Identifier { node: Some(n) }),
-        envoy_metrics: families,
-    }
-    .encode_to_vec()
+    message(node, families).encode_to_vec()
 }
 
 /// Protobuf messages concatenate: the identifier field of a message alone.

@@ -14,7 +14,11 @@ use serde_json::json;
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Cli, Res, emit, server_metric, status_kib, wait_for};
+use crate::{
+    Cli, Res,
+    report::{emit, server_metric, status_kib},
+    sidecars::wait_for,
+};
 
 const STREAM_METRICS: &str = "/envoy.service.metrics.v3.MetricsService/StreamMetrics";
 

@@ -127,17 +127,8 @@ pub fn expand(name: &str, meta: &Metadata<'_>) -> Result<Expanded, MetadataError
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-    use crate::prometheus::formula::Formula;
-
-    fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::{prometheus::formula::Formula, testkit::meta};
 
     fn run(name: &str, pairs: &[(&str, &str)], values: &[f64]) -> (f64, f64) {
         let m = meta(pairs);

@@ -190,26 +190,8 @@ fn is_dns_subdomain(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::{node, string};
     use envoy_types::pb::google::protobuf::Value;
-
-    fn string(v: &str) -> Value {
-        Value {
-            kind: Some(Kind::StringValue(v.into())),
-        }
-    }
-
-    fn node(id: &str, fields: Vec<(&str, Value)>) -> Node {
-        Node {
-            id: id.into(),
-            metadata: Some(Struct {
-                fields: fields
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect(),
-            }),
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn metadata_agreeing_with_the_node_id_carries_labels_and_workload() {

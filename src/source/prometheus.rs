@@ -532,16 +532,8 @@ fn custom_headers(raw: &str) -> Result<Vec<(String, String)>, MetadataError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-
-    fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::testkit::meta;
 
     fn parse(pairs: &[(&str, &str)]) -> Result<ParsedProm, MetadataError> {
         let mut m = meta(pairs);

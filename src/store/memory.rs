@@ -414,16 +414,7 @@ fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::selector::Selector;
-
-    fn pod(ns: &str, name: &str, app: &str) -> PodIdentity {
-        PodIdentity {
-            namespace: ns.into(),
-            name: name.into(),
-            workload: Some(app.into()),
-            labels: Arc::new([("app".to_string(), app.to_string())].into_iter().collect()),
-        }
-    }
+    use crate::{selector::Selector, testkit::app_pod};
 
     fn query(ns: &str, app: &str) -> PodQuery {
         PodQuery {
@@ -438,7 +429,7 @@ mod tests {
         let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
         let mut rx = store.watch("ns");
         store
-            .record(&pod("ns", "p1", "web"), &[("f".into(), 2.0)])
+            .record(&app_pod("ns", "p1", "web"), &[("f".into(), 2.0)])
             .await
             .unwrap();
         rx.changed().await.unwrap();
@@ -457,7 +448,7 @@ mod tests {
         for i in 0..100 {
             let app = format!("app-{}", i % 40);
             store
-                .record(&pod("ns", &format!("p{i}"), &app), &[("f".into(), 1.0)])
+                .record(&app_pod("ns", &format!("p{i}"), &app), &[("f".into(), 1.0)])
                 .await
                 .unwrap();
         }
@@ -482,15 +473,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn label_sets_are_shared_between_pods() {
         let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
-        store.record(&pod("ns", "p1", "web"), &[]).await.unwrap();
-        store.record(&pod("ns", "p2", "web"), &[]).await.unwrap();
-        assert_eq!(store.inner.labels.lock().unwrap().len(), 1);
         store
-            .record(&pod("ns", "p1", "web"), &[("f".into(), 1.0)])
+            .record(&app_pod("ns", "p1", "web"), &[])
             .await
             .unwrap();
         store
-            .record(&pod("ns", "p2", "web"), &[("f".into(), 2.0)])
+            .record(&app_pod("ns", "p2", "web"), &[])
+            .await
+            .unwrap();
+        assert_eq!(store.inner.labels.lock().unwrap().len(), 1);
+        store
+            .record(&app_pod("ns", "p1", "web"), &[("f".into(), 1.0)])
+            .await
+            .unwrap();
+        store
+            .record(&app_pod("ns", "p2", "web"), &[("f".into(), 2.0)])
             .await
             .unwrap();
         assert_eq!(store.inner.names.lock().unwrap().len(), 1);
@@ -578,7 +575,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_live_pod_stays_bound_to_its_first_address() {
         let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
-        let p = pod("ns", "p1", "web");
+        let p = app_pod("ns", "p1", "web");
         let (a, b): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
         let at = |peer, v: f64| {
             let families = vec![("f".to_string(), v)];
@@ -604,7 +601,7 @@ mod tests {
         assert_eq!(at(None, 3.0).await, Ingested::Stored { refused: 0 });
         assert_eq!(store.values(&query("ns", "web")).await.unwrap(), vec![3.0]);
         // New labels from another address are no way around it either.
-        let relabelled = pod("ns", "p1", "api");
+        let relabelled = app_pod("ns", "p1", "api");
         let families = vec![("f".to_string(), 1.0)];
         let ingest = Ingest {
             pod: &relabelled,

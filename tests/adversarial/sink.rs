@@ -16,11 +16,10 @@ use activescale::{
 use envoy_types::pb::envoy::{
     config::core::v3::Node, service::metrics::v3::stream_metrics_message::Identifier,
 };
-use envoy_types::pb::google::protobuf::{Value, value::Kind};
 use prost::Message;
 use tonic::Streaming;
 
-use crate::common::{envoy::*, redis_server::RedisServer, *};
+use crate::common::{builders::string, envoy::*, redis_server::RedisServer, *};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -67,12 +66,6 @@ fn node(ns: &str, pod: &str) -> Node {
 
 fn node_at(ip: &str, ns: &str, pod: &str) -> Node {
     istio_node_at(ip, ns, pod, &[("app", "web")], "web")
-}
-
-fn string(v: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(v.into())),
-    }
 }
 
 fn set_meta(node: &mut Node, key: &str, value: &str) {

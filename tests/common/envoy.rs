@@ -13,11 +13,13 @@ use envoy_types::pb::envoy::service::metrics::v3::{
     StreamMetricsMessage, StreamMetricsResponse, metrics_service_client::MetricsServiceClient,
     stream_metrics_message::Identifier,
 };
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::io::prometheus::client::{Gauge, Metric, MetricFamily, MetricType};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
+
+#[allow(unused_imports)]
+pub use super::builders::{POD_IP, inbound, istio_node, istio_node_at};
 
 pub struct Sidecar {
     tx: Option<mpsc::Sender<StreamMetricsMessage>>,
@@ -123,11 +125,6 @@ impl RawSidecar {
     }
 }
 
-/// The inbound gauge of `port`, in the recent (`;`) form.
-pub fn inbound(port: u16) -> String {
-    format!("http.inbound_0.0.0.0_{port};.downstream_rq_active")
-}
-
 pub fn gauge(name: &str, value: f64) -> MetricFamily {
     MetricFamily {
         name: Some(name.into()),
@@ -136,57 +133,6 @@ pub fn gauge(name: &str, value: f64) -> MetricFamily {
             gauge: Some(Gauge { value: Some(value) }),
             ..Default::default()
         }],
-        ..Default::default()
-    }
-}
-
-fn string(v: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(v.into())),
-    }
-}
-
-/// The pod IP in the node ids of [`istio_node`]: where the fake sidecars
-/// connect from, as a pod's Envoy connects from its pod IP.
-pub const POD_IP: &str = "127.0.0.1";
-
-/// A node as Istio sends it: sidecar id plus NAME/NAMESPACE/LABELS/WORKLOAD_NAME,
-/// for a pod at [`POD_IP`].
-pub fn istio_node(namespace: &str, pod: &str, labels: &[(&str, &str)], workload: &str) -> Node {
-    istio_node_at(POD_IP, namespace, pod, labels, workload)
-}
-
-/// [`istio_node`] for a pod at `ip`.
-pub fn istio_node_at(
-    ip: &str,
-    namespace: &str,
-    pod: &str,
-    labels: &[(&str, &str)],
-    workload: &str,
-) -> Node {
-    let labels = Struct {
-        fields: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), string(v)))
-            .collect(),
-    };
-    Node {
-        id: format!("sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local"),
-        metadata: Some(Struct {
-            fields: [
-                ("NAME".to_string(), string(pod)),
-                ("NAMESPACE".to_string(), string(namespace)),
-                ("WORKLOAD_NAME".to_string(), string(workload)),
-                (
-                    "LABELS".to_string(),
-                    Value {
-                        kind: Some(Kind::StructValue(labels)),
-                    },
-                ),
-            ]
-            .into_iter()
-            .collect(),
-        }),
         ..Default::default()
     }
 }

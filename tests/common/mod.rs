@@ -2,9 +2,16 @@
 //! and fake sidecars. Real sockets, real tonic clients, real `run`.
 #![allow(dead_code)]
 
+#[path = "../../testkit/builders.rs"]
+pub mod builders;
 pub mod envoy;
+#[path = "../../testkit/prometheus.rs"]
 pub mod prometheus_server;
 pub mod redis_server;
+
+// Not every test binary uses every builder.
+#[allow(unused_imports)]
+pub use builders::{meta, so_ref};
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -110,27 +117,6 @@ pub async fn http_get(url: &str) -> (u16, String) {
     let resp = reqwest::get(url).await.expect("http get");
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap_or_default())
-}
-
-/// Trigger metadata from pairs.
-pub fn meta(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// A ScaledObjectRef as KEDA sends it.
-pub fn so_ref(
-    namespace: &str,
-    name: &str,
-    pairs: &[(&str, &str)],
-) -> activescale::proto::ScaledObjectRef {
-    activescale::proto::ScaledObjectRef {
-        name: name.into(),
-        namespace: namespace.into(),
-        scaler_metadata: meta(pairs),
-    }
 }
 
 /// GetMetrics for a trigger, returning the float value or the status.

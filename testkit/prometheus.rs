@@ -1,5 +1,7 @@
 //! A real `prometheus` (the Debian package's `/usr/bin/prometheus`) scraping
-//! an exporter the test serves on loopback every second.
+//! an exporter the test serves on loopback every second; shared by the
+//! integration tests (`tests/common`) and the load tool's `prom` mode, which
+//! picks the binary and the scrape interval ([`Options`]).
 //!
 //! - [`Exporter`]: `/metrics` in the text format; tests set and remove series.
 //!   It runs on its own thread and runtime so that one exporter can outlive
@@ -26,6 +28,23 @@ use std::{
 use tokio::sync::OnceCell;
 
 pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
+
+/// How to run Prometheus.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The binary: a path, or a name looked up in `PATH`.
+    pub bin: String,
+    pub scrape_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            bin: PROMETHEUS_BIN.into(),
+            scrape_interval: Duration::from_secs(1),
+        }
+    }
+}
 
 /// Series served by an [`Exporter`]: `name{labels}` → value.
 type Series = Arc<Mutex<BTreeMap<String, f64>>>;
@@ -115,6 +134,7 @@ pub struct Prometheus {
     /// Base URL of the HTTP API, e.g. `http://127.0.0.1:41234`.
     pub url: String,
     port: u16,
+    bin: String,
     dir: tempfile::TempDir,
     config: PathBuf,
     /// `--web.config.file` (TLS) and the CA that signed its certificate.
@@ -125,7 +145,12 @@ pub struct Prometheus {
 impl Prometheus {
     /// Starts Prometheus scraping `targets` every second and waits for `/-/ready`.
     pub async fn start(targets: &[SocketAddr]) -> Self {
-        Self::start_with(targets, None).await
+        Self::start_with(targets, &Options::default(), None).await
+    }
+
+    /// Like [`Self::start`], with this binary and scrape interval.
+    pub async fn start_with_options(targets: &[SocketAddr], options: &Options) -> Self {
+        Self::start_with(targets, options, None).await
     }
 
     /// Like [`Self::start`], serving HTTPS with `cert_pem`/`key_pem`, which
@@ -136,24 +161,37 @@ impl Prometheus {
         key_pem: &str,
         ca_pem: &str,
     ) -> Self {
-        Self::start_with(targets, Some((cert_pem, key_pem, ca_pem))).await
+        Self::start_with(
+            targets,
+            &Options::default(),
+            Some((cert_pem, key_pem, ca_pem)),
+        )
+        .await
     }
 
-    async fn start_with(targets: &[SocketAddr], tls: Option<(&str, &str, &str)>) -> Self {
+    async fn start_with(
+        targets: &[SocketAddr],
+        options: &Options,
+        tls: Option<(&str, &str, &str)>,
+    ) -> Self {
+        let bin = &options.bin;
         assert!(
-            std::path::Path::new(PROMETHEUS_BIN).exists(),
-            "{PROMETHEUS_BIN} is missing: apt-get install -y prometheus"
+            !bin.contains('/') || std::path::Path::new(bin).exists(),
+            "{bin} is missing: apt-get install -y prometheus"
         );
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("prometheus.yml");
         let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        // The timeout stays under the interval, as Prometheus requires.
+        let interval = options.scrape_interval.as_millis();
+        let timeout = interval * 9 / 10;
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: exporter\n    honor_labels: true\n    scrape_interval: 1s\n    \
-                 scrape_timeout: 900ms\n    static_configs:\n      - targets: [{}]\n",
+                "global:\n  scrape_interval: {interval}ms\n  evaluation_interval: {interval}ms\n\
+                 scrape_configs:\n  - job_name: exporter\n    honor_labels: true\n    scrape_interval: {interval}ms\n    \
+                 scrape_timeout: {timeout}ms\n    static_configs:\n      - targets: [{}]\n",
                 targets.join(", ")
             ),
         )
@@ -186,6 +224,7 @@ impl Prometheus {
         let mut p = Self {
             url: format!("{scheme}://127.0.0.1:{port}"),
             port,
+            bin: bin.clone(),
             dir,
             config,
             web,
@@ -204,10 +243,15 @@ impl Prometheus {
             .append(true)
             .open(self.dir.path().join("prometheus.log"))
             .expect("log file");
-        // The guard kills Prometheus as soon as its stdin reaches EOF.
-        let script = "\"$0\" \"$@\" & pid=$!; read _ignored; kill $pid 2>/dev/null; wait $pid";
+        // The guard kills Prometheus as soon as its stdin reaches EOF, and
+        // writes its pid down for [`Self::pid`] (the child is the guard).
+        let script = "\"$0\" \"$@\" & pid=$!; echo $pid > \"$PID_FILE\"; read _ignored; kill $pid 2>/dev/null; wait $pid";
         let mut command = Command::new("sh");
-        command.arg("-c").arg(script).arg(PROMETHEUS_BIN);
+        command
+            .arg("-c")
+            .arg(script)
+            .arg(&self.bin)
+            .env("PID_FILE", self.pid_file());
         if let Some((web, _)) = &self.web {
             command.arg(format!("--web.config.file={}", web.display()));
         }
@@ -229,8 +273,22 @@ impl Prometheus {
         self.wait_ready().await;
     }
 
+    fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("prometheus.pid")
+    }
+
+    /// The Prometheus process's id while it runs (for its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.as_ref()?;
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// A client that trusts this Prometheus.
-    fn http(&self) -> reqwest::Client {
+    pub fn http(&self) -> reqwest::Client {
         let mut b = reqwest::Client::builder();
         if let Some((_, ca)) = &self.web {
             b = b.tls_certs_merge([ca.clone()]);
@@ -271,22 +329,32 @@ impl Prometheus {
     /// The instant value of `query` straight from the HTTP API (scalar or
     /// one-element vector), `None` when the result is empty.
     pub async fn instant(&self, query: &str) -> Option<f64> {
-        let body: serde_json::Value = self
-            .http()
+        self.query(&self.http(), query)
+            .await
+            .expect("query prometheus")
+    }
+
+    /// [`Self::instant`] over `http` (kept connections, for measuring), with
+    /// failures returned.
+    pub async fn query(&self, http: &reqwest::Client, query: &str) -> Result<Option<f64>, String> {
+        let body: serde_json::Value = http
             .get(format!("{}/api/v1/query", self.url))
             .query(&[("query", query)])
             .send()
             .await
-            .expect("query prometheus")
+            .map_err(|e| e.to_string())?
             .json()
             .await
-            .expect("prometheus json");
+            .map_err(|e| e.to_string())?;
         let result = &body["data"]["result"];
         let value = match body["data"]["resultType"].as_str() {
             Some("scalar") => &result[1],
             _ => &result[0]["value"][1],
         };
-        value.as_str().map(|v| v.parse().expect("sample value"))
+        value
+            .as_str()
+            .map(|v| v.parse().map_err(|e| format!("sample value {v}: {e}")))
+            .transpose()
     }
 
     /// Waits until `query` has a value (data has been scraped).
