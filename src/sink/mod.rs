@@ -130,7 +130,7 @@ impl Sink {
         raw: &RawMessage,
         stream: &mut Stream,
         span: &tracing::Span,
-    ) -> Result<(), Status> {
+    ) -> Result<(), StreamError> {
         self.metrics.sink_messages.inc();
         let mut skipped = Vec::new();
         let parsed = match wire::parse(
@@ -141,11 +141,11 @@ impl Sink {
             &mut skipped,
         ) {
             Ok(p) => p,
-            Err(e) => return Err(self.malformed(e.to_string())),
+            Err(e) => return Err(StreamError::Malformed(e.to_string())),
         };
         if let Some(bytes) = parsed.identifier {
             let node = Identifier::decode(bytes)
-                .map_err(|e| self.malformed(format!("identifier: {e}")))?
+                .map_err(|e| StreamError::Malformed(format!("identifier: {e}")))?
                 .node
                 .unwrap_or_default();
             stream.claim = self.identify(&node, stream.peer, span);
@@ -286,12 +286,17 @@ impl Sink {
             .inc();
     }
 
-    fn malformed(&self, detail: String) -> Status {
-        self.count_stream_error("malformed");
-        if let Some(held_back) = MALFORMED_LOG.check() {
-            warn!(error = %detail, held_back, "malformed metrics message: ending stream");
+    /// Counts and logs why a stream ends, and gives its final status.
+    fn end(&self, e: StreamError) -> Status {
+        let reason = e.reason();
+        self.count_stream_error(reason);
+        if reason == "disconnected" {
+            // The peer went away (reset, broken connection): a normal end.
+            debug!(error = %e, "stream broken");
+        } else if let Some(held_back) = MALFORMED_LOG.check() {
+            warn!(error = %e, held_back, reason, "bad metrics message: ending stream");
         }
-        Status::invalid_argument(format!("malformed StreamMetricsMessage: {detail}"))
+        status_of(e)
     }
 
     fn count_stream_error(&self, reason: &'static str) {
@@ -299,6 +304,42 @@ impl Sink {
             .sink_stream_errors
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+}
+
+/// Why a sidecar stream ends before its client ends it.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Read(ReadError),
+    #[error("malformed StreamMetricsMessage: {0}")]
+    Malformed(String),
+}
+
+impl StreamError {
+    /// The `reason` label of `activescale_sink_stream_errors_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            StreamError::Read(ReadError::Oversized { .. }) => "oversized",
+            StreamError::Read(ReadError::Stalled(..)) => "stalled",
+            StreamError::Read(ReadError::Broken(_)) => "disconnected",
+            StreamError::Read(ReadError::Compressed(_) | ReadError::Truncated)
+            | StreamError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// The one mapping from sink errors to the stream's final gRPC status.
+fn status_of(e: StreamError) -> Status {
+    match e {
+        StreamError::Read(ReadError::Oversized { .. }) => Status::out_of_range(e.to_string()),
+        StreamError::Read(ReadError::Stalled(..)) => Status::resource_exhausted(e.to_string()),
+        // The client's own status, as it broke the stream.
+        StreamError::Read(ReadError::Broken(status)) => status,
+        StreamError::Read(ReadError::Compressed(_) | ReadError::Truncated) => {
+            Status::invalid_argument(format!("malformed StreamMetricsMessage: {e}"))
+        }
+        StreamError::Malformed(_) => Status::invalid_argument(e.to_string()),
     }
 }
 
@@ -338,35 +379,14 @@ impl Sink {
                     _ = self.shutdown.cancelled() => break,
                     next = messages.next() => next,
                 };
-                match next {
-                    Ok(Some(raw)) => {
-                        self.handle(&RawMessage(raw), &mut stream, &tracing::Span::current())
-                            .await?
-                    }
+                let raw = match next {
+                    Ok(Some(raw)) => raw,
                     Ok(None) => break,
-                    Err(e @ ReadError::Oversized { .. }) => {
-                        self.count_stream_error("oversized");
-                        if let Some(held_back) = MALFORMED_LOG.check() {
-                            warn!(error = %e, held_back, "oversized metrics message: ending stream");
-                        }
-                        return Err(Status::out_of_range(e.to_string()));
-                    }
-                    Err(e @ ReadError::Stalled(..)) => {
-                        self.count_stream_error("stalled");
-                        if let Some(held_back) = MALFORMED_LOG.check() {
-                            warn!(error = %e, held_back, "stalled metrics message: ending stream");
-                        }
-                        return Err(Status::resource_exhausted(e.to_string()));
-                    }
-                    Err(e @ (ReadError::Compressed(_) | ReadError::Truncated)) => {
-                        return Err(self.malformed(e.to_string()));
-                    }
-                    Err(ReadError::Broken(status)) => {
-                        // The peer went away (reset, broken connection): a normal end.
-                        self.count_stream_error("disconnected");
-                        debug!(error = %status.message(), "stream broken");
-                        return Err(status);
-                    }
+                    Err(e) => return Err(self.end(StreamError::Read(e))),
+                };
+                let span = tracing::Span::current();
+                if let Err(e) = self.handle(&RawMessage(raw), &mut stream, &span).await {
+                    return Err(self.end(e));
                 }
             }
             debug!("stream closed");
@@ -376,5 +396,62 @@ impl Sink {
         }
         .instrument(span)
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn every_stream_error_has_one_status_and_one_reason() {
+        let cases = [
+            (
+                StreamError::Read(ReadError::Oversized { len: 9, max: 1 }),
+                Code::OutOfRange,
+                "oversized",
+            ),
+            (
+                StreamError::Read(ReadError::Stalled(Duration::from_secs(10), 5)),
+                Code::ResourceExhausted,
+                "stalled",
+            ),
+            (
+                StreamError::Read(ReadError::Compressed(1)),
+                Code::InvalidArgument,
+                "malformed",
+            ),
+            (
+                StreamError::Read(ReadError::Truncated),
+                Code::InvalidArgument,
+                "malformed",
+            ),
+            (
+                StreamError::Malformed("bad tag".into()),
+                Code::InvalidArgument,
+                "malformed",
+            ),
+            (
+                StreamError::Read(ReadError::Broken(Status::cancelled("reset"))),
+                Code::Cancelled,
+                "disconnected",
+            ),
+        ];
+        for (e, code, reason) in cases {
+            assert_eq!(e.reason(), reason, "{e}");
+            let status = status_of(e);
+            assert_eq!(status.code(), code, "{status:?}");
+        }
+        let status = status_of(StreamError::Read(ReadError::Truncated));
+        assert!(
+            status
+                .message()
+                .starts_with("malformed StreamMetricsMessage: "),
+            "{status:?}"
+        );
     }
 }
