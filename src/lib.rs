@@ -2,21 +2,26 @@
 //!
 //! # Layout
 //!
-//! Data flows one way, sink → store → scaler:
+//! Data flows one way, sink → store → engine → front ends (see
+//! `docs/architecture.md`):
 //!
 //! ```text
-//!  Envoy sidecars ──StreamMetrics──▶ sink ──record──▶ store ──summary/watch──▶ scaler ◀──gRPC── KEDA
-//!                    (:9000)                      memory | redis                (:9090)
-//!                                                                      prometheus ─┘ (source: prometheus)
+//!  Envoy sidecars ─StreamMetrics─▶ sink ─ingest─▶ store ─summary/pods/watch─▶ engine ─▶ scaler (KEDA, :9090)
+//!                   (:9000)               memory | redis                       │  ▲     custom_metrics (HPA)
+//!                                                            prometheus ───────┘  │     view (HTTP :8080)
+//!                                                            activator routes ─────┘
 //! ```
 //!
 //! - [`sink`]: `envoy.service.metrics.v3.MetricsService`; learns each stream's
-//!   pod, keeps the inbound `downstream_rq_active` gauges, writes them to the store.
+//!   pod, keeps the inbound `downstream_rq_active` gauges, writes them to the
+//!   store. Bounds what a client can make it hold (streams, bytes, time).
 //! - [`store`]: the [`store::Store`] trait the two sides share, with
-//!   [`store::memory`] and [`store::redis`]; TTL, value history, change signals.
-//! - [`scaler`]: KEDA's `externalscaler.ExternalScaler`; the one place where
-//!   errors become gRPC statuses. StreamIsActive streams of one query share a
-//!   read loop (a feed).
+//!   [`store::memory`] and [`store::redis`]; TTL, value history, change
+//!   signals, and how long the store needs before its answers are whole.
+//! - [`engine`]: what any parsed trigger's value is now, and one shared feed
+//!   of its changes per distinct query, for every front end alike.
+//! - [`scaler`]: KEDA's `externalscaler.ExternalScaler`, a thin adapter over
+//!   the engine; the one place where request errors become gRPC statuses.
 //! - [`trigger`]: a parsed trigger (target, activation, metric name, source)
 //!   and the parsed-trigger cache.
 //! - [`source`]: one module per source (`envoy`, `prometheus`), each owning
@@ -40,9 +45,10 @@
 //!   [`config::RedisConfig`], [`config::TlsConfig`], [`config::PrometheusConfig`]).
 //! - [`telemetry`]: logs, the service's own metrics, summary lines.
 //!
-//! [`run`] serves everything on listeners the caller bound, until `shutdown`
-//! resolves; `main` only parses flags, binds and calls it, and the integration
-//! tests call it with `127.0.0.1:0` listeners.
+//! [`run`] serves one server per bound [`Port`] (sink, scaler, HTTP, and the
+//! Custom Metrics API and activator when configured) until `shutdown`
+//! resolves; `main` only parses flags, runs [`preflight`], binds and calls
+//! it, and the integration tests bind any subset on `127.0.0.1:0`.
 
 #![forbid(unsafe_code)]
 
