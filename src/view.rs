@@ -429,7 +429,7 @@ pub struct RouteView {
     pub pending: u64,
     pub active: u64,
     pub ready: bool,
-    /// Not reachable from a `Route` handle yet; `null` until it is.
+    /// Times held requests waited for the upstream to wake, since start.
     pub cold_starts: Option<u64>,
 }
 
@@ -443,7 +443,7 @@ impl RouteView {
             pending: r.pending(),
             active: r.active(),
             ready: r.is_ready(),
-            cold_starts: None,
+            cold_starts: Some(r.cold_starts()),
         }
     }
 }

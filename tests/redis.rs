@@ -774,12 +774,16 @@ async fn a_young_redis_is_not_read_as_no_load() {
         .unwrap();
     let early = store.values(&web_query("shop")).await;
     let early_summary = store.summary(&web_query("shop"), false).await;
+    let early_pods = store.answer_pods("shop", None).await;
     let mut raw = redis.client().await;
     // Checked after the calls: if the server is still young now, it was then.
     if uptime_secs(&mut raw).await < 3 {
         let e = early.unwrap_err();
         assert!(e.to_string().contains("warming up"), "{e}");
         let e = early_summary.unwrap_err();
+        assert!(e.to_string().contains("warming up"), "{e}");
+        // Per-pod answers (the Custom Metrics API) are refused like sums.
+        let e = early_pods.unwrap_err();
         assert!(e.to_string().contains("warming up"), "{e}");
     }
     // The debug view is not a scaling answer: it shows what is there.

@@ -256,6 +256,12 @@ impl Route {
         self.0.load.subscribe()
     }
 
+    /// Held requests the upstream has woken for since start (the
+    /// `activator_cold_starts_total` counter).
+    pub fn cold_starts(&self) -> u64 {
+        self.0.metrics.cold_starts.get()
+    }
+
     /// The highest load since the previous call (at least the current one),
     /// so a publisher reading every second still sees a burst in between.
     /// Meant for one reader (the store publisher).

@@ -127,7 +127,7 @@ impl Engine {
         if let Some(left) = self.store.warming_up() {
             return Err(EvalError::WarmingUp(left));
         }
-        let pods = self.store.pods(namespace, selector).await?;
+        let pods = self.store.answer_pods(namespace, selector).await?;
         Ok(pods
             .into_iter()
             .map(|p| PodReading {

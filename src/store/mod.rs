@@ -200,6 +200,17 @@ pub trait Store: Send + Sync + 'static {
         selector: Option<&PodSelector>,
     ) -> Result<Vec<PodView>, StoreError>;
 
+    /// [`Store::pods`] as a scaling answer (the Custom Metrics API): refused
+    /// wherever a summed read would be (a store that knows its list may be
+    /// incomplete says so), while `pods` shows what is there, for debugging.
+    async fn answer_pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+    ) -> Result<Vec<PodView>, StoreError> {
+        self.pods(namespace, selector).await
+    }
+
     /// A receiver that is marked changed whenever a pod of `namespace` appears,
     /// changes value or expires (on any replica, for shared stores). Bursts
     /// coalesce: a watcher re-reads after each wake-up, it never misses the

@@ -585,4 +585,5 @@ async fn run_serves_the_activator_port_and_shows_its_routes() {
         .expect("the activator's routes");
     assert_eq!(routes.len(), 1, "{status}");
     assert_eq!(routes[0]["host"], "web.example.com", "{status}");
+    assert!(routes[0]["cold_starts"].is_u64(), "{status}");
 }

@@ -631,6 +631,23 @@ struct Snapshot {
     pods: Vec<StoredPod>,
 }
 
+/// The pods of a snapshot matching `selector`, by name.
+fn views_of(snap: Snapshot, selector: Option<&PodSelector>) -> Vec<PodView> {
+    let mut views: Vec<PodView> = snap
+        .pods
+        .into_iter()
+        .filter(|p| selector.is_none_or(|s| s.matches(&p.identity)))
+        .map(|p| PodView {
+            age: Duration::from_millis(snap.now_ms.saturating_sub(p.last_seen_ms)),
+            identity: p.identity,
+            value: p.value,
+            families: p.families.into_iter().collect(),
+        })
+        .collect();
+    views.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
+    views
+}
+
 fn number(field: &str, s: &str) -> Result<f64, StoreError> {
     s.parse::<f64>()
         .map_err(|_| StoreError::Corrupt(format!("{field}: {s:?} is not a number")))
@@ -871,22 +888,20 @@ impl Store for RedisStore {
     ) -> Result<Vec<PodView>, StoreError> {
         self.inner.writes.check()?;
         let snap = self.inner.read(namespace, false).await?;
-        // Per-pod answers feed the Custom Metrics API: a young node's list
-        // may miss pods that have not reported since it started.
+        Ok(views_of(snap, selector))
+    }
+
+    async fn answer_pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+    ) -> Result<Vec<PodView>, StoreError> {
+        self.inner.writes.check()?;
+        let snap = self.inner.read(namespace, false).await?;
+        // A young node's list may miss pods that have not reported since it
+        // started: as a scaling answer that would read as less load.
         self.inner.check_uptime(snap.uptime)?;
-        let mut views: Vec<PodView> = snap
-            .pods
-            .into_iter()
-            .filter(|p| selector.is_none_or(|s| s.matches(&p.identity)))
-            .map(|p| PodView {
-                age: Duration::from_millis(snap.now_ms.saturating_sub(p.last_seen_ms)),
-                identity: p.identity,
-                value: p.value,
-                families: p.families.into_iter().collect(),
-            })
-            .collect();
-        views.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
-        Ok(views)
+        Ok(views_of(snap, selector))
     }
 
     fn watch(&self, namespace: &str) -> watch::Receiver<u64> {
