@@ -300,6 +300,10 @@ pub async fn run(
         metrics.clone(),
         token.clone(),
     );
+    let engine = match &activator {
+        Some((a, _)) => engine.with_routes(a.routes()),
+        None => engine,
+    };
     let scaler = scaler::Scaler::new(
         engine.clone(),
         triggers,

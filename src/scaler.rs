@@ -73,6 +73,7 @@ pub fn status_of(error: &RequestError) -> Status {
             EvalError::Prometheus(PromError::BadValue(_)) => Status::failed_precondition(msg),
             EvalError::Prometheus(PromError::Rejected(_)) => Status::invalid_argument(msg),
             EvalError::WarmingUp(_) => Status::unavailable(msg),
+            EvalError::NoRoute { .. } => Status::not_found(msg),
         },
     }
 }

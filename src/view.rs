@@ -73,6 +73,10 @@ impl Description {
                 ("envoy", text, Some(bounded(&query.namespace)), Some(params))
             }
             Source::Prometheus(_) => ("prometheus", prometheus_text(metadata), None, None),
+            Source::Activator(r) => {
+                let route = format!("{}{}", r.host, r.path_prefix.as_deref().unwrap_or(""));
+                ("activator", route, None, None)
+            }
         };
         Self {
             source,

@@ -109,6 +109,12 @@ impl Engine {
                 query.window.map(|_| WINDOW_RECHECK),
             ),
             FeedKey::Prometheus(_) => (None, Some(self.poll_interval)),
+            // The route publishes every change of its count; an unknown
+            // route is retried as a failed read.
+            FeedKey::Activator(r) => match self.route(r) {
+                Ok(route) => (Some(route.watch()), None),
+                Err(_) => (None, None),
+            },
         };
         let mut failures = 0u32;
         let mut unknown = UnknownGauge {

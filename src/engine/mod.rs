@@ -21,8 +21,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    activator::RouteSet,
     prometheus::{PromBackend, PromError, PromKey, PromTrigger},
-    source::{Source, envoy::Aggregation},
+    source::{Source, activator::RouteRef, envoy::Aggregation},
     store::{PodQuery, PodSelector, SharedStore, StoreError},
     telemetry::Metrics,
 };
@@ -40,6 +41,17 @@ pub enum EvalError {
     Prometheus(#[from] PromError),
     #[error("warming up: envoy-source answers start in {0:?}, once sidecars have reconnected")]
     WarmingUp(Duration),
+    /// No activator route of the trigger's namespace has this host and
+    /// prefix (or the activator is off).
+    #[error(
+        "no activator route for host {host:?} (pathPrefix {prefix:?}) in namespace {namespace}{why}"
+    )]
+    NoRoute {
+        host: String,
+        prefix: Option<String>,
+        namespace: String,
+        why: &'static str,
+    },
 }
 
 /// What a feed reads; two triggers with equal keys have equal values.
@@ -47,6 +59,7 @@ pub enum EvalError {
 pub enum FeedKey {
     Envoy(PodQuery, Aggregation),
     Prometheus(PromKey),
+    Activator(RouteRef),
 }
 
 impl FeedKey {
@@ -54,6 +67,7 @@ impl FeedKey {
         match self {
             FeedKey::Envoy(q, _) => Some(&q.namespace),
             FeedKey::Prometheus(_) => None,
+            FeedKey::Activator(r) => Some(&r.namespace),
         }
     }
 }
@@ -77,6 +91,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     feeds: Arc<feed::Feeds>,
     shutdown: CancellationToken,
+    /// The activator's routes, when it is on.
+    routes: Option<RouteSet>,
 }
 
 impl Engine {
@@ -94,6 +110,33 @@ impl Engine {
             metrics,
             feeds: Arc::default(),
             shutdown,
+            routes: None,
+        }
+    }
+
+    /// Lets `source: activator` triggers read these routes.
+    pub fn with_routes(mut self, routes: RouteSet) -> Self {
+        self.routes = Some(routes);
+        self
+    }
+
+    /// The route a trigger names, if it is of the trigger's namespace.
+    pub(crate) fn route(&self, r: &RouteRef) -> Result<crate::activator::Route, EvalError> {
+        let missing = |why| EvalError::NoRoute {
+            host: r.host.clone(),
+            prefix: r.path_prefix.clone(),
+            namespace: r.namespace.clone(),
+            why,
+        };
+        let routes = self
+            .routes
+            .as_ref()
+            .ok_or_else(|| missing(" (the activator is off: activator_addr is unset)"))?;
+        match routes.find(&r.host, r.path_prefix.as_deref()) {
+            // Another namespace's route reads as none: its existence is not
+            // the trigger's to learn.
+            Some(route) if route.namespace() == r.namespace => Ok(route.clone()),
+            _ => Err(missing("")),
         }
     }
 
@@ -102,6 +145,7 @@ impl Engine {
         match source {
             Source::Envoy { query, aggregation } => self.envoy(query, *aggregation).await,
             Source::Prometheus(p) => self.prom(p).await,
+            Source::Activator(r) => Ok(self.route(r)?.load() as f64),
         }
     }
 
@@ -145,6 +189,7 @@ impl Engine {
         let key = match source {
             Source::Envoy { query, aggregation } => FeedKey::Envoy(query.clone(), *aggregation),
             Source::Prometheus(p) => FeedKey::Prometheus(p.feed_key()),
+            Source::Activator(r) => FeedKey::Activator(r.clone()),
         };
         self.subscribe(key, source)
     }

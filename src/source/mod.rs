@@ -4,10 +4,12 @@
 //! - [`envoy`]: requests in flight reported by Envoy sidecars (the default).
 //! - [`prometheus`]: a Prometheus query, preset or formula; the backend that
 //!   runs it is [`crate::prometheus`].
+//! - [`activator`]: requests held or forwarded by a route of the activator.
 //!
 //! The `source` key picks one of [`KINDS`]. Adding a source is adding a
 //! module with its [`Kind`], an entry in [`KINDS`] and an arm of [`Source`].
 
+pub mod activator;
 pub mod envoy;
 pub mod prometheus;
 
@@ -31,6 +33,8 @@ pub enum Source {
     },
     /// A Prometheus query, preset or formula.
     Prometheus(Box<PromTrigger>),
+    /// Pending plus active requests of an activator route.
+    Activator(activator::RouteRef),
 }
 
 /// Settings from the service config that bound what a trigger may ask.
@@ -65,7 +69,11 @@ pub struct Kind {
 }
 
 /// The sources by their `source` value; the first is the default.
-pub const KINDS: &[(&str, &Kind)] = &[("envoy", &envoy::KIND), ("prometheus", &prometheus::KIND)];
+pub const KINDS: &[(&str, &Kind)] = &[
+    ("envoy", &envoy::KIND),
+    ("prometheus", &prometheus::KIND),
+    ("activator", &activator::KIND),
+];
 
 /// The source the `source` key names.
 pub fn kind(meta: &Metadata<'_>) -> Result<&'static Kind, MetadataError> {
@@ -99,6 +107,6 @@ pub(crate) mod tests {
         assert_eq!(pick(&[("source", "Envoy")]), Ok(envoy::KEYS));
         assert_eq!(pick(&[("source", "prometheus")]), Ok(prometheus::KEYS));
         let e = pick(&[("source", "kafka")]).unwrap_err().to_string();
-        assert!(e.contains("one of envoy, prometheus"), "{e}");
+        assert!(e.contains("one of envoy, prometheus, activator"), "{e}");
     }
 }

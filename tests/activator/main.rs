@@ -587,3 +587,57 @@ async fn run_serves_the_activator_port_and_shows_its_routes() {
     assert_eq!(routes[0]["host"], "web.example.com", "{status}");
     assert!(routes[0]["cold_starts"].is_u64(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_wakes_the_workload_through_stream_is_active() {
+    // The upstream is down (its port refuses): the workload is at zero.
+    let port = free_port();
+    let server = common::start_server(activescale::config::Config {
+        activator_addr: Some("127.0.0.1:0".parse().unwrap()),
+        activator_routes: vec![route("web.example.com", None, port.n)],
+        ..common::test_config()
+    })
+    .await;
+    let trigger = |ns: &str| {
+        common::so_ref(
+            ns,
+            "web",
+            &[
+                ("source", "activator"),
+                ("host", "web.example.com"),
+                ("targetValue", "1"),
+            ],
+        )
+    };
+    // The route belongs to namespace `shop` (support::route).
+    let ns = route("web.example.com", None, port.n).namespace;
+    let mut scaler = server.scaler_client().await;
+    let mut active = scaler
+        .stream_is_active(trigger(&ns))
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
+    let first = within(active.message()).await.unwrap().unwrap();
+    assert!(!first.result, "nothing held yet");
+
+    let held = tokio::spawn(send(
+        server.addr(activescale::Port::Activator),
+        get("web.example.com", "/wake"),
+    ));
+    let pushed = within(active.message()).await.unwrap().unwrap();
+    assert!(pushed.result, "a held request is activity, pushed at once");
+    assert_eq!(
+        common::get_metric(&mut scaler, &trigger(&ns)).await.ok(),
+        Some(1.0)
+    );
+
+    // Another namespace's trigger learns nothing of the route.
+    let other = common::get_metric(&mut scaler, &trigger("tenant-b")).await;
+    assert_eq!(other.unwrap_err().code(), tonic::Code::NotFound);
+
+    let _upstream = Upstream::echo(&port).await;
+    let reply = within(held).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let idle = within(active.message()).await.unwrap().unwrap();
+    assert!(!idle.result, "answered: nothing pending or active");
+}
