@@ -24,7 +24,7 @@
 //!   the engine; the one place where request errors become gRPC statuses.
 //! - [`trigger`]: a parsed trigger (target, activation, metric name, source)
 //!   and the parsed-trigger cache.
-//! - [`source`]: one module per source (`envoy`, `prometheus`), each owning
+//! - [`source`]: one module per source (`envoy`, `prometheus`, `activator`), each owning
 //!   its metadata keys and parser, plugged into one [`source::Source`] enum.
 //! - [`metadata`]: typed readers of trigger-metadata keys and their errors.
 //! - [`selector`]: Kubernetes label selectors.
