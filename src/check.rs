@@ -45,6 +45,8 @@ pub struct Options {
     scaler_address: NameFilter,
     patterns: Vec<String>,
     settings: TriggerSettings,
+    /// Metric names the Custom Metrics API serves with this config.
+    custom_metrics: Vec<String>,
 }
 
 impl Options {
@@ -60,6 +62,9 @@ impl Options {
             scaler_address: NameFilter::new(&patterns, &[], None),
             patterns,
             settings: trigger_settings(config),
+            custom_metrics: crate::custom_metrics::Catalogue::from_config(config)
+                .map(|c| c.iter().map(|m| m.name.clone()).collect())
+                .unwrap_or_else(|_| vec![crate::config::ACTIVE_REQUESTS.to_string()]),
         }
     }
 }
@@ -209,6 +214,12 @@ pub fn check(inputs: &[Input], options: &Options) -> Report {
     let workloads = pod_templates(&docs);
     for doc in &docs {
         let kind = str_at(doc.value, &["kind"]).unwrap_or_default();
+        if kind == "HorizontalPodAutoscaler"
+            && str_at(doc.value, &["apiVersion"]).is_some_and(|v| v.starts_with("autoscaling/"))
+        {
+            check_hpa(doc, options, &mut report.findings);
+            continue;
+        }
         if str_at(doc.value, &["apiVersion"]) != Some(KEDA_API)
             || !matches!(kind, "ScaledObject" | "ScaledJob")
         {
@@ -360,6 +371,50 @@ fn check_object(
         {
             out.push(verdict(Verdict::Warning(w)));
         }
+    }
+}
+
+/// A plain HPA's `type: Pods` metrics: each must be one the Custom Metrics
+/// API serves (`active_requests` and the configured forms), read as an
+/// average per pod. Other metric types are not ours and pass silently.
+fn check_hpa(doc: &Doc, options: &Options, out: &mut Vec<Finding>) {
+    let namespace = namespace_of(doc.value);
+    let name = str_at(doc.value, &["metadata", "name"]).unwrap_or("<unnamed>");
+    let object = format!(
+        "{} HorizontalPodAutoscaler {namespace}/{name}",
+        doc.location
+    );
+    let Some(metrics) = doc.value.get("spec").and_then(|s| s.get("metrics")) else {
+        return;
+    };
+    let Some(metrics) = metrics.as_sequence() else {
+        out.push(Finding {
+            location: object,
+            verdict: Verdict::Error("spec.metrics is not a list".into()),
+        });
+        return;
+    };
+    for (i, m) in metrics.iter().enumerate() {
+        if str_at(m, &["type"]) != Some("Pods") {
+            continue;
+        }
+        let location = format!("{object} metrics[{i}] (Pods)");
+        // autoscaling/v2: pods.metric.name; v2beta1: pods.metricName.
+        let metric = str_at(m, &["pods", "metric", "name"]).or(str_at(m, &["pods", "metricName"]));
+        let verdict = match metric {
+            None => Verdict::Error("pods.metric.name is missing".into()),
+            Some(n) if !options.custom_metrics.iter().any(|s| s == n) => Verdict::Error(format!(
+                "metric {n:?} is not served by activescale's Custom Metrics API (it serves: {})",
+                options.custom_metrics.join(", ")
+            )),
+            Some(_) => match str_at(m, &["pods", "target", "type"]) {
+                Some("AverageValue") | None => Verdict::Ok,
+                Some(other) => Verdict::Warning(format!(
+                    "target type {other}: Pods metrics are averaged per pod; use AverageValue"
+                )),
+            },
+        };
+        out.push(Finding { location, verdict });
     }
 }
 
@@ -664,6 +719,42 @@ spec:
             lines(&r)[0].starts_with("f.yaml doc 1 items[0] ScaledObject shop/web"),
             "{:?}",
             lines(&r)
+        );
+    }
+
+    const HPA: &str = r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web, namespace: shop}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  metrics:
+    - type: Resource
+      resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+    - type: Pods
+      pods:
+        metric: {name: active_requests}
+        target: {type: AverageValue, averageValue: "10"}
+"#;
+
+    #[test]
+    fn hpas_naming_served_metrics_pass_and_others_are_flagged() {
+        assert_eq!(
+            lines(&run(HPA)),
+            ["f.yaml doc 1 HorizontalPodAutoscaler shop/web metrics[1] (Pods): ok"]
+        );
+        let unknown = run(&HPA.replace("name: active_requests", "name: queue_depth"));
+        assert!(unknown.failed());
+        let line = &lines(&unknown)[0];
+        assert!(
+            line.contains("\"queue_depth\" is not served") && line.contains("active_requests"),
+            "{line}"
+        );
+        let value = run(&HPA.replace("type: AverageValue, averageValue", "type: Value, value"));
+        assert!(
+            lines(&value)[0].contains("warning: target type Value"),
+            "{:?}",
+            lines(&value)
         );
     }
 }
