@@ -81,11 +81,16 @@ SET_ELSEWHERE = {
     "tls_key": "ACTIVESCALE_TLS_KEY",
     "tls_client_ca": "ACTIVESCALE_TLS_CLIENT_CA",
     "tls_client_names": "ACTIVESCALE_TLS_CLIENT_NAMES",
+    "activator_addr": "ACTIVESCALE_ACTIVATOR_ADDR",
+    "activator_routes": "--config /etc/activescale/activator/routes.yaml",
 }
 
+# Config fields set from `activator.settings` (without the `activator_`
+# prefix), each as ACTIVESCALE_ACTIVATOR_<NAME>.
+ACTIVATOR_PREFIX = "activator_"
+
 # Config fields the chart does not offer yet: the Custom Metrics API needs its
-# own port, Service, APIService and RBAC, and the activator proxy its own
-# port, Service and routes file; they come with their Helm parts.
+# own port, Service, APIService and RBAC; they come with their Helm part.
 NOT_IN_CHART_YET = {
     "custom_metrics_addr",
     "custom_metrics_tls_cert",
@@ -98,9 +103,6 @@ NOT_IN_CHART_YET = {
     "custom_metrics_extra_headers_prefix",
     "custom_metrics_windows",
     "custom_metrics_rules",
-    "activator_addr", "activator_routes", "activator_max_pending", "activator_max_pending_total",
-    "activator_hold_timeout", "activator_probe_interval", "activator_probe_max_interval",
-    "activator_connect_timeout", "activator_header_read_timeout", "activator_max_connections",
 }
 
 # Helm's lint severities (pkg/lint/support).
@@ -176,7 +178,14 @@ def check_config_coverage(defaults: dict) -> list[str]:
     fields = config_fields()
     check(len(fields) > 10, f"found only {fields} in struct Config; did its layout change?")
     in_values = set(defaults["config"])
-    expected = set(fields) - set(SET_ELSEWHERE) - NOT_IN_CHART_YET
+    activator = {f for f in fields if f.startswith(ACTIVATOR_PREFIX)} - set(SET_ELSEWHERE)
+    in_activator = {ACTIVATOR_PREFIX + k for k in defaults["activator"]["settings"]}
+    check(in_activator == activator,
+          "values.yaml `activator.settings:` and struct Config differ: "
+          f"missing {sorted(activator - in_activator)}, unknown {sorted(in_activator - activator)}")
+    check(all(v is None for v in defaults["activator"]["settings"].values()),
+          "activator.settings default to null (the built-in default)")
+    expected = set(fields) - set(SET_ELSEWHERE) - NOT_IN_CHART_YET - activator
     check(in_values == expected,
           "values.yaml `config:` and struct Config differ: "
           f"missing from values {sorted(expected - in_values)}, unknown to the service {sorted(in_values - expected)}")
@@ -383,8 +392,11 @@ def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
           and sc["capabilities"]["drop"] == ["ALL"] and sc["runAsNonRoot"] is True,
           f"{name}: container securityContext {sc}")
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    check(ports == {"grpc-sink": values["ports"]["sink"], "grpc-scaler": values["ports"]["scaler"],
-                    "http": values["ports"]["http"]}, f"{name}: container ports {ports}")
+    want_ports = {"grpc-sink": values["ports"]["sink"], "grpc-scaler": values["ports"]["scaler"],
+                  "http": values["ports"]["http"]}
+    if values["activator"]["enabled"]:
+        want_ports["activator"] = values["activator"]["port"]
+    check(ports == want_ports, f"{name}: container ports {ports}")
     check(c["livenessProbe"].get("httpGet", {}).get("path") == "/healthz",
           f"{name}: liveness must be HTTP /healthz (the gRPC health follows the store)")
     readiness = c["readinessProbe"]
@@ -407,7 +419,12 @@ def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
     # Services: named ports with appProtocol grpc, and a headless scaler Service.
     svc = one(docs, "Service", fullname(docs))
     by_name = {p["name"]: p for p in svc["spec"]["ports"]}
-    check(set(by_name) == {"grpc-sink", "grpc-scaler", "http"}, f"{name}: Service ports {list(by_name)}")
+    want_svc = {"grpc-sink", "grpc-scaler", "http"} | ({"activator"} if values["activator"]["enabled"] else set())
+    check(set(by_name) == want_svc, f"{name}: Service ports {list(by_name)}")
+    if values["activator"]["enabled"]:
+        check(by_name["activator"]["port"] == values["activator"]["port"] and by_name["activator"]["targetPort"] == "activator",
+              f"{name}: activator Service port {by_name['activator']}")
+    activator_assertions(name, docs, values, deploy, env)
     check(by_name["grpc-sink"]["appProtocol"] == "grpc" and by_name["grpc-scaler"]["appProtocol"] == "grpc",
           f"{name}: gRPC ports need appProtocol grpc")
     if values["headlessService"]["enabled"]:
@@ -430,6 +447,34 @@ def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
         want = values["redis"]["url"] or f"redis://{fullname(docs)}-redis:6379"
         check(env.get("ACTIVESCALE_REDIS_URL", {}).get("value") == want, f"{name}: ACTIVESCALE_REDIS_URL")
     return env
+
+
+def activator_assertions(name: str, docs: list[dict], values: dict, deploy: dict, env: dict) -> None:
+    """The activator: address, tuning and routes reach the service only when
+    enabled; the routes through the ConfigMap the container reads with --config."""
+    av = values["activator"]
+    (c,) = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "activescale"]
+    maps = find(docs, "ConfigMap", fullname(docs) + "-activator")
+    activator_env = {k for k in env if k.startswith("ACTIVESCALE_ACTIVATOR_")}
+    if not av["enabled"]:
+        check(not maps and not activator_env and "args" not in c,
+              f"{name}: activator disabled but rendered: {sorted(activator_env)}, {len(maps)} ConfigMap(s), args {c.get('args')}")
+        return
+    check(env["ACTIVESCALE_ACTIVATOR_ADDR"]["value"] == f"{values['listenHost']}:{av['port']}", f"{name}: activator address")
+    for key, value in av["settings"].items():
+        var = f"ACTIVESCALE_ACTIVATOR_{key.upper()}"
+        check((var in env) == (value is not None), f"{name}: {var} set={var in env} but activator.settings.{key}={value!r}")
+        if value is not None:
+            check(env[var]["value"] == str(value), f"{name}: {var}={env[var]['value']!r}, want {value!r}")
+    check(len(maps) == 1, f"{name}: no activator ConfigMap")
+    routes = yaml.safe_load(maps[0]["data"]["routes.yaml"])
+    check(routes == {"activator_routes": av["routes"]}, f"{name}: the routes file {routes} differs from activator.routes")
+    check(c.get("args") == ["--config", "/etc/activescale/activator/routes.yaml"], f"{name}: args {c.get('args')}")
+    mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"].get("volumes", [])}
+    check(mounts.get("activator-routes", {}).get("mountPath") == "/etc/activescale/activator"
+          and "subPath" not in mounts["activator-routes"], f"{name}: activator routes mount")
+    check(volumes["activator-routes"]["configMap"]["name"] == maps[0]["metadata"]["name"], f"{name}: activator routes volume")
 
 
 def fullname(docs: list[dict]) -> str:
@@ -511,7 +556,8 @@ def network_policy_assertions(name: str, docs: list[dict], values: dict, deploy:
     check(np["spec"]["policyTypes"] == ["Ingress"] and "egress" not in np["spec"],
           f"{name}: the policy must not restrict egress: {np['spec'].get('policyTypes')}")
     rules = {r["ports"][0]["port"]: r for r in np["spec"]["ingress"]}
-    check(len(rules) == len(np["spec"]["ingress"]) == 3 and set(rules) == {"grpc-scaler", "grpc-sink", "http"},
+    want_rules = {"grpc-scaler", "grpc-sink", "http"} | ({"activator"} if values["activator"]["enabled"] else set())
+    check(len(rules) == len(np["spec"]["ingress"]) == len(want_rules) and set(rules) == want_rules,
           f"{name}: policy ports {list(rules)}")
     check(all(len(r["ports"]) == 1 and r["ports"][0]["protocol"] == "TCP" for r in rules.values()),
           f"{name}: one TCP port per rule")
@@ -544,6 +590,14 @@ def network_policy_assertions(name: str, docs: list[dict], values: dict, deploy:
         check(http.get("from") == npv["http"]["from"], f"{name}: HTTP peers {http.get('from')}")
     else:
         check("from" not in http, f"{name}: the HTTP port is open to all by default: {http}")
+
+    # Activator: anyone unless narrowed.
+    if values["activator"]["enabled"]:
+        act = rules["activator"]
+        if npv["activator"]["from"]:
+            check(act.get("from") == npv["activator"]["from"], f"{name}: activator peers {act.get('from')}")
+        else:
+            check("from" not in act, f"{name}: the activator port is open to all by default: {act}")
 
     bundled = values["config"]["store"] == "redis" and values["redis"]["bundled"]["enabled"]
     check(len(policies) == (2 if bundled else 1), f"{name}: {len(policies)} NetworkPolicies")
@@ -580,6 +634,10 @@ REFUSALS = [
     ("a blank client name (schema)",
      {"tls": {"enabled": True, "existingSecret": "s", "clientAuth": {"enabled": True, "names": [" "]}}}, ""),
     # Refused by values.schema.json inside Helm, before any template runs.
+    ("the activator without routes", {"activator": {"enabled": True}},
+     "activator.enabled=true needs at least one activator.routes entry"),
+    ("an activator route without namespace (schema)",
+     {"activator": {"enabled": True, "routes": [{"host": "web.example.com", "upstream": "web:80"}]}}, ""),
     ("an unknown store (schema)", {"config": {"store": "etcd"}}, ""),
     ("an unknown setting (schema)", {"config": {"pod_tll": "15s"}}, ""),
     ("a non-Redis URL (schema)", {"redis": {"url": "http://r:6379", "bundled": {"enabled": False}}}, ""),

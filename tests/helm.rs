@@ -137,15 +137,18 @@ fn chart_lints_renders_and_its_environment_loads() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let env = with_real_files(read_env(&path), files.path());
-        let cfg = Config::load_from(None, env, &[])
+        // With the activator on, the container reads its routes with
+        // --config from the rendered ConfigMap.
+        let case = name.trim_end_matches(".env.json");
+        let routes_file = activator_routes_file(manifests_dir.path(), case, files.path());
+        let cfg = Config::load_from(routes_file.as_deref(), env, &[])
             .unwrap_or_else(|e| panic!("{name}: the service refuses the chart's environment: {e}"));
         if name == "all-settings-values.env.json" {
             // Every setting reaches the service; these two are set to their
             // default values (false) in ci/all-settings-values.yaml.
             let mut at_default = fields_at_default(&cfg);
             // Not offered by the chart yet (scripts/helm-lint.py NOT_IN_CHART_YET).
-            at_default
-                .retain(|f| !f.starts_with("custom_metrics_") && !f.starts_with("activator_"));
+            at_default.retain(|f| !f.starts_with("custom_metrics_"));
             let expected: BTreeSet<String> = ["redis_tls_insecure", "redis_cluster"]
                 .iter()
                 .map(|s| s.to_string())
@@ -163,6 +166,10 @@ fn chart_lints_renders_and_its_environment_loads() {
                 ]
             );
             assert_eq!(cfg.max_message_bytes, 32 << 20);
+            assert_eq!(cfg.activator_addr.map(|a| a.port()), Some(18081));
+            assert_eq!(cfg.activator_routes.len(), 1);
+            assert_eq!(cfg.activator_routes[0].host, "web.example.com");
+            assert_eq!(cfg.activator_routes[0].namespace, "shop");
         }
         if name == "defaults.env.json" {
             assert_eq!(cfg.store, activescale::config::StoreKind::Redis);
@@ -190,6 +197,37 @@ fn chart_lints_renders_and_its_environment_loads() {
             .all(|d| d["kind"] != "NetworkPolicy"),
         "networkPolicy.enabled=false renders none"
     );
+}
+
+/// The activator's routes file of one case, written under `dir`, when the
+/// container reads one (`--config FILE` from the activator ConfigMap).
+fn activator_routes_file(manifests_dir: &Path, case: &str, dir: &Path) -> Option<PathBuf> {
+    let docs = manifests(manifests_dir, case);
+    let deploy = docs.iter().find(|d| {
+        d["kind"] == "Deployment"
+            && d["metadata"]["labels"]["app.kubernetes.io/component"] == "scaler"
+    })?;
+    let container = deploy["spec"]["template"]["spec"]["containers"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == "activescale")?;
+    let args = container["args"].as_array()?;
+    assert_eq!(args[0], "--config", "{case}: container args {args:?}");
+    let file = args[1].as_str().unwrap();
+    let map = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ConfigMap"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with("-activator")
+        })
+        .unwrap_or_else(|| panic!("{case}: --config {file} but no activator ConfigMap"));
+    let key = file.rsplit('/').next().unwrap();
+    let path = dir.join(format!("{case}-{key}"));
+    std::fs::write(&path, map["data"][key].as_str().unwrap()).unwrap();
+    Some(path)
 }
 
 /// The rendered manifests of one case.
