@@ -231,12 +231,7 @@ pub fn is_namespace_name(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::testkit::meta as map;
 
     #[test]
     fn values_are_trimmed_and_empty_is_absent() {

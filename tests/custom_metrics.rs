@@ -196,6 +196,14 @@ fn shop() -> Vec<Pod> {
 
 // ---- the server under test ----
 
+/// The server certificate and key, and the front-proxy CA, as files in `dir`.
+fn write_pki(pki: &Pki, dir: &std::path::Path) {
+    let server = pki.server_ca.server();
+    std::fs::write(dir.join("tls.crt"), &server.cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), &server.key_pem).unwrap();
+    std::fs::write(dir.join("ca.crt"), pki.front_proxy_ca.0.pem()).unwrap();
+}
+
 struct Served {
     addr: SocketAddr,
     source: Arc<StandIn>,
@@ -216,10 +224,7 @@ impl Drop for Served {
 async fn serve(pki: &Pki, change: impl FnOnce(&mut Config, &std::path::Path)) -> Served {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let server = pki.server_ca.server();
-    std::fs::write(dir.path().join("tls.crt"), &server.cert_pem).unwrap();
-    std::fs::write(dir.path().join("tls.key"), &server.key_pem).unwrap();
-    std::fs::write(dir.path().join("ca.crt"), pki.front_proxy_ca.0.pem()).unwrap();
+    write_pki(pki, dir.path());
     let mut config = Config {
         custom_metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         custom_metrics_tls_cert: Some(dir.path().join("tls.crt")),
@@ -871,10 +876,7 @@ async fn served_by_run(
     change: impl FnOnce(&mut Config),
 ) -> (common::TestServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let server = pki.server_ca.server();
-    std::fs::write(dir.path().join("tls.crt"), &server.cert_pem).unwrap();
-    std::fs::write(dir.path().join("tls.key"), &server.key_pem).unwrap();
-    std::fs::write(dir.path().join("ca.crt"), pki.front_proxy_ca.0.pem()).unwrap();
+    write_pki(pki, dir.path());
     let mut config = Config {
         custom_metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         custom_metrics_tls_cert: Some(dir.path().join("tls.crt")),

@@ -186,16 +186,9 @@ fn pods_namespace(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::testkit::meta as map;
 
     #[test]
     fn a_missing_target_is_refused_before_the_other_keys() {

@@ -455,6 +455,22 @@ impl Inner {
         self.eval(&call).await
     }
 
+    /// The pods of `namespace` matching `selector`; with `answer`, refused
+    /// while the node is too young to be trusted.
+    async fn pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+        answer: bool,
+    ) -> Result<Vec<PodView>, StoreError> {
+        self.writes.check()?;
+        let snap = self.read(namespace, false).await?;
+        if answer {
+            self.check_uptime(snap.uptime)?;
+        }
+        Ok(views_of(snap, selector))
+    }
+
     /// Fails while the node holding the namespace is too young to be trusted.
     fn check_uptime(&self, uptime: Duration) -> Result<(), StoreError> {
         if uptime < self.young_server {
@@ -886,9 +902,7 @@ impl Store for RedisStore {
         namespace: &str,
         selector: Option<&PodSelector>,
     ) -> Result<Vec<PodView>, StoreError> {
-        self.inner.writes.check()?;
-        let snap = self.inner.read(namespace, false).await?;
-        Ok(views_of(snap, selector))
+        self.inner.pods(namespace, selector, false).await
     }
 
     async fn answer_pods(
@@ -896,12 +910,9 @@ impl Store for RedisStore {
         namespace: &str,
         selector: Option<&PodSelector>,
     ) -> Result<Vec<PodView>, StoreError> {
-        self.inner.writes.check()?;
-        let snap = self.inner.read(namespace, false).await?;
         // A young node's list may miss pods that have not reported since it
         // started: as a scaling answer that would read as less load.
-        self.inner.check_uptime(snap.uptime)?;
-        Ok(views_of(snap, selector))
+        self.inner.pods(namespace, selector, true).await
     }
 
     fn watch(&self, namespace: &str) -> watch::Receiver<u64> {
