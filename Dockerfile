@@ -36,6 +36,8 @@ COPY --from=build /activescale /activescale
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532
 # 9000: Envoy metrics sink (gRPC); 9090: KEDA external scaler (gRPC);
-# 8080: /healthz, /readyz, /metrics, /v1/pods.
-EXPOSE 9000 9090 8080
+# 8080: /healthz, /readyz, /metrics, /v1/pods; 8081: the activator proxy
+# (when activator_addr is set); 6443: the Custom Metrics API (HTTPS, when
+# custom_metrics_addr is set).
+EXPOSE 9000 9090 8080 8081 6443
 ENTRYPOINT ["/activescale", "serve"]

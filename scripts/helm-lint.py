@@ -3,7 +3,7 @@
 
 No `helm` binary is available here; the PyPI package helm-sdkpy embeds Helm's
 Go SDK (install: `pip install --ignore-requires-python helm-sdkpy jsonschema
-pyyaml`). Its Lint runs without a cluster. What this script checks:
+pyyaml kubernetes-validate`). Its Lint runs without a cluster. What this script checks:
 
 1. values.yaml and every ci/*.yaml (merged over it) against values.schema.json.
 2. Every `.Values.a.b` path the templates use exists in values.yaml.
@@ -16,7 +16,8 @@ pyyaml`). Its Lint runs without a cluster. What this script checks:
 4. Helm lint, with no warnings or errors, on the chart with its default values
    and with each ci/*.yaml merged in (lint takes no values, so each case lints
    a copy of the chart whose values.yaml is replaced).
-5. The rendered manifests of each case, and assertions on them. helm-sdkpy
+5. The rendered manifests of each case, validated against Kubernetes'
+   schemas (kubernetes-validate, strict, KUBE_VERSIONS), and assertions on them. helm-sdkpy
    has no `template` action, but lint renders every template; a probe
    template added to the copy renders the chart's files with `include` and
    hands the result back through `fail`, whose message Helm logs on stderr.
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import copy
 import json
 import os
@@ -53,10 +55,11 @@ from pathlib import Path
 try:
     import helm_sdkpy
     import jsonschema
+    import kubernetes_validate
     import yaml
 except ImportError as e:  # pragma: no cover - environment problem
     print(f"helm-lint: missing Python package: {e.name}. Install with:\n"
-          "  pip install --ignore-requires-python helm-sdkpy jsonschema pyyaml",
+          "  pip install --ignore-requires-python helm-sdkpy jsonschema pyyaml kubernetes-validate",
           file=sys.stderr)
     sys.exit(3)
 
@@ -65,6 +68,14 @@ CHART = ROOT / "helm" / "activescale"
 CONFIG_RS = ROOT / "src" / "config.rs"
 # The namespace renders use (see the docstring); KEDA's stays `keda`.
 RELEASE_NAMESPACE = "activescale-system"
+# The oldest Kubernetes the chart's APIs are checked against, and the newest
+# schemas kubernetes-validate ships (as scripts/render-deploy.py).
+KUBE_VERSIONS = ["1.29.0", "1.37.0"]
+# Kinds without a namespace. The one object the chart puts elsewhere, the
+# RoleBinding to the aggregation layer's reader Role, lives in kube-system.
+# API groups of custom resources the chart renders (no Kubernetes schema).
+CRD_GROUPS = {"monitoring.coreos.com"}
+CLUSTER_SCOPED = {"APIService", "ClusterRole", "ClusterRoleBinding"}
 
 # Config fields the chart sets from `ports`, `redis` and `tls` instead of
 # `config:`, each with the variable that carries it.
@@ -82,28 +93,24 @@ SET_ELSEWHERE = {
     "tls_client_ca": "ACTIVESCALE_TLS_CLIENT_CA",
     "tls_client_names": "ACTIVESCALE_TLS_CLIENT_NAMES",
     "activator_addr": "ACTIVESCALE_ACTIVATOR_ADDR",
-    "activator_routes": "--config /etc/activescale/activator/routes.yaml",
+    "activator_routes": "--config /etc/activescale/config/config.yaml",
+    # From `customMetrics` (custom_metrics_assertions checks each).
+    "custom_metrics_addr": "ACTIVESCALE_CUSTOM_METRICS_ADDR (customMetrics.port)",
+    "custom_metrics_tls_cert": "ACTIVESCALE_CUSTOM_METRICS_TLS_CERT (customMetrics.tls)",
+    "custom_metrics_tls_key": "ACTIVESCALE_CUSTOM_METRICS_TLS_KEY (customMetrics.tls)",
+    "custom_metrics_tls_names": "ACTIVESCALE_CUSTOM_METRICS_TLS_NAMES (the Service's DNS names)",
+    "custom_metrics_client_ca": "ACTIVESCALE_CUSTOM_METRICS_CLIENT_CA (customMetrics.clientCA)",
+    "custom_metrics_allowed_names": "ACTIVESCALE_CUSTOM_METRICS_ALLOWED_NAMES (customMetrics.allowedNames)",
+    "custom_metrics_username_headers": "ACTIVESCALE_CUSTOM_METRICS_USERNAME_HEADERS (customMetrics.usernameHeaders)",
+    "custom_metrics_group_headers": "ACTIVESCALE_CUSTOM_METRICS_GROUP_HEADERS (customMetrics.groupHeaders)",
+    "custom_metrics_extra_headers_prefix": "ACTIVESCALE_CUSTOM_METRICS_EXTRA_HEADERS_PREFIX (customMetrics.extraHeadersPrefix)",
+    "custom_metrics_windows": "ACTIVESCALE_CUSTOM_METRICS_WINDOWS (customMetrics.windows)",
+    "custom_metrics_rules": "--config /etc/activescale/config/config.yaml (customMetrics.rules)",
 }
 
 # Config fields set from `activator.settings` (without the `activator_`
 # prefix), each as ACTIVESCALE_ACTIVATOR_<NAME>.
 ACTIVATOR_PREFIX = "activator_"
-
-# Config fields the chart does not offer yet: the Custom Metrics API needs its
-# own port, Service, APIService and RBAC; they come with their Helm part.
-NOT_IN_CHART_YET = {
-    "custom_metrics_addr",
-    "custom_metrics_tls_cert",
-    "custom_metrics_tls_key",
-    "custom_metrics_tls_names",
-    "custom_metrics_client_ca",
-    "custom_metrics_allowed_names",
-    "custom_metrics_username_headers",
-    "custom_metrics_group_headers",
-    "custom_metrics_extra_headers_prefix",
-    "custom_metrics_windows",
-    "custom_metrics_rules",
-}
 
 # Helm's lint severities (pkg/lint/support).
 SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
@@ -185,12 +192,12 @@ def check_config_coverage(defaults: dict) -> list[str]:
           f"missing {sorted(activator - in_activator)}, unknown {sorted(in_activator - activator)}")
     check(all(v is None for v in defaults["activator"]["settings"].values()),
           "activator.settings default to null (the built-in default)")
-    expected = set(fields) - set(SET_ELSEWHERE) - NOT_IN_CHART_YET - activator
+    expected = set(fields) - set(SET_ELSEWHERE) - activator
     check(in_values == expected,
           "values.yaml `config:` and struct Config differ: "
           f"missing from values {sorted(expected - in_values)}, unknown to the service {sorted(in_values - expected)}")
-    stale = (set(SET_ELSEWHERE) | NOT_IN_CHART_YET) - set(fields)
-    check(not stale, f"SET_ELSEWHERE/NOT_IN_CHART_YET name fields struct Config no longer has: {sorted(stale)}")
+    stale = set(SET_ELSEWHERE) - set(fields)
+    check(not stale, f"SET_ELSEWHERE names fields struct Config no longer has: {sorted(stale)}")
     return fields
 
 
@@ -199,6 +206,7 @@ def check_dockerfile(defaults: dict) -> None:
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     exposed = set(re.findall(r"^EXPOSE\s+(.+)$", text, re.M)[-1].split())
     ports = {str(p) for p in defaults["ports"].values()}
+    ports |= {str(defaults["activator"]["port"]), str(defaults["customMetrics"]["port"])}
     check(exposed == ports, f"Dockerfile EXPOSE {sorted(exposed)} but the chart uses ports {sorted(ports)}")
     user = re.findall(r"^USER\s+(\d+)", text, re.M)
     check(user and int(user[-1]) == defaults["podSecurityContext"]["runAsUser"],
@@ -368,12 +376,31 @@ def container_env(deploy: dict) -> dict[str, dict]:
     return {e["name"]: e for e in env}
 
 
+def validate_kubernetes(name: str, docs: list[dict]) -> None:
+    """Every rendered object against Kubernetes' own schemas, strictly
+    (an unknown field is an error). CRD objects (the ServiceMonitor) have no
+    schema there and are skipped."""
+    for d in docs:
+        if d["apiVersion"].split("/")[0] in CRD_GROUPS:
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(d, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                raise CheckFailed(f"{name}: {d['kind']}/{d['metadata']['name']} fails the Kubernetes {version} "
+                                  f"schema at {'/'.join(map(str, e.path))}: {e.message}") from None
+
+
 def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
     # The dashboard ConfigMap may go where Grafana's sidecar looks
     # (dashboards.namespace); everything else lives in the release namespace.
     dashboard_ns = (values.get("dashboards") or {}).get("namespace") or RELEASE_NAMESPACE
     def expected_ns(d: dict) -> str:
         is_dashboard = d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")
+        if d["kind"] in CLUSTER_SCOPED:
+            return None
+        if d["kind"] == "RoleBinding":
+            return "kube-system"
         return dashboard_ns if is_dashboard else RELEASE_NAMESPACE
     wrong_ns = [f"{d['kind']}/{d['metadata']['name']}: {d['metadata'].get('namespace')!r}"
                 for d in docs if d["metadata"].get("namespace") != expected_ns(d)]
@@ -396,6 +423,8 @@ def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
                   "http": values["ports"]["http"]}
     if values["activator"]["enabled"]:
         want_ports["activator"] = values["activator"]["port"]
+    if values["customMetrics"]["enabled"]:
+        want_ports["custom-metrics"] = values["customMetrics"]["port"]
     check(ports == want_ports, f"{name}: container ports {ports}")
     check(c["livenessProbe"].get("httpGet", {}).get("path") == "/healthz",
           f"{name}: liveness must be HTTP /healthz (the gRPC health follows the store)")
@@ -419,12 +448,15 @@ def common_assertions(name: str, docs: list[dict], values: dict) -> dict:
     # Services: named ports with appProtocol grpc, and a headless scaler Service.
     svc = one(docs, "Service", fullname(docs))
     by_name = {p["name"]: p for p in svc["spec"]["ports"]}
-    want_svc = {"grpc-sink", "grpc-scaler", "http"} | ({"activator"} if values["activator"]["enabled"] else set())
+    # The activator has a Service of its own (activator_assertions).
+    want_svc = {"grpc-sink", "grpc-scaler", "http"} | ({"custom-metrics"} if values["customMetrics"]["enabled"] else set())
     check(set(by_name) == want_svc, f"{name}: Service ports {list(by_name)}")
-    if values["activator"]["enabled"]:
-        check(by_name["activator"]["port"] == values["activator"]["port"] and by_name["activator"]["targetPort"] == "activator",
-              f"{name}: activator Service port {by_name['activator']}")
+    if values["customMetrics"]["enabled"]:
+        check(by_name["custom-metrics"]["port"] == values["customMetrics"]["port"]
+              and by_name["custom-metrics"]["targetPort"] == "custom-metrics",
+              f"{name}: custom-metrics Service port {by_name['custom-metrics']}")
     activator_assertions(name, docs, values, deploy, env)
+    custom_metrics_assertions(name, docs, values, deploy, env)
     check(by_name["grpc-sink"]["appProtocol"] == "grpc" and by_name["grpc-scaler"]["appProtocol"] == "grpc",
           f"{name}: gRPC ports need appProtocol grpc")
     if values["headlessService"]["enabled"]:
@@ -454,27 +486,132 @@ def activator_assertions(name: str, docs: list[dict], values: dict, deploy: dict
     enabled; the routes through the ConfigMap the container reads with --config."""
     av = values["activator"]
     (c,) = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "activescale"]
-    maps = find(docs, "ConfigMap", fullname(docs) + "-activator")
+    maps = find(docs, "ConfigMap", fullname(docs) + "-config")
+    services = find(docs, "Service", fullname(docs) + "-activator")
     activator_env = {k for k in env if k.startswith("ACTIVESCALE_ACTIVATOR_")}
+    file = yaml.safe_load(maps[0]["data"]["config.yaml"]) if maps else {}
+    check(bool(maps) == ("args" in c), f"{name}: {len(maps)} config-file ConfigMap(s) but args {c.get('args')}")
     if not av["enabled"]:
-        check(not maps and not activator_env and "args" not in c,
-              f"{name}: activator disabled but rendered: {sorted(activator_env)}, {len(maps)} ConfigMap(s), args {c.get('args')}")
+        check(not activator_env and not services and "activator_routes" not in file,
+              f"{name}: activator disabled but rendered: {sorted(activator_env)}, {len(services)} Service(s), file {file}")
         return
+    check(len(services) == 1, f"{name}: no Service {fullname(docs)}-activator")
+    (port,) = services[0]["spec"]["ports"]
+    check(port["name"] == "activator" and port["port"] == av["port"] and port["targetPort"] == "activator",
+          f"{name}: activator Service port {port}")
     check(env["ACTIVESCALE_ACTIVATOR_ADDR"]["value"] == f"{values['listenHost']}:{av['port']}", f"{name}: activator address")
     for key, value in av["settings"].items():
         var = f"ACTIVESCALE_ACTIVATOR_{key.upper()}"
         check((var in env) == (value is not None), f"{name}: {var} set={var in env} but activator.settings.{key}={value!r}")
         if value is not None:
             check(env[var]["value"] == str(value), f"{name}: {var}={env[var]['value']!r}, want {value!r}")
-    check(len(maps) == 1, f"{name}: no activator ConfigMap")
-    routes = yaml.safe_load(maps[0]["data"]["routes.yaml"])
-    check(routes == {"activator_routes": av["routes"]}, f"{name}: the routes file {routes} differs from activator.routes")
-    check(c.get("args") == ["--config", "/etc/activescale/activator/routes.yaml"], f"{name}: args {c.get('args')}")
+    check(len(maps) == 1, f"{name}: no config-file ConfigMap")
+    check(file.get("activator_routes") == av["routes"], f"{name}: the config file {file} differs from activator.routes")
+    config_file_assertions(name, deploy, maps[0])
+
+
+def config_file_assertions(name: str, deploy: dict, cm: dict) -> None:
+    """The container reads the config-file ConfigMap with --config."""
+    (c,) = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "activescale"]
+    check(c.get("args") == ["--config", "/etc/activescale/config/config.yaml"], f"{name}: args {c.get('args')}")
     mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"].get("volumes", [])}
-    check(mounts.get("activator-routes", {}).get("mountPath") == "/etc/activescale/activator"
-          and "subPath" not in mounts["activator-routes"], f"{name}: activator routes mount")
-    check(volumes["activator-routes"]["configMap"]["name"] == maps[0]["metadata"]["name"], f"{name}: activator routes volume")
+    check(mounts.get("config-file", {}).get("mountPath") == "/etc/activescale/config"
+          and "subPath" not in mounts["config-file"], f"{name}: config file mount")
+    check(volumes["config-file"]["configMap"]["name"] == cm["metadata"]["name"], f"{name}: config file volume")
+    annotations = deploy["spec"]["template"]["metadata"].get("annotations") or {}
+    check("checksum/config-file" in annotations, f"{name}: a config file change must roll the pods: {annotations}")
+
+
+def custom_metrics_assertions(name: str, docs: list[dict], values: dict, deploy: dict, env: dict) -> None:
+    """The Custom Metrics API: port, settings, the two APIServices (v1beta2
+    preferred; caBundle or insecureSkipTLSVerify), the aggregation RBAC, the
+    front-proxy CA mounted from where the values say."""
+    cm = values["customMetrics"]
+    rbac = [d for d in docs if d["kind"] in {"APIService", "ClusterRole", "ClusterRoleBinding", "RoleBinding"}]
+    cm_env = {k for k in env if k.startswith("ACTIVESCALE_CUSTOM_METRICS_")}
+    if not cm["enabled"]:
+        check(not rbac and not cm_env and not find(docs, "ConfigMap", fullname(docs) + "-front-proxy-ca"),
+              f"{name}: customMetrics disabled but rendered: {sorted(cm_env)}, "
+              + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in rbac))
+        return
+    full, spec = fullname(docs), deploy["spec"]["template"]["spec"]
+    check(env["ACTIVESCALE_CUSTOM_METRICS_ADDR"]["value"] == f"{values['listenHost']}:{cm['port']}", f"{name}: custom metrics address")
+    for key, var in [("allowedNames", "ALLOWED_NAMES"), ("usernameHeaders", "USERNAME_HEADERS"),
+                     ("groupHeaders", "GROUP_HEADERS"), ("extraHeadersPrefix", "EXTRA_HEADERS_PREFIX"), ("windows", "WINDOWS")]:
+        got = env.get(f"ACTIVESCALE_CUSTOM_METRICS_{var}", {}).get("value")
+        check(got == (",".join(cm[key]) if cm[key] else None),
+              f"{name}: ACTIVESCALE_CUSTOM_METRICS_{var}={got!r} for customMetrics.{key}={cm[key]!r}")
+    maps = find(docs, "ConfigMap", full + "-config")
+    file = yaml.safe_load(maps[0]["data"]["config.yaml"]) if maps else {}
+    check(file.get("custom_metrics_rules", []) == cm["rules"], f"{name}: the config file's rules {file} differ from customMetrics.rules")
+    if cm["rules"]:
+        config_file_assertions(name, deploy, maps[0])
+    (c,) = [c for c in spec["containers"] if c["name"] == "activescale"]
+    mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+
+    # Serving certificate: the Secret's files, or self-signed for the Service's names.
+    if cm["tls"]["existingSecret"]:
+        check(volumes["custom-metrics-tls"]["secret"]["secretName"] == cm["tls"]["existingSecret"], f"{name}: serving cert volume")
+        check("subPath" not in mounts["custom-metrics-tls"], f"{name}: a subPath mount would never see rotated certificates")
+        base = mounts["custom-metrics-tls"]["mountPath"]
+        check(env["ACTIVESCALE_CUSTOM_METRICS_TLS_CERT"]["value"] == f"{base}/{cm['tls']['certKey']}"
+              and env["ACTIVESCALE_CUSTOM_METRICS_TLS_KEY"]["value"] == f"{base}/{cm['tls']['keyKey']}", f"{name}: serving cert paths")
+        check("ACTIVESCALE_CUSTOM_METRICS_TLS_NAMES" not in env, f"{name}: self-signed names with a serving Secret")
+    else:
+        check("ACTIVESCALE_CUSTOM_METRICS_TLS_CERT" not in env and "custom-metrics-tls" not in volumes,
+              f"{name}: serving cert without a Secret")
+        names = env["ACTIVESCALE_CUSTOM_METRICS_TLS_NAMES"]["value"].split(",")
+        check(f"{full}.{RELEASE_NAMESPACE}.svc" in names, f"{name}: the self-signed certificate must name the Service: {names}")
+
+    # Front-proxy CA: exactly the source the values name, mounted as a directory.
+    ca = cm["clientCA"]
+    check(env["ACTIVESCALE_CUSTOM_METRICS_CLIENT_CA"]["value"] == f"{mounts['custom-metrics-client-ca']['mountPath']}/{ca['key']}"
+          and "subPath" not in mounts["custom-metrics-client-ca"], f"{name}: front-proxy CA path")
+    vol = volumes["custom-metrics-client-ca"]
+    own = find(docs, "ConfigMap", full + "-front-proxy-ca")
+    if ca["existingSecret"]:
+        check(vol.get("secret", {}).get("secretName") == ca["existingSecret"] and not own, f"{name}: front-proxy CA Secret volume {vol}")
+    elif ca["existingConfigMap"]:
+        check(vol.get("configMap", {}).get("name") == ca["existingConfigMap"] and not own,
+              f"{name}: front-proxy CA ConfigMap volume {vol}")
+    else:
+        check(len(own) == 1 and own[0]["data"][ca["key"]].strip() == ca["pem"].strip()
+              and vol.get("configMap", {}).get("name") == own[0]["metadata"]["name"], f"{name}: front-proxy CA from clientCA.pem")
+
+    # APIServices: both versions, to this release's Service port.
+    svcs = {d["metadata"]["name"]: d for d in find(docs, "APIService")}
+    check(set(svcs) == {"v1beta1.custom.metrics.k8s.io", "v1beta2.custom.metrics.k8s.io"}, f"{name}: APIServices {list(svcs)}")
+    prio = cm["apiService"]
+    for version, want in [("v1beta1", prio["v1beta1VersionPriority"]), ("v1beta2", prio["v1beta2VersionPriority"])]:
+        s = svcs[f"{version}.custom.metrics.k8s.io"]["spec"]
+        check(s["group"] == "custom.metrics.k8s.io" and s["version"] == version and s["versionPriority"] == want
+              and s["groupPriorityMinimum"] == prio["groupPriorityMinimum"], f"{name}: APIService {version} {s}")
+        check(s["service"] == {"name": full, "namespace": RELEASE_NAMESPACE, "port": cm["port"]},
+              f"{name}: APIService {version} service {s['service']}")
+        if cm["caBundle"]:
+            check(base64.b64decode(s["caBundle"]).decode().strip() == cm["caBundle"].strip() and "insecureSkipTLSVerify" not in s,
+                  f"{name}: APIService {version} caBundle")
+        else:
+            check(s.get("insecureSkipTLSVerify") is True and "caBundle" not in s,
+                  f"{name}: APIService {version} must skip verification without a caBundle")
+
+    # The RBAC the aggregation layer expects.
+    sa = {"kind": "ServiceAccount", "name": spec["serviceAccountName"], "namespace": RELEASE_NAMESPACE}
+    def bound(kind: str, role_kind: str, role: str, subject: dict) -> dict:
+        got = [d for d in find(docs, kind) if d["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role}]
+        check(len(got) == 1 and got[0]["subjects"] == [subject], f"{name}: {kind} to {role_kind} {role} for {subject}: {got}")
+        return got[0]
+    bound("ClusterRoleBinding", "ClusterRole", "system:auth-delegator", sa)
+    reader = bound("RoleBinding", "Role", "extension-apiserver-authentication-reader", sa)
+    check(reader["metadata"]["namespace"] == "kube-system", f"{name}: the auth reader RoleBinding belongs in kube-system")
+    role = one(docs, "ClusterRole", full + "-custom-metrics-reader")
+    check(role["rules"] == [{"apiGroups": ["custom.metrics.k8s.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]}],
+          f"{name}: custom metrics reader rules {role['rules']}")
+    hpa = cm["hpaServiceAccount"]
+    bound("ClusterRoleBinding", "ClusterRole", role["metadata"]["name"],
+          {"kind": "ServiceAccount", "name": hpa["name"], "namespace": hpa["namespace"]})
 
 
 def fullname(docs: list[dict]) -> str:
@@ -556,7 +693,8 @@ def network_policy_assertions(name: str, docs: list[dict], values: dict, deploy:
     check(np["spec"]["policyTypes"] == ["Ingress"] and "egress" not in np["spec"],
           f"{name}: the policy must not restrict egress: {np['spec'].get('policyTypes')}")
     rules = {r["ports"][0]["port"]: r for r in np["spec"]["ingress"]}
-    want_rules = {"grpc-scaler", "grpc-sink", "http"} | ({"activator"} if values["activator"]["enabled"] else set())
+    want_rules = ({"grpc-scaler", "grpc-sink", "http"} | ({"activator"} if values["activator"]["enabled"] else set())
+                  | ({"custom-metrics"} if values["customMetrics"]["enabled"] else set()))
     check(len(rules) == len(np["spec"]["ingress"]) == len(want_rules) and set(rules) == want_rules,
           f"{name}: policy ports {list(rules)}")
     check(all(len(r["ports"]) == 1 and r["ports"][0]["protocol"] == "TCP" for r in rules.values()),
@@ -599,6 +737,14 @@ def network_policy_assertions(name: str, docs: list[dict], values: dict, deploy:
         else:
             check("from" not in act, f"{name}: the activator port is open to all by default: {act}")
 
+    # Custom Metrics API: the kube-apiserver (no pod IP), anyone unless narrowed.
+    if values["customMetrics"]["enabled"]:
+        cmr = rules["custom-metrics"]
+        if npv["customMetrics"]["from"]:
+            check(cmr.get("from") == npv["customMetrics"]["from"], f"{name}: custom metrics peers {cmr.get('from')}")
+        else:
+            check("from" not in cmr, f"{name}: the custom metrics port is open to all by default: {cmr}")
+
     bundled = values["config"]["store"] == "redis" and values["redis"]["bundled"]["enabled"]
     check(len(policies) == (2 if bundled else 1), f"{name}: {len(policies)} NetworkPolicies")
     if bundled:
@@ -638,6 +784,18 @@ REFUSALS = [
      "activator.enabled=true needs at least one activator.routes entry"),
     ("an activator route without namespace (schema)",
      {"activator": {"enabled": True, "routes": [{"host": "web.example.com", "upstream": "web:80"}]}}, ""),
+    ("the Custom Metrics API without a front-proxy CA", {"customMetrics": {"enabled": True}},
+     "customMetrics.enabled=true needs exactly one of customMetrics.clientCA.pem"),
+    ("two front-proxy CA sources",
+     {"customMetrics": {"enabled": True, "clientCA": {"existingConfigMap": "a", "existingSecret": "b"}}},
+     "customMetrics.enabled=true needs exactly one of customMetrics.clientCA.pem"),
+    ("a caBundle for a self-signed certificate",
+     {"customMetrics": {"enabled": True, "clientCA": {"existingSecret": "b"},
+                        "caBundle": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}},
+     "customMetrics.caBundle needs customMetrics.tls.existingSecret"),
+    ("a caBundle that is not PEM (schema)",
+     {"customMetrics": {"enabled": True, "clientCA": {"existingSecret": "b"}, "tls": {"existingSecret": "t"},
+                        "caBundle": "TUlJQg=="}}, ""),
     ("an unknown store (schema)", {"config": {"store": "etcd"}}, ""),
     ("an unknown setting (schema)", {"config": {"pod_tll": "15s"}}, ""),
     ("a non-Redis URL (schema)", {"redis": {"url": "http://r:6379", "bundled": {"enabled": False}}}, ""),
@@ -680,6 +838,7 @@ def main() -> int:
     for name, values in {"defaults": defaults, **cases}.items():
         def lint_case(name=name, values=values):
             docs = render(lint, name, values)
+            validate_kubernetes(name, docs)
             env = common_assertions(name, docs, values)
             case_assertions(name, docs, values, env)
             envs[name] = [[k, e.get("value", "<from secret>")] for k, e in env.items()]

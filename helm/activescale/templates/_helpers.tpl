@@ -128,6 +128,17 @@ bad install before anything is created.
 {{- if and .Values.tls.clientAuth.names (not .Values.tls.clientAuth.enabled) }}
 {{- fail "tls.clientAuth.names needs tls.clientAuth.enabled=true: names are checked on client certificates, which only mTLS asks for." }}
 {{- end }}
+{{- if .Values.customMetrics.enabled }}
+{{- $ca := .Values.customMetrics.clientCA }}
+{{- $sources := 0 }}
+{{- range (list $ca.pem $ca.existingConfigMap $ca.existingSecret) }}{{ if . }}{{ $sources = add1 $sources }}{{ end }}{{ end }}
+{{- if ne (int $sources) 1 }}
+{{- fail "customMetrics.enabled=true needs exactly one of customMetrics.clientCA.pem, .existingConfigMap, .existingSecret: the front-proxy CA (requestheader-client-ca-file of the ConfigMap extension-apiserver-authentication in kube-system, which a pod of another namespace cannot mount; copy it)." }}
+{{- end }}
+{{- if and .Values.customMetrics.caBundle (not .Values.customMetrics.tls.existingSecret) }}
+{{- fail "customMetrics.caBundle needs customMetrics.tls.existingSecret: without it activescale makes a self-signed certificate at start-up, which no caBundle given in advance can verify." }}
+{{- end }}
+{{- end }}
 {{- if and .Values.redis.tls.existingSecret (or (and .Values.redis.tls.certKey (not .Values.redis.tls.keyKey)) (and .Values.redis.tls.keyKey (not .Values.redis.tls.certKey))) }}
 {{- fail "redis.tls.certKey and redis.tls.keyKey go together (client certificate and its key)." }}
 {{- end }}
@@ -143,4 +154,24 @@ bad install before anything is created.
 {{- else }}
 {{- toString . }}
 {{- end }}
+{{- end }}
+
+{{/*
+The config file the container reads with --config: the settings that are
+lists of objects. Empty when none is in use (no ConfigMap, no --config).
+*/}}
+{{- define "activescale.configFile" -}}
+{{- $file := dict }}
+{{- if .Values.activator.enabled }}
+{{- $_ := set $file "activator_routes" .Values.activator.routes }}
+{{- end }}
+{{- if and .Values.customMetrics.enabled .Values.customMetrics.rules }}
+{{- $_ := set $file "custom_metrics_rules" .Values.customMetrics.rules }}
+{{- end }}
+{{- with $file }}{{ toYaml . }}{{ end }}
+{{- end }}
+
+{{/* Whether the chart renders the front-proxy CA ConfigMap from clientCA.pem. */}}
+{{- define "activescale.customMetricsCAFromValue" -}}
+{{- if and .Values.customMetrics.enabled .Values.customMetrics.clientCA.pem }}true{{ end }}
 {{- end }}
