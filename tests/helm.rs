@@ -137,22 +137,26 @@ fn chart_lints_renders_and_its_environment_loads() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let env = with_real_files(read_env(&path), files.path());
-        // With the activator on, the container reads its routes with
-        // --config from the rendered ConfigMap.
+        // With the activator or Custom Metrics rules on, the container reads
+        // them with --config from the rendered ConfigMap.
         let case = name.trim_end_matches(".env.json");
-        let routes_file = activator_routes_file(manifests_dir.path(), case, files.path());
-        let cfg = Config::load_from(routes_file.as_deref(), env, &[])
+        let config_file = config_file(manifests_dir.path(), case, files.path());
+        let cfg = Config::load_from(config_file.as_deref(), env, &[])
             .unwrap_or_else(|e| panic!("{name}: the service refuses the chart's environment: {e}"));
         if name == "all-settings-values.env.json" {
-            // Every setting reaches the service; these two are set to their
-            // default values (false) in ci/all-settings-values.yaml.
-            let mut at_default = fields_at_default(&cfg);
-            // Not offered by the chart yet (scripts/helm-lint.py NOT_IN_CHART_YET).
-            at_default.retain(|f| !f.starts_with("custom_metrics_"));
-            let expected: BTreeSet<String> = ["redis_tls_insecure", "redis_cluster"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            // Every setting reaches the service; the first two are set to
+            // their default values (false) in ci/all-settings-values.yaml,
+            // and the self-signed certificate's names are not used with a
+            // serving certificate Secret (custom-metrics-values sets them).
+            let at_default = fields_at_default(&cfg);
+            let expected: BTreeSet<String> = [
+                "redis_tls_insecure",
+                "redis_cluster",
+                "custom_metrics_tls_names",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
             assert_eq!(
                 at_default, expected,
                 "{name}: settings that did not reach the service"
@@ -170,6 +174,30 @@ fn chart_lints_renders_and_its_environment_loads() {
             assert_eq!(cfg.activator_routes.len(), 1);
             assert_eq!(cfg.activator_routes[0].host, "web.example.com");
             assert_eq!(cfg.activator_routes[0].namespace, "shop");
+            assert_eq!(cfg.custom_metrics_addr.map(|a| a.port()), Some(16443));
+            assert_eq!(
+                cfg.custom_metrics_allowed_names,
+                ["front-proxy-client", "aggregator"]
+            );
+            assert_eq!(cfg.custom_metrics_windows, ["max_30s", "avg_2m"]);
+            assert_eq!(cfg.custom_metrics_rules.len(), 1);
+            assert_eq!(
+                cfg.custom_metrics_rules[0].name,
+                "flask_http_request_per_second"
+            );
+        }
+        if name == "custom-metrics-values.env.json" {
+            // Self-signed: the certificate names the Service the APIServices
+            // point at; the front-proxy CA is required off loopback.
+            let svc = format!("test-release-activescale.{RELEASE_NAMESPACE}.svc");
+            assert!(
+                cfg.custom_metrics_tls_names.contains(&svc),
+                "{name}: {:?}",
+                cfg.custom_metrics_tls_names
+            );
+            assert!(cfg.custom_metrics_tls_cert.is_none());
+            assert!(cfg.custom_metrics_client_ca.is_some());
+            assert_eq!(cfg.custom_metrics_addr.map(|a| a.port()), Some(6443));
         }
         if name == "defaults.env.json" {
             assert_eq!(cfg.store, activescale::config::StoreKind::Redis);
@@ -178,9 +206,10 @@ fn chart_lints_renders_and_its_environment_loads() {
         cases += 1;
     }
     assert!(
-        cases >= 6,
-        "expected the default values and five ci/*.yaml cases, got {cases}"
+        cases >= 7,
+        "expected the default values and six ci/*.yaml cases, got {cases}"
     );
+    custom_metrics_cases(manifests_dir.path());
     default_network_policy(&manifests(manifests_dir.path(), "defaults"));
     let tls = manifests(manifests_dir.path(), "tls-values");
     assert_eq!(
@@ -199,9 +228,10 @@ fn chart_lints_renders_and_its_environment_loads() {
     );
 }
 
-/// The activator's routes file of one case, written under `dir`, when the
-/// container reads one (`--config FILE` from the activator ConfigMap).
-fn activator_routes_file(manifests_dir: &Path, case: &str, dir: &Path) -> Option<PathBuf> {
+/// The config file of one case, written under `dir`, when the container
+/// reads one (`--config FILE` from the `-config` ConfigMap: activator routes,
+/// Custom Metrics rules).
+fn config_file(manifests_dir: &Path, case: &str, dir: &Path) -> Option<PathBuf> {
     let docs = manifests(manifests_dir, case);
     let deploy = docs.iter().find(|d| {
         d["kind"] == "Deployment"
@@ -221,13 +251,117 @@ fn activator_routes_file(manifests_dir: &Path, case: &str, dir: &Path) -> Option
                 && d["metadata"]["name"]
                     .as_str()
                     .unwrap_or("")
-                    .ends_with("-activator")
+                    .ends_with("-config")
         })
-        .unwrap_or_else(|| panic!("{case}: --config {file} but no activator ConfigMap"));
+        .unwrap_or_else(|| panic!("{case}: --config {file} but no config-file ConfigMap"));
     let key = file.rsplit('/').next().unwrap();
     let path = dir.join(format!("{case}-{key}"));
     std::fs::write(&path, map["data"][key].as_str().unwrap()).unwrap();
     Some(path)
+}
+
+/// The rendered objects of one kind.
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+/// The Custom Metrics API objects: none by default; with it on, both
+/// APIServices (v1beta2 preferred) verifying the serving certificate with the
+/// given CA or, self-signed, skipping verification; the front-proxy CA from
+/// the value (a rendered ConfigMap) or the operator's ConfigMap. (Every case
+/// also passed kubernetes-validate in scripts/helm-lint.py.)
+fn custom_metrics_cases(dir: &Path) {
+    let defaults = manifests(dir, "defaults");
+    for kind in [
+        "APIService",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "RoleBinding",
+    ] {
+        assert!(
+            of_kind(&defaults, kind).is_empty(),
+            "customMetrics is off by default, yet a {kind} is rendered"
+        );
+    }
+
+    let insecure = manifests(dir, "custom-metrics-values");
+    let services = of_kind(&insecure, "APIService");
+    let priority = |docs: &[&Value], version: &str| {
+        docs.iter()
+            .find(|d| d["spec"]["version"] == version)
+            .unwrap_or_else(|| panic!("no APIService for {version}"))["spec"]["versionPriority"]
+            .clone()
+    };
+    assert_eq!(services.len(), 2);
+    assert_eq!(priority(&services, "v1beta1"), json!(100));
+    assert_eq!(priority(&services, "v1beta2"), json!(200));
+    for s in &services {
+        assert_eq!(s["spec"]["insecureSkipTLSVerify"], json!(true), "{s}");
+        assert!(s["spec"].get("caBundle").is_none(), "{s}");
+        assert_eq!(
+            s["spec"]["service"],
+            json!({"name": "test-release-activescale", "namespace": RELEASE_NAMESPACE, "port": 6443})
+        );
+    }
+    let volume = |docs: &[Value]| {
+        of_kind(docs, "Deployment")
+            .into_iter()
+            .flat_map(|d| d["spec"]["template"]["spec"]["volumes"].as_array().cloned())
+            .flatten()
+            .find(|v| v["name"] == "custom-metrics-client-ca")
+            .expect("a front-proxy CA volume")
+    };
+    assert_eq!(
+        volume(&insecure)["configMap"]["name"],
+        "front-proxy-ca",
+        "the operator's copy of the front-proxy CA is mounted"
+    );
+    let reader = of_kind(&insecure, "RoleBinding");
+    assert_eq!(reader.len(), 1);
+    assert_eq!(reader[0]["metadata"]["namespace"], "kube-system");
+    assert_eq!(
+        reader[0]["roleRef"]["name"],
+        "extension-apiserver-authentication-reader"
+    );
+    let hpa = of_kind(&insecure, "ClusterRoleBinding")
+        .into_iter()
+        .find(|b| b["subjects"][0]["name"] == "horizontal-pod-autoscaler")
+        .expect("the HPA controller is bound to read custom.metrics.k8s.io");
+    assert_eq!(hpa["subjects"][0]["namespace"], "kube-system");
+
+    let verified = manifests(dir, "all-settings-values");
+    let ca = std::fs::read_to_string(repo().join("helm/activescale/ci/all-settings-values.yaml"))
+        .unwrap();
+    let pem_start = ca.find("-----BEGIN CERTIFICATE-----").unwrap();
+    let pem_end = ca.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+    let pem: String = ca[pem_start..pem_end]
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n");
+    for s in of_kind(&verified, "APIService") {
+        assert!(s["spec"].get("insecureSkipTLSVerify").is_none(), "{s}");
+        let bundle = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            s["spec"]["caBundle"].as_str().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8(bundle).unwrap().trim(), pem);
+    }
+    let own = of_kind(&verified, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "test-release-activescale-front-proxy-ca")
+        .expect("clientCA.pem is rendered into a ConfigMap");
+    assert_eq!(
+        volume(&verified)["configMap"]["name"],
+        own["metadata"]["name"]
+    );
+    assert!(
+        own["data"]["front-proxy-ca.crt"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
 }
 
 /// The rendered manifests of one case.
