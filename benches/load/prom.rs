@@ -76,7 +76,7 @@ async fn prom_query(prometheus: &Prometheus, http: &reqwest::Client, q: &str) ->
 }
 
 /// A small deterministic jitter source (no rand dependency).
-fn jitter(state: &mut u64, max: Duration) -> Duration {
+pub(crate) fn jitter(state: &mut u64, max: Duration) -> Duration {
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;

@@ -15,10 +15,11 @@
 //! Cold starts (`--cold-starts`, through the activator over HTTP/1.1): the
 //! upstream is stopped (listener and connections closed), one request is
 //! sent and seen held (the route's pending gauge on the server's /metrics),
-//! then the upstream binds again. Timed from the bind to the answer; the
-//! part after the probe succeeded is the answer time minus (sent +
-//! `X-Activescale-Cold-Start`), an upper bound (the header counts whole
-//! milliseconds, rounded down, from when the activator read the request).
+//! then the upstream binds again, at a random phase of the probe interval.
+//! Timed from the bind to the answer; the part after the probe succeeded is
+//! the answer time minus (sent + `X-Activescale-Cold-Start`), an upper
+//! bound (the header counts whole milliseconds, rounded down, from when the
+//! activator read the request).
 
 use std::{
     convert::Infallible,
@@ -43,6 +44,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
     Cli, Res,
+    prom::jitter,
     report::{
         Call, closed_loop, cpu_between, emit, nanos, new_hist, server_metric_labelled, snap, us,
     },
@@ -76,6 +78,10 @@ pub struct ProxyArgs {
     /// Cold starts through the activator (0: none).
     #[arg(long, default_value_t = 20)]
     cold_starts: usize,
+    /// The server's `activator_probe_interval`, milliseconds: each cold
+    /// start binds at a random phase of it.
+    #[arg(long, default_value_t = 100)]
+    probe_interval_ms: u64,
 }
 
 /// What the upstream's gRPC answer decodes to: `HealthCheckResponse {
@@ -359,6 +365,7 @@ async fn cold_starts(cli: &Cli, a: &ProxyArgs, rt: &Handle, mut up: Upstream) ->
     let (mut bind_to_answer, mut probe_to_answer, mut held_h) =
         (new_hist(), new_hist(), new_hist());
     let mut failed = 0u64;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     for round in 0..a.cold_starts {
         up.stop().await;
         let mut conn = H1 {
@@ -377,6 +384,10 @@ async fn cold_starts(cli: &Cli, a: &ProxyArgs, rt: &Handle, mut up: Upstream) ->
             async || held().await >= 1.0,
         )
         .await?;
+        // A held request kicks a probe at once and the next follows one
+        // interval later; binding right after seeing it held would always
+        // land at the same phase (just after a probe, the worst case).
+        tokio::time::sleep(jitter(&mut rng, Duration::from_millis(a.probe_interval_ms))).await;
         up = Upstream::start(rt, a.upstream)?;
         let (resp, answered) = request.await.map_err(|e| e.to_string())?;
         let cold_ms = resp.as_ref().ok().and_then(|r| {
@@ -409,6 +420,7 @@ async fn cold_starts(cli: &Cli, a: &ProxyArgs, rt: &Handle, mut up: Upstream) ->
             "probe_to_answer_p50_us": us(&probe_to_answer, 0.5),
             "probe_to_answer_p99_us": us(&probe_to_answer, 0.99),
             "held_p50_ms": us(&held_h, 0.5) / 1000.0,
+            "probe_interval_ms": a.probe_interval_ms,
             "failed": failed,
         }),
     );
