@@ -17,6 +17,11 @@
 //! - [`memory`]: server RSS per tracked pod.
 //! - [`prom`]: a real Prometheus on the same gauges, through the integration
 //!   tests' harness (`testkit/prometheus.rs`).
+//! - [`proxy`]: HTTP/1.1 and gRPC at 64 connections to an in-process
+//!   upstream directly, through the activator and through nginx; then cold
+//!   starts (upstream bound → held request answered).
+//! - [`cma`]: the Custom Metrics API's pods list over HTTPS beside
+//!   GetMetrics and a prometheus-adapter style query on the same pods.
 //!
 //! [`sidecars`] holds the connections and streams every mode drives.
 //!
@@ -31,9 +36,11 @@
 mod common;
 
 mod activation;
+mod cma;
 mod flood;
 mod memory;
 mod prom;
+mod proxy;
 mod report;
 mod scaler;
 mod sidecars;
@@ -76,6 +83,10 @@ enum Mode {
     Memory(memory::MemoryArgs),
     /// A real Prometheus on the same gauges, side by side.
     Prom(prom::PromArgs),
+    /// HTTP/1.1 and gRPC through the activator, beside direct and nginx; cold starts.
+    Proxy(proxy::ProxyArgs),
+    /// The Custom Metrics API's pods list beside GetMetrics and Prometheus.
+    Cma(cma::CmaArgs),
 }
 
 fn main() {
@@ -99,6 +110,8 @@ fn main() {
             Mode::Activation(a) => activation::activation(&cli, a).await,
             Mode::Memory(a) => memory::memory(&cli, a).await,
             Mode::Prom(a) => prom::prom(&cli, a).await,
+            Mode::Proxy(a) => proxy::proxy(&cli, a).await,
+            Mode::Cma(a) => cma::cma(&cli, a).await,
         }
     });
     if let Err(e) = result {

@@ -5,7 +5,7 @@
 
 #[path = "../../testkit/prometheus.rs"]
 #[allow(dead_code)]
-mod harness;
+pub(crate) mod harness;
 
 use std::{
     net::SocketAddr,
@@ -50,11 +50,11 @@ pub struct PromArgs {
     rounds: usize,
 }
 
-const GAUGE: &str = "envoy_http_downstream_rq_active";
+pub(crate) const GAUGE: &str = "envoy_http_downstream_rq_active";
 
 /// Sets the gauge of pod `web-<i>` of `namespace` as an Istio sidecar's
 /// `/stats/prometheus` (or a pod exporter) would show it.
-fn set_pod(exporter: &Exporter, namespace: &str, i: usize, value: f64) {
+pub(crate) fn set_pod(exporter: &Exporter, namespace: &str, i: usize, value: f64) {
     exporter.set(
         GAUGE,
         &[
@@ -76,7 +76,7 @@ async fn prom_query(prometheus: &Prometheus, http: &reqwest::Client, q: &str) ->
 }
 
 /// A small deterministic jitter source (no rand dependency).
-fn jitter(state: &mut u64, max: Duration) -> Duration {
+pub(crate) fn jitter(state: &mut u64, max: Duration) -> Duration {
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;

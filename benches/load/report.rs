@@ -99,3 +99,84 @@ pub async fn server_metric(http: Option<SocketAddr>, name: &str) -> Option<f64> 
         .parse()
         .ok()
 }
+
+/// One client of a closed loop: each call resolves to whether the answer
+/// was the expected one.
+pub type Call = Box<dyn FnMut() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send>;
+
+/// What a closed loop measured.
+pub struct LoopResult {
+    pub hist: Histogram<u64>,
+    pub calls: u64,
+    pub failures: u64,
+    pub elapsed_s: f64,
+}
+
+impl LoopResult {
+    pub fn per_s(&self) -> f64 {
+        self.calls as f64 / self.elapsed_s
+    }
+}
+
+/// Every client calls again as soon as it has its answer, until `duration`
+/// is over: the saturation figures of whatever the calls go through.
+pub async fn closed_loop(clients: Vec<Call>, duration: Duration) -> LoopResult {
+    use std::time::Instant;
+    let t0 = Instant::now();
+    let stop = t0 + duration;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut call| {
+            tokio::spawn(async move {
+                let (mut h, mut calls, mut failures) = (new_hist(), 0u64, 0u64);
+                while Instant::now() < stop {
+                    let started = Instant::now();
+                    let ok = call().await;
+                    let _ = h.record(nanos(started.elapsed()));
+                    calls += 1;
+                    failures += u64::from(!ok);
+                }
+                (h, calls, failures)
+            })
+        })
+        .collect();
+    let mut out = LoopResult {
+        hist: new_hist(),
+        calls: 0,
+        failures: 0,
+        elapsed_s: 0.0,
+    };
+    for t in tasks {
+        if let Ok((h, calls, failures)) = t.await {
+            let _ = out.hist.add(&h);
+            out.calls += calls;
+            out.failures += failures;
+        }
+    }
+    out.elapsed_s = t0.elapsed().as_secs_f64();
+    out
+}
+
+/// A labelled sample from the server's /metrics: the first line of family
+/// `name` whose labels contain `label` (e.g. `host="web.example.com"`).
+pub async fn server_metric_labelled(
+    http: Option<SocketAddr>,
+    name: &str,
+    label: &str,
+) -> Option<f64> {
+    let text = reqwest::get(format!("http://{}/metrics", http?))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
+        })?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
