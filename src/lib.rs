@@ -37,7 +37,9 @@
 //! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
 //! - [`reflection`]: gRPC server reflection on both gRPC ports (`grpcurl`).
 //! - [`activator`]: the optional proxy that holds requests for a workload at
-//!   zero, counts them for KEDA at once and forwards them once it is ready.
+//!   zero, counts them for KEDA at once (each replica publishes its routes'
+//!   counts into the store, summed over replicas) and forwards them once it
+//!   is ready.
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
 //! - [`config`]: the one typed configuration, validated before anything binds
 //!   (certificates and the Redis URL parsed too); a leaf that imports no other
@@ -215,6 +217,18 @@ pub fn preflight(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// This process's name as an activator replica in the store:
+/// [`view::replica_name`] (the pod name), and for a second `run` in one
+/// process (tests) a `#n` after it, so the two do not overwrite each other's
+/// counts. A restarted container keeps its pod's name and so its entry.
+fn activator_replica() -> String {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    match RUNS.fetch_add(1, Ordering::Relaxed) {
+        0 => view::replica_name(),
+        n => format!("{}#{}", view::replica_name(), n + 1),
+    }
+}
+
 /// Builds the store the config asks for.
 pub async fn open_store(config: &Config) -> Result<SharedStore> {
     Ok(match config.store_config() {
@@ -301,7 +315,17 @@ pub async fn run(
         token.clone(),
     );
     let engine = match &activator {
-        Some((a, _)) => engine.with_routes(a.routes()),
+        Some((a, _)) => {
+            // Counts combine through the store, so that KEDA may ask any replica.
+            activator::publish(
+                &a.routes(),
+                store.clone(),
+                activator_replica(),
+                config.pod_ttl,
+                token.clone(),
+            );
+            engine.with_routes(a.routes())
+        }
         None => engine,
     };
     let scaler = scaler::Scaler::new(

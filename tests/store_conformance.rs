@@ -9,8 +9,8 @@ use activescale::{
     config::Config,
     selector::Selector,
     store::{
-        Ingest, Ingested, PodIdentity, PodQuery, PodSelector, SharedStore, Store, Summary, Window,
-        WindowReduce, memory::MemoryStore, redis::RedisStore,
+        Ingest, Ingested, PodIdentity, PodQuery, PodSelector, RouteSample, SharedStore, Store,
+        Summary, Window, WindowReduce, memory::MemoryStore, redis::RedisStore,
     },
 };
 use common::{
@@ -122,6 +122,9 @@ conformance!(
     summary_of_windows_and_empty_namespaces,
     a_live_pod_stays_bound_to_its_first_address,
     families_per_pod_are_capped,
+    route_loads_sum_over_replicas_apart_from_pods,
+    route_writes_wake_watchers_and_replicas_expire,
+    route_window_keeps_each_replicas_peak,
 );
 
 async fn record_then_values_and_pods(kind: Kind) {
@@ -704,4 +707,110 @@ async fn families_per_pod_are_capped(kind: Kind) {
         STORED
     );
     assert_eq!(sorted(s, &labels("shop", "app=web")).await, vec![13.0]);
+}
+
+const ROUTE: &str = "web.example.com/";
+
+async fn route_write(store: &SharedStore, ns: &str, route: &str, replica: &str, load: f64) {
+    store
+        .record_route(&RouteSample {
+            namespace: ns,
+            route,
+            replica,
+            load,
+        })
+        .await
+        .unwrap();
+}
+
+async fn route_loads_sum_over_replicas_apart_from_pods(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let s = &u.store;
+    assert_eq!(s.route_load("shop", ROUTE, None).await.unwrap(), 0.0);
+    route_write(s, "shop", ROUTE, "a", 2.0).await;
+    route_write(s, "shop", ROUTE, "b", 3.0).await;
+    assert_eq!(s.route_load("shop", ROUTE, None).await.unwrap(), 5.0);
+    // A replica's new count replaces its old one.
+    route_write(s, "shop", ROUTE, "a", 1.0).await;
+    assert_eq!(s.route_load("shop", ROUTE, None).await.unwrap(), 4.0);
+    // Other routes (one a prefix of this one) and namespaces are apart.
+    route_write(s, "shop", "web.example.com/api", "a", 7.0).await;
+    route_write(s, "other", ROUTE, "a", 9.0).await;
+    assert_eq!(s.route_load("shop", ROUTE, None).await.unwrap(), 4.0);
+    assert_eq!(
+        s.route_load("shop", "web.example.com/api", None)
+            .await
+            .unwrap(),
+        7.0
+    );
+    assert_eq!(
+        s.route_load("shop", "web.example.com", None).await.unwrap(),
+        0.0
+    );
+    // Envoy pod queries never see route samples.
+    assert!(s.pods("shop", None).await.unwrap().is_empty());
+    assert_eq!(
+        s.summary(&labels("shop", "app=web"), true).await.unwrap(),
+        Summary::EMPTY
+    );
+}
+
+async fn route_writes_wake_watchers_and_replicas_expire(kind: Kind) {
+    let u = store(kind, Duration::from_millis(300)).await;
+    let s = &u.store;
+    let mut rx = s.watch("shop");
+    let other = s.watch("other");
+    route_write(s, "shop", ROUTE, "a", 1.0).await;
+    woken(&mut rx, "a route count appeared").await;
+    rx.borrow_and_update();
+    route_write(s, "shop", ROUTE, "a", 2.0).await;
+    woken(&mut rx, "a route count changed").await;
+    assert!(
+        !other.has_changed().unwrap(),
+        "another namespace's watcher woke"
+    );
+    assert_eq!(s.route_load("shop", ROUTE, None).await.unwrap(), 2.0);
+    // Nobody refreshes replica a: its count drops out after the TTL. Each
+    // wake-up (or, for a shared store, which has no expiry signal for
+    // routes, each re-read) re-reads until it has.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.route_load("shop", ROUTE, None).await.unwrap() != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica a never expired"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+    // A replica back after expiry counts again.
+    route_write(s, "shop", ROUTE, "a", 4.0).await;
+    assert_eq!(s.route_load("shop", ROUTE, None).await.unwrap(), 4.0);
+}
+
+async fn route_window_keeps_each_replicas_peak(kind: Kind) {
+    let u = store(kind, LONG).await;
+    let s = &u.store;
+    let w = |reduce| {
+        Some(Window {
+            length: Duration::from_secs(30),
+            reduce,
+        })
+    };
+    route_write(s, "shop", ROUTE, "a", 5.0).await;
+    route_write(s, "shop", ROUTE, "b", 2.0).await;
+    // Not synchronisation: the peak must last at least a clock tick (1 ms).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    route_write(s, "shop", ROUTE, "a", 0.0).await;
+    assert_eq!(s.route_load("shop", ROUTE, None).await.unwrap(), 2.0);
+    assert_eq!(
+        s.route_load("shop", ROUTE, w(WindowReduce::Max))
+            .await
+            .unwrap(),
+        7.0
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let avg = s
+        .route_load("shop", ROUTE, w(WindowReduce::Avg))
+        .await
+        .unwrap();
+    assert!(avg > 2.0 && avg < 7.0, "avg {avg}");
 }

@@ -32,6 +32,7 @@ mod forward;
 mod hold;
 mod metrics;
 mod probe;
+mod publish;
 mod route;
 
 use std::{
@@ -63,6 +64,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info, warn};
 
 pub use metrics::ActivatorMetrics;
+pub use publish::publish;
 
 use crate::{
     config::{self, ActivatorRoute, Config, ConfigError},
@@ -223,6 +225,12 @@ impl Route {
 
     pub fn upstream(&self) -> &str {
         &self.0.upstream
+    }
+
+    /// The route as matched, host then path prefix (`web.example.com/api`):
+    /// what its count is kept under in the store, the same on every replica.
+    pub fn store_key(&self) -> String {
+        format!("{}{}", self.0.config.match_host(), self.0.prefix)
     }
 
     /// Requests held now.

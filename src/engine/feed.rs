@@ -29,6 +29,11 @@ use crate::source::Source;
 /// out of a window with time alone.
 const WINDOW_RECHECK: Duration = Duration::from_secs(1);
 
+/// How often an activator feed re-reads without a change signal: a dead
+/// replica's count leaves the sum at its TTL, and a windowed peak ages out,
+/// without anyone writing.
+const ACTIVATOR_RECHECK: Duration = Duration::from_secs(1);
+
 /// The latest value, or `None` while it is unknown: nothing read yet, or the
 /// last read failed.
 pub type Reading = Option<f64>;
@@ -109,12 +114,14 @@ impl Engine {
                 query.window.map(|_| WINDOW_RECHECK),
             ),
             FeedKey::Prometheus(_) => (None, Some(self.poll_interval)),
-            // The route publishes every change of its count; an unknown
-            // route is retried as a failed read.
-            FeedKey::Activator(r) => match self.route(r) {
-                Ok(route) => (Some(route.watch()), None),
-                Err(_) => (None, None),
-            },
+            // Every replica's publisher writes its count to the store, which
+            // signals the namespace; a dead replica's count and windowed
+            // peaks expire with time alone. An unknown route is retried as
+            // a failed read.
+            FeedKey::Activator(r) => (
+                Some(self.store.watch(&r.namespace)),
+                Some(ACTIVATOR_RECHECK),
+            ),
         };
         let mut failures = 0u32;
         let mut unknown = UnknownGauge {

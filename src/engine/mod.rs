@@ -6,7 +6,9 @@
 //! distinct query, whatever its source: the first watcher starts it, every
 //! other shares its reads, and it stops with its last watcher. Envoy feeds
 //! read on the store's change signal (and every second for windowed queries,
-//! whose values age out with time alone); Prometheus feeds poll at
+//! whose values age out with time alone); activator feeds read on the same
+//! signal (the replicas' publishers write into the store) and every second
+//! (a dead replica's count expires with time alone); Prometheus feeds poll at
 //! `prometheus_poll_interval`. A feed whose read fails publishes "unknown"
 //! (`None`) and retries: watchers stay silent rather than hear a number that
 //! may be false.
@@ -145,8 +147,21 @@ impl Engine {
         match source {
             Source::Envoy { query, aggregation } => self.envoy(query, *aggregation).await,
             Source::Prometheus(p) => self.prom(p).await,
-            Source::Activator(r) => Ok(self.route(r)?.load() as f64),
+            Source::Activator(r) => self.activator(r).await,
         }
+    }
+
+    /// The route's load summed over every live activator replica, from the
+    /// store: this process's own count alone would tell a replica that
+    /// holds nothing "0" while another holds requests. Not subject to the
+    /// store's warm-up: the replicas write these counts themselves, at start
+    /// and whenever they change (a shared store that lost them says so).
+    async fn activator(&self, r: &RouteRef) -> Result<f64, EvalError> {
+        let route = self.route(r)?;
+        Ok(self
+            .store
+            .route_load(route.namespace(), &route.store_key(), r.window)
+            .await?)
     }
 
     async fn envoy(&self, query: &PodQuery, aggregation: Aggregation) -> Result<f64, EvalError> {

@@ -6,13 +6,25 @@
 //! `*.example.com`) and `pathPrefix` (optional). A trigger reads only routes
 //! of its own namespace (the route's `namespace`); another namespace's route
 //! reads as no route at all, so its existence is not disclosed.
+//!
+//! `window` and `windowAggregation` (as for the envoy source, checked by the
+//! same code): each activator replica's load reduced over the window, `max`
+//! by default, so a trigger keeps the peak of pending + active instead of a
+//! gauge that reads 0 between requests.
+//!
+//! The count is the sum over every live activator replica, read from the
+//! store (each replica publishes its routes' loads there), so KEDA may ask
+//! any replica.
 
-use crate::metadata::{Metadata, MetadataError};
+use crate::{
+    metadata::{Metadata, MetadataError},
+    store::Window,
+};
 
 use super::{Kind, Parsed, Source, TriggerSettings};
 
 /// Keys of the activator source.
-pub const KEYS: &[&str] = &["host", "pathPrefix"];
+pub const KEYS: &[&str] = &["host", "pathPrefix", "window", "windowAggregation"];
 
 /// The activator source's entry in [`super::KINDS`].
 pub const KIND: Kind = Kind {
@@ -33,12 +45,14 @@ pub struct RouteRef {
     pub path_prefix: Option<String>,
     /// The ScaledObject's namespace: the route's must be the same.
     pub namespace: String,
+    /// Each replica's load reduced over this window first.
+    pub window: Option<Window>,
 }
 
 fn parse(
     meta: &Metadata<'_>,
     namespace: &str,
-    _settings: &TriggerSettings,
+    settings: &TriggerSettings,
     target: Option<f64>,
 ) -> Result<Parsed, MetadataError> {
     let target = target.ok_or_else(|| {
@@ -52,6 +66,7 @@ fn parse(
             host: host(meta)?,
             path_prefix: path_prefix(meta)?,
             namespace: namespace.to_owned(),
+            window: super::envoy::window(meta, settings.max_window)?,
         }),
         target,
         default_metric_name: "activator_requests",
@@ -126,6 +141,45 @@ mod tests {
             parsed(&[("host", "*.example.com")]).unwrap().host,
             "*.example.com"
         );
+    }
+
+    #[test]
+    fn window_keys_are_read_as_for_the_envoy_source() {
+        use crate::store::WindowReduce;
+        let r = parsed(&[("host", "web"), ("window", "2m")]).unwrap();
+        assert_eq!(
+            r.window,
+            Some(Window {
+                length: std::time::Duration::from_secs(120),
+                reduce: WindowReduce::Max
+            })
+        );
+        let r = parsed(&[
+            ("host", "web"),
+            ("window", "30s"),
+            ("windowAggregation", "avg"),
+        ]);
+        assert_eq!(r.unwrap().window.unwrap().reduce, WindowReduce::Avg);
+        assert_eq!(parsed(&[("host", "web")]).unwrap().window, None);
+        for (pairs, key) in [
+            (vec![("host", "web"), ("window", "0s")], "window"),
+            (vec![("host", "web"), ("window", "1000h")], "max_window"),
+            (
+                vec![("host", "web"), ("windowAggregation", "max")],
+                "needs a `window`",
+            ),
+            (
+                vec![
+                    ("host", "web"),
+                    ("window", "1m"),
+                    ("windowAggregation", "p99"),
+                ],
+                "windowAggregation",
+            ),
+        ] {
+            let e = parsed(&pairs).unwrap_err();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -140,7 +140,11 @@ fn aggregation(meta: &Metadata<'_>) -> Result<Aggregation, MetadataError> {
 }
 
 /// `window` (at most `max_window`) and `windowAggregation`, which needs it.
-fn window(meta: &Metadata<'_>, max_window: Duration) -> Result<Option<Window>, MetadataError> {
+/// Shared with the activator source, whose keys are the same.
+pub(super) fn window(
+    meta: &Metadata<'_>,
+    max_window: Duration,
+) -> Result<Option<Window>, MetadataError> {
     let reduce = meta.choice(
         "windowAggregation",
         &[("max", WindowReduce::Max), ("avg", WindowReduce::Avg)],

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use tokio::{sync::watch, time::Instant};
 
 use super::{
-    Ingest, Ingested, Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError,
-    Summary, pod_value, sorted_families, window,
+    Ingest, Ingested, Notifier, PodIdentity, PodQuery, PodSelector, PodView, RouteSample, Store,
+    StoreError, Summary, Window, pod_value, sorted_families, window,
 };
 use crate::selector::Labels;
 
@@ -39,6 +39,9 @@ struct Inner {
     labels: std::sync::Mutex<HashSet<Arc<Labels>>>,
     // So are stat names: every pod reports the same few.
     names: std::sync::Mutex<HashSet<Arc<str>>>,
+    /// Activator route loads, apart from the pods: no pod query sees them.
+    // std Mutex: a map operation per publisher write or trigger read.
+    routes: std::sync::Mutex<Routes>,
     notifier: Notifier,
     ttl: Duration,
     /// History older than this is forgotten: no window may be longer.
@@ -48,6 +51,16 @@ struct Inner {
 
 /// Pods by name, by namespace.
 type Namespaces = HashMap<Box<str>, HashMap<Box<str>, Pod>>;
+
+/// Replica entries by replica, by (namespace, route).
+type Routes = HashMap<(Box<str>, Box<str>), HashMap<Box<str>, RouteEntry>>;
+
+/// One replica's load of one route.
+struct RouteEntry {
+    value: f64,
+    last_seen_ms: u64,
+    history: Vec<window::Point>,
+}
 
 struct Pod {
     identity: Arc<PodIdentity>,
@@ -73,6 +86,7 @@ impl MemoryStore {
             namespaces: RwLock::default(),
             labels: Default::default(),
             names: Default::default(),
+            routes: Default::default(),
             notifier: Notifier::default(),
             ttl,
             max_window,
@@ -100,7 +114,32 @@ impl Inner {
     }
 
     fn is_live(&self, pod: &Pod, now_ms: u64) -> bool {
-        now_ms.saturating_sub(pod.last_seen_ms) < self.ttl.as_millis() as u64
+        self.seen_within_ttl(pod.last_seen_ms, now_ms)
+    }
+
+    fn seen_within_ttl(&self, last_seen_ms: u64, now_ms: u64) -> bool {
+        now_ms.saturating_sub(last_seen_ms) < self.ttl.as_millis() as u64
+    }
+
+    /// Removes expired route entries; returns the namespaces whose count
+    /// changed with them.
+    fn expire_routes(&self) -> Vec<Box<str>> {
+        let now = self.now_ms();
+        let mut changed = Vec::new();
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|(ns, _), replicas| {
+            let mut lost_load = false;
+            replicas.retain(|_, e| {
+                let live = self.seen_within_ttl(e.last_seen_ms, now);
+                lost_load |= !live && e.value != 0.0;
+                live
+            });
+            if lost_load {
+                changed.push(ns.clone());
+            }
+            !replicas.is_empty()
+        });
+        changed
     }
 
     /// Calls `f` with the (window-reduced) value of every live pod matching `query`.
@@ -213,7 +252,7 @@ async fn sweep(inner: Weak<Inner>) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        for ns in inner.expire() {
+        for ns in inner.expire().into_iter().chain(inner.expire_routes()) {
             inner.notifier.notify(&ns);
         }
         if let Ok(mut table) = inner.labels.lock() {
@@ -314,6 +353,68 @@ impl Store for MemoryStore {
         let mut s = Summary::EMPTY;
         self.inner.each_value(query, |v| s = s.with(v));
         Ok(s)
+    }
+
+    async fn record_route(&self, sample: &RouteSample<'_>) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let now = inner.now_ms();
+        let changed = {
+            let mut routes = inner.routes.lock().unwrap_or_else(|e| e.into_inner());
+            let replicas = routes
+                .entry((sample.namespace.into(), sample.route.into()))
+                .or_default();
+            match replicas
+                .get_mut(sample.replica)
+                .filter(|e| inner.seen_within_ttl(e.last_seen_ms, now))
+            {
+                Some(e) => {
+                    let changed = e.value != sample.load;
+                    e.value = sample.load;
+                    e.last_seen_ms = now;
+                    window::push(&mut e.history, now, sample.load, inner.max_window);
+                    changed
+                }
+                None => {
+                    let mut history = Vec::with_capacity(1);
+                    window::push(&mut history, now, sample.load, inner.max_window);
+                    replicas.insert(
+                        sample.replica.into(),
+                        RouteEntry {
+                            value: sample.load,
+                            last_seen_ms: now,
+                            history,
+                        },
+                    );
+                    true
+                }
+            }
+        };
+        if changed {
+            inner.notifier.notify(sample.namespace);
+        }
+        Ok(())
+    }
+
+    async fn route_load(
+        &self,
+        namespace: &str,
+        route: &str,
+        window: Option<Window>,
+    ) -> Result<f64, StoreError> {
+        let inner = &*self.inner;
+        let now = inner.now_ms();
+        let routes = inner.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(replicas) = routes.get(&(namespace.into(), route.into())) else {
+            return Ok(0.0);
+        };
+        Ok(replicas
+            .values()
+            .filter(|e| inner.seen_within_ttl(e.last_seen_ms, now))
+            .map(|e| match window {
+                Some(w) => window::reduce(&e.history, now, w).unwrap_or(e.value),
+                None => e.value,
+            })
+            .fold(0.0, |a, v| a + v))
     }
 
     async fn pods(

@@ -8,6 +8,11 @@
 //! The store owns time: a pod not heard from for `pod_ttl` is gone from every
 //! answer, and a pod's value history (for `window` triggers) is kept only as
 //! long as the longest window allowed.
+//!
+//! Besides pods it keeps the activator's route counts ([`Store::record_route`],
+//! [`Store::route_load`]): each activator replica's pending + active requests
+//! per route, in a keyspace of their own that no pod query reads, with the
+//! same TTL (a dead replica's count drops out) and history (for `window`).
 
 pub mod memory;
 pub mod redis;
@@ -151,6 +156,20 @@ pub enum Ingested {
     BoundElsewhere { bound: IpAddr },
 }
 
+/// One activator replica's load of one route, as its publisher writes it.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteSample<'a> {
+    /// The route's namespace: whose triggers read it, and whose watchers wake.
+    pub namespace: &'a str,
+    /// The route as matched, host then path prefix (`web.example.com/api/`):
+    /// the same on every replica configured with the route.
+    pub route: &'a str,
+    /// Which activator replica holds these requests.
+    pub replica: &'a str,
+    /// Its pending + active requests: a whole number.
+    pub load: f64,
+}
+
 /// The store behind the sink and the scaler.
 ///
 /// Implementations are cheap clonable handles (`Arc` inside) and must be safe
@@ -216,6 +235,22 @@ pub trait Store: Send + Sync + 'static {
     /// coalesce: a watcher re-reads after each wake-up, it never misses the
     /// latest state.
     fn watch(&self, namespace: &str) -> watch::Receiver<u64>;
+
+    /// Sets one replica's load of one route and refreshes its last-seen
+    /// time; the entry drops out of [`Store::route_load`] after `pod_ttl`
+    /// without a write. A change of the route's count wakes the namespace's
+    /// watchers (on every replica, for shared stores).
+    async fn record_route(&self, sample: &RouteSample<'_>) -> Result<(), StoreError>;
+
+    /// The sum over live replicas of a route's load, each replica's load
+    /// reduced over `window` first when asked (as pods are for envoy
+    /// triggers). 0 when no live replica reports the route.
+    async fn route_load(
+        &self,
+        namespace: &str,
+        route: &str,
+        window: Option<Window>,
+    ) -> Result<f64, StoreError>;
 
     /// Whether the backend answers right now (for `/readyz`).
     async fn ready(&self) -> Result<(), StoreError>;

@@ -641,3 +641,98 @@ async fn a_held_request_wakes_the_workload_through_stream_is_active() {
     let idle = within(active.message()).await.unwrap().unwrap();
     assert!(!idle.result, "answered: nothing pending or active");
 }
+
+/// Polls `/readyz` until 200: the Redis store is subscribed to changes.
+async fn until_ready(server: &common::TestServer) {
+    within(async {
+        loop {
+            if common::http_get(&server.http_url("/readyz")).await.0 == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_on_one_replica_wakes_streams_on_another_through_redis() {
+    let mut redis = common::redis_server::RedisServer::start();
+    // The upstream is down (its port refuses): the workload is at zero.
+    let port = free_port();
+    let config = || {
+        redis.config(activescale::config::Config {
+            activator_addr: Some("127.0.0.1:0".parse().unwrap()),
+            activator_routes: vec![route("web.example.com", None, port.n)],
+            ..common::test_config()
+        })
+    };
+    let a = common::start_server(config()).await;
+    let b = common::start_server(config()).await;
+    until_ready(&a).await;
+    until_ready(&b).await;
+    let ns = route("web.example.com", None, port.n).namespace;
+    let trigger = |extra: &[(&str, &str)]| {
+        let mut pairs = vec![
+            ("source", "activator"),
+            ("host", "web.example.com"),
+            ("targetValue", "1"),
+        ];
+        pairs.extend_from_slice(extra);
+        common::so_ref(&ns, "web", &pairs)
+    };
+    let (plain, windowed) = (trigger(&[]), trigger(&[("window", "10m")]));
+
+    // KEDA's stream is on replica B; the request goes to replica A.
+    let mut on_b = b.scaler_client().await;
+    let mut active = on_b
+        .stream_is_active(plain.clone())
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
+    let first = within(active.message()).await.unwrap().unwrap();
+    assert!(!first.result, "nothing held yet");
+
+    let held = tokio::spawn(send(
+        a.addr(activescale::Port::Activator),
+        get("web.example.com", "/wake"),
+    ));
+    let pushed = within(active.message()).await.unwrap().unwrap();
+    assert!(
+        pushed.result,
+        "A's held request is activity on B, pushed at once"
+    );
+    assert_eq!(common::get_metric(&mut on_b, &plain).await.ok(), Some(1.0));
+    let mut on_a = a.scaler_client().await;
+    assert_eq!(common::get_metric(&mut on_a, &plain).await.ok(), Some(1.0));
+
+    // The upstream starts: A forwards and answers, and B hears it is idle.
+    let upstream = Upstream::echo(&port).await;
+    let reply = within(held).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let idle = within(active.message()).await.unwrap().unwrap();
+    assert!(
+        !idle.result,
+        "answered on A: nothing pending or active anywhere"
+    );
+    assert_eq!(common::get_metric(&mut on_b, &plain).await.ok(), Some(0.0));
+    // A windowed trigger keeps the peak of the window.
+    assert_eq!(
+        common::get_metric(&mut on_b, &windowed).await.ok(),
+        Some(1.0)
+    );
+
+    // Redis goes away: A keeps proxying, and triggers answer an error, not 0.
+    redis.stop();
+    let reply = within(send(
+        a.addr(activescale::Port::Activator),
+        get("web.example.com", "/still"),
+    ))
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    for scaler in [&mut on_a, &mut on_b] {
+        let e = common::get_metric(scaler, &plain).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    }
+    drop(upstream);
+}

@@ -21,6 +21,14 @@
 //! | `{p:ns}:gc` | HASH | group id → number of its pods |
 //! | `{p:ns}:addr` | HASH | pod → the address its stream was first seen from: writes from another address are refused while the pod is live |
 //!
+//! Activator route loads live in a tenth key of the namespace, which no pod
+//! script reads: `{p:ns}:rt`, a HASH of `<route>\n<replica>` → `"<last seen
+//! ms> <ms> <value> ..."` (the replica's change points, the last one its load
+//! now). `route.lua` writes one entry, drops entries past `pod_ttl` and
+//! publishes the namespace when a count changed; `route_read.lua` returns
+//! the live entries of one route, and the sum (window-reduced per replica
+//! with [`window::reduce`]) is taken here.
+//!
 //! A *group* is the pods sharing one identity JSON (workload and labels: the
 //! pods of one workload, usually); its id is the SHA-1 of that JSON. Every
 //! member of `seen` is counted in exactly one group (`groups.lua`, prepended to
@@ -114,8 +122,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    Ingest, Ingested, Notifier, PodIdentity, PodQuery, PodSelector, PodView, Store, StoreError,
-    Summary, sorted_families, window,
+    Ingest, Ingested, Notifier, PodIdentity, PodQuery, PodSelector, PodView, RouteSample, Store,
+    StoreError, Summary, Window, sorted_families, window,
 };
 use crate::{config::RedisConfig, selector::Labels};
 
@@ -152,6 +160,8 @@ struct Inner {
     sweep: Script,
     summary: Script,
     rebuild: Script,
+    route: Script,
+    route_read: Script,
     /// Stops the subscriber and the sweeper when the last handle goes.
     stop: CancellationToken,
 }
@@ -222,6 +232,8 @@ impl RedisStore {
                 include_str!("groups.lua"),
                 include_str!("rebuild.lua")
             )),
+            route: Script::new(include_str!("route.lua")),
+            route_read: Script::new(include_str!("route_read.lua")),
             stop: CancellationToken::new(),
         });
         tokio::spawn(subscribe(
@@ -382,6 +394,52 @@ fn recovered(refused_at: u64, ok_at: u64, now: u64, hold_ms: u64) -> bool {
 fn keys(prefix: &str, namespace: &str) -> [String; 9] {
     ["seen", "id", "st", "h", "g", "gl", "gs", "gc", "addr"]
         .map(|k| format!("{{{prefix}:{namespace}}}:{k}"))
+}
+
+/// The key of a namespace's activator route loads (see the data model).
+fn route_key(prefix: &str, namespace: &str) -> String {
+    format!("{{{prefix}:{namespace}}}:rt")
+}
+
+/// The field prefix of a route's entries: routes never hold a newline.
+fn route_field_prefix(route: &str) -> String {
+    format!("{route}\n")
+}
+
+/// The load of one replica's entry (`route.lua`'s format): the last point's
+/// value, or reduced over `window`; at the store's time `now_ms`.
+fn entry_load(entry: &str, now_ms: u64, window: Option<Window>) -> Result<f64, StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("activator route entry {entry:?}"));
+    let numbers = entry
+        .split(' ')
+        .skip(1)
+        .map(|n| number("route entry", n))
+        .collect::<Result<Vec<f64>, _>>()?;
+    if numbers.is_empty() || numbers.len() % 2 != 0 {
+        return Err(corrupt());
+    }
+    let points: Vec<window::Point> = numbers.chunks(2).map(|c| (c[0] as u64, c[1])).collect();
+    let now_value = points[points.len() - 1].1;
+    Ok(match window {
+        Some(w) => window::reduce(&points, now_ms, w).unwrap_or(now_value),
+        None => now_value,
+    })
+}
+
+/// `route_read.lua`'s answer: the node's uptime and the route's load.
+fn route_load_of(raw: &[String], window: Option<Window>) -> Result<(Duration, f64), StoreError> {
+    let [now, uptime, entries @ ..] = raw else {
+        return Err(StoreError::Corrupt(
+            "route_read.lua answer too short".into(),
+        ));
+    };
+    let now = number("time", now)? as u64;
+    let uptime = Duration::from_secs(number("uptime", uptime)? as u64);
+    let mut sum = 0.0;
+    for e in entries {
+        sum += entry_load(e, now, window)?;
+    }
+    Ok((uptime, sum))
 }
 
 impl Inner {
@@ -876,6 +934,51 @@ impl Store for RedisStore {
         }
     }
 
+    async fn record_route(&self, sample: &RouteSample<'_>) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let mut call = inner.route.prepare_invoke();
+        call.key(route_key(&inner.prefix, sample.namespace))
+            .arg(format!(
+                "{}{}",
+                route_field_prefix(sample.route),
+                sample.replica
+            ))
+            .arg(sample.load.to_string())
+            .arg(inner.ttl_ms)
+            .arg(inner.max_window_ms)
+            .arg(inner.key_ttl_ms)
+            .arg(&inner.channel)
+            .arg(sample.namespace);
+        let changed: i64 = inner.eval_write(&call).await?;
+        inner.writes.succeeded();
+        if changed == 1 {
+            // Local watchers need not wait for the round trip through pub/sub.
+            inner.notifier.notify(sample.namespace);
+        }
+        Ok(())
+    }
+
+    async fn route_load(
+        &self,
+        namespace: &str,
+        route: &str,
+        window: Option<Window>,
+    ) -> Result<f64, StoreError> {
+        let inner = &*self.inner;
+        // Refused while our writes are: our own count may be missing.
+        inner.writes.check()?;
+        let mut call = inner.route_read.prepare_invoke();
+        call.key(route_key(&inner.prefix, namespace))
+            .arg(route_field_prefix(route))
+            .arg(inner.ttl_ms);
+        let raw: Vec<String> = inner.eval(&call).await?;
+        let (uptime, load) = route_load_of(&raw, window)?;
+        // A restarted node lost the counts; publishers rewrite them within
+        // a third of pod_ttl, well inside the warm-up.
+        inner.check_uptime(uptime)?;
+        Ok(load)
+    }
+
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
         self.inner.writes.check()?;
         self.inner.values(query).await
@@ -1193,6 +1296,41 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn route_entries_parse_reduce_and_reject_garbage() {
+        let w = |secs| {
+            Some(Window {
+                length: Duration::from_secs(secs),
+                reduce: window::WindowReduce::Max,
+            })
+        };
+        // Seen at 5 s; 4 from 1 s, 0 from 3 s.
+        let e = "5000 1000 4 3000 0";
+        assert_eq!(entry_load(e, 5000, None).unwrap(), 0.0);
+        assert_eq!(entry_load(e, 5000, w(10)).unwrap(), 4.0, "the peak stays");
+        assert_eq!(
+            entry_load(e, 20_000, w(10)).unwrap(),
+            0.0,
+            "until it ages out"
+        );
+        for bad in ["5000", "5000 1000", "5000 x 1", ""] {
+            assert!(
+                matches!(entry_load(bad, 0, None), Err(StoreError::Corrupt(_))),
+                "{bad}"
+            );
+        }
+        let raw: Vec<String> = ["6000", "30", "6000 0 2", "6000 0 3"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            route_load_of(&raw, None).unwrap(),
+            (Duration::from_secs(30), 5.0)
+        );
+        assert!(route_load_of(&raw[..1], None).is_err());
+        assert_eq!(route_key("as", "shop"), "{as:shop}:rt");
+        assert!(!keys("as", "shop").contains(&route_key("as", "shop")));
+    }
 
     #[test]
     fn namespace_keys_share_one_hash_tag() {
