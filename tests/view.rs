@@ -245,8 +245,9 @@ async fn the_page_renders_triggers_and_pods_in_chromium() {
         );
         return;
     };
-    let server = start_server(test_config()).await;
+    let (server, client, _dir) = custom_metrics_server().await;
     let _pods = scaled_web(&server).await;
+    hpa_asks(&server, &client).await;
     let url = server.http_url("/");
 
     let dom = run_chromium(&bin, &url, &["--dump-dom".to_string()]).await;
@@ -261,6 +262,18 @@ async fn the_page_renders_triggers_and_pods_in_chromium() {
     assert!(row.contains("<td class=\"num replicas\">3</td>"), "{row}");
     assert!(row.contains(">app=web<"), "{row}");
     assert!(row.contains(">active<"), "{row}");
+    // The HPA's question has its own row: its pods and their sum.
+    let hpa_start = dom
+        .find("id=\"trigger-custom-metrics_shop_active_requests_app_web\"")
+        .unwrap_or_else(|| panic!("no HPA row in the rendered DOM:\n{dom}"));
+    let hpa = &dom[hpa_start
+        ..dom[hpa_start..]
+            .find("</tr>")
+            .map_or(dom.len(), |e| hpa_start + e)];
+    assert!(hpa.contains(">(HPA)<"), "{hpa}");
+    assert!(hpa.contains(">custom-metrics<"), "{hpa}");
+    assert!(hpa.contains("<td class=\"num value\">25</td>"), "{hpa}");
+    assert!(hpa.contains("<td class=\"num pods\">2</td>"), "{hpa}");
     assert!(dom.contains("id=\"pod-shop_web-1\""), "no pod row:\n{dom}");
     assert!(dom.contains("<td class=\"pod-name\">web-2</td>"), "{dom}");
     assert!(dom.contains("<td class=\"num value\">13</td>"), "{dom}");
@@ -287,7 +300,7 @@ async fn the_page_renders_triggers_and_pods_in_chromium() {
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
 }
 
-/// A certificate signed by `ca`, for `usage`, as (DER, PKCS#8 key, PEM, key PEM).
+/// A certificate signed by `ca` for `usage`, and its key.
 fn leaf(
     ca: &rcgen::Issuer<'_, rcgen::KeyPair>,
     cn: &str,
@@ -312,11 +325,9 @@ fn ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, rcgen::Certificate
     (rcgen::Issuer::new(p, key), cert)
 }
 
-/// An HPA's question through the Custom Metrics API (real HTTPS, the
-/// aggregator's front-proxy certificate) is recorded by the engine: it shows
-/// in `/v1/triggers` beside KEDA's, with its pods and their sum.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn custom_metrics_requests_show_in_triggers() {
+/// A server with the Custom Metrics API on (real HTTPS, a test server CA
+/// and front-proxy CA), and a client holding the aggregator's certificate.
+async fn custom_metrics_server() -> (TestServer, reqwest::Client, tempfile::TempDir) {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (server_ca, server_ca_cert) = ca("server-ca");
@@ -348,8 +359,6 @@ async fn custom_metrics_requests_show_in_triggers() {
         ..test_config()
     })
     .await;
-    let _pods = scaled_web(&server).await;
-
     let mut roots = rustls::RootCertStore::empty();
     roots.add(server_ca_cert.der().clone()).unwrap();
     let tls = rustls::ClientConfig::builder()
@@ -364,6 +373,11 @@ async fn custom_metrics_requests_show_in_triggers() {
         .timeout(WAIT)
         .build()
         .unwrap();
+    (server, client, dir)
+}
+
+/// An HPA asks for `active_requests` of the `app=web` pods of `shop`.
+async fn hpa_asks(server: &TestServer, client: &reqwest::Client) {
     let port = server.addr(activescale::Port::CustomMetrics).port();
     let response = client
         .get(format!(
@@ -381,6 +395,16 @@ async fn custom_metrics_requests_show_in_triggers() {
     let body = response.text().await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("web-1") && body.contains("web-2"), "{body}");
+}
+
+/// An HPA's question through the Custom Metrics API (real HTTPS, the
+/// aggregator's front-proxy certificate) is recorded by the engine: it shows
+/// in `/v1/triggers` beside KEDA's, with its pods and their sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_metrics_requests_show_in_triggers() {
+    let (server, client, _dir) = custom_metrics_server().await;
+    let _pods = scaled_web(&server).await;
+    hpa_asks(&server, &client).await;
 
     let v = json(&server, "/v1/triggers").await;
     let triggers = v["triggers"].as_array().unwrap();
