@@ -19,7 +19,8 @@
 //!   [`store::memory`] and [`store::redis`]; TTL, value history, change
 //!   signals, and how long the store needs before its answers are whole.
 //! - [`engine`]: what any parsed trigger's value is now, and one shared feed
-//!   of its changes per distinct query, for every front end alike.
+//!   of its changes per distinct query, for every front end alike; it
+//!   records who asked what ([`engine::Asker`]) for the live view.
 //! - [`scaler`]: KEDA's `externalscaler.ExternalScaler`, a thin adapter over
 //!   the engine; the one place where request errors become gRPC statuses.
 //! - [`trigger`]: a parsed trigger (target, activation, metric name, source)
@@ -31,7 +32,8 @@
 //! - [`prometheus`]: the optional Prometheus backend that runs
 //!   `source: prometheus` triggers (client, PromQL checks, formulas, presets).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/v1/pods`, and the live view.
-//! - [`view`]: what KEDA asked and was answered, for the page at `/`.
+//! - [`view`]: what KEDA and HPAs asked and were answered (recorded by the
+//!   engine), for the page at `/`.
 //! - [`custom_metrics`]: the Custom Metrics API (`custom.metrics.k8s.io`)
 //!   for plain HPAs, HTTPS with front-proxy authentication.
 //! - [`tls`]: optional TLS/mTLS on both gRPC ports, certificates reloaded on rotation.
@@ -298,7 +300,8 @@ pub async fn run(
         token.clone(),
     );
     let prom_settings = config.prometheus();
-    let view = view::Recorder::new();
+    // Off: no recorder at all, so the engine does no work per call for it.
+    let view = config.view_enabled.then(view::Recorder::new);
     let triggers = Arc::new(trigger::TriggerCache::new(
         trigger::TriggerSettings {
             max_window: config.max_window,
@@ -328,13 +331,11 @@ pub async fn run(
         }
         None => engine,
     };
-    let scaler = scaler::Scaler::new(
-        engine.clone(),
-        triggers,
-        metrics.clone(),
-        token.clone(),
-        view.clone(),
-    );
+    let engine = match &view {
+        Some(v) => engine.with_record(Arc::new(v.clone())),
+        None => engine,
+    };
+    let scaler = scaler::Scaler::new(engine.clone(), triggers, metrics.clone(), token.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let ready = Arc::new(AtomicBool::new(false));
@@ -424,7 +425,7 @@ pub async fn run(
             store: store.clone(),
             metrics: metrics.clone(),
             ready: ready.clone(),
-            view: config.view_enabled.then_some(view),
+            view,
             store_kind: config.store,
             replica: view::replica_name(),
             activator: routes,

@@ -1,8 +1,9 @@
 //! KEDA's `externalscaler.ExternalScaler`: the answers the autoscaler acts on.
 //!
 //! A thin adapter: every call resolves its trigger through the
-//! [`TriggerCache`], asks the [`Engine`] (a value, or the shared feed of its
-//! changes for StreamIsActive), and answers. This is the one place where
+//! [`TriggerCache`], asks the [`Engine`] as KEDA's ScaledObject (a value, or
+//! a watch of its activity for StreamIsActive; the engine records both for
+//! the live view), and answers. This is the one place where
 //! request errors become gRPC statuses ([`status_of`]): a failure is always an
 //! error KEDA can fall back on, never a 0 that would scale a workload down.
 
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
-    engine::{Engine, EvalError},
+    engine::{Asker, Engine, EvalError},
     metadata::MetadataError,
     prometheus::PromError,
     proto::{
@@ -51,8 +52,6 @@ pub struct Scaler {
     triggers: Arc<TriggerCache>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    /// What the live view shows of each answer.
-    view: crate::view::Recorder,
 }
 
 /// The one mapping from request errors to gRPC statuses.
@@ -84,14 +83,12 @@ impl Scaler {
         triggers: Arc<TriggerCache>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-        view: crate::view::Recorder,
     ) -> Self {
         Self {
             engine,
             triggers,
             metrics,
             shutdown,
-            view,
         }
     }
 
@@ -101,10 +98,9 @@ impl Scaler {
             .get(&r.namespace, &r.name, &r.scaler_metadata)?)
     }
 
-    /// The trigger's current value, recorded for the live view.
+    /// The trigger's current value, asked as `r`'s.
     async fn value(&self, r: &ScaledObjectRef, t: &Trigger) -> Result<f64, RequestError> {
-        let result = self.engine.value(&t.source).await;
-        Ok(self.view.answer(r, t, result)?)
+        Ok(self.engine.value(&t.source, asker(r, t)).await?)
     }
 
     /// Runs one unary call: span, latency, outcome, error mapping.
@@ -169,6 +165,16 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// Who asks: the ScaledObject `r` for its trigger `t`.
+fn asker<'a>(r: &'a ScaledObjectRef, t: &'a Trigger) -> Asker<'a> {
+    Asker::Keda {
+        namespace: &r.namespace,
+        scaled_object: &r.name,
+        trigger: t,
+        metadata: &r.scaler_metadata,
+    }
+}
+
 /// `s0-active_requests` → `active_requests`: KEDA names metrics `s<N>-<name>`
 /// towards the HPA and may send either form.
 pub fn strip_index_prefix(name: &str) -> &str {
@@ -220,12 +226,12 @@ impl ExternalScaler for Scaler {
             .into_inner();
         let (tx, rx) = mpsc::channel(4);
         let span = info_span!("active_stream", namespace = %r.namespace, scaled_object = %r.name);
-        let seen = self.view.ask(&r, &trigger);
-        tokio::spawn(
-            self.clone()
-                .push_activity(trigger, tx, seen)
-                .instrument(span),
-        );
+        // Asked now, on the request: the watch is recorded before the
+        // stream's first message.
+        let activity = self
+            .engine
+            .watch(&trigger.source, trigger.activation, asker(&r, &trigger));
+        tokio::spawn(self.clone().push_activity(activity, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -293,74 +299,36 @@ impl ExternalScaler for Scaler {
 }
 
 impl Scaler {
-    /// Body of one StreamIsActive stream: the state when it is first known,
-    /// then each change, never a repeat (KEDA treats every `true` as fresh
-    /// activity). While the value is unknown (the store or Prometheus fails)
-    /// the stream stays open and says nothing; GetMetrics and IsActive
-    /// answer the error, so KEDA falls back. Ending the stream with the error
-    /// would grow KEDA's reconnect wait instead (2 s doubling to 60 s, reset
-    /// only by a clean end). On drain it ends cleanly (status OK).
+    /// Body of one StreamIsActive stream: each state the engine's watch
+    /// yields (the first known one, then each change, never a repeat: KEDA
+    /// treats every `true` as fresh activity). While the value is unknown
+    /// (the store or Prometheus fails) the stream stays open and says
+    /// nothing; GetMetrics and IsActive answer the error, so KEDA falls back.
+    /// Ending the stream with the error would grow KEDA's reconnect wait
+    /// instead (2 s doubling to 60 s, reset only by a clean end). On drain it
+    /// ends cleanly (status OK).
     async fn push_activity(
         self,
-        trigger: Arc<Trigger>,
+        mut activity: crate::engine::Activity,
         tx: mpsc::Sender<Result<IsActiveResponse, Status>>,
-        seen: crate::view::TriggerKey,
     ) {
         self.metrics.scaler_streams.inc();
         let _guard = GaugeGuard(&self.metrics.scaler_streams);
         debug!("stream opened");
-        let mut pusher = Pusher {
-            tx,
-            last: None,
-            metrics: &self.metrics,
-            view: (&self.view, seen),
-        };
-        let mut feed = self.engine.watch(&trigger.source);
         loop {
-            let reading = *feed.borrow_and_update();
-            if let Some(v) = reading
-                && !pusher.push(v, trigger.activation).await
-            {
-                return;
-            }
             tokio::select! {
-                ok = feed.changed() => if ok.is_err() { return },
-                _ = pusher.tx.closed() => { debug!("stream closed by the client"); return }
+                next = activity.changed() => {
+                    let Some(active) = next else { return };
+                    debug!(active, "activity changed");
+                    if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
+                        return;
+                    }
+                    self.metrics.scaler_pushes.inc();
+                }
+                _ = tx.closed() => { debug!("stream closed by the client"); return }
                 _ = self.shutdown.cancelled() => return,
             }
         }
-    }
-}
-
-/// The sending end of one StreamIsActive stream.
-struct Pusher<'a> {
-    tx: mpsc::Sender<Result<IsActiveResponse, Status>>,
-    last: Option<bool>,
-    metrics: &'a Metrics,
-    view: (&'a crate::view::Recorder, crate::view::TriggerKey),
-}
-
-impl Pusher<'_> {
-    /// Sends the state of `value` if it differs from the last one sent. False
-    /// when the client has gone.
-    async fn push(&mut self, value: f64, activation: f64) -> bool {
-        let active = value > activation;
-        if self.last == Some(active) {
-            return true;
-        }
-        debug!(active, value, "activity changed");
-        if self
-            .tx
-            .send(Ok(IsActiveResponse { result: active }))
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        self.metrics.scaler_pushes.inc();
-        self.view.0.pushed(&self.view.1, active);
-        self.last = Some(active);
-        true
     }
 }
 

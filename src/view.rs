@@ -1,7 +1,11 @@
-//! The live view: what KEDA asked, what it was answered, and the page at `/`.
+//! The live view: what KEDA and HPAs asked, what they were answered, and the
+//! page at `/`.
 //!
-//! The scaler reports each answer to a [`Recorder`]; `/v1/triggers` reads it
-//! back and the page (`view.html`, embedded) draws it. Everything here is
+//! The engine reports each ask and answer to a [`Recorder`] (it implements
+//! [`engine::Record`](crate::engine::Record)), whichever front end asked:
+//! KEDA's scaler or the Custom Metrics API. `/v1/triggers` reads it back and
+//! the page (`view.html`, embedded) draws it. With the view off there is no
+//! `Recorder` at all: the engine does nothing per call. Everything here is
 //! bounded: at most [`MAX_TRIGGERS`] triggers (the least recently asked is
 //! evicted), a ring of at most [`SERIES_POINTS`] points per trigger, text
 //! echoed from metadata cut to [`MAX_TEXT`] characters, and a trigger not
@@ -16,7 +20,12 @@ use std::{
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{proto::ScaledObjectRef, source::Source, store::PodSelector, trigger::Trigger};
+use crate::{
+    engine::{Asker, EvalError, PodReading, PushLog, Record},
+    source::Source,
+    store::PodSelector,
+    trigger::Trigger,
+};
 
 /// The page, served at `/`.
 pub const PAGE: &str = include_str!("view.html");
@@ -32,13 +41,38 @@ pub const SERIES_POINTS: usize = 60;
 /// Longest text (selector, query, error) echoed, in characters.
 pub const MAX_TEXT: usize = 256;
 
+/// Which front end asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// KEDA's external scaler (gRPC).
+    Keda,
+    /// An HPA through the Custom Metrics API.
+    CustomMetrics,
+}
+
 /// Which trigger an answer was for: KEDA's ScaledObject and the metric its
-/// trigger serves (a ScaledObject may have several triggers).
+/// trigger serves (a ScaledObject may have several triggers), or an HPA's
+/// metric and the pods it names (the HPA's own name is not in its request).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TriggerKey {
+    pub via: Via,
     pub namespace: String,
-    pub scaled_object: String,
+    /// The ScaledObject; for [`Via::CustomMetrics`], the selector text.
+    pub name: String,
     pub metric: String,
+}
+
+impl TriggerKey {
+    /// KEDA's ScaledObject `name` in `namespace`, for `metric`.
+    pub fn keda(namespace: &str, name: &str, metric: &str) -> Self {
+        Self {
+            via: Via::Keda,
+            namespace: bounded(namespace),
+            name: bounded(name),
+            metric: bounded(metric),
+        }
+    }
 }
 
 /// What a trigger asks for, as shown.
@@ -52,8 +86,11 @@ pub struct Description {
     pub pods_namespace: Option<String>,
     /// `/v1/pods` query parameters that list the trigger's pods.
     pub pods_query: Option<Vec<(String, String)>>,
-    pub target: f64,
-    pub activation: f64,
+    /// KEDA's `targetValue`; `null` for an HPA (its target is in the HPA
+    /// object, not in the request).
+    pub target: Option<f64>,
+    /// KEDA's `activationValue`; `null` for an HPA.
+    pub activation: Option<f64>,
 }
 
 impl Description {
@@ -83,8 +120,34 @@ impl Description {
             selector: bounded(&selector),
             pods_namespace,
             pods_query,
-            target: trigger.target,
-            activation: trigger.activation,
+            target: Some(trigger.target),
+            activation: Some(trigger.activation),
+        }
+    }
+
+    /// Describes an HPA's question: the pods of `namespace` that `selector`
+    /// matches (every pod when `None`), or the one pod named.
+    pub fn of_pods(namespace: &str, selector: Option<&PodSelector>, pod: Option<&str>) -> Self {
+        let (text, param) = match (pod, selector) {
+            (Some(p), _) => (format!("pod={p}"), None),
+            (None, Some(PodSelector::Labels(s))) => {
+                (s.to_string(), Some(("labelSelector", s.to_string())))
+            }
+            (None, Some(PodSelector::Workload(w))) => {
+                (format!("workload={w}"), Some(("workload", w.clone())))
+            }
+            (None, None) => (String::new(), None),
+        };
+        let mut params = vec![("namespace".to_string(), bounded(namespace))];
+        params.extend(param.map(|(k, v)| (k.to_string(), bounded(&v))));
+        Self {
+            source: "envoy",
+            selector: bounded(&text),
+            pods_namespace: Some(bounded(namespace)),
+            // A single pod's question lists no pods: /v1/pods has no name filter.
+            pods_query: pod.is_none().then_some(params),
+            target: None,
+            activation: None,
         }
     }
 }
@@ -144,6 +207,8 @@ struct Entry {
     answer: Option<(Instant, Result<f64, String>)>,
     /// The last StreamIsActive push: (when, active).
     push: Option<(Instant, bool)>,
+    /// Pods in the latest answer of a per-pod question.
+    pods: Option<usize>,
     /// (step index since the recorder's epoch, value), oldest first.
     series: VecDeque<(u64, f64)>,
 }
@@ -209,6 +274,11 @@ impl Recorder {
 
     /// Records the answer given for `key`.
     pub fn answered(&self, key: &TriggerKey, answer: Result<f64, String>) {
+        self.record_answer(key, answer, None);
+    }
+
+    /// Records an answer and, for a per-pod question, how many pods it had.
+    fn record_answer(&self, key: &TriggerKey, answer: Result<f64, String>, pods: Option<usize>) {
         let now = Instant::now();
         let step = self.step(now);
         let mut map = self.entries();
@@ -217,6 +287,7 @@ impl Recorder {
                 add_point(&mut e.series, step, v);
             }
             e.answer = Some((now, answer.map_err(|m| bounded(&m))));
+            e.pods = pods;
         }
     }
 
@@ -229,29 +300,12 @@ impl Recorder {
         }
     }
 
-    /// The scaler's hook for GetMetrics and IsActive: records that `r` asked
-    /// about `trigger` and what it was answered, and passes `result` on.
-    pub fn answer<E: std::fmt::Display>(
-        &self,
-        r: &ScaledObjectRef,
-        trigger: &Trigger,
-        result: Result<f64, E>,
-    ) -> Result<f64, E> {
-        let key = self.ask(r, trigger);
-        self.answered(&key, result.as_ref().map(|v| *v).map_err(|e| e.to_string()));
-        result
-    }
-
-    /// The scaler's hook for a StreamIsActive stream: records the ask and
-    /// returns the key its pushes are recorded under.
-    pub fn ask(&self, r: &ScaledObjectRef, trigger: &Trigger) -> TriggerKey {
-        let key = TriggerKey {
-            namespace: bounded(&r.namespace),
-            scaled_object: bounded(&r.name),
-            metric: bounded(&trigger.metric_name),
-        };
-        self.asked(&key, Description::of(trigger, &r.scaler_metadata));
-        key
+    /// Records the per-pod answer given for `key`: how many pods, and the
+    /// sum of their values as the value (what an HPA's `AverageValue`
+    /// target divides).
+    pub fn answered_pods(&self, key: &TriggerKey, answer: Result<&[PodReading], String>) {
+        let pods = answer.as_ref().ok().map(|p| p.len());
+        self.record_answer(key, answer.and_then(pods_sum), pods);
     }
 
     /// Every trigger asked about within [`FORGET_AFTER`], most recently
@@ -281,6 +335,99 @@ impl Recorder {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         rate(&mut s, now, total)
+    }
+}
+
+/// The sum of the pods' values, or why it is not shown: the store keeps
+/// finite gauges, but a sum of many could overflow, and an infinite value
+/// is never shown as one.
+fn pods_sum(pods: &[PodReading]) -> Result<f64, String> {
+    let sum: f64 = pods.iter().map(|p| p.value).sum();
+    if sum.is_finite() {
+        Ok(sum)
+    } else {
+        Err(format!(
+            "the sum of {} pods' values is not finite",
+            pods.len()
+        ))
+    }
+}
+
+/// The key and description of a KEDA ask.
+fn keda_entry(asker: &Asker<'_>) -> Option<(TriggerKey, Description)> {
+    let Asker::Keda {
+        namespace,
+        scaled_object,
+        trigger,
+        metadata,
+    } = asker
+    else {
+        return None;
+    };
+    Some((
+        TriggerKey::keda(namespace, scaled_object, &trigger.metric_name),
+        Description::of(trigger, metadata),
+    ))
+}
+
+impl Record for Recorder {
+    fn value(&self, asker: &Asker<'_>, answer: Result<f64, &EvalError>) {
+        // Only KEDA asks for a single value today.
+        if let Some((key, description)) = keda_entry(asker) {
+            self.asked(&key, description);
+            self.answered(&key, answer.map_err(|e| e.to_string()));
+        }
+    }
+
+    fn pods(
+        &self,
+        asker: &Asker<'_>,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+        answer: Result<&[PodReading], &EvalError>,
+    ) {
+        let (metric, pod) = match asker {
+            Asker::Hpa { metric, pod } => (*metric, *pod),
+            Asker::Keda { .. } | Asker::Unrecorded => return,
+        };
+        let description = Description::of_pods(namespace, selector, pod);
+        let key = TriggerKey {
+            via: Via::CustomMetrics,
+            namespace: bounded(namespace),
+            name: description.selector.clone(),
+            metric: bounded(metric),
+        };
+        self.asked(&key, description);
+        // The API serves only the named pod of the namespace's list.
+        let answer = answer.map_err(|e| e.to_string());
+        match (answer, pod) {
+            (Ok(all), Some(name)) => {
+                let one: Vec<PodReading> = all.iter().filter(|p| p.name == name).cloned().collect();
+                self.answered_pods(&key, Ok(&one));
+            }
+            (answer, _) => self.answered_pods(&key, answer),
+        }
+    }
+
+    fn watch(&self, asker: &Asker<'_>) -> Option<Box<dyn PushLog>> {
+        let (key, description) = keda_entry(asker)?;
+        self.asked(&key, description);
+        Some(Box::new(StreamLog {
+            recorder: self.clone(),
+            key,
+        }))
+    }
+}
+
+/// The pushes of one StreamIsActive stream.
+struct StreamLog {
+    recorder: Recorder,
+    key: TriggerKey,
+}
+
+impl PushLog for StreamLog {
+    fn pushed(&self, active: bool) {
+        self.recorder.pushed(&self.key, active);
     }
 }
 
@@ -341,6 +488,7 @@ fn touch(
             asked: now,
             answer: None,
             push: None,
+            pods: None,
             series: VecDeque::new(),
         },
     );
@@ -349,17 +497,25 @@ fn touch(
 /// One trigger as `/v1/triggers` shows it. Ages are seconds before the answer.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TriggerView {
-    /// Stable id for the page (`namespace/scaledObject/metric`).
+    /// Stable id for the page: `namespace/scaledObject/metric` for KEDA,
+    /// `custom-metrics/namespace/metric/selector` for an HPA.
     pub id: String,
+    /// Who asked: `keda` or `custom-metrics`.
+    pub via: Via,
     pub namespace: String,
-    pub scaled_object: String,
+    /// KEDA's ScaledObject; `null` for an HPA.
+    pub scaled_object: Option<String>,
     pub metric: String,
     #[serde(flatten)]
     pub description: Description,
     /// Seconds since KEDA last asked (any call).
     pub asked_age: f64,
-    /// The latest value answered; `null` when the latest answer was an error.
+    /// The latest value answered (for an HPA: the sum of its pods' values);
+    /// `null` when the latest answer was an error.
     pub value: Option<f64>,
+    /// For an HPA: the pods in the latest answer; `null` for KEDA or after
+    /// an error.
+    pub pods: Option<usize>,
     /// `ceil(value / target)`: the replicas an `AverageValue` target implies.
     pub replicas: Option<u64>,
     /// `value > activation`, from the latest value.
@@ -382,16 +538,30 @@ fn view_of(k: &TriggerKey, e: &Entry, now: Instant, now_step: u64) -> TriggerVie
         .answer
         .as_ref()
         .and_then(|(_, a)| a.as_ref().ok().copied());
+    let (id, scaled_object) = match k.via {
+        Via::Keda => (
+            format!("{}/{}/{}", k.namespace, k.name, k.metric),
+            Some(k.name.clone()),
+        ),
+        Via::CustomMetrics => (
+            format!("custom-metrics/{}/{}/{}", k.namespace, k.metric, k.name),
+            None,
+        ),
+    };
     TriggerView {
-        id: format!("{}/{}/{}", k.namespace, k.scaled_object, k.metric),
+        id,
+        via: k.via,
         namespace: k.namespace.clone(),
-        scaled_object: k.scaled_object.clone(),
+        scaled_object,
         metric: k.metric.clone(),
         description: d.clone(),
         asked_age: age(now, e.asked),
         value,
-        replicas: value.and_then(|v| implied_replicas(v, d.target)),
-        active: value.map(|v| v > d.activation),
+        pods: e.pods,
+        replicas: value
+            .zip(d.target)
+            .and_then(|(v, t)| implied_replicas(v, t)),
+        active: value.zip(d.activation).map(|(v, a)| v > a),
         error: e
             .answer
             .as_ref()
@@ -462,17 +632,13 @@ mod tests {
             selector: "app=web".into(),
             pods_namespace: Some("shop".into()),
             pods_query: None,
-            target,
-            activation: 0.0,
+            target: Some(target),
+            activation: Some(0.0),
         }
     }
 
     fn key(i: usize) -> TriggerKey {
-        TriggerKey {
-            namespace: "shop".into(),
-            scaled_object: format!("so-{i}"),
-            metric: "active_requests".into(),
-        }
+        TriggerKey::keda("shop", &format!("so-{i}"), "active_requests")
     }
 
     #[test]
@@ -578,6 +744,134 @@ mod tests {
         r.answered(&key(7), Ok(1.0));
         r.pushed(&key(7), false);
         assert!(r.snapshot().is_empty());
+    }
+
+    fn reading(name: &str, value: f64) -> PodReading {
+        PodReading {
+            name: name.into(),
+            value,
+            age: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn engine_reports_keda_asks_and_pushes() {
+        let r = Recorder::new();
+        let t = Trigger {
+            metric_name: "active_requests".into(),
+            target: 10.0,
+            activation: 1.0,
+            source: Source::Envoy {
+                query: crate::store::PodQuery {
+                    namespace: "shop".into(),
+                    selector: PodSelector::Labels(
+                        crate::selector::Selector::parse("app=web").unwrap(),
+                    ),
+                    window: None,
+                },
+                aggregation: crate::source::envoy::Aggregation::Sum,
+            },
+        };
+        let md = HashMap::new();
+        let keda = Asker::Keda {
+            namespace: "shop",
+            scaled_object: "web",
+            trigger: &t,
+            metadata: &md,
+        };
+        Record::value(&r, &keda, Ok(25.0));
+        let log = Record::watch(&r, &keda).expect("KEDA watches are recorded");
+        log.pushed(true);
+        let v = &r.snapshot()[0];
+        assert_eq!(v.id, "shop/web/active_requests");
+        assert_eq!(
+            (v.via, v.scaled_object.as_deref()),
+            (Via::Keda, Some("web"))
+        );
+        assert_eq!(
+            (v.value, v.replicas, v.active),
+            (Some(25.0), Some(3), Some(true))
+        );
+        assert_eq!((v.pushed_active, v.pods), (Some(true), None));
+        assert_eq!(v.description.selector, "app=web");
+
+        Record::value(
+            &r,
+            &keda,
+            Err(&EvalError::WarmingUp(Duration::from_secs(3))),
+        );
+        let v = &r.snapshot()[0];
+        assert_eq!(v.value, None);
+        assert!(v.error.as_deref().unwrap().contains("warming up"), "{v:?}");
+        // Nobody to show: nothing recorded.
+        Record::value(&r, &Asker::Unrecorded, Ok(1.0));
+        assert!(Record::watch(&r, &Asker::Unrecorded).is_none());
+        assert_eq!(r.snapshot().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn engine_reports_hpa_questions_with_pods_and_their_sum() {
+        let r = Recorder::new();
+        let hpa = Asker::Hpa {
+            metric: "active_requests",
+            pod: None,
+        };
+        let sel = PodSelector::Labels(crate::selector::Selector::parse("app=web").unwrap());
+        let pods = [reading("web-1", 3.0), reading("web-2", 4.5)];
+        Record::pods(&r, &hpa, "shop", Some(&sel), Ok(&pods));
+        let v = &r.snapshot()[0];
+        assert_eq!(v.id, "custom-metrics/shop/active_requests/app=web");
+        assert_eq!(
+            (v.via, v.scaled_object.as_deref()),
+            (Via::CustomMetrics, None)
+        );
+        assert_eq!((v.value, v.pods), (Some(7.5), Some(2)));
+        // The HPA's target is not in its request: no replicas, no activity.
+        assert_eq!(
+            (v.description.target, v.replicas, v.active),
+            (None, None, None)
+        );
+        assert_eq!(
+            v.description.pods_query.as_deref(),
+            Some(
+                &[
+                    ("namespace".to_string(), "shop".to_string()),
+                    ("labelSelector".to_string(), "app=web".to_string())
+                ][..]
+            )
+        );
+
+        // The single-pod form counts only that pod.
+        let one = Asker::Hpa {
+            metric: "active_requests",
+            pod: Some("web-2"),
+        };
+        Record::pods(&r, &one, "shop", None, Ok(&pods));
+        let v = r
+            .snapshot()
+            .into_iter()
+            .find(|v| v.description.selector == "pod=web-2")
+            .unwrap();
+        assert_eq!((v.value, v.pods), (Some(4.5), Some(1)));
+        assert_eq!(v.description.pods_query, None);
+
+        // An error is the latest answer: no value, no pod count.
+        let err = EvalError::WarmingUp(Duration::from_secs(3));
+        Record::pods(&r, &hpa, "shop", Some(&sel), Err(&err));
+        let v = r
+            .snapshot()
+            .into_iter()
+            .find(|v| v.description.selector == "app=web")
+            .unwrap();
+        assert_eq!((v.value, v.pods), (None, None));
+        assert!(v.error.is_some());
+        assert_eq!(v.series, vec![(0.0, 7.5)], "the error adds no point");
+    }
+
+    #[test]
+    fn a_sum_that_is_not_finite_is_an_error_not_a_value() {
+        assert_eq!(pods_sum(&[]), Ok(0.0));
+        assert!(pods_sum(&[reading("a", f64::MAX), reading("b", f64::MAX)]).is_err());
     }
 
     #[test]

@@ -245,8 +245,9 @@ async fn the_page_renders_triggers_and_pods_in_chromium() {
         );
         return;
     };
-    let server = start_server(test_config()).await;
+    let (server, client, _dir) = custom_metrics_server().await;
     let _pods = scaled_web(&server).await;
+    hpa_asks(&server, &client).await;
     let url = server.http_url("/");
 
     let dom = run_chromium(&bin, &url, &["--dump-dom".to_string()]).await;
@@ -261,6 +262,18 @@ async fn the_page_renders_triggers_and_pods_in_chromium() {
     assert!(row.contains("<td class=\"num replicas\">3</td>"), "{row}");
     assert!(row.contains(">app=web<"), "{row}");
     assert!(row.contains(">active<"), "{row}");
+    // The HPA's question has its own row: its pods and their sum.
+    let hpa_start = dom
+        .find("id=\"trigger-custom-metrics_shop_active_requests_app_web\"")
+        .unwrap_or_else(|| panic!("no HPA row in the rendered DOM:\n{dom}"));
+    let hpa = &dom[hpa_start
+        ..dom[hpa_start..]
+            .find("</tr>")
+            .map_or(dom.len(), |e| hpa_start + e)];
+    assert!(hpa.contains(">(HPA)<"), "{hpa}");
+    assert!(hpa.contains(">custom-metrics<"), "{hpa}");
+    assert!(hpa.contains("<td class=\"num value\">25</td>"), "{hpa}");
+    assert!(hpa.contains("<td class=\"num pods\">2</td>"), "{hpa}");
     assert!(dom.contains("id=\"pod-shop_web-1\""), "no pod row:\n{dom}");
     assert!(dom.contains("<td class=\"pod-name\">web-2</td>"), "{dom}");
     assert!(dom.contains("<td class=\"num value\">13</td>"), "{dom}");
@@ -285,4 +298,133 @@ async fn the_page_renders_triggers_and_pods_in_chromium() {
     .await;
     let png = std::fs::read(&shot).expect("screenshot written");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+}
+
+/// A certificate signed by `ca` for `usage`, and its key.
+fn leaf(
+    ca: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    cn: &str,
+    sans: &[&str],
+    usage: rcgen::ExtendedKeyUsagePurpose,
+) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.extended_key_usages = vec![usage];
+    (p.signed_by(&key, ca).unwrap(), key)
+}
+
+fn ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, rcgen::Certificate) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let cert = p.self_signed(&key).unwrap();
+    (rcgen::Issuer::new(p, key), cert)
+}
+
+/// A server with the Custom Metrics API on (real HTTPS, a test server CA
+/// and front-proxy CA), and a client holding the aggregator's certificate.
+async fn custom_metrics_server() -> (TestServer, reqwest::Client, tempfile::TempDir) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (server_ca, server_ca_cert) = ca("server-ca");
+    let (front_proxy, front_proxy_cert) = ca("front-proxy-ca");
+    let (server_cert, server_key) = leaf(
+        &server_ca,
+        "activescale",
+        &["localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = leaf(
+        &front_proxy,
+        "front-proxy-client",
+        &[],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        Some(p)
+    };
+    let server = start_server(Config {
+        custom_metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        custom_metrics_tls_cert: file("tls.crt", server_cert.pem()),
+        custom_metrics_tls_key: file("tls.key", server_key.serialize_pem()),
+        custom_metrics_client_ca: file("ca.crt", front_proxy_cert.pem()),
+        custom_metrics_allowed_names: vec!["front-proxy-client".into()],
+        ..test_config()
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server_ca_cert.der().clone()).unwrap();
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from(client_cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client_key.serialize_der())),
+        )
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    (server, client, dir)
+}
+
+/// An HPA asks for `active_requests` of the `app=web` pods of `shop`.
+async fn hpa_asks(server: &TestServer, client: &reqwest::Client) {
+    let port = server.addr(activescale::Port::CustomMetrics).port();
+    let response = client
+        .get(format!(
+            "https://localhost:{port}/apis/custom.metrics.k8s.io/v1beta2/namespaces/shop/pods/*/active_requests?labelSelector=app%3Dweb"
+        ))
+        .header(
+            "X-Remote-User",
+            "system:serviceaccount:kube-system:horizontal-pod-autoscaler",
+        )
+        .header("X-Remote-Group", "system:serviceaccounts")
+        .send()
+        .await
+        .expect("the Custom Metrics API answers");
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("web-1") && body.contains("web-2"), "{body}");
+}
+
+/// An HPA's question through the Custom Metrics API (real HTTPS, the
+/// aggregator's front-proxy certificate) is recorded by the engine: it shows
+/// in `/v1/triggers` beside KEDA's, with its pods and their sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_metrics_requests_show_in_triggers() {
+    let (server, client, _dir) = custom_metrics_server().await;
+    let _pods = scaled_web(&server).await;
+    hpa_asks(&server, &client).await;
+
+    let v = json(&server, "/v1/triggers").await;
+    let triggers = v["triggers"].as_array().unwrap();
+    assert_eq!(v["count"], 2, "KEDA's trigger and the HPA's: {v}");
+    let hpa = triggers
+        .iter()
+        .find(|t| t["via"] == "custom-metrics")
+        .unwrap_or_else(|| panic!("no custom-metrics entry: {v}"));
+    assert_eq!(hpa["id"], "custom-metrics/shop/active_requests/app=web");
+    assert_eq!(hpa["namespace"], "shop");
+    assert_eq!(hpa["scaled_object"], Value::Null);
+    assert_eq!(hpa["metric"], "active_requests");
+    assert_eq!(hpa["selector"], "app=web");
+    assert_eq!(hpa["pods"], 2);
+    assert_eq!(hpa["value"], 25.0, "the sum of the pods' values");
+    assert_eq!(hpa["target"], Value::Null);
+    assert_eq!(hpa["replicas"], Value::Null);
+    assert_eq!(hpa["error"], Value::Null);
+    assert_eq!(hpa["pods_query"][1][1], "app=web");
+    let keda = triggers.iter().find(|t| t["via"] == "keda").unwrap();
+    assert_eq!(keda["scaled_object"], "web");
+    assert_eq!(keda["value"], 25.0);
 }

@@ -147,7 +147,7 @@ impl PodMetricSource for EngineSource {
         };
         let pods = self
             .engine
-            .pods(query.namespace, selector.as_ref())
+            .pods(query.namespace, selector.as_ref(), asker(query))
             .await
             .map_err(|e| match e {
                 EvalError::WarmingUp(left) => SourceError::WarmingUp(left),
@@ -166,6 +166,18 @@ impl PodMetricSource for EngineSource {
                 last_report: now.checked_sub(p.age).unwrap_or(now),
             })
             .collect())
+    }
+}
+
+/// Who asks the engine: an HPA, for the metric and pods of `query` (the
+/// live view shows it).
+fn asker<'a>(query: &PodQuery<'a>) -> crate::engine::Asker<'a> {
+    crate::engine::Asker::Hpa {
+        metric: &query.metric.name,
+        pod: match query.pods {
+            PodScope::Named(name) => Some(name),
+            PodScope::Matching(_) => None,
+        },
     }
 }
 

@@ -133,7 +133,7 @@ impl Engine {
             if let Some(c) = changes.as_mut() {
                 c.borrow_and_update();
             }
-            let wait = match self.value(&source).await {
+            let wait = match self.read(&source).await {
                 Ok(v) => {
                     if failures > 0 {
                         info!(failures, "activity known again");

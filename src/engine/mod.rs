@@ -13,11 +13,17 @@
 //! (`None`) and retries: watchers stay silent rather than hear a number that
 //! may be false.
 //!
+//! Every front end says who asks ([`Asker`]): the engine reports each ask,
+//! answer, error and StreamIsActive push to its [`Record`] (the live view
+//! implements it), so the view shows KEDA's and the HPA's questions alike
+//! and no front end keeps hooks of its own. Without a `Record` (the view is
+//! off) nothing is built or locked per call: the asker is borrowed.
+//!
 //! Warm-up is the store's to say ([`Store::warming_up`](crate::store::Store::warming_up)):
 //! until then every store-backed answer is [`EvalError::WarmingUp`], so no
 //! front end needs to know which store it has.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +34,7 @@ use crate::{
     source::{Source, activator::RouteRef, envoy::Aggregation},
     store::{PodQuery, PodSelector, SharedStore, StoreError},
     telemetry::Metrics,
+    trigger::Trigger,
 };
 
 mod feed;
@@ -83,6 +90,92 @@ pub struct PodReading {
     pub age: Duration,
 }
 
+/// Who asks the engine, for the [`Record`]. Borrowed from the request, so
+/// building one costs nothing when nobody records.
+#[derive(Clone, Copy, Debug)]
+pub enum Asker<'a> {
+    /// KEDA, about one trigger of a ScaledObject.
+    Keda {
+        namespace: &'a str,
+        scaled_object: &'a str,
+        trigger: &'a Trigger,
+        /// The trigger's metadata: the view echoes a Prometheus query from
+        /// it (the parsed form keeps it private).
+        metadata: &'a HashMap<String, String>,
+    },
+    /// An HPA through the Custom Metrics API, for `metric` of the pods a
+    /// selector matches, or of the one pod named.
+    Hpa {
+        metric: &'a str,
+        pod: Option<&'a str>,
+    },
+    /// Nobody to show: tests and tools.
+    Unrecorded,
+}
+
+/// Where the engine reports what it was asked and answered: the live view.
+/// Called on the request's task: implementations must not block (a map
+/// operation under a std lock at most).
+pub trait Record: Send + Sync + 'static {
+    /// `asker` asked for a value and was answered `answer`.
+    fn value(&self, asker: &Asker<'_>, answer: Result<f64, &EvalError>);
+    /// `asker` asked for the pods of `namespace` matching `selector` (every
+    /// pod when `None`) and was answered `answer`.
+    fn pods(
+        &self,
+        asker: &Asker<'_>,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+        answer: Result<&[PodReading], &EvalError>,
+    );
+    /// `asker` opened a watch; the activity changes it yields go to the
+    /// returned log (`None`: not recorded).
+    fn watch(&self, asker: &Asker<'_>) -> Option<Box<dyn PushLog>>;
+}
+
+/// The pushes of one watch, as recorded.
+pub trait PushLog: Send + Sync {
+    fn pushed(&self, active: bool);
+}
+
+/// One watcher's view of a shared feed: the activity state (`value >
+/// activation`) each time it changes, recorded as it is yielded.
+pub struct Activity {
+    feed: watch::Receiver<Reading>,
+    activation: f64,
+    /// The state last yielded: never yielded twice in a row (KEDA treats
+    /// every `true` as fresh activity).
+    last: Option<bool>,
+    log: Option<Box<dyn PushLog>>,
+}
+
+impl Activity {
+    /// The next state that differs from the last one yielded: the first
+    /// known state, then each change. Silent while the value is unknown.
+    /// `None` when the feed has ended. Cancel-safe (no state changes across
+    /// an await), so it can sit in a `select!`.
+    pub async fn changed(&mut self) -> Option<bool> {
+        loop {
+            let reading = *self.feed.borrow_and_update();
+            if let Some(active) = next_state(reading, self.activation, self.last) {
+                self.last = Some(active);
+                if let Some(log) = &self.log {
+                    log.pushed(active);
+                }
+                return Some(active);
+            }
+            self.feed.changed().await.ok()?;
+        }
+    }
+}
+
+/// The state to yield for `reading` after `last`, if any: none while the
+/// value is unknown or the state is unchanged.
+fn next_state(reading: Reading, activation: f64, last: Option<bool>) -> Option<bool> {
+    let active = reading? > activation;
+    (last != Some(active)).then_some(active)
+}
+
 /// The engine; clones share everything (feeds included).
 #[derive(Clone)]
 pub struct Engine {
@@ -95,6 +188,9 @@ pub struct Engine {
     shutdown: CancellationToken,
     /// The activator's routes, when it is on.
     routes: Option<RouteSet>,
+    /// Where asks and answers are reported; `None` (the view is off): no
+    /// work at all per call.
+    record: Option<Arc<dyn Record>>,
 }
 
 impl Engine {
@@ -113,6 +209,21 @@ impl Engine {
             feeds: Arc::default(),
             shutdown,
             routes: None,
+            record: None,
+        }
+    }
+
+    /// Reports every ask and answer to `record`.
+    pub fn with_record(mut self, record: Arc<dyn Record>) -> Self {
+        self.record = Some(record);
+        self
+    }
+
+    /// The record, unless there is none or nobody is to be shown.
+    fn record_for(&self, asker: &Asker<'_>) -> Option<&dyn Record> {
+        match asker {
+            Asker::Unrecorded => None,
+            _ => self.record.as_deref(),
         }
     }
 
@@ -142,8 +253,17 @@ impl Engine {
         }
     }
 
-    /// The source's value now.
-    pub async fn value(&self, source: &Source) -> Result<f64, EvalError> {
+    /// The source's value now, as `asker` asked it (recorded).
+    pub async fn value(&self, source: &Source, asker: Asker<'_>) -> Result<f64, EvalError> {
+        let result = self.read(source).await;
+        if let Some(r) = self.record_for(&asker) {
+            r.value(&asker, result.as_ref().copied());
+        }
+        result
+    }
+
+    /// The source's value now, unrecorded: the feeds' reads.
+    async fn read(&self, source: &Source) -> Result<f64, EvalError> {
         match source {
             Source::Envoy { query, aggregation } => self.envoy(query, *aggregation).await,
             Source::Prometheus(p) => self.prom(p).await,
@@ -178,7 +298,21 @@ impl Engine {
 
     /// Each live pod of `namespace` matching `selector` (every pod when
     /// `None`), with its value now: for front ends that answer per pod.
+    /// Recorded as `asker`'s.
     pub async fn pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+        asker: Asker<'_>,
+    ) -> Result<Vec<PodReading>, EvalError> {
+        let result = self.read_pods(namespace, selector).await;
+        if let Some(r) = self.record_for(&asker) {
+            r.pods(&asker, namespace, selector, result.as_deref());
+        }
+        result
+    }
+
+    async fn read_pods(
         &self,
         namespace: &str,
         selector: Option<&PodSelector>,
@@ -200,12 +334,167 @@ impl Engine {
     /// The shared feed of the source's value, started if none runs. The
     /// receiver sees `None` until the first read succeeds and whenever the
     /// latest read failed.
-    pub fn watch(&self, source: &Source) -> watch::Receiver<Reading> {
+    pub fn feed_of(&self, source: &Source) -> watch::Receiver<Reading> {
         let key = match source {
             Source::Envoy { query, aggregation } => FeedKey::Envoy(query.clone(), *aggregation),
             Source::Prometheus(p) => FeedKey::Prometheus(p.feed_key()),
             Source::Activator(r) => FeedKey::Activator(r.clone()),
         };
         self.subscribe(key, source)
+    }
+
+    /// `asker`'s watch of the source's activity (`value > activation`) on
+    /// the shared feed: the ask is recorded now, each state it yields as a
+    /// push.
+    pub fn watch(&self, source: &Source, activation: f64, asker: Asker<'_>) -> Activity {
+        Activity {
+            feed: self.feed_of(source),
+            activation,
+            last: None,
+            log: self.record_for(&asker).and_then(|r| r.watch(&asker)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::{PodQuery as StoreQuery, memory::MemoryStore};
+
+    #[test]
+    fn activity_yields_the_first_known_state_then_changes_only() {
+        assert_eq!(next_state(None, 1.0, None), None, "unknown: silent");
+        assert_eq!(next_state(Some(0.0), 1.0, None), Some(false));
+        assert_eq!(next_state(Some(0.5), 1.0, Some(false)), None);
+        assert_eq!(next_state(Some(2.0), 1.0, Some(false)), Some(true));
+        assert_eq!(next_state(None, 1.0, Some(true)), None);
+        assert_eq!(next_state(Some(1.0), 1.0, Some(true)), Some(false));
+    }
+
+    /// What the engine reported, as text.
+    #[derive(Default)]
+    struct Log(Arc<Mutex<Vec<String>>>);
+
+    struct Pushes(Arc<Mutex<Vec<String>>>);
+
+    impl PushLog for Pushes {
+        fn pushed(&self, active: bool) {
+            self.0.lock().unwrap().push(format!("push {active}"));
+        }
+    }
+
+    fn who(a: &Asker<'_>) -> String {
+        match a {
+            Asker::Keda { scaled_object, .. } => format!("keda {scaled_object}"),
+            Asker::Hpa { metric, pod } => format!("hpa {metric} {pod:?}"),
+            Asker::Unrecorded => "nobody".into(),
+        }
+    }
+
+    impl Record for Log {
+        fn value(&self, a: &Asker<'_>, answer: Result<f64, &EvalError>) {
+            let answer = answer.map_err(|e| e.to_string());
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{} {answer:?}", who(a)));
+        }
+        fn pods(
+            &self,
+            a: &Asker<'_>,
+            namespace: &str,
+            _: Option<&PodSelector>,
+            answer: Result<&[PodReading], &EvalError>,
+        ) {
+            let n = answer.map(<[_]>::len).map_err(|e| e.to_string());
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{} {namespace} {n:?}", who(a)));
+        }
+        fn watch(&self, a: &Asker<'_>) -> Option<Box<dyn PushLog>> {
+            self.0.lock().unwrap().push(format!("{} watch", who(a)));
+            Some(Box::new(Pushes(self.0.clone())))
+        }
+    }
+
+    fn engine(warmup: Option<Duration>) -> (Engine, Arc<Mutex<Vec<String>>>) {
+        let store = MemoryStore::new(Duration::from_secs(15), Duration::from_secs(60));
+        let store: SharedStore = match warmup {
+            Some(w) => Arc::new(store.warming_up_for(w)),
+            None => Arc::new(store),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let prom = PromBackend::default();
+        let log = Log::default();
+        let seen = log.0.clone();
+        let e = Engine::new(
+            store,
+            prom,
+            Duration::from_secs(1),
+            metrics,
+            CancellationToken::new(),
+        )
+        .with_record(Arc::new(log));
+        (e, seen)
+    }
+
+    fn envoy() -> Trigger {
+        Trigger {
+            metric_name: "active_requests".into(),
+            target: 10.0,
+            activation: 0.0,
+            source: Source::Envoy {
+                query: StoreQuery {
+                    namespace: "shop".into(),
+                    selector: PodSelector::Workload("web".into()),
+                    window: None,
+                },
+                aggregation: Aggregation::Sum,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn asks_answers_errors_and_pushes_are_recorded_unless_unrecorded() {
+        let (e, seen) = engine(None);
+        let t = envoy();
+        let md = HashMap::new();
+        let keda = Asker::Keda {
+            namespace: "shop",
+            scaled_object: "web",
+            trigger: &t,
+            metadata: &md,
+        };
+        assert_eq!(e.value(&t.source, keda).await.unwrap(), 0.0);
+        e.value(&t.source, Asker::Unrecorded).await.unwrap();
+        let hpa = Asker::Hpa {
+            metric: "active_requests",
+            pod: None,
+        };
+        e.pods("shop", None, hpa).await.unwrap();
+        let mut w = e.watch(&t.source, t.activation, keda);
+        assert_eq!(w.changed().await, Some(false));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "keda web Ok(0.0)",
+                "hpa active_requests None shop Ok(0)",
+                "keda web watch",
+                "push false",
+            ]
+        );
+
+        let (e, seen) = engine(Some(Duration::from_secs(3600)));
+        assert!(e.value(&t.source, keda).await.is_err());
+        assert!(e.pods("shop", None, hpa).await.is_err());
+        let log = seen.lock().unwrap();
+        assert!(log[0].starts_with("keda web Err(\"warming up"), "{log:?}");
+        assert!(
+            log[1].starts_with("hpa active_requests None shop Err(\"warming up"),
+            "{log:?}"
+        );
     }
 }
