@@ -24,7 +24,7 @@ use crate::{
     activator::RouteSet,
     prometheus::{PromBackend, PromError, PromKey, PromTrigger},
     source::{Source, activator::RouteRef, envoy::Aggregation},
-    store::{PodQuery, PodSelector, SharedStore, StoreError},
+    store::{PodQuery, PodSelector, SharedStore, StoreError, Window},
     telemetry::Metrics,
 };
 
@@ -162,16 +162,18 @@ impl Engine {
     }
 
     /// Each live pod of `namespace` matching `selector` (every pod when
-    /// `None`), with its value now: for front ends that answer per pod.
+    /// `None`), with its value now, or reduced over `window` as a windowed
+    /// trigger reduces it: for front ends that answer per pod.
     pub async fn pods(
         &self,
         namespace: &str,
         selector: Option<&PodSelector>,
+        window: Option<Window>,
     ) -> Result<Vec<PodReading>, EvalError> {
         if let Some(left) = self.store.warming_up() {
             return Err(EvalError::WarmingUp(left));
         }
-        let pods = self.store.answer_pods(namespace, selector).await?;
+        let pods = self.store.answer_pods(namespace, selector, window).await?;
         Ok(pods
             .into_iter()
             .map(|p| PodReading {
@@ -180,6 +182,12 @@ impl Engine {
                 age: p.age,
             })
             .collect())
+    }
+
+    /// The Prometheus backend (its clients, cache and single-flight), for
+    /// front ends that run their own queries through it.
+    pub fn prometheus(&self) -> &PromBackend {
+        &self.prometheus
     }
 
     /// The shared feed of the source's value, started if none runs. The
