@@ -469,7 +469,7 @@ impl Inner {
         if answer {
             self.check_uptime(snap.uptime)?;
         }
-        views_of(snap, selector, window)
+        Ok(views_of(snap, selector, window))
     }
 
     /// Fails while the node holding the namespace is too young to be trusted.
@@ -657,7 +657,7 @@ fn views_of(
     snap: Snapshot,
     selector: Option<&PodSelector>,
     window: Option<window::Window>,
-) -> Result<Vec<PodView>, StoreError> {
+) -> Vec<PodView> {
     let now_ms = snap.now_ms;
     let mut views = Vec::new();
     for p in snap.pods {
@@ -676,7 +676,7 @@ fn views_of(
         });
     }
     views.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
-    Ok(views)
+    views
 }
 
 fn number(field: &str, s: &str) -> Result<f64, StoreError> {
@@ -1260,6 +1260,19 @@ mod tests {
             p.families,
             vec![("a".to_string(), 1.0), ("b".to_string(), 2.0)]
         );
+        // The per-pod answer reduces the history as `values_of` does:
+        // [900, 1000] holds 1 for 50 ms, then 3 for 50 ms.
+        let avg = window::Window {
+            length: Duration::from_millis(100),
+            reduce: window::WindowReduce::Avg,
+        };
+        let views = views_of(Snapshot::parse("ns", raw.clone()).unwrap(), None, Some(avg));
+        assert_eq!(
+            (views[0].identity.name.as_str(), views[0].value),
+            ("p1", 2.0)
+        );
+        let views = views_of(Snapshot::parse("ns", raw.clone()).unwrap(), None, None);
+        assert_eq!(views[0].value, 3.0, "no window: the value now");
         // The values-only path: uptime, selector, and the history for a window.
         let query = |window| PodQuery {
             namespace: "ns".into(),
