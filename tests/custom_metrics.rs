@@ -117,7 +117,7 @@ impl Pki {
     }
 }
 
-// ---- STAND-IN for the engine (phase 2 wires the real one) ----
+// ---- an in-process source, for the API's own contract ----
 
 /// One pod as the stand-in knows it.
 #[derive(Clone)]
@@ -1123,6 +1123,9 @@ async fn run_serves_prometheus_rules_per_pod_from_a_real_prometheus() {
     let url = p.prometheus.url.clone();
     let (server, _dir) = served_by_run(&pki, move |c| {
         c.custom_metrics_rules = vec![rule(&url, RULE)];
+        // Long enough that the repeated request below is a cache hit
+        // whatever the machine's load.
+        c.prometheus_cache_ttl = Duration::from_secs(300);
     })
     .await;
     let port = server.addr(activescale::Port::CustomMetrics).port();
@@ -1147,6 +1150,20 @@ async fn run_serves_prometheus_rules_per_pod_from_a_real_prometheus() {
     let item = &body["items"][0];
     assert_eq!(item["windowSeconds"], 120, "{body}");
     assert_eq!(item["metric"]["name"], "requests_per_second");
+    // The same request again shares the cached answer: no second query.
+    let before = p.prometheus.settled_query_count().await;
+    let (code, again, _) = get_port(
+        &c,
+        port,
+        &path("*/requests_per_second?labelSelector=app=web"),
+    )
+    .await;
+    assert_eq!((code, item_values(&again)), (200, item_values(&body)));
+    assert_eq!(
+        p.prometheus.settled_query_count().await,
+        before,
+        "served from the cache"
+    );
     let stamp = humantime::parse_rfc3339(item["timestamp"].as_str().unwrap()).unwrap();
     assert!(
         stamp > UNIX_EPOCH + Duration::from_secs(1_700_000_000),
