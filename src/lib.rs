@@ -213,7 +213,6 @@ impl Listeners {
 /// calls it again for callers that did not.
 pub fn preflight(config: &Config) -> Result<()> {
     if config.custom_metrics_addr.is_some() {
-        custom_metrics::servable(config)?;
         custom_metrics::Catalogue::from_config(config)?;
     }
     Ok(())

@@ -2,10 +2,10 @@
 //! sides, a test front-proxy CA and client certificates (rcgen), reqwest over
 //! HTTP/2 and HTTP/1.1, the kube-apiserver's aggregator played by the client.
 //!
-//! STAND-IN: the values come from [`StandIn`], an in-process implementation
-//! of the `PodMetricSource` seam, until the engine exists. Phase 2 replaces
-//! it with the real server started by `start_server`, real sidecars and a
-//! real Redis/Prometheus, and checks the values against `GetMetrics`.
+//! The API's own contract (auth, paths, Status bodies) is tested over
+//! [`StandIn`], an in-process `PodMetricSource`; the `run_*` tests start the
+//! whole server (`run`) with real sidecars, the real store and a real
+//! `prometheus`, and check its values against `GetMetrics`.
 
 mod common;
 
@@ -117,7 +117,7 @@ impl Pki {
     }
 }
 
-// ---- STAND-IN for the engine (phase 2 wires the real one) ----
+// ---- an in-process source, for the API's own contract ----
 
 /// One pod as the stand-in knows it.
 #[derive(Clone)]
@@ -980,14 +980,252 @@ async fn run_answers_503_while_the_store_warms_up_never_an_empty_list() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_refuses_metrics_it_cannot_serve_yet_naming_the_setting() {
-    let mut config = common::test_config();
-    config.custom_metrics_addr = Some("127.0.0.1:0".parse().unwrap());
-    config.custom_metrics_windows = vec!["max_30s".into()];
-    let listeners = activescale::Listeners::bind(&config).await.unwrap();
-    let e = activescale::run(config, listeners, std::future::ready(()))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("custom_metrics_windows"), "{e}");
+async fn run_serves_windowed_metrics_as_a_windowed_trigger_reads_them() {
+    use common::envoy::{Sidecar, inbound, istio_node};
+    let pki = Pki::new();
+    let (server, _dir) = served_by_run(&pki, |c| {
+        c.custom_metrics_windows = vec!["max_30s".into()];
+    })
+    .await;
+    let port = server.addr(activescale::Port::CustomMetrics).port();
+    let node = istio_node("shop", "web-1", &[("app", "web")], "web");
+    let mut sidecar = Sidecar::connect(server.sink, node).await;
+    let scaler = server.scaler_client().await;
+    let now = common::so_ref(
+        "shop",
+        "web",
+        &[("labelSelector", "app=web"), ("targetValue", "10")],
+    );
+    let peak = common::so_ref(
+        "shop",
+        "web",
+        &[
+            ("labelSelector", "app=web"),
+            ("window", "30s"),
+            ("windowAggregation", "max"),
+            ("targetValue", "10"),
+        ],
+    );
+    // A peak of 7, then 2: the store has seen both once GetMetrics says 2.
+    for value in [7.0, 2.0] {
+        sidecar.push_gauges(&[(&inbound(8080), value)]).await;
+        eventually(LIMIT, "GetMetrics sees the pushed value", || {
+            let (mut c, r) = (scaler.clone(), now.clone());
+            async move { common::get_metric(&mut c, &r).await.ok() == Some(value) }
+        })
+        .await;
+    }
+    let windowed = {
+        let mut c = scaler.clone();
+        common::get_metric(&mut c, &peak)
+            .await
+            .expect("windowed GetMetrics")
+    };
+    assert_eq!(windowed, 7.0, "the windowed trigger's peak");
+
+    let c = aggregator(&pki, Http::Two);
+    let (code, body, _) = get_port(
+        &c,
+        port,
+        &format!("{V2}/namespaces/shop/pods/*/active_requests_max_30s?labelSelector=app=web"),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(item_values(&body), [("web-1".into(), "7".into())]);
+    assert_eq!(body["items"][0]["windowSeconds"], 30, "{body}");
+    let (code, body, _) = get_port(
+        &c,
+        port,
+        &format!("{V2}/namespaces/shop/pods/web-1/active_requests"),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(item_values(&body), [("web-1".into(), "2".into())], "now");
+    assert!(body["items"][0].get("windowSeconds").is_none(), "{body}");
+    let (code, body, _) = get_port(
+        &c,
+        port,
+        &format!("{V1}/namespaces/shop/pods/web-1/active_requests_max_30s"),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["items"][0]["value"], "7", "{body}");
+    assert_eq!(body["items"][0]["window"], 30, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_answers_503_for_a_windowed_metric_while_warming_up() {
+    let pki = Pki::new();
+    let (server, _dir) = served_by_run(&pki, |c| {
+        c.warmup = Some(Duration::from_secs(3600));
+        c.custom_metrics_windows = vec!["max_30s".into()];
+    })
+    .await;
+    let port = server.addr(activescale::Port::CustomMetrics).port();
+    let (code, body, _) = get_port(
+        &aggregator(&pki, Http::Two),
+        port,
+        &format!("{V2}/namespaces/shop/pods/*/active_requests_max_30s"),
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["kind"], "Status", "{body}");
+}
+
+fn rule(server: &str, query: &str) -> activescale::config::CustomMetricsRule {
+    activescale::config::CustomMetricsRule {
+        name: "requests_per_second".into(),
+        server: server.into(),
+        query: query.into(),
+        pod_label: "pod".into(),
+        window: Some(Duration::from_secs(120)),
+        pods_from: activescale::config::PodsFrom::Prometheus,
+        timeout: None,
+    }
+}
+
+const RULE: &str = "sum by (<<.GroupBy>>) (cm_rps{<<.LabelMatchers>>})";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_prometheus_rules_per_pod_from_a_real_prometheus() {
+    let p = common::prometheus_server::shared().await;
+    let ns = "t-cm";
+    for (pod, app, value) in [
+        ("web-1", "web", 2.5),
+        ("web-2", "web", 0.5),
+        ("db-0", "db", 9.0),
+    ] {
+        p.exporter.set(
+            "cm_rps",
+            &[("namespace", ns), ("pod", pod), ("app", app)],
+            value,
+        );
+    }
+    // Another namespace's pod of the same app, and a series naming no pod.
+    p.exporter.set(
+        "cm_rps",
+        &[
+            ("namespace", "t-cm-other"),
+            ("pod", "web-9"),
+            ("app", "web"),
+        ],
+        5.0,
+    );
+    p.exporter
+        .set("cm_rps", &[("namespace", ns), ("app", "web")], 4.0);
+    p.prometheus
+        .wait_for(&format!(
+            "count(cm_rps{{namespace=~\"{ns}|t-cm-other\"}}) == 5"
+        ))
+        .await;
+
+    let pki = Pki::new();
+    let url = p.prometheus.url.clone();
+    let (server, _dir) = served_by_run(&pki, move |c| {
+        c.custom_metrics_rules = vec![rule(&url, RULE)];
+        // Long enough that the repeated request below is a cache hit
+        // whatever the machine's load.
+        c.prometheus_cache_ttl = Duration::from_secs(300);
+    })
+    .await;
+    let port = server.addr(activescale::Port::CustomMetrics).port();
+    let c = aggregator(&pki, Http::Two);
+    let path = |rest: &str| format!("{V2}/namespaces/{ns}/pods/{rest}");
+
+    let (code, body, _) = get_port(
+        &c,
+        port,
+        &path("*/requests_per_second?labelSelector=app=web"),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        item_values(&body),
+        [
+            ("web-1".into(), "2500m".into()),
+            ("web-2".into(), "500m".into())
+        ],
+        "only this namespace's web pods; the series without a pod label skipped"
+    );
+    let item = &body["items"][0];
+    assert_eq!(item["windowSeconds"], 120, "{body}");
+    assert_eq!(item["metric"]["name"], "requests_per_second");
+    // The same request again shares the cached answer: no second query.
+    let before = p.prometheus.settled_query_count().await;
+    let (code, again, _) = get_port(
+        &c,
+        port,
+        &path("*/requests_per_second?labelSelector=app=web"),
+    )
+    .await;
+    assert_eq!((code, item_values(&again)), (200, item_values(&body)));
+    assert_eq!(
+        p.prometheus.settled_query_count().await,
+        before,
+        "served from the cache"
+    );
+    let stamp = humantime::parse_rfc3339(item["timestamp"].as_str().unwrap()).unwrap();
+    assert!(
+        stamp > UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        "the sample time: {body}"
+    );
+
+    let (code, body, _) = get_port(&c, port, &path("db-0/requests_per_second")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(item_values(&body), [("db-0".into(), "9".into())]);
+    let (code, body, _) = get_port(&c, port, &path("web-9/requests_per_second")).await;
+    assert_eq!(code, 404, "another namespace's pod: {body}");
+
+    // An injection attempt: refused by the selector grammar, or escaped
+    // into a value no series has. Either way no series of another scope.
+    let (code, body, _) = get_port(
+        &c,
+        port,
+        &path("*/requests_per_second?labelSelector=app%3Dx%22%7D%20or%20vector(1)%20%23"),
+    )
+    .await;
+    match code {
+        400 => assert_eq!(body["kind"], "Status", "{body}"),
+        200 => assert_eq!(body["items"], json!([]), "{body}"),
+        other => panic!("{other}: {body}"),
+    }
+    // A metricLabelSelector on the namespace would widen the scope: refused.
+    let (code, body, _) = get_port(
+        &c,
+        port,
+        &path("*/requests_per_second?metricLabelSelector=namespace%3Dt-cm-other"),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_answers_503_when_prometheus_is_unreachable() {
+    // A port that was free a moment ago: connection refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pki = Pki::new();
+    let (server, _dir) = served_by_run(&pki, move |c| {
+        c.custom_metrics_rules = vec![rule(&format!("http://{closed}"), RULE)];
+    })
+    .await;
+    let port = server.addr(activescale::Port::CustomMetrics).port();
+    let (code, body, _) = get_port(
+        &aggregator(&pki, Http::Two),
+        port,
+        &format!("{V2}/namespaces/shop/pods/*/requests_per_second"),
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["kind"], "Status", "{body}");
+    assert!(body.get("items").is_none(), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("prometheus"),
+        "{body}"
+    );
 }

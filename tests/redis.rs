@@ -774,7 +774,7 @@ async fn a_young_redis_is_not_read_as_no_load() {
         .unwrap();
     let early = store.values(&web_query("shop")).await;
     let early_summary = store.summary(&web_query("shop"), false).await;
-    let early_pods = store.answer_pods("shop", None).await;
+    let early_pods = store.answer_pods("shop", None, None).await;
     let mut raw = redis.client().await;
     // Checked after the calls: if the server is still young now, it was then.
     if uptime_secs(&mut raw).await < 3 {

@@ -531,7 +531,7 @@ fn check_dns_label(s: &str) -> Result<(), &'static str> {
 
 /// An RFC 1123 subdomain (a pod name): at most 253 characters, labels
 /// separated by `.`.
-fn check_dns_subdomain(s: &str) -> Result<(), &'static str> {
+pub(crate) fn check_dns_subdomain(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > 253 {
         return Err("1 to 253 characters");
     }

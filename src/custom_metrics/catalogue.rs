@@ -75,7 +75,8 @@ impl Catalogue {
         }
         for (i, rule) in config.custom_metrics_rules.iter().enumerate() {
             let compiled = PromRule::compile(rule, config.prometheus_enforce_namespace)
-                .map_err(|why| ConfigError(format!("custom_metrics_rules[{i}].query: {why}")))?;
+                .map_err(|why| ConfigError(format!("custom_metrics_rules[{i}].query: {why}")))?
+                .with_default_timeout(config.prometheus_timeout);
             metrics.push(MetricDef {
                 name: rule.name.clone(),
                 kind: MetricKind::Prometheus(compiled),

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!  kube-apiserver ──HTTPS, front-proxy cert, X-Remote-*──▶ server ─▶ api ──PodMetricSource──▶ engine
-//!  (aggregator)                                            (tls, auth)  (paths, Status)          (phase 2)
+//!  (aggregator)                                            (tls, auth)  (paths, Status)          (EngineSource)
 //! ```
 //!
 //! - [`types`]: the JSON objects, field for field as the Go types serialise.
@@ -26,8 +26,7 @@
 //!
 //! The API knows nothing of stores or Prometheus: it asks a
 //! [`PodMetricSource`] for the samples of the pods a request names and
-//! formats them. The engine implements it; until then the integration tests
-//! bring a stand-in.
+//! formats them. [`EngineSource`] implements it over the engine.
 
 pub mod api;
 pub mod auth;
@@ -115,7 +114,10 @@ pub trait PodMetricSource: Send + Sync + 'static {
     async fn pods(&self, query: &PodQuery<'_>) -> Result<Vec<PodSample>, SourceError>;
 }
 
-/// The engine's per-pod values as the API's source: `active_requests` now.
+/// The engine's per-pod values as the API's source: `active_requests` now
+/// or over a window (the store reduces it), and the Prometheus rules (one
+/// query per request through the engine's Prometheus backend, cached and
+/// single-flight like trigger queries).
 pub struct EngineSource {
     engine: crate::engine::Engine,
 }
@@ -129,30 +131,29 @@ impl EngineSource {
 #[async_trait]
 impl PodMetricSource for EngineSource {
     async fn pods(&self, query: &PodQuery<'_>) -> Result<Vec<PodSample>, SourceError> {
-        use crate::{engine::EvalError, store::PodSelector};
         match &query.metric.kind {
-            MetricKind::ActiveRequests { window: None } => {}
-            // Refused at start-up by `run` (see `servable`); never answered
-            // with a number the store cannot back.
-            _ => {
-                return Err(SourceError::Failed(format!(
-                    "metric {} is not served by this build",
-                    query.metric.name
-                )));
-            }
+            MetricKind::ActiveRequests { window } => self.sidecars(query, *window).await,
+            MetricKind::Prometheus(rule) => self.rule(query, rule).await,
         }
+    }
+}
+
+impl EngineSource {
+    /// The sidecars' values: now, or reduced over `window` by the store.
+    async fn sidecars(
+        &self,
+        query: &PodQuery<'_>,
+        window: Option<crate::store::Window>,
+    ) -> Result<Vec<PodSample>, SourceError> {
         let selector = match query.pods {
-            PodScope::Matching(s) => s.cloned().map(PodSelector::Labels),
+            PodScope::Matching(s) => s.cloned().map(crate::store::PodSelector::Labels),
             PodScope::Named(_) => None,
         };
         let pods = self
             .engine
-            .pods(query.namespace, selector.as_ref(), asker(query))
+            .pods(query.namespace, selector.as_ref(), window, asker(query))
             .await
-            .map_err(|e| match e {
-                EvalError::WarmingUp(left) => SourceError::WarmingUp(left),
-                e => SourceError::Unavailable(e.to_string()),
-            })?;
+            .map_err(engine_error)?;
         let now = SystemTime::now();
         Ok(pods
             .into_iter()
@@ -166,6 +167,66 @@ impl PodMetricSource for EngineSource {
                 last_report: now.checked_sub(p.age).unwrap_or(now),
             })
             .collect())
+    }
+
+    /// One query of `rule` for the request, its series mapped to pods.
+    async fn rule(
+        &self,
+        query: &PodQuery<'_>,
+        rule: &rules::PromRule,
+    ) -> Result<Vec<PodSample>, SourceError> {
+        use crate::config::PodsFrom;
+        let (pod, pod_selector) = match query.pods {
+            PodScope::Named(name) => (Some(name), None),
+            PodScope::Matching(s) => (None, s),
+        };
+        let scope = rules::RuleScope {
+            namespace: query.namespace,
+            pod,
+            // `pods_from: sidecars` selects the pods below, not in PromQL.
+            pod_selector: pod_selector.filter(|_| rule.pods_from == PodsFrom::Prometheus),
+            metric_selector: query.metric_selector,
+        };
+        let promql = rule.query(&scope).map_err(|e| match e {
+            rules::RuleError::Selector(why) => SourceError::Invalid(why),
+            e @ rules::RuleError::Query(_) => SourceError::Failed(e.to_string()),
+        })?;
+        let span = tracing::debug_span!(
+            "custom_metrics_rule",
+            metric = %query.metric.name,
+            namespace = query.namespace,
+            server = %rule.server,
+        );
+        let series = tracing::Instrument::instrument(
+            self.engine.prometheus().series(&rule.endpoint, &promql),
+            span,
+        )
+        .await
+        .map_err(|e| match e {
+            // A query that cannot give one series per pod is the rule's
+            // fault, not Prometheus' state.
+            crate::prometheus::PromError::BadValue(_) => SourceError::Failed(e.to_string()),
+            e => SourceError::Unavailable(e.to_string()),
+        })?;
+        let mut pods = rules::pods_of(&series, &rule.pod_label).map_err(SourceError::Failed)?;
+        if rule.pods_from == PodsFrom::Sidecars
+            && let PodScope::Matching(selector) = query.pods
+        {
+            let selector = selector.cloned().map(crate::store::PodSelector::Labels);
+            let live = self
+                .engine
+                .pods(
+                    query.namespace,
+                    selector.as_ref(),
+                    None,
+                    crate::engine::Asker::Unrecorded,
+                )
+                .await
+                .map_err(engine_error)?;
+            let names = live.into_iter().map(|p| p.name).collect();
+            rules::keep_only(&mut pods, &names);
+        }
+        Ok(pods)
     }
 }
 
@@ -181,27 +242,9 @@ fn asker<'a>(query: &PodQuery<'a>) -> crate::engine::Asker<'a> {
     }
 }
 
-/// Refuses, naming the setting, what the served API cannot answer yet:
-/// windowed forms and Prometheus rules need per-pod reads the engine does
-/// not offer yet. Listing them in discovery and failing every request would
-/// leave an HPA stuck without saying why.
-pub fn servable(config: &crate::config::Config) -> Result<(), crate::config::ConfigError> {
-    for (field, set) in [
-        (
-            "custom_metrics_windows",
-            !config.custom_metrics_windows.is_empty(),
-        ),
-        (
-            "custom_metrics_rules",
-            !config.custom_metrics_rules.is_empty(),
-        ),
-    ] {
-        if set {
-            return Err(crate::config::ConfigError(format!(
-                "{field}: not served yet with custom_metrics_addr (only active_requests is); \
-                 leave it empty"
-            )));
-        }
+fn engine_error(e: crate::engine::EvalError) -> SourceError {
+    match e {
+        crate::engine::EvalError::WarmingUp(left) => SourceError::WarmingUp(left),
+        e => SourceError::Unavailable(e.to_string()),
     }
-    Ok(())
 }

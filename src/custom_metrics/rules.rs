@@ -28,13 +28,26 @@
 //! character other than `[A-Za-z0-9_]` becomes `_`. `metricLabelSelector`
 //! keys are Prometheus label names already and are used as they are.
 
-use std::time::Duration;
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use crate::{
     config::{CustomMetricsRule, PodsFrom, is_prometheus_label_name},
-    prometheus::promql::{self, NAMESPACE_LABEL, Rewrite},
+    prometheus::{
+        client::{Auth, Endpoint, Series},
+        promql::{self, NAMESPACE_LABEL, Rewrite},
+    },
     selector::{Requirement, Selector},
 };
+
+use super::{PodSample, api::check_dns_subdomain};
+
+/// A rule's query timeout until [`PromRule::with_default_timeout`] sets
+/// `prometheus_timeout` (its default).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 const LABEL_MATCHERS: &str = ".LabelMatchers";
 const GROUP_BY: &str = ".GroupBy";
@@ -49,6 +62,8 @@ pub struct PromRule {
     pub window: Option<Duration>,
     pub pods_from: PodsFrom,
     pub timeout: Option<Duration>,
+    /// Where its queries go: the rule's server, no credentials, its timeout.
+    pub endpoint: Arc<Endpoint>,
     template: Vec<Part>,
     enforce_namespace: bool,
 }
@@ -103,6 +118,7 @@ impl PromRule {
             window: rule.window,
             pods_from: rule.pods_from,
             timeout: rule.timeout,
+            endpoint: endpoint(&rule.server, rule.timeout.unwrap_or(DEFAULT_TIMEOUT)),
             template,
             enforce_namespace,
         };
@@ -128,6 +144,13 @@ impl PromRule {
             })?;
         }
         Ok(compiled)
+    }
+
+    /// The rule with `default` (`prometheus_timeout`) as its timeout when it
+    /// sets none.
+    pub fn with_default_timeout(mut self, default: Duration) -> Self {
+        self.endpoint = endpoint(&self.server, self.timeout.unwrap_or(default));
+        self
     }
 
     /// The query for `scope`, checked by the PromQL guard.
@@ -193,6 +216,56 @@ impl PromRule {
         }
         Ok(out.join(","))
     }
+}
+
+fn endpoint(server: &str, timeout: Duration) -> Arc<Endpoint> {
+    Arc::new(Endpoint {
+        url: server.to_owned(),
+        timeout,
+        unsafe_ssl: false,
+        ca_pem: None,
+        auth: Auth::None,
+        headers: Vec::new(),
+    })
+}
+
+/// A rule's result as pods: the series named by `pod_label`, with their
+/// sample time. A series without that label, or whose label is no pod name,
+/// is not a pod's and is skipped; the same pod twice is an error (which of
+/// the two would be a guess). Values pass as they are: the API refuses a
+/// NaN, infinite or negative one rather than serving it.
+pub fn pods_of(series: &[Series], pod_label: &str) -> Result<Vec<PodSample>, String> {
+    let mut seen = HashSet::with_capacity(series.len());
+    let mut pods = Vec::with_capacity(series.len());
+    for s in series {
+        let Some(name) = s.labels.get(pod_label) else {
+            continue;
+        };
+        if check_dns_subdomain(name).is_err() {
+            continue;
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(format!(
+                "the query returned more than one series for pod {name} (label {pod_label}); \
+                 aggregate it by {pod_label}, e.g. sum by (<<.GroupBy>>) (...)"
+            ));
+        }
+        let at = Duration::try_from_secs_f64(s.at)
+            .ok()
+            .and_then(|d| UNIX_EPOCH.checked_add(d))
+            .ok_or_else(|| format!("pod {name}: the sample time {} is out of range", s.at))?;
+        pods.push(PodSample {
+            name: name.clone(),
+            value: s.value,
+            last_report: at,
+        });
+    }
+    Ok(pods)
+}
+
+/// Only `names`' samples, for `pods_from: sidecars`.
+pub fn keep_only(pods: &mut Vec<PodSample>, names: &HashSet<String>) {
+    pods.retain(|p| names.contains(&p.name));
 }
 
 fn key_of(r: &Requirement) -> &str {
@@ -343,6 +416,76 @@ mod tests {
             pods_from: PodsFrom::Prometheus,
             timeout: None,
         }
+    }
+
+    fn series(pod: Option<&str>, value: f64, at: f64) -> Series {
+        Series {
+            labels: pod
+                .map(|p| [("pod".to_string(), p.to_string())].into())
+                .unwrap_or_default(),
+            value,
+            at,
+        }
+    }
+
+    #[test]
+    fn result_to_pods() {
+        let got = pods_of(
+            &[
+                series(Some("web-1"), 2.5, 1_767_323_045.5),
+                series(None, 9.0, 1.0),
+                series(Some("Not_A_Pod"), 9.0, 1.0),
+                series(Some(""), 9.0, 1.0),
+                series(Some("web-2"), f64::NAN, 10.0),
+            ],
+            "pod",
+        )
+        .unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].name, "web-1");
+        assert_eq!(got[0].value, 2.5);
+        assert_eq!(
+            got[0].last_report,
+            UNIX_EPOCH + Duration::from_millis(1_767_323_045_500)
+        );
+        // Passed on for the API to refuse, never dropped silently.
+        assert_eq!(got[1].name, "web-2");
+        assert!(got[1].value.is_nan());
+        // Another label name: nothing of this is a pod.
+        assert!(
+            pods_of(&[series(Some("web-1"), 1.0, 1.0)], "pod_name")
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_pod_twice_or_a_bad_time_is_an_error() {
+        let e = pods_of(
+            &[
+                series(Some("web-1"), 1.0, 1.0),
+                series(Some("web-1"), 2.0, 1.0),
+            ],
+            "pod",
+        )
+        .unwrap_err();
+        assert!(e.contains("more than one series for pod web-1"), "{e}");
+        for at in [-1.0, f64::NAN, f64::INFINITY] {
+            let e = pods_of(&[series(Some("web-1"), 1.0, at)], "pod").unwrap_err();
+            assert!(e.contains("sample time"), "{at}: {e}");
+        }
+    }
+
+    #[test]
+    fn sidecar_pods_filter() {
+        let mut pods = pods_of(
+            &[series(Some("a"), 1.0, 1.0), series(Some("b"), 1.0, 1.0)],
+            "pod",
+        )
+        .unwrap();
+        keep_only(&mut pods, &["b".to_string()].into());
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].name, "b");
     }
 
     const RPS: &str = "sum by (<<.GroupBy>>) (rate(http_requests_total{<<.LabelMatchers>>}[2m]))";

@@ -32,7 +32,7 @@ use crate::{
     activator::RouteSet,
     prometheus::{PromBackend, PromError, PromKey, PromTrigger},
     source::{Source, activator::RouteRef, envoy::Aggregation},
-    store::{PodQuery, PodSelector, SharedStore, StoreError},
+    store::{PodQuery, PodSelector, SharedStore, StoreError, Window},
     telemetry::Metrics,
     trigger::Trigger,
 };
@@ -297,15 +297,17 @@ impl Engine {
     }
 
     /// Each live pod of `namespace` matching `selector` (every pod when
-    /// `None`), with its value now: for front ends that answer per pod.
-    /// Recorded as `asker`'s.
+    /// `None`), with its value now, or reduced over `window` as a windowed
+    /// trigger reduces it: for front ends that answer per pod. Recorded as
+    /// `asker`'s.
     pub async fn pods(
         &self,
         namespace: &str,
         selector: Option<&PodSelector>,
+        window: Option<Window>,
         asker: Asker<'_>,
     ) -> Result<Vec<PodReading>, EvalError> {
-        let result = self.read_pods(namespace, selector).await;
+        let result = self.read_pods(namespace, selector, window).await;
         if let Some(r) = self.record_for(&asker) {
             r.pods(&asker, namespace, selector, result.as_deref());
         }
@@ -316,11 +318,12 @@ impl Engine {
         &self,
         namespace: &str,
         selector: Option<&PodSelector>,
+        window: Option<Window>,
     ) -> Result<Vec<PodReading>, EvalError> {
         if let Some(left) = self.store.warming_up() {
             return Err(EvalError::WarmingUp(left));
         }
-        let pods = self.store.answer_pods(namespace, selector).await?;
+        let pods = self.store.answer_pods(namespace, selector, window).await?;
         Ok(pods
             .into_iter()
             .map(|p| PodReading {
@@ -329,6 +332,12 @@ impl Engine {
                 age: p.age,
             })
             .collect())
+    }
+
+    /// The Prometheus backend (its clients, cache and single-flight), for
+    /// front ends that run their own queries through it.
+    pub fn prometheus(&self) -> &PromBackend {
+        &self.prometheus
     }
 
     /// The shared feed of the source's value, started if none runs. The
@@ -474,7 +483,7 @@ mod tests {
             metric: "active_requests",
             pod: None,
         };
-        e.pods("shop", None, hpa).await.unwrap();
+        e.pods("shop", None, None, hpa).await.unwrap();
         let mut w = e.watch(&t.source, t.activation, keda);
         assert_eq!(w.changed().await, Some(false));
         assert_eq!(
@@ -489,7 +498,7 @@ mod tests {
 
         let (e, seen) = engine(Some(Duration::from_secs(3600)));
         assert!(e.value(&t.source, keda).await.is_err());
-        assert!(e.pods("shop", None, hpa).await.is_err());
+        assert!(e.pods("shop", None, None, hpa).await.is_err());
         let log = seen.lock().unwrap();
         assert!(log[0].starts_with("keda web Err(\"warming up"), "{log:?}");
         assert!(

@@ -183,6 +183,54 @@ pub enum Outcome {
     Empty,
 }
 
+/// One series of an instant vector, as a per-pod rule reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub labels: HashMap<String, String>,
+    /// As Prometheus sent it: any float, NaN and ±Inf included (the caller
+    /// decides what it refuses).
+    pub value: f64,
+    /// The sample's time, Unix seconds.
+    pub at: f64,
+}
+
+/// Most series one vector answer may hold: bounds the work after the byte
+/// limit (a per-pod metric has one series per pod).
+pub const MAX_SERIES: usize = 20_000;
+
+/// The series of an instant-vector answer; a scalar or a range vector is an
+/// error (a per-pod rule must return one series per pod).
+pub fn series_of(data: &Data) -> Result<Arc<[Series]>, PromError> {
+    match data {
+        Data::Vector(v) if v.len() > MAX_SERIES => Err(PromError::BadValue(format!(
+            "the query returned {} series, more than {MAX_SERIES}",
+            v.len()
+        ))),
+        Data::Vector(v) => Ok(v
+            .iter()
+            .map(|s| Series {
+                labels: s.metric().clone(),
+                value: s.sample().value(),
+                at: s.sample().timestamp(),
+            })
+            .collect()),
+        Data::Matrix(m) if m.is_empty() => Ok(Arc::from([])),
+        Data::Matrix(_) => Err(PromError::BadValue(
+            "the query returned a range vector; it must return an instant vector".into(),
+        )),
+        Data::Scalar(_) => Err(PromError::BadValue(
+            "the query returned a scalar; it must return one series per pod".into(),
+        )),
+    }
+}
+
+/// A cached answer: one number (triggers) or the series (per-pod rules).
+#[derive(Clone, Debug, PartialEq)]
+enum Answer {
+    One(Outcome),
+    Vector(Arc<[Series]>),
+}
+
 /// Turns a query answer into one number, or says why it cannot be one.
 pub fn outcome_of(data: &Data) -> Result<Outcome, PromError> {
     let v = match data {
@@ -303,15 +351,17 @@ fn size(bytes: usize) -> String {
     }
 }
 
-type Flight = Shared<BoxFuture<'static, Result<Outcome, PromError>>>;
+type Flight = Shared<BoxFuture<'static, Result<Answer, PromError>>>;
 
 enum Slot {
-    Done { outcome: Outcome, at: Instant },
+    Done { answer: Answer, at: Instant },
     Running(Flight),
 }
 
+/// Endpoint, query, and whether the series are kept (`true`) or reduced to
+/// one number: the same text read both ways are two entries.
 #[derive(Clone, PartialEq, Eq, Hash)]
-struct Key(Arc<Endpoint>, String);
+struct Key(Arc<Endpoint>, String, bool);
 
 /// Reqwest clients and recent results, shared by every clone of the backend.
 pub struct Connections {
@@ -355,18 +405,54 @@ impl Connections {
     /// One instant query, from the cache, from a request already in flight,
     /// or sent now.
     pub async fn query(&self, endpoint: &Arc<Endpoint>, query: &str) -> Result<Outcome, PromError> {
+        match self.answer(endpoint, query, false).await? {
+            Answer::One(outcome) => Ok(outcome),
+            Answer::Vector(_) => Err(PromError::Unavailable("cache kind mismatch".into())),
+        }
+    }
+
+    /// One instant query whose every series is kept (per-pod rules), with
+    /// the same cache, single-flight, timeouts and size limit as [`Self::query`].
+    pub async fn query_series(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        query: &str,
+    ) -> Result<Arc<[Series]>, PromError> {
+        match self.answer(endpoint, query, true).await? {
+            Answer::Vector(series) => Ok(series),
+            Answer::One(_) => Err(PromError::Unavailable("cache kind mismatch".into())),
+        }
+    }
+
+    async fn answer(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        query: &str,
+        vector: bool,
+    ) -> Result<Answer, PromError> {
         let client = self.client(endpoint)?;
         let endpoint = Arc::clone(endpoint);
         let query = query.to_owned();
         let max_bytes = self.max_response_bytes;
         let queries = self.queries.clone();
-        self.shared(Key(endpoint.clone(), query.clone()), move || {
-            let span = debug_span!("prometheus_query", server = %endpoint.url, query = %query);
+        self.shared(Key(endpoint.clone(), query.clone(), vector), move || {
+            let span =
+                debug_span!("prometheus_query", server = %endpoint.url, query = %query, vector);
             async move {
-                let r = fetch(&client, &endpoint, &query, max_bytes).await;
+                let r = fetch(&client, &endpoint, &query, max_bytes)
+                    .await
+                    .and_then(|data| {
+                        if vector {
+                            series_of(&data).map(Answer::Vector)
+                        } else {
+                            outcome_of(&data).map(Answer::One)
+                        }
+                    });
+                debug!(answer = ?r, "answered");
                 let outcome = match &r {
-                    Ok(Outcome::Value(_)) => "value",
-                    Ok(Outcome::Empty) => "empty",
+                    Ok(Answer::One(Outcome::Value(_))) => "value",
+                    Ok(Answer::Vector(s)) if !s.is_empty() => "value",
+                    Ok(_) => "empty",
                     Err(_) => "error",
                 };
                 queries.get_or_create(&OutcomeLabel { outcome }).inc();
@@ -381,12 +467,14 @@ impl Connections {
     async fn shared(
         &self,
         key: Key,
-        fetch: impl FnOnce() -> BoxFuture<'static, Result<Outcome, PromError>>,
-    ) -> Result<Outcome, PromError> {
+        fetch: impl FnOnce() -> BoxFuture<'static, Result<Answer, PromError>>,
+    ) -> Result<Answer, PromError> {
         let flight = {
             let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
             match results.get(&key) {
-                Some(Slot::Done { outcome, at }) if at.elapsed() < self.ttl => return Ok(*outcome),
+                Some(Slot::Done { answer, at }) if at.elapsed() < self.ttl => {
+                    return Ok(answer.clone());
+                }
                 Some(Slot::Running(f)) => f.clone(),
                 _ => {
                     // The request runs in its own task so that it completes
@@ -397,11 +485,11 @@ impl Connections {
                         let r = request.await;
                         let mut results = results_ref.lock().unwrap_or_else(|e| e.into_inner());
                         match &r {
-                            Ok(outcome) => {
+                            Ok(answer) => {
                                 results.insert(
                                     key_ref,
                                     Slot::Done {
-                                        outcome: *outcome,
+                                        answer: answer.clone(),
                                         at: Instant::now(),
                                     },
                                 );
@@ -440,7 +528,7 @@ async fn fetch(
     endpoint: &Endpoint,
     query: &str,
     max_bytes: usize,
-) -> Result<Outcome, PromError> {
+) -> Result<Data, PromError> {
     // reqwest's own timeout covers connect and body; this one also covers
     // reading credential files and anything slower that is not I/O.
     let answer = tokio::time::timeout(endpoint.timeout + Duration::from_millis(100), async {
@@ -455,9 +543,7 @@ async fn fetch(
     })
     .await
     .map_err(|_| PromError::Unavailable(format!("no answer within {:?}", endpoint.timeout)))??;
-    let outcome = outcome_of(&answer);
-    debug!(?outcome, "answered");
-    outcome
+    Ok(answer)
 }
 
 #[cfg(test)]
@@ -479,8 +565,8 @@ mod tests {
 
     fn counting(
         calls: &Arc<AtomicUsize>,
-        result: Result<Outcome, PromError>,
-    ) -> BoxFuture<'static, Result<Outcome, PromError>> {
+        result: Result<Answer, PromError>,
+    ) -> BoxFuture<'static, Result<Answer, PromError>> {
         let calls = Arc::clone(calls);
         async move {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -494,7 +580,7 @@ mod tests {
     async fn concurrent_identical_queries_share_one_request_and_the_result_is_reused_for_ttl() {
         let c = Connections::new(Duration::from_secs(2), 1 << 20);
         let calls = Arc::new(AtomicUsize::new(0));
-        let key = Key(endpoint("http://127.0.0.1:1"), "up".into());
+        let key = Key(endpoint("http://127.0.0.1:1"), "up".into(), false);
         let gate = Arc::new(tokio::sync::Notify::new());
         let all = futures::future::join_all((0..10).map(|_| {
             let (calls, gate) = (calls.clone(), gate.clone());
@@ -502,7 +588,7 @@ mod tests {
                 async move {
                     calls.fetch_add(1, Ordering::SeqCst);
                     gate.notified().await;
-                    Ok(Outcome::Value(4.0))
+                    Ok(Answer::One(Outcome::Value(4.0)))
                 }
                 .boxed()
             })
@@ -515,22 +601,36 @@ mod tests {
         };
         let (results, ()) = tokio::join!(all, waiter);
         assert!(
-            results.iter().all(|r| *r == Ok(Outcome::Value(4.0))),
+            results
+                .iter()
+                .all(|r| *r == Ok(Answer::One(Outcome::Value(4.0)))),
             "{results:?}"
         );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
 
         let again = c
-            .shared(key.clone(), || counting(&calls, Ok(Outcome::Value(9.0))))
+            .shared(key.clone(), || {
+                counting(&calls, Ok(Answer::One(Outcome::Value(9.0))))
+            })
             .await;
-        assert_eq!(again, Ok(Outcome::Value(4.0)), "served from the cache");
+        assert_eq!(
+            again,
+            Ok(Answer::One(Outcome::Value(4.0))),
+            "served from the cache"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
 
         tokio::time::advance(Duration::from_secs(3)).await;
         let fresh = c
-            .shared(key.clone(), || counting(&calls, Ok(Outcome::Value(9.0))))
+            .shared(key.clone(), || {
+                counting(&calls, Ok(Answer::One(Outcome::Value(9.0))))
+            })
             .await;
-        assert_eq!(fresh, Ok(Outcome::Value(9.0)), "re-read after the TTL");
+        assert_eq!(
+            fresh,
+            Ok(Answer::One(Outcome::Value(9.0))),
+            "re-read after the TTL"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
@@ -538,7 +638,7 @@ mod tests {
     async fn failures_are_not_cached_and_keys_differ_by_identity() {
         let c = Connections::new(Duration::from_secs(60), 1 << 20);
         let calls = Arc::new(AtomicUsize::new(0));
-        let key = Key(endpoint("http://127.0.0.1:1"), "up".into());
+        let key = Key(endpoint("http://127.0.0.1:1"), "up".into(), false);
         let e = c
             .shared(key.clone(), || {
                 counting(&calls, Err(PromError::Unavailable("down".into())))
@@ -546,21 +646,23 @@ mod tests {
             .await;
         assert!(matches!(e, Err(PromError::Unavailable(_))));
         let ok = c
-            .shared(key.clone(), || counting(&calls, Ok(Outcome::Empty)))
+            .shared(key.clone(), || {
+                counting(&calls, Ok(Answer::One(Outcome::Empty)))
+            })
             .await;
-        assert_eq!(ok, Ok(Outcome::Empty));
+        assert_eq!(ok, Ok(Answer::One(Outcome::Empty)));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
 
         let mut tenant_b = (*endpoint("http://127.0.0.1:1")).clone();
         tenant_b.headers.push(("X-Scope-OrgID".into(), "b".into()));
         let other = c
-            .shared(Key(Arc::new(tenant_b), "up".into()), || {
-                counting(&calls, Ok(Outcome::Value(1.0)))
+            .shared(Key(Arc::new(tenant_b), "up".into(), false), || {
+                counting(&calls, Ok(Answer::One(Outcome::Value(1.0))))
             })
             .await;
         assert_eq!(
             other,
-            Ok(Outcome::Value(1.0)),
+            Ok(Answer::One(Outcome::Value(1.0))),
             "another tenant header is another cache entry"
         );
         assert_eq!(calls.load(Ordering::SeqCst), 3);

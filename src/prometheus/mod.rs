@@ -134,6 +134,17 @@ impl PromBackend {
         }
     }
 
+    /// Every series of one instant query at `endpoint`, through the same
+    /// cache, single-flight, timeouts and size limit as trigger queries (for
+    /// the Custom Metrics API's per-pod rules).
+    pub async fn series(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        query: &str,
+    ) -> Result<Arc<[client::Series]>, PromError> {
+        self.connections.query_series(endpoint, query).await
+    }
+
     /// The trigger's current value. The queries of a formula run concurrently.
     pub async fn value(&self, trigger: &PromTrigger) -> Result<f64, PromError> {
         let answers = futures::future::join_all(

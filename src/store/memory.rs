@@ -422,6 +422,15 @@ impl Store for MemoryStore {
         namespace: &str,
         selector: Option<&PodSelector>,
     ) -> Result<Vec<PodView>, StoreError> {
+        self.answer_pods(namespace, selector, None).await
+    }
+
+    async fn answer_pods(
+        &self,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+        window: Option<Window>,
+    ) -> Result<Vec<PodView>, StoreError> {
         let inner = &*self.inner;
         let now = inner.now_ms();
         let namespaces = inner.namespaces.read().unwrap_or_else(|e| e.into_inner());
@@ -433,7 +442,12 @@ impl Store for MemoryStore {
             .filter(|p| inner.is_live(p, now) && selector.is_none_or(|s| s.matches(&p.identity)))
             .map(|p| PodView {
                 identity: (*p.identity).clone(),
-                value: p.value,
+                // The same reduction as `each_value`: a windowed read per pod
+                // agrees with a windowed trigger over the same pods.
+                value: match window {
+                    Some(w) => window::reduce(&p.history, now, w).unwrap_or(p.value),
+                    None => p.value,
+                },
                 families: p
                     .families
                     .iter()

@@ -222,13 +222,14 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::pods`] as a scaling answer (the Custom Metrics API): refused
     /// wherever a summed read would be (a store that knows its list may be
     /// incomplete says so), while `pods` shows what is there, for debugging.
+    /// With `window`, each pod's `value` is reduced over it as
+    /// [`Store::values`] does for `PodQuery::window`.
     async fn answer_pods(
         &self,
         namespace: &str,
         selector: Option<&PodSelector>,
-    ) -> Result<Vec<PodView>, StoreError> {
-        self.pods(namespace, selector).await
-    }
+        window: Option<Window>,
+    ) -> Result<Vec<PodView>, StoreError>;
 
     /// A receiver that is marked changed whenever a pod of `namespace` appears,
     /// changes value or expires (on any replica, for shared stores). Bursts

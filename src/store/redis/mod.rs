@@ -520,13 +520,14 @@ impl Inner {
         namespace: &str,
         selector: Option<&PodSelector>,
         answer: bool,
+        window: Option<window::Window>,
     ) -> Result<Vec<PodView>, StoreError> {
         self.writes.check()?;
-        let snap = self.read(namespace, false).await?;
+        let snap = self.read(namespace, window.is_some()).await?;
         if answer {
             self.check_uptime(snap.uptime)?;
         }
-        Ok(views_of(snap, selector))
+        Ok(views_of(snap, selector, window))
     }
 
     /// Fails while the node holding the namespace is too young to be trusted.
@@ -695,6 +696,8 @@ struct StoredPod {
     last_seen_ms: u64,
     value: f64,
     families: Vec<(String, f64)>,
+    /// Change points, when the read asked for them.
+    history: Option<Vec<window::Point>>,
 }
 
 /// The answer of `read.lua`.
@@ -705,19 +708,31 @@ struct Snapshot {
     pods: Vec<StoredPod>,
 }
 
-/// The pods of a snapshot matching `selector`, by name.
-fn views_of(snap: Snapshot, selector: Option<&PodSelector>) -> Vec<PodView> {
-    let mut views: Vec<PodView> = snap
-        .pods
-        .into_iter()
-        .filter(|p| selector.is_none_or(|s| s.matches(&p.identity)))
-        .map(|p| PodView {
-            age: Duration::from_millis(snap.now_ms.saturating_sub(p.last_seen_ms)),
+/// The pods of a snapshot matching `selector`, by name; with `window`, each
+/// value reduced over it as `values_of` does (the snapshot then holds the
+/// history).
+fn views_of(
+    snap: Snapshot,
+    selector: Option<&PodSelector>,
+    window: Option<window::Window>,
+) -> Vec<PodView> {
+    let now_ms = snap.now_ms;
+    let mut views = Vec::new();
+    for p in snap.pods {
+        if !selector.is_none_or(|s| s.matches(&p.identity)) {
+            continue;
+        }
+        let value = match (window, &p.history) {
+            (Some(w), Some(h)) => window::reduce(h, now_ms, w).unwrap_or(p.value),
+            _ => p.value,
+        };
+        views.push(PodView {
+            age: Duration::from_millis(now_ms.saturating_sub(p.last_seen_ms)),
             identity: p.identity,
-            value: p.value,
+            value,
             families: p.families.into_iter().collect(),
-        })
-        .collect();
+        });
+    }
     views.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
     views
 }
@@ -833,7 +848,7 @@ impl Snapshot {
             std::collections::HashMap::new();
         while let Some(name) = it.next() {
             let name = name.ok_or_else(|| corrupt("pod without a name"))?;
-            let (Some(seen), Some(id), Some(st), Some(_history)) =
+            let (Some(seen), Some(id), Some(st), Some(history)) =
                 (it.next(), it.next(), it.next(), it.next())
             else {
                 return Err(corrupt("short reply"));
@@ -867,6 +882,10 @@ impl Snapshot {
                     _ => Err(corrupt(&format!("state of pod {name} is odd"))),
                 })
                 .collect::<Result<_, _>>()?;
+            // `false` from read.lua when history was not asked for.
+            let history = history
+                .map(|h| parse_history(&name, &h, &corrupt))
+                .transpose()?;
             pods.push(StoredPod {
                 identity: PodIdentity {
                     namespace: namespace.to_owned(),
@@ -877,6 +896,7 @@ impl Snapshot {
                 last_seen_ms: number("last seen", &seen)? as u64,
                 value,
                 families,
+                history,
             });
         }
         Ok(Self {
@@ -1005,17 +1025,18 @@ impl Store for RedisStore {
         namespace: &str,
         selector: Option<&PodSelector>,
     ) -> Result<Vec<PodView>, StoreError> {
-        self.inner.pods(namespace, selector, false).await
+        self.inner.pods(namespace, selector, false, None).await
     }
 
     async fn answer_pods(
         &self,
         namespace: &str,
         selector: Option<&PodSelector>,
+        window: Option<window::Window>,
     ) -> Result<Vec<PodView>, StoreError> {
         // A young node's list may miss pods that have not reported since it
         // started: as a scaling answer that would read as less load.
-        self.inner.pods(namespace, selector, true).await
+        self.inner.pods(namespace, selector, true, window).await
     }
 
     fn watch(&self, namespace: &str) -> watch::Receiver<u64> {
@@ -1377,6 +1398,19 @@ mod tests {
             p.families,
             vec![("a".to_string(), 1.0), ("b".to_string(), 2.0)]
         );
+        // The per-pod answer reduces the history as `values_of` does:
+        // [900, 1000] holds 1 for 50 ms, then 3 for 50 ms.
+        let avg = window::Window {
+            length: Duration::from_millis(100),
+            reduce: window::WindowReduce::Avg,
+        };
+        let views = views_of(Snapshot::parse("ns", raw.clone()).unwrap(), None, Some(avg));
+        assert_eq!(
+            (views[0].identity.name.as_str(), views[0].value),
+            ("p1", 2.0)
+        );
+        let views = views_of(Snapshot::parse("ns", raw.clone()).unwrap(), None, None);
+        assert_eq!(views[0].value, 3.0, "no window: the value now");
         // The values-only path: uptime, selector, and the history for a window.
         let query = |window| PodQuery {
             namespace: "ns".into(),
