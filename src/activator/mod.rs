@@ -582,6 +582,8 @@ impl Shared {
                 debug!(%peer, "no request head within header_read_timeout; closing");
                 return;
             }
+            // Draining: nothing was asked yet, so nothing is owed.
+            _ = shutdown.cancelled() => return,
             _ = self.stop.cancelled() => return,
         };
         let io = TokioIo::new(stream);
