@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use http_body::{Body, Frame, SizeHint};
 use hyper::{
@@ -467,6 +467,44 @@ pub(crate) fn prepare(
     (kind, on_upgrade)
 }
 
+/// Copies an HTTP/1.1 request head's target and header values out of the
+/// connection's read buffer into one small allocation of their own.
+///
+/// Why: hyper parses HTTP/1.1 heads zero-copy, each value a slice of the
+/// connection's 8 KiB read buffer, so a held request pins that buffer; and
+/// hyper, reading on to notice a client that hangs up, then has to allocate
+/// a second 8 KiB one. With the head copied (a few hundred bytes) the buffer
+/// is hyper's alone again and is reused in place. Must run inside the
+/// service's `call`, before hyper reads on. HTTP/2 heads are HPACK-decoded
+/// into buffers of their own and are left alone.
+pub(crate) fn own_head<B>(req: &mut Request<B>) {
+    if req.version() == Version::HTTP_2 {
+        return;
+    }
+    let target = req.uri().to_string();
+    let values: usize = req.headers().values().map(HeaderValue::len).sum();
+    let mut buf = BytesMut::with_capacity(target.len() + values);
+    buf.extend_from_slice(target.as_bytes());
+    for v in req.headers().values() {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let all = buf.freeze();
+    // Both are re-parsed from identical bytes, so neither can fail; if one
+    // did, the original (zero-copy) part is kept: correct, just larger.
+    if let Ok(uri) = Uri::from_maybe_shared(all.slice(..target.len())) {
+        *req.uri_mut() = uri;
+    }
+    let mut at = target.len();
+    for v in req.headers_mut().values_mut() {
+        let end = at + v.len();
+        if let Ok(mut owned) = HeaderValue::from_maybe_shared(all.slice(at..end)) {
+            owned.set_sensitive(v.is_sensitive());
+            *v = owned;
+        }
+        at = end;
+    }
+}
+
 /// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets
 /// `X-Forwarded-Proto` when no earlier proxy did.
 pub(crate) fn add_forwarding(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>) {
@@ -710,6 +748,39 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["forwarded"], "for=\"[::1]\";host=web;proto=http");
+    }
+
+    #[test]
+    fn own_head_copies_target_and_values_out_of_the_read_buffer() {
+        let wire = Bytes::from_static(b"GET /a?b=1 HTTP/1.1xweb.example.com*/*");
+        let mut req = Request::builder()
+            .uri(Uri::from_maybe_shared(wire.slice(4..10)).unwrap())
+            .body(())
+            .unwrap();
+        let h = req.headers_mut();
+        h.append(
+            header::HOST,
+            HeaderValue::from_maybe_shared(wire.slice(20..35)).unwrap(),
+        );
+        let mut secret = HeaderValue::from_maybe_shared(wire.slice(35..38)).unwrap();
+        secret.set_sensitive(true);
+        h.append(header::ACCEPT, secret);
+        h.append(header::ACCEPT, HeaderValue::from_static("text/plain"));
+        let inside = |p: *const u8| wire.as_ptr_range().contains(&p);
+        assert!(inside(req.headers()[header::HOST].as_bytes().as_ptr()));
+
+        own_head(&mut req);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()[header::HOST], "web.example.com");
+        let accept: Vec<_> = req.headers().get_all(header::ACCEPT).iter().collect();
+        assert_eq!(accept, ["*/*", "text/plain"]);
+        assert!(accept[0].is_sensitive() && !accept[1].is_sensitive());
+        assert!(!inside(req.uri().path().as_ptr()));
+        assert!(
+            req.headers()
+                .values()
+                .all(|v| !inside(v.as_bytes().as_ptr()))
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ mod route;
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -49,6 +50,7 @@ use hyper::{
     Method, Request, Response, StatusCode,
     body::Incoming,
     header::{self, HeaderName, HeaderValue},
+    server::conn::{http1 as server_h1, http2 as server_h2},
     service::service_fn,
 };
 use hyper_util::{
@@ -153,7 +155,12 @@ struct Shared {
     table: route::RouteTable,
     routes: Vec<Arc<RouteState>>,
     unrouted: RouteMetrics,
-    builder: auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 and HTTP/2 servers, picked by peeking at a connection's
+    /// first bytes; `auto` only for the rare connection whose first bytes
+    /// could still become the HTTP/2 preface (see [`sniff`]).
+    h1: server_h1::Builder,
+    h2: server_h2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
     /// Connection and tunnel tasks; `serve` waits for them on drain.
     tasks: TaskTracker,
     /// Ends everything (connections, tunnels, probes, upstream connections)
@@ -395,16 +402,29 @@ impl Activator {
             })
             .collect();
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        // The same settings three times: hyper-util's auto builder does not
+        // hand out its inner builders.
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
-        builder
-            .http2()
+        auto.http2()
             .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW)
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .keep_alive_interval(settings.http2_keepalive_interval)
+            .keep_alive_timeout(settings.http2_keepalive_timeout);
+        let mut h1 = server_h1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .keep_alive(true);
+        let mut h2 = server_h2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(MAX_HEAD_BYTES as u32)
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
@@ -418,7 +438,9 @@ impl Activator {
                 unrouted: metrics.unrouted(),
                 settings,
                 routes,
-                builder,
+                h1,
+                h2,
+                auto,
                 tasks: TaskTracker::new(),
                 stop,
                 accept_errors: RateLimit::new(Duration::from_secs(10)),
@@ -490,6 +512,33 @@ impl Activator {
     }
 }
 
+/// First bytes of every HTTP/2 prior-knowledge connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which server a connection's first bytes call for.
+#[derive(Debug, PartialEq, Eq)]
+enum Sniffed {
+    Http1,
+    Http2,
+    /// Too few bytes to tell, but a prefix of the HTTP/2 preface: let
+    /// hyper-util's auto builder read on and decide.
+    Unsure,
+}
+
+fn sniff(first: &[u8]) -> Sniffed {
+    if first.len() >= H2_PREFACE.len() {
+        if first[..H2_PREFACE.len()] == H2_PREFACE[..] {
+            Sniffed::Http2
+        } else {
+            Sniffed::Http1
+        }
+    } else if H2_PREFACE.starts_with(first) {
+        Sniffed::Unsure
+    } else {
+        Sniffed::Http1
+    }
+}
+
 /// Per-connection facts the request handler needs.
 struct ConnCtx {
     peer: IpAddr,
@@ -512,21 +561,76 @@ impl Shared {
         let service = {
             let shared = self.clone();
             let ctx = ctx.clone();
-            service_fn(move |req| {
+            service_fn(move |mut req| {
+                // Here, not in the future: hyper reads on as soon as `call`
+                // returns (see `own_head`).
+                forward::own_head(&mut req);
                 let shared = shared.clone();
                 let ctx = ctx.clone();
                 async move { Ok::<_, Infallible>(shared.handle(req, &ctx).await) }
             })
         };
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service);
-        tokio::pin!(conn);
         // hyper's header timeout starts once it knows the protocol; this one
         // covers the bytes before that (and an HTTP/2 connection that never
         // opens a stream).
         let first = tokio::time::sleep(self.settings.header_read_timeout);
         tokio::pin!(first);
+        // Peek (not read) to pick the protocol, so that hyper's first read
+        // takes the whole request head into its 8 KiB buffer. hyper-util's
+        // auto builder reads 24 bytes itself and replays them: hyper's
+        // second read then doubles the buffer to 16 KiB, for the life of
+        // the connection (half of what a held HTTP/1.1 request cost).
+        let mut head = [0u8; H2_PREFACE.len()];
+        let sniffed = tokio::select! {
+            r = stream.peek(&mut head) => match r {
+                Ok(n) if n > 0 => sniff(&head[..n]),
+                _ => return,
+            },
+            _ = &mut first => {
+                debug!(%peer, "no request head within header_read_timeout; closing");
+                return;
+            }
+            // Draining: nothing was asked yet, so nothing is owed.
+            _ = shutdown.cancelled() => return,
+            _ = self.stop.cancelled() => return,
+        };
+        let io = TokioIo::new(stream);
+        match sniffed {
+            Sniffed::Http1 => {
+                let conn = self.h1.serve_connection(io, service).with_upgrades();
+                self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown)
+                    .await;
+            }
+            // Boxed, so that the connection future is sized for HTTP/1.1
+            // (one HTTP/2 connection carries many requests; `auto` is rare).
+            Sniffed::Http2 => {
+                let conn = self.h2.serve_connection(io, service);
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
+                    .await;
+            }
+            Sniffed::Unsure => {
+                let conn = self.auto.serve_connection_with_upgrades(io, service);
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
+                    .await;
+            }
+        }
+    }
+
+    /// Runs one client connection until it ends, the activator stops, or
+    /// (on `shutdown`) it has shut down gracefully.
+    async fn drive<C, E>(
+        &self,
+        conn: C,
+        graceful: impl Fn(Pin<&mut C>),
+        ctx: &ConnCtx,
+        peer: SocketAddr,
+        mut first: Pin<&mut tokio::time::Sleep>,
+        shutdown: CancellationToken,
+    ) where
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        tokio::pin!(conn);
         let (mut first_done, mut draining) = (false, false);
         loop {
             tokio::select! {
@@ -544,7 +648,7 @@ impl Shared {
                     first_done = true;
                 }
                 _ = shutdown.cancelled(), if !draining => {
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
                     draining = true;
                 }
                 _ = self.stop.cancelled() => return,
@@ -987,5 +1091,28 @@ impl Drop for Flight {
     fn drop(&mut self) {
         self.gauge(self.state, -1);
         self.route.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing_the_first_bytes() {
+        assert_eq!(sniff(H2_PREFACE), Sniffed::Http2);
+        assert_eq!(
+            sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04"),
+            Sniffed::Http2
+        );
+        assert_eq!(
+            sniff(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n"),
+            Sniffed::Http1
+        );
+        assert_eq!(sniff(b"G"), Sniffed::Http1);
+        // Could still become the preface: decided later, by hyper-util.
+        assert_eq!(sniff(b"PRI * HT"), Sniffed::Unsure);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\r"), Sniffed::Http1);
+        assert_eq!(sniff(b"PRI / HTTP/1.1\r\n"), Sniffed::Http1);
     }
 }
