@@ -52,6 +52,16 @@ const PREFIX: usize = 5;
 /// default `SETTINGS_MAX_FRAME_SIZE`, which the server keeps).
 const MAX_FRAME: usize = 16 * 1024;
 
+/// The sink's HTTP/2 connection window (hyper's default is 1 MiB): what a
+/// connection may have sent that the sink has not read. Those bytes sit in
+/// the HTTP/2 codec outside the [`Budget`], so when the budget is spent every
+/// flooding connection parked a full window: 40 connections, 40 MiB. 256 KiB
+/// still lets a sidecar's ~45 KB message (and several behind it) go out in
+/// one round trip.
+pub const CONNECTION_WINDOW: u32 = 256 * 1024;
+// Five real-sized (45 KB) messages fit in what a connection may send unread.
+const _: () = assert!(CONNECTION_WINDOW as usize >= 5 * (PREFIX + 45_000));
+
 /// The message bytes all streams together may hold
 /// (`sink_max_buffered_bytes`), shared by every stream of the process.
 #[derive(Clone)]
@@ -227,12 +237,13 @@ impl Messages {
                     // holds no frame outside it, and its sender waits on
                     // HTTP/2 flow control instead.
                     if self.reserved == 0 {
-                        let take = self.limits.budget.take(MAX_FRAME);
+                        let room = frame_room(&self.buf);
+                        let take = self.limits.budget.take(room);
                         if tokio::time::timeout_at(at, take).await.is_err() {
                             return Err(self.stalled());
                         }
-                        self.held += MAX_FRAME;
-                        self.reserved = MAX_FRAME;
+                        self.held += room;
+                        self.reserved = room;
                     }
                     match tokio::time::timeout_at(at, self.body.frame()).await {
                         Ok(frame) => frame,
@@ -277,7 +288,7 @@ impl Messages {
                 self.held += more;
             }
             self.give_back(reserved.saturating_sub(data.len()));
-            self.buf.extend_from_slice(&data);
+            append(&mut self.buf, &data);
         }
     }
 
@@ -325,6 +336,60 @@ fn take_message(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ReadErr
         *buf = BytesMut::new();
     }
     Ok(Some(message))
+}
+
+/// Budget room to take before reading the next frame of a started message:
+/// one frame, but no more than the message still lacks. A sidecar's last
+/// frame is usually short; reserving a whole frame for it held 16 KiB of
+/// budget per stream for nothing, and with a thousand sidecars flushing at
+/// once those reservations spent the budget while every stream waited for
+/// more (streams then stalled until `sink_message_timeout`).
+fn frame_room(buf: &[u8]) -> usize {
+    match buf.get(..PREFIX) {
+        Some(&[_, a, b, c, d]) => {
+            let end = PREFIX.saturating_add(u32::from_be_bytes([a, b, c, d]) as usize);
+            end.saturating_sub(buf.len()).clamp(1, MAX_FRAME)
+        }
+        _ => MAX_FRAME,
+    }
+}
+
+/// Appends `data` to `buf`. The buffer grows by doubling what has arrived,
+/// as `BytesMut` does, but never past the end of the message its prefix
+/// declares: a 45 KB sidecar message fills a 45 KB buffer, not a 64 KiB one
+/// (with every sidecar flushing at once that slack was a third of what the
+/// sink held). A declared length alone still reserves nothing: growth is at
+/// most twice what arrived.
+fn append(buf: &mut BytesMut, data: &[u8]) {
+    let needed = buf.len() + data.len();
+    if needed <= buf.capacity() {
+        buf.extend_from_slice(data);
+        return;
+    }
+    let mut grown = BytesMut::with_capacity(grown_capacity(buf, data, needed));
+    grown.extend_from_slice(buf);
+    grown.extend_from_slice(data);
+    *buf = grown;
+}
+
+/// The capacity [`append`] gives a buffer that must hold `needed` bytes:
+/// twice what it holds, capped at the end of the first message's
+/// declared length when its prefix has arrived (in `buf` or `data`).
+fn grown_capacity(buf: &[u8], data: &[u8], needed: usize) -> usize {
+    let mut prefix = [0u8; PREFIX];
+    let have = buf.len().min(PREFIX);
+    prefix[..have].copy_from_slice(&buf[..have]);
+    let from_data = (PREFIX - have).min(data.len());
+    prefix[have..have + from_data].copy_from_slice(&data[..from_data]);
+    let doubled = buf.len().max(PREFIX).saturating_mul(2);
+    let cap = if have + from_data == PREFIX {
+        let [_, a, b, c, d] = prefix;
+        let end = PREFIX.saturating_add(u32::from_be_bytes([a, b, c, d]) as usize);
+        doubled.min(end)
+    } else {
+        doubled
+    };
+    cap.max(needed)
 }
 
 #[cfg(test)]
@@ -399,6 +464,67 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn the_room_taken_for_a_frame_is_what_the_message_still_lacks() {
+        // A 45,000-byte message of which 2 frames arrived: 12,237 bytes left.
+        let mut buf = framed(&[&[1u8; 45_000]]);
+        buf.truncate(2 * MAX_FRAME);
+        assert_eq!(frame_room(&buf), PREFIX + 45_000 - 2 * MAX_FRAME);
+        // Far from its end: one frame.
+        buf.truncate(100);
+        assert_eq!(frame_room(&buf), MAX_FRAME);
+        // Prefix not whole yet: one frame; message whole: at least one byte.
+        assert_eq!(frame_room(&[0, 0]), MAX_FRAME);
+        assert_eq!(frame_room(&framed(&[b"ab"])), 1);
+    }
+
+    #[test]
+    fn a_buffer_grows_by_doubling_but_not_past_the_declared_message() {
+        const KIB: usize = 1024;
+        // A 45 KB message arriving in 16 KiB frames ends in a buffer of its
+        // own size, not the 64 KiB plain doubling would reach.
+        let whole = framed(&[&[1u8; 45_000]]);
+        let mut buf = BytesMut::new();
+        for chunk in whole.chunks(16 * KIB) {
+            append(&mut buf, chunk);
+            assert!(buf.capacity() <= whole.len(), "{}", buf.capacity());
+        }
+        assert_eq!(buf.capacity(), whole.len());
+        assert_eq!(
+            take_message(&mut buf, 1 << 20).unwrap().unwrap().len(),
+            45_000
+        );
+
+        // A prefix declaring 16 MiB reserves nothing for it: the buffer is at
+        // most twice what arrived.
+        let mut buf = BytesMut::new();
+        append(&mut buf, &[0, 1, 0, 0, 0]);
+        assert!(buf.capacity() <= 2 * PREFIX, "{}", buf.capacity());
+        for _ in 0..4 {
+            append(&mut buf, &[7u8; 16 * KIB]);
+            assert!(
+                buf.capacity() <= 2 * buf.len(),
+                "{} for {}",
+                buf.capacity(),
+                buf.len()
+            );
+        }
+    }
+
+    #[test]
+    fn the_capacity_reads_a_prefix_split_between_buffer_and_frame() {
+        // Two prefix bytes held, three in the new frame: a 3-byte message,
+        // so the buffer ends at its 8th byte instead of doubling to 10.
+        assert_eq!(grown_capacity(&[0, 0], &[0, 0, 3, 1, 2], 7), PREFIX + 3);
+        // Doubling is below the declared end (256 bytes).
+        let held = [&[0u8, 0, 0, 1, 0][..], &[9; 15]].concat();
+        assert_eq!(grown_capacity(&held, &[9; 10], 30), 40);
+        // Without a whole prefix, plain doubling (at least what is needed).
+        assert_eq!(grown_capacity(&[], &[0, 0], 2), 2 * PREFIX);
+        // What is needed always wins, also past a (short) declared end.
+        assert_eq!(grown_capacity(&[0, 0, 0, 0, 1, 9], &[0; 50], 56), 56);
+    }
+
     fn limits(budget: usize, held: &Gauge) -> ReadLimits {
         ReadLimits {
             max_message: 1 << 20,
@@ -455,7 +581,7 @@ mod tests {
         const KIB: usize = 1024;
         let held = Gauge::default();
         let shared = limits(3 * MAX_FRAME, &held);
-        let mut a_whole = framed(&[&[1u8; 40 * KIB]]).freeze();
+        let mut a_whole = framed(&[&[1u8; 60 * KIB]]).freeze();
         let a_part = a_whole.split_to(30 * KIB);
         let mut a = Messages::new(open_body(vec![a_part]), shared.clone());
         let b_whole = framed(&[&[2u8; 20 * KIB]]).freeze();
