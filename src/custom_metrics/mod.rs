@@ -189,11 +189,11 @@ pub fn servable(config: &crate::config::Config) -> Result<(), crate::config::Con
     for (field, set) in [
         (
             "custom_metrics_windows",
-            !config.custom_metrics_windows.is_empty(),
+            !config.custom_metrics.windows.is_empty(),
         ),
         (
             "custom_metrics_rules",
-            !config.custom_metrics_rules.is_empty(),
+            !config.custom_metrics.rules.is_empty(),
         ),
     ] {
         if set {
