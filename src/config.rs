@@ -7,12 +7,13 @@
 //! example `ACTIVESCALE_POD_TTL=20s`), then command-line flags. Every field has
 //! a default; durations are written the humantime way (`15s`, `500ms`, `2m`).
 //!
-//! [`Config`] is the flat form those sources share (its field names are the
-//! file keys, the `ACTIVESCALE_*` names and the flags). [`Config::validate`]
-//! checks everything that can be known before binding, files and URLs
-//! included; each part then takes its own group ([`Config::store_config`],
-//! [`Config::redis`], [`Config::tls`], [`Config::prometheus`]). This module
-//! imports nothing else of the crate, so every part may depend on it.
+//! Those sources fill a private flat struct, `FileConfig`, whose field names
+//! are the file keys, the `ACTIVESCALE_*` names and the flags. It is checked
+//! (files and URLs included: everything that can be known before binding),
+//! then turned once into [`Config`], one group per part ([`SinkConfig`],
+//! [`StoreConfig`], [`EngineConfig`], [`PrometheusConfig`], [`TlsConfig`],
+//! ...); each part is built from its group. This module imports nothing else
+//! of the crate, so every part may depend on it.
 
 use std::{
     net::SocketAddr,

@@ -45,8 +45,8 @@
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
 //! - [`config`]: the one typed configuration, validated before anything binds
 //!   (certificates and the Redis URL parsed too); a leaf that imports no other
-//!   module. Parts take their own group of it ([`config::StoreConfig`],
-//!   [`config::RedisConfig`], [`config::TlsConfig`], [`config::PrometheusConfig`]).
+//!   module. Grouped per part ([`config::SinkConfig`], [`config::StoreConfig`],
+//!   [`config::EngineConfig`], [`config::TlsConfig`], ...); each part takes its group.
 //! - [`telemetry`]: logs, the service's own metrics, summary lines.
 //!
 //! [`run`] serves one server per bound [`Port`] (sink, scaler, HTTP, and the
