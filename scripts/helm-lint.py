@@ -7,7 +7,7 @@ pyyaml kubernetes-validate`). Its Lint runs without a cluster. What this script 
 
 1. values.yaml and every ci/*.yaml (merged over it) against values.schema.json.
 2. Every `.Values.a.b` path the templates use exists in values.yaml.
-3. `config:` in values.yaml has exactly the fields of `struct Config` in
+3. `config:` in values.yaml has exactly the fields of `struct FileConfig` in
    src/config.rs, minus the ones the chart sets from elsewhere (addresses,
    Redis URL and password, TLS files).
    Also: the Dockerfile's ports, user and entry point match the chart, and
@@ -176,28 +176,28 @@ def check_values_paths(defaults: dict) -> None:
 
 def config_fields() -> list[str]:
     src = CONFIG_RS.read_text(encoding="utf-8")
-    body = re.search(r"pub struct Config \{(.*?)\n\}", src, re.S)
-    check(body is not None, f"no `pub struct Config` in {CONFIG_RS}")
+    body = re.search(r"\nstruct FileConfig \{(.*?)\n\}", src, re.S)
+    check(body is not None, f"no `struct FileConfig` (the flat form of the settings) in {CONFIG_RS}")
     return re.findall(r"^\s*pub (\w+):", body.group(1), re.M)
 
 
 def check_config_coverage(defaults: dict) -> list[str]:
     fields = config_fields()
-    check(len(fields) > 10, f"found only {fields} in struct Config; did its layout change?")
+    check(len(fields) > 10, f"found only {fields} in struct FileConfig; did its layout change?")
     in_values = set(defaults["config"])
     activator = {f for f in fields if f.startswith(ACTIVATOR_PREFIX)} - set(SET_ELSEWHERE)
     in_activator = {ACTIVATOR_PREFIX + k for k in defaults["activator"]["settings"]}
     check(in_activator == activator,
-          "values.yaml `activator.settings:` and struct Config differ: "
+          "values.yaml `activator.settings:` and struct FileConfig differ: "
           f"missing {sorted(activator - in_activator)}, unknown {sorted(in_activator - activator)}")
     check(all(v is None for v in defaults["activator"]["settings"].values()),
           "activator.settings default to null (the built-in default)")
     expected = set(fields) - set(SET_ELSEWHERE) - activator
     check(in_values == expected,
-          "values.yaml `config:` and struct Config differ: "
+          "values.yaml `config:` and struct FileConfig differ: "
           f"missing from values {sorted(expected - in_values)}, unknown to the service {sorted(in_values - expected)}")
     stale = set(SET_ELSEWHERE) - set(fields)
-    check(not stale, f"SET_ELSEWHERE names fields struct Config no longer has: {sorted(stale)}")
+    check(not stale, f"SET_ELSEWHERE names fields struct FileConfig no longer has: {sorted(stale)}")
     return fields
 
 
@@ -822,7 +822,7 @@ def main() -> int:
 
     step("values match values.schema.json", check_schema, defaults, cases)
     step("every .Values path in templates exists", check_values_paths, defaults)
-    step("config: covers struct Config", check_config_coverage, defaults)
+    step("config: covers struct FileConfig", check_config_coverage, defaults)
     step("Dockerfile matches the chart", check_dockerfile, defaults)
     step("scaledobjects/ use the chart's addresses", check_example_addresses, defaults)
 

@@ -72,9 +72,9 @@ impl Options {
 /// The settings `run` gives the trigger cache, from the same config fields.
 fn trigger_settings(config: &Config) -> TriggerSettings {
     TriggerSettings {
-        max_window: config.max_window,
-        allow_cross_namespace: config.allow_cross_namespace,
-        prometheus: config.prometheus(),
+        max_window: config.engine.max_window,
+        allow_cross_namespace: config.engine.allow_cross_namespace,
+        prometheus: config.prometheus.clone(),
     }
 }
 

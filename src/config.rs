@@ -7,12 +7,13 @@
 //! example `ACTIVESCALE_POD_TTL=20s`), then command-line flags. Every field has
 //! a default; durations are written the humantime way (`15s`, `500ms`, `2m`).
 //!
-//! [`Config`] is the flat form those sources share (its field names are the
-//! file keys, the `ACTIVESCALE_*` names and the flags). [`Config::validate`]
-//! checks everything that can be known before binding, files and URLs
-//! included; each part then takes its own group ([`Config::store_config`],
-//! [`Config::redis`], [`Config::tls`], [`Config::prometheus`]). This module
-//! imports nothing else of the crate, so every part may depend on it.
+//! Those sources fill a private flat struct, `FileConfig`, whose field names
+//! are the file keys, the `ACTIVESCALE_*` names and the flags. It is checked
+//! (files and URLs included: everything that can be known before binding),
+//! then turned once into [`Config`], one group per part ([`SinkConfig`],
+//! [`StoreConfig`], [`EngineConfig`], [`PrometheusConfig`], [`TlsConfig`],
+//! ...); each part is built from its group. This module imports nothing else
+//! of the crate, so every part may depend on it.
 
 use std::{
     net::SocketAddr,
@@ -42,10 +43,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Every setting of the service.
+/// Every setting of the service in the flat form of the file, the
+/// environment and the flags: its field names are the file keys, the
+/// `ACTIVESCALE_*` names and the flags (the contract with users'
+/// configs, the chart's `config:` values and scripts/helm-lint.py, which
+/// reads this struct's fields). serde's `flatten` cannot be combined with
+/// `deny_unknown_fields`, so the groups of [`Config`] are built from this
+/// once, after it is checked, instead of being deserialized directly.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Config {
+struct FileConfig {
     /// Where the Envoy metrics sink (gRPC `StreamMetrics`) listens.
     pub sink_addr: SocketAddr,
     /// Where KEDA's external scaler gRPC service listens.
@@ -285,7 +292,7 @@ pub struct ActivatorRoute {
     pub namespace: String,
 }
 
-impl Default for Config {
+impl Default for FileConfig {
     fn default() -> Self {
         Self {
             sink_addr: ([0, 0, 0, 0], 9000).into(),
@@ -451,7 +458,7 @@ impl Config {
         overrides: &[(&str, String)],
     ) -> Result<Self, ConfigError> {
         let err = |e: config::ConfigError| ConfigError(e.to_string());
-        let defaults = config::Config::try_from(&Config::default()).map_err(err)?;
+        let defaults = config::Config::try_from(&FileConfig::default()).map_err(err)?;
         let mut builder = config::Config::builder().add_source(defaults);
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
@@ -474,17 +481,33 @@ impl Config {
         for (field, value) in overrides {
             builder = set(builder, field, value).map_err(err)?;
         }
-        let cfg: Config = builder
+        let cfg: FileConfig = builder
             .build()
             .map_err(err)?
             .try_deserialize()
             .map_err(err)?;
         cfg.validate()?;
-        Ok(cfg)
+        Ok(cfg.into())
     }
 
-    /// Checks what serde cannot: ranges, pairs of settings, files.
+    /// Checks what serde cannot: ranges, pairs of settings, files. Messages
+    /// name the settings as they are written (`pod_ttl`, `redis_url`), so
+    /// this checks the flat form.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        FileConfig::from(self.clone()).validate()
+    }
+
+    /// The warm-up that applies to this store (see [`EngineConfig::warmup`]).
+    pub fn effective_warmup(&self) -> Duration {
+        self.engine.warmup.unwrap_or(match self.store {
+            StoreConfig::Memory(_) => Duration::from_secs(10),
+            StoreConfig::Redis(_) => Duration::ZERO,
+        })
+    }
+}
+
+impl FileConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, why: &str| Err(ConfigError(format!("{field}: {why}")));
         if self.pod_ttl.is_zero() {
             return bad("pod_ttl", "must be greater than 0");
@@ -588,7 +611,7 @@ impl Config {
             );
         }
         if self.store == StoreKind::Redis {
-            self.redis().check()?;
+            self.redis_config().check()?;
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "tls_cert and tls_key go together");
@@ -625,19 +648,11 @@ impl Config {
         self.validate_activator()?;
         Ok(())
     }
-
-    /// The warm-up that applies to this store (see [`Config::warmup`]).
-    pub fn effective_warmup(&self) -> Duration {
-        self.warmup.unwrap_or(match self.store {
-            StoreKind::Memory => Duration::from_secs(10),
-            StoreKind::Redis => Duration::ZERO,
-        })
-    }
 }
 
 // ---- activator settings -------------------------------------------------
 
-impl Config {
+impl FileConfig {
     fn validate_activator(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, why: &str| Err(ConfigError(format!("{field}: {why}")));
         for (field, n) in [
@@ -820,9 +835,110 @@ fn is_service_link(field: &str) -> bool {
         || field.starts_with("PORT_")
 }
 
-// ---- The settings of each part, as the part takes them. The flat `Config`
-// is the form of the file, the environment and the flags (their names stay
-// as they are); each part is built from its group only.
+// ---- The settings of each part, as the part takes them. `FileConfig` is
+// the form of the file, the environment and the flags (their names stay as
+// they are); `Config` groups it once, and each part is built from its group.
+
+/// Every setting of the service, grouped by the part that takes it. Loaded
+/// with [`Config::load`]; (de)serializes in the flat form of the file (the
+/// keys of the README's configuration table), so `--help` defaults and
+/// rendered configs read the same names users write.
+///
+/// Settings a group does not use are not kept: with `store: memory` the
+/// `redis_*` keys, without `tls_cert` the other `tls_*` keys but
+/// `tls_reload_interval` (the Custom Metrics API's certificate is reloaded
+/// as often).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "FileConfig", from = "FileConfig")]
+pub struct Config {
+    /// Where each port listens, and what all servers share.
+    pub servers: ServersConfig,
+    /// The Envoy metrics sink.
+    pub sink: SinkConfig,
+    /// Which store backs the sink and the scaler, with its settings.
+    pub store: StoreConfig,
+    /// Pod lifetime, history and trigger reading, whatever the store.
+    pub engine: EngineConfig,
+    /// The Prometheus backend of prometheus-source triggers and rules.
+    pub prometheus: PrometheusConfig,
+    /// TLS on the gRPC ports; `None` when `tls_cert` is unset.
+    pub tls: Option<TlsConfig>,
+    /// The Custom Metrics API (served when `servers.custom_metrics_addr` is set).
+    pub custom_metrics: CustomMetricsConfig,
+    /// The activator proxy (served when `servers.activator_addr` is set).
+    pub activator: ActivatorConfig,
+    /// The HTTP port (`/healthz`, `/metrics`, the view).
+    pub http: HttpConfig,
+    /// Logs and summary lines.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        FileConfig::default().into()
+    }
+}
+
+/// Where each port listens, and what all servers share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServersConfig {
+    /// `sink_addr`.
+    pub sink_addr: SocketAddr,
+    /// `scaler_addr`.
+    pub scaler_addr: SocketAddr,
+    /// `http_addr`.
+    pub http_addr: SocketAddr,
+    /// `custom_metrics_addr`; unset: the API is not served.
+    pub custom_metrics_addr: Option<SocketAddr>,
+    /// `activator_addr`; unset: no proxy.
+    pub activator_addr: Option<SocketAddr>,
+    /// `drain_timeout`: on SIGTERM, how long open streams and calls get.
+    pub drain_timeout: Duration,
+    /// `http2_keepalive_interval` (both gRPC ports and the activator).
+    pub http2_keepalive_interval: Duration,
+    /// `http2_keepalive_timeout`.
+    pub http2_keepalive_timeout: Duration,
+}
+
+/// What the Envoy metrics sink takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkConfig {
+    /// `max_message_bytes`.
+    pub max_message_bytes: usize,
+    /// `metric_include`.
+    pub metric_include: Vec<String>,
+    /// `metric_exclude`.
+    pub metric_exclude: Vec<String>,
+    /// `exclude_sink_scope`.
+    pub exclude_sink_scope: bool,
+    /// `max_families_per_pod`.
+    pub max_families_per_pod: usize,
+    /// `sink_verify_peer_address`.
+    pub verify_peer_address: bool,
+    /// `sink_max_buffered_bytes`.
+    pub max_buffered_bytes: usize,
+    /// `sink_max_concurrent_streams`.
+    pub max_concurrent_streams: u32,
+    /// `sink_message_timeout`.
+    pub message_timeout: Duration,
+}
+
+/// Pod lifetime, history and trigger reading: what the stores and the
+/// scaler's engine share, whichever store is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// `pod_ttl`.
+    pub pod_ttl: Duration,
+    /// `max_window`: the longest trigger window; older history is forgotten.
+    pub max_window: Duration,
+    /// `warmup` as set; [`Config::effective_warmup`] applies the store's
+    /// default. With Redis it applies after a restart of the node.
+    pub warmup: Option<Duration>,
+    /// `allow_cross_namespace`.
+    pub allow_cross_namespace: bool,
+    /// `metadata_cache_size`.
+    pub metadata_cache_size: usize,
+}
 
 /// What the Prometheus backend takes (`prometheus_*`).
 #[derive(Clone, Debug, PartialEq)]
@@ -843,7 +959,7 @@ pub struct PrometheusConfig {
 
 impl Default for PrometheusConfig {
     fn default() -> Self {
-        Config::default().prometheus()
+        Config::default().prometheus
     }
 }
 
@@ -873,53 +989,294 @@ pub enum StoreConfig {
     Redis(RedisConfig),
 }
 
-/// What the memory store takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemoryConfig {
-    /// `pod_ttl`.
-    pub pod_ttl: Duration,
-    /// `max_window`: history older than this is forgotten.
-    pub max_window: Duration,
-    /// `warmup`, or 10s when unset: the store is empty after a start.
-    pub warmup: Duration,
+impl StoreConfig {
+    /// `store` as written.
+    pub fn kind(&self) -> StoreKind {
+        match self {
+            StoreConfig::Memory(_) => StoreKind::Memory,
+            StoreConfig::Redis(_) => StoreKind::Redis,
+        }
+    }
+
+    /// The Redis settings, when the store is Redis.
+    pub fn redis(&self) -> Option<&RedisConfig> {
+        match self {
+            StoreConfig::Redis(r) => Some(r),
+            StoreConfig::Memory(_) => None,
+        }
+    }
+
+    /// The Redis settings to change, switching a memory store to Redis with
+    /// the default `redis_*` settings first.
+    pub fn redis_mut(&mut self) -> &mut RedisConfig {
+        if let StoreConfig::Memory(_) = self {
+            *self = StoreConfig::Redis(RedisConfig::default());
+        }
+        match self {
+            StoreConfig::Redis(r) => r,
+            StoreConfig::Memory(_) => unreachable!("switched to Redis above"),
+        }
+    }
 }
 
-impl Config {
-    /// The store `store` names, with its settings.
-    pub fn store_config(&self) -> StoreConfig {
-        match self.store {
-            StoreKind::Memory => StoreConfig::Memory(MemoryConfig {
-                pod_ttl: self.pod_ttl,
-                max_window: self.max_window,
-                warmup: self.effective_warmup(),
+/// What the memory store takes beyond [`EngineConfig`]: nothing yet; the
+/// variant exists so that each store has its own settings type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryConfig {}
+
+/// What the Custom Metrics API takes (`custom_metrics_*`; its address is
+/// in [`ServersConfig`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CustomMetricsConfig {
+    /// `custom_metrics_tls_cert`; unset: a self-signed certificate.
+    pub tls_cert: Option<PathBuf>,
+    /// `custom_metrics_tls_key`.
+    pub tls_key: Option<PathBuf>,
+    /// `custom_metrics_tls_names`: names of the self-signed certificate.
+    pub tls_names: Vec<String>,
+    /// `custom_metrics_client_ca`: the front-proxy CA.
+    pub client_ca: Option<PathBuf>,
+    /// `custom_metrics_allowed_names`.
+    pub allowed_names: Vec<String>,
+    /// `custom_metrics_username_headers`.
+    pub username_headers: Vec<String>,
+    /// `custom_metrics_group_headers`.
+    pub group_headers: Vec<String>,
+    /// `custom_metrics_extra_headers_prefix`.
+    pub extra_headers_prefix: Vec<String>,
+    /// `custom_metrics_windows`.
+    pub windows: Vec<String>,
+    /// `custom_metrics_rules`.
+    pub rules: Vec<CustomMetricsRule>,
+    /// `tls_reload_interval`: the API's files are checked as often as the
+    /// gRPC ports'.
+    pub reload_interval: Duration,
+}
+
+/// What the activator proxy takes (`activator_*`; its address is in
+/// [`ServersConfig`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActivatorConfig {
+    /// `activator_routes`.
+    pub routes: Vec<ActivatorRoute>,
+    /// `activator_max_pending`.
+    pub max_pending: usize,
+    /// `activator_max_pending_total`.
+    pub max_pending_total: usize,
+    /// `activator_hold_timeout`.
+    pub hold_timeout: Duration,
+    /// `activator_probe_interval`.
+    pub probe_interval: Duration,
+    /// `activator_probe_max_interval`.
+    pub probe_max_interval: Duration,
+    /// `activator_connect_timeout`.
+    pub connect_timeout: Duration,
+    /// `activator_header_read_timeout`.
+    pub header_read_timeout: Duration,
+    /// `activator_max_connections`.
+    pub max_connections: usize,
+}
+
+/// What the HTTP port takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// `view_enabled`.
+    pub view_enabled: bool,
+    /// `http_header_timeout`.
+    pub header_timeout: Duration,
+}
+
+/// Logs and summary lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// `log_format`.
+    pub log_format: LogFormat,
+    /// `summary_interval`.
+    pub summary_interval: Duration,
+}
+
+impl From<FileConfig> for Config {
+    fn from(f: FileConfig) -> Self {
+        let store = match f.store {
+            StoreKind::Memory => StoreConfig::Memory(MemoryConfig {}),
+            StoreKind::Redis => StoreConfig::Redis(f.redis_config()),
+        };
+        let tls = match (&f.tls_cert, &f.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: f.tls_client_ca.clone(),
+                client_names: f.tls_client_names.clone(),
+                reload_interval: f.tls_reload_interval,
+                sink: f.tls_sink,
             }),
-            StoreKind::Redis => StoreConfig::Redis(self.redis()),
+            _ => None,
+        };
+        Config {
+            servers: ServersConfig {
+                sink_addr: f.sink_addr,
+                scaler_addr: f.scaler_addr,
+                http_addr: f.http_addr,
+                custom_metrics_addr: f.custom_metrics_addr,
+                activator_addr: f.activator_addr,
+                drain_timeout: f.drain_timeout,
+                http2_keepalive_interval: f.http2_keepalive_interval,
+                http2_keepalive_timeout: f.http2_keepalive_timeout,
+            },
+            sink: SinkConfig {
+                max_message_bytes: f.max_message_bytes,
+                metric_include: f.metric_include,
+                metric_exclude: f.metric_exclude,
+                exclude_sink_scope: f.exclude_sink_scope,
+                max_families_per_pod: f.max_families_per_pod,
+                verify_peer_address: f.sink_verify_peer_address,
+                max_buffered_bytes: f.sink_max_buffered_bytes,
+                max_concurrent_streams: f.sink_max_concurrent_streams,
+                message_timeout: f.sink_message_timeout,
+            },
+            store,
+            engine: EngineConfig {
+                pod_ttl: f.pod_ttl,
+                max_window: f.max_window,
+                warmup: f.warmup,
+                allow_cross_namespace: f.allow_cross_namespace,
+                metadata_cache_size: f.metadata_cache_size,
+            },
+            prometheus: PrometheusConfig {
+                enforce_namespace: f.prometheus_enforce_namespace,
+                cache_ttl: f.prometheus_cache_ttl,
+                poll_interval: f.prometheus_poll_interval,
+                default_timeout: f.prometheus_timeout,
+                credentials_dir: f.prometheus_credentials_dir,
+                max_response_bytes: f.prometheus_max_response_bytes,
+            },
+            tls,
+            custom_metrics: CustomMetricsConfig {
+                tls_cert: f.custom_metrics_tls_cert,
+                tls_key: f.custom_metrics_tls_key,
+                tls_names: f.custom_metrics_tls_names,
+                client_ca: f.custom_metrics_client_ca,
+                allowed_names: f.custom_metrics_allowed_names,
+                username_headers: f.custom_metrics_username_headers,
+                group_headers: f.custom_metrics_group_headers,
+                extra_headers_prefix: f.custom_metrics_extra_headers_prefix,
+                windows: f.custom_metrics_windows,
+                rules: f.custom_metrics_rules,
+                reload_interval: f.tls_reload_interval,
+            },
+            activator: ActivatorConfig {
+                routes: f.activator_routes,
+                max_pending: f.activator_max_pending,
+                max_pending_total: f.activator_max_pending_total,
+                hold_timeout: f.activator_hold_timeout,
+                probe_interval: f.activator_probe_interval,
+                probe_max_interval: f.activator_probe_max_interval,
+                connect_timeout: f.activator_connect_timeout,
+                header_read_timeout: f.activator_header_read_timeout,
+                max_connections: f.activator_max_connections,
+            },
+            http: HttpConfig {
+                view_enabled: f.view_enabled,
+                header_timeout: f.http_header_timeout,
+            },
+            telemetry: TelemetryConfig {
+                log_format: f.log_format,
+                summary_interval: f.summary_interval,
+            },
         }
     }
+}
 
-    /// The Prometheus backend's settings.
-    pub fn prometheus(&self) -> PrometheusConfig {
-        PrometheusConfig {
-            enforce_namespace: self.prometheus_enforce_namespace,
-            cache_ttl: self.prometheus_cache_ttl,
-            poll_interval: self.prometheus_poll_interval,
-            default_timeout: self.prometheus_timeout,
-            credentials_dir: self.prometheus_credentials_dir.clone(),
-            max_response_bytes: self.prometheus_max_response_bytes,
+/// Back to the flat form; what a group does not keep (see [`Config`]) takes
+/// its default.
+impl From<Config> for FileConfig {
+    fn from(c: Config) -> Self {
+        let d = FileConfig::default();
+        let (store, redis) = match c.store {
+            StoreConfig::Memory(MemoryConfig {}) => (StoreKind::Memory, d.redis_config()),
+            StoreConfig::Redis(r) => (StoreKind::Redis, r),
+        };
+        let tls = c.tls;
+        let cm = c.custom_metrics;
+        FileConfig {
+            sink_addr: c.servers.sink_addr,
+            scaler_addr: c.servers.scaler_addr,
+            http_addr: c.servers.http_addr,
+            pod_ttl: c.engine.pod_ttl,
+            store,
+            max_message_bytes: c.sink.max_message_bytes,
+            metric_include: c.sink.metric_include,
+            metric_exclude: c.sink.metric_exclude,
+            exclude_sink_scope: c.sink.exclude_sink_scope,
+            max_families_per_pod: c.sink.max_families_per_pod,
+            sink_verify_peer_address: c.sink.verify_peer_address,
+            sink_max_buffered_bytes: c.sink.max_buffered_bytes,
+            sink_max_concurrent_streams: c.sink.max_concurrent_streams,
+            sink_message_timeout: c.sink.message_timeout,
+            max_window: c.engine.max_window,
+            warmup: c.engine.warmup,
+            allow_cross_namespace: c.engine.allow_cross_namespace,
+            view_enabled: c.http.view_enabled,
+            metadata_cache_size: c.engine.metadata_cache_size,
+            log_format: c.telemetry.log_format,
+            summary_interval: c.telemetry.summary_interval,
+            drain_timeout: c.servers.drain_timeout,
+            http_header_timeout: c.http.header_timeout,
+            http2_keepalive_interval: c.servers.http2_keepalive_interval,
+            http2_keepalive_timeout: c.servers.http2_keepalive_timeout,
+            redis_url: redis.url,
+            redis_username: redis.username,
+            redis_password: redis.password,
+            redis_db: redis.db,
+            redis_tls: redis.tls,
+            redis_ca_file: redis.ca_file,
+            redis_tls_insecure: redis.tls_insecure,
+            redis_cert_file: redis.cert_file,
+            redis_key_file: redis.key_file,
+            redis_cluster: redis.cluster,
+            redis_pool_size: redis.pool_size,
+            redis_timeout: redis.timeout,
+            redis_key_prefix: redis.key_prefix,
+            prometheus_enforce_namespace: c.prometheus.enforce_namespace,
+            prometheus_cache_ttl: c.prometheus.cache_ttl,
+            prometheus_poll_interval: c.prometheus.poll_interval,
+            prometheus_timeout: c.prometheus.default_timeout,
+            prometheus_max_response_bytes: c.prometheus.max_response_bytes,
+            prometheus_credentials_dir: c.prometheus.credentials_dir,
+            tls_cert: tls.as_ref().map(|t| t.cert.clone()),
+            tls_key: tls.as_ref().map(|t| t.key.clone()),
+            tls_client_ca: tls.as_ref().and_then(|t| t.client_ca.clone()),
+            tls_client_names: tls
+                .as_ref()
+                .map_or(d.tls_client_names, |t| t.client_names.clone()),
+            // One key feeds both: the gRPC ports' group wins when both are
+            // there (they are equal unless a caller changed one).
+            tls_reload_interval: tls
+                .as_ref()
+                .map_or(cm.reload_interval, |t| t.reload_interval),
+            tls_sink: tls.as_ref().map_or(d.tls_sink, |t| t.sink),
+            custom_metrics_addr: c.servers.custom_metrics_addr,
+            custom_metrics_tls_cert: cm.tls_cert,
+            custom_metrics_tls_key: cm.tls_key,
+            custom_metrics_tls_names: cm.tls_names,
+            custom_metrics_client_ca: cm.client_ca,
+            custom_metrics_allowed_names: cm.allowed_names,
+            custom_metrics_username_headers: cm.username_headers,
+            custom_metrics_group_headers: cm.group_headers,
+            custom_metrics_extra_headers_prefix: cm.extra_headers_prefix,
+            custom_metrics_windows: cm.windows,
+            custom_metrics_rules: cm.rules,
+            activator_addr: c.servers.activator_addr,
+            activator_routes: c.activator.routes,
+            activator_max_pending: c.activator.max_pending,
+            activator_max_pending_total: c.activator.max_pending_total,
+            activator_hold_timeout: c.activator.hold_timeout,
+            activator_probe_interval: c.activator.probe_interval,
+            activator_probe_max_interval: c.activator.probe_max_interval,
+            activator_connect_timeout: c.activator.connect_timeout,
+            activator_header_read_timeout: c.activator.header_read_timeout,
+            activator_max_connections: c.activator.max_connections,
         }
-    }
-
-    /// The gRPC ports' TLS settings; `None` when TLS is off (`tls_cert` or
-    /// `tls_key` unset, which `validate` allows only together).
-    pub fn tls(&self) -> Option<TlsConfig> {
-        Some(TlsConfig {
-            cert: self.tls_cert.clone()?,
-            key: self.tls_key.clone()?,
-            client_ca: self.tls_client_ca.clone(),
-            client_names: self.tls_client_names.clone(),
-            reload_interval: self.tls_reload_interval,
-            sink: self.tls_sink,
-        })
     }
 }
 
@@ -967,8 +1324,8 @@ fn pem_pair(
 
 // ---- Redis ----
 
-/// What the Redis store takes: the `redis_*` settings, and the store
-/// settings it applies itself (pod TTL, history, warm-up).
+/// What the Redis store takes: the `redis_*` settings (the pod TTL, history
+/// and warm-up it applies come from [`EngineConfig`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RedisConfig {
     pub url: String,
@@ -984,10 +1341,12 @@ pub struct RedisConfig {
     pub pool_size: usize,
     pub timeout: Duration,
     pub key_prefix: String,
-    pub pod_ttl: Duration,
-    pub max_window: Duration,
-    /// `warmup` as set: with Redis it applies after a restart of the node.
-    pub warmup: Option<Duration>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        FileConfig::default().redis_config()
+    }
 }
 
 /// `redis_url` taken apart: TLS and cluster mode (from the scheme or the
@@ -1001,9 +1360,9 @@ pub struct RedisSeeds {
     pub urls: Vec<String>,
 }
 
-impl Config {
-    /// The Redis store's settings.
-    pub fn redis(&self) -> RedisConfig {
+impl FileConfig {
+    /// The `redis_*` settings.
+    fn redis_config(&self) -> RedisConfig {
         RedisConfig {
             url: self.redis_url.clone(),
             username: self.redis_username.clone(),
@@ -1018,9 +1377,6 @@ impl Config {
             pool_size: self.redis_pool_size,
             timeout: self.redis_timeout,
             key_prefix: self.redis_key_prefix.clone(),
-            pod_ttl: self.pod_ttl,
-            max_window: self.max_window,
-            warmup: self.warmup,
         }
     }
 }
@@ -1270,7 +1626,7 @@ fn is_header_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
 }
 
-impl Config {
+impl FileConfig {
     fn validate_custom_metrics(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
         if self.custom_metrics_tls_cert.is_some() != self.custom_metrics_tls_key.is_some() {
@@ -1470,17 +1826,17 @@ mod tests {
     fn defaults_are_the_contract() {
         let c = load(&[], &[]).unwrap();
         assert_eq!(c, Config::default());
-        assert_eq!(c.sink_addr.port(), 9000);
-        assert_eq!(c.scaler_addr.port(), 9090);
-        assert_eq!(c.http_addr.port(), 8080);
-        assert_eq!(c.pod_ttl, Duration::from_secs(15));
-        assert_eq!(c.store, StoreKind::Memory);
-        assert_eq!(c.max_message_bytes, 16 << 20);
-        assert_eq!(c.max_families_per_pod, 64);
-        assert!(c.sink_verify_peer_address);
-        assert_eq!(c.prometheus_max_response_bytes, 8 << 20);
+        assert_eq!(c.servers.sink_addr.port(), 9000);
+        assert_eq!(c.servers.scaler_addr.port(), 9090);
+        assert_eq!(c.servers.http_addr.port(), 8080);
+        assert_eq!(c.engine.pod_ttl, Duration::from_secs(15));
+        assert_eq!(c.store.kind(), StoreKind::Memory);
+        assert_eq!(c.sink.max_message_bytes, 16 << 20);
+        assert_eq!(c.sink.max_families_per_pod, 64);
+        assert!(c.sink.verify_peer_address);
+        assert_eq!(c.prometheus.max_response_bytes, 8 << 20);
         assert_eq!(
-            c.prometheus_credentials_dir,
+            c.prometheus.credentials_dir,
             Path::new("/etc/activescale/prometheus")
         );
     }
@@ -1495,8 +1851,8 @@ mod tests {
             &[("pod_ttl", "30s")],
         )
         .unwrap();
-        assert_eq!(c.pod_ttl, Duration::from_secs(30));
-        assert_eq!(c.sink_addr, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(c.engine.pod_ttl, Duration::from_secs(30));
+        assert_eq!(c.servers.sink_addr, "127.0.0.1:1".parse().unwrap());
     }
 
     #[test]
@@ -1511,20 +1867,20 @@ mod tests {
             &[("store", "redis")],
         )
         .unwrap();
-        assert_eq!(c.redis_url, "rediss://cache:6380");
-        assert_eq!(c.redis_password.as_deref(), Some("s3cret"));
-        assert_eq!(c.redis_db, Some(2));
-        assert!(c.redis_tls_insecure);
+        assert_eq!(c.store.redis().unwrap().url, "rediss://cache:6380");
+        assert_eq!(c.store.redis().unwrap().password.as_deref(), Some("s3cret"));
+        assert_eq!(c.store.redis().unwrap().db, Some(2));
+        assert!(c.store.redis().unwrap().tls_insecure);
         // The prefixed name wins over the legacy one.
         let c = load(
             &[
                 ("REDIS_URL", "redis://a"),
                 ("ACTIVESCALE_REDIS_URL", "redis://b"),
             ],
-            &[],
+            &[("store", "redis")],
         )
         .unwrap();
-        assert_eq!(c.redis_url, "redis://b");
+        assert_eq!(c.store.redis().unwrap().url, "redis://b");
     }
 
     #[test]
@@ -1544,7 +1900,7 @@ mod tests {
     #[test]
     fn lists_are_comma_separated() {
         let c = load(&[("ACTIVESCALE_METRIC_EXCLUDE", "a.*, b.*")], &[]).unwrap();
-        assert_eq!(c.metric_exclude, vec!["a.*", "b.*"]);
+        assert_eq!(c.sink.metric_exclude, vec!["a.*", "b.*"]);
     }
 
     /// A self-signed certificate, its key, another key and a file that is
@@ -1703,24 +2059,34 @@ mod tests {
             &[("tls_key", &pem.key), ("tls_sink", "false")],
         )
         .unwrap();
-        let p = c.prometheus();
+        let p = &c.prometheus;
         assert_eq!(p.default_timeout, Duration::from_secs(7));
-        assert_eq!(p.poll_interval, c.prometheus_poll_interval);
+        assert_eq!(p.poll_interval, Duration::from_secs(5));
         assert_eq!(
             PrometheusConfig::default().credentials_dir,
             Path::new(PROMETHEUS_CREDENTIALS_DIR)
         );
-        let t = c.tls().unwrap();
+        let t = c.tls.as_ref().unwrap();
         assert_eq!((t.cert.to_str(), t.sink), (Some(pem.cert.as_str()), false));
-        assert_eq!(c.redis().url, "rediss://cache:6380");
-        assert!(Config::default().tls().is_none());
+        // The memory store keeps no Redis settings; with `store: redis` the
+        // legacy variable lands in the store's group.
+        assert_eq!(c.store, StoreConfig::Memory(MemoryConfig {}));
+        let r = load(
+            &[("REDIS_URL", "rediss://cache:6380")],
+            &[("store", "redis")],
+        )
+        .unwrap();
+        assert_eq!(r.store.redis().unwrap().url, "rediss://cache:6380");
+        assert!(Config::default().tls.is_none());
         assert_eq!(
-            Config::default().store_config(),
-            StoreConfig::Memory(MemoryConfig {
+            Config::default().engine,
+            EngineConfig {
                 pod_ttl: Duration::from_secs(15),
                 max_window: Duration::from_secs(600),
-                warmup: Duration::from_secs(10),
-            })
+                warmup: None,
+                allow_cross_namespace: false,
+                metadata_cache_size: 10_000,
+            }
         );
 
         for bad in ["0s", "61s"] {
@@ -1741,8 +2107,10 @@ mod tests {
         let keda = "spiffe://cluster.local/ns/keda/sa/keda-operator";
         let names = format!("{keda}, keda-operator.keda.svc");
         let c = load(&[("ACTIVESCALE_TLS_CLIENT_NAMES", &names)], &tls).unwrap();
-        assert_eq!(c.tls_client_names, [keda, "keda-operator.keda.svc"]);
-        assert!(Config::default().tls_client_names.is_empty());
+        assert_eq!(
+            c.tls.as_ref().unwrap().client_names,
+            [keda, "keda-operator.keda.svc"]
+        );
 
         let e = load(&[], &[("tls_client_names", keda)])
             .unwrap_err()
@@ -1753,10 +2121,8 @@ mod tests {
         );
         // Lists from the environment drop empty items; a config file can
         // still hold one.
-        let blank = Config {
-            tls_client_names: vec!["a".into(), " ".into()],
-            ..c
-        };
+        let mut blank = c;
+        blank.tls.as_mut().unwrap().client_names = vec!["a".into(), " ".into()];
         let e = blank.validate().unwrap_err().to_string();
         assert!(e.contains("tls_client_names") && e.contains("\" \""), "{e}");
     }
@@ -1818,8 +2184,8 @@ mod tests {
         .unwrap();
         let env = vec![("ACTIVESCALE_POD_TTL".to_string(), "50s".to_string())];
         let c = Config::load_from(Some(&path), env, &[]).unwrap();
-        assert_eq!(c.pod_ttl, Duration::from_secs(50));
-        assert_eq!(c.http_addr.port(), 18080);
+        assert_eq!(c.engine.pod_ttl, Duration::from_secs(50));
+        assert_eq!(c.servers.http_addr.port(), 18080);
     }
 
     fn route(host: &str, prefix: Option<&str>, upstream: &str, ns: &str) -> ActivatorRoute {
@@ -1849,7 +2215,10 @@ mod tests {
         )
         .unwrap();
         let c = Config::load_from(Some(&path), std::iter::empty(), &[]).unwrap();
-        assert_eq!(c.activator_addr, Some("0.0.0.0:8081".parse().unwrap()));
+        assert_eq!(
+            c.servers.activator_addr,
+            Some("0.0.0.0:8081".parse().unwrap())
+        );
         // The environment and flags override the address like any setting.
         let env = vec![(
             "ACTIVESCALE_ACTIVATOR_ADDR".to_string(),
@@ -1857,11 +2226,14 @@ mod tests {
         )];
         let flags = [("activator_hold_timeout", "2m".to_string())];
         let o = Config::load_from(Some(&path), env, &flags).unwrap();
-        assert_eq!(o.activator_addr, Some("127.0.0.1:18081".parse().unwrap()));
-        assert_eq!(o.activator_hold_timeout, Duration::from_secs(120));
-        assert_eq!(o.activator_routes, c.activator_routes);
         assert_eq!(
-            c.activator_routes,
+            o.servers.activator_addr,
+            Some("127.0.0.1:18081".parse().unwrap())
+        );
+        assert_eq!(o.activator.hold_timeout, Duration::from_secs(120));
+        assert_eq!(o.activator.routes, c.activator.routes);
+        assert_eq!(
+            c.activator.routes,
             vec![
                 route(
                     "web.example.com",
@@ -1877,19 +2249,19 @@ mod tests {
             &[("activator_max_pending", "7")],
         )
         .unwrap();
-        assert_eq!(c.activator_hold_timeout, Duration::from_secs(5));
-        assert_eq!(c.activator_max_pending, 7);
-        assert_eq!(c.activator_addr, None);
+        assert_eq!(c.activator.hold_timeout, Duration::from_secs(5));
+        assert_eq!(c.activator.max_pending, 7);
+        assert_eq!(c.servers.activator_addr, None);
     }
 
     #[test]
     fn activator_defaults() {
         let c = Config::default();
-        assert_eq!(c.activator_max_pending, 1000);
-        assert_eq!(c.activator_max_pending_total, 10_000);
-        assert_eq!(c.activator_hold_timeout, Duration::from_secs(60));
-        assert_eq!(c.activator_probe_interval, Duration::from_millis(100));
-        assert!(c.activator_routes.is_empty() && c.activator_addr.is_none());
+        assert_eq!(c.activator.max_pending, 1000);
+        assert_eq!(c.activator.max_pending_total, 10_000);
+        assert_eq!(c.activator.hold_timeout, Duration::from_secs(60));
+        assert_eq!(c.activator.probe_interval, Duration::from_millis(100));
+        assert!(c.activator.routes.is_empty() && c.servers.activator_addr.is_none());
     }
 
     #[test]
@@ -1953,9 +2325,9 @@ mod tests {
                 "activator_routes[1]: same host and path_prefix as activator_routes[0]",
             ),
         ] {
-            let c = Config {
+            let c = FileConfig {
                 activator_routes: vec![ok.clone(), bad],
-                ..Config::default()
+                ..FileConfig::default()
             };
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(expect), "{e:?} should contain {expect:?}");
@@ -1964,9 +2336,9 @@ mod tests {
             route("*.example.com", Some("/api/"), "10.1.2.3:8080", "shop"),
             route("web.example.com", Some("/api"), "[::1]:80", "shop-2"),
         ] {
-            let c = Config {
+            let c = FileConfig {
                 activator_routes: vec![ok.clone(), good],
-                ..Config::default()
+                ..FileConfig::default()
             };
             c.validate().unwrap();
         }
@@ -1976,30 +2348,30 @@ mod tests {
     fn activator_settings_are_checked() {
         for (c, field) in [
             (
-                Config {
+                FileConfig {
                     activator_addr: Some("127.0.0.1:0".parse().unwrap()),
-                    ..Config::default()
+                    ..FileConfig::default()
                 },
                 "activator_routes",
             ),
             (
-                Config {
+                FileConfig {
                     activator_max_pending: 0,
-                    ..Config::default()
+                    ..FileConfig::default()
                 },
                 "activator_max_pending",
             ),
             (
-                Config {
+                FileConfig {
                     activator_hold_timeout: Duration::ZERO,
-                    ..Config::default()
+                    ..FileConfig::default()
                 },
                 "activator_hold_timeout",
             ),
             (
-                Config {
+                FileConfig {
                     activator_probe_max_interval: Duration::from_millis(10),
-                    ..Config::default()
+                    ..FileConfig::default()
                 },
                 "activator_probe_max_interval",
             ),
@@ -2013,20 +2385,21 @@ mod tests {
     fn warmup_depends_on_the_store() {
         let mut c = Config::default();
         assert_eq!(c.effective_warmup(), Duration::from_secs(10));
-        c.store = StoreKind::Redis;
+        c.store.redis_mut();
+        assert_eq!(c.store.kind(), StoreKind::Redis);
         assert_eq!(c.effective_warmup(), Duration::ZERO);
-        c.warmup = Some(Duration::from_secs(3));
+        c.engine.warmup = Some(Duration::from_secs(3));
         assert_eq!(c.effective_warmup(), Duration::from_secs(3));
     }
 
     #[test]
     fn custom_metrics_defaults_and_environment() {
         let c = Config::default();
-        assert_eq!(c.custom_metrics_addr, None, "off unless asked for");
-        assert_eq!(c.custom_metrics_username_headers, ["X-Remote-User"]);
-        assert_eq!(c.custom_metrics_group_headers, ["X-Remote-Group"]);
-        assert_eq!(c.custom_metrics_extra_headers_prefix, ["X-Remote-Extra-"]);
-        assert_eq!(c.custom_metrics_tls_names, ["localhost"]);
+        assert_eq!(c.servers.custom_metrics_addr, None, "off unless asked for");
+        assert_eq!(c.custom_metrics.username_headers, ["X-Remote-User"]);
+        assert_eq!(c.custom_metrics.group_headers, ["X-Remote-Group"]);
+        assert_eq!(c.custom_metrics.extra_headers_prefix, ["X-Remote-Extra-"]);
+        assert_eq!(c.custom_metrics.tls_names, ["localhost"]);
         let c = load(
             &[
                 ("ACTIVESCALE_CUSTOM_METRICS_ADDR", "127.0.0.1:6443"),
@@ -2040,12 +2413,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.custom_metrics_addr,
+            c.servers.custom_metrics_addr,
             Some("127.0.0.1:6443".parse().unwrap())
         );
-        assert_eq!(c.custom_metrics_windows, ["max_30s", "avg_2m"]);
+        assert_eq!(c.custom_metrics.windows, ["max_30s", "avg_2m"]);
         assert_eq!(
-            c.custom_metrics_tls_names,
+            c.custom_metrics.tls_names,
             ["activescale.keda.svc", "10.0.0.1"]
         );
     }
@@ -2067,7 +2440,7 @@ custom_metrics_rules:
         )
         .unwrap();
         let c = Config::load_from(Some(&path), Vec::new(), &[]).unwrap();
-        let r = &c.custom_metrics_rules[0];
+        let r = &c.custom_metrics.rules[0];
         assert_eq!(r.pod_label, "pod");
         assert_eq!(r.window, Some(Duration::from_secs(120)));
         assert_eq!(r.pods_from, PodsFrom::Sidecars);
@@ -2089,9 +2462,9 @@ custom_metrics_rules:
                 timeout: None,
             };
             f(&mut r);
-            Config {
+            FileConfig {
                 custom_metrics_rules: vec![r],
-                ..Config::default()
+                ..FileConfig::default()
             }
         };
         for (env, field) in [
@@ -2217,6 +2590,205 @@ custom_metrics_rules:
             &[],
         )
         .unwrap();
+    }
+
+    /// A flat config that sets every key to something other than its
+    /// default, valid as a whole (the files it names exist).
+    fn every_key(pem: &PemFiles, dir: &Path) -> serde_json::Value {
+        let rule = CustomMetricsRule {
+            name: "rps".into(),
+            server: "http://prometheus:9090".into(),
+            query: "x{<<.LabelMatchers>>}".into(),
+            pod_label: "pod_name".into(),
+            window: Some(Duration::from_secs(120)),
+            pods_from: PodsFrom::Sidecars,
+            timeout: Some(Duration::from_secs(3)),
+        };
+        let f = FileConfig {
+            sink_addr: "127.0.0.1:19000".parse().unwrap(),
+            scaler_addr: "127.0.0.1:19090".parse().unwrap(),
+            http_addr: "127.0.0.1:18080".parse().unwrap(),
+            pod_ttl: Duration::from_secs(20),
+            store: StoreKind::Redis,
+            max_message_bytes: 8 << 20,
+            metric_include: vec!["a.*".into(), "b.*".into()],
+            metric_exclude: vec!["c.*".into()],
+            exclude_sink_scope: false,
+            max_families_per_pod: 32,
+            sink_verify_peer_address: false,
+            sink_max_buffered_bytes: 32 << 20,
+            sink_max_concurrent_streams: 50,
+            sink_message_timeout: Duration::from_secs(20),
+            max_window: Duration::from_secs(900),
+            warmup: Some(Duration::from_secs(3)),
+            allow_cross_namespace: true,
+            view_enabled: false,
+            metadata_cache_size: 500,
+            log_format: LogFormat::Json,
+            summary_interval: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(20),
+            http_header_timeout: Duration::from_secs(5),
+            http2_keepalive_interval: Duration::from_secs(40),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            redis_url: "rediss://cache:6380".into(),
+            redis_username: Some("scaler".into()),
+            redis_password: Some("s3cret".into()),
+            redis_db: Some(0),
+            redis_tls: true,
+            redis_ca_file: Some(pem.cert.clone().into()),
+            redis_tls_insecure: true,
+            redis_cert_file: Some(pem.cert.clone().into()),
+            redis_key_file: Some(pem.key.clone().into()),
+            redis_cluster: true,
+            redis_pool_size: 4,
+            redis_timeout: Duration::from_secs(2),
+            redis_key_prefix: "other".into(),
+            prometheus_enforce_namespace: false,
+            prometheus_cache_ttl: Duration::from_secs(3),
+            prometheus_poll_interval: Duration::from_secs(6),
+            prometheus_timeout: Duration::from_secs(7),
+            prometheus_max_response_bytes: 1 << 20,
+            prometheus_credentials_dir: dir.join("creds"),
+            tls_cert: Some(pem.cert.clone().into()),
+            tls_key: Some(pem.key.clone().into()),
+            tls_client_ca: Some(pem.cert.clone().into()),
+            tls_client_names: vec!["keda".into()],
+            tls_reload_interval: Duration::from_secs(20),
+            tls_sink: false,
+            custom_metrics_addr: Some("127.0.0.1:16443".parse().unwrap()),
+            custom_metrics_tls_cert: Some(pem.cert.clone().into()),
+            custom_metrics_tls_key: Some(pem.key.clone().into()),
+            custom_metrics_tls_names: vec!["api.example".into()],
+            custom_metrics_client_ca: Some(pem.cert.clone().into()),
+            custom_metrics_allowed_names: vec!["front-proxy-client".into()],
+            custom_metrics_username_headers: vec!["X-User".into()],
+            custom_metrics_group_headers: vec!["X-Group".into()],
+            custom_metrics_extra_headers_prefix: vec!["X-Extra-".into()],
+            custom_metrics_windows: vec!["max_30s".into()],
+            custom_metrics_rules: vec![rule],
+            activator_addr: Some("127.0.0.1:18081".parse().unwrap()),
+            activator_routes: vec![route("web.example.com", None, "web:80", "shop")],
+            activator_max_pending: 10,
+            activator_max_pending_total: 100,
+            activator_hold_timeout: Duration::from_secs(30),
+            activator_probe_interval: Duration::from_millis(200),
+            activator_probe_max_interval: Duration::from_secs(5),
+            activator_connect_timeout: Duration::from_secs(2),
+            activator_header_read_timeout: Duration::from_secs(10),
+            activator_max_connections: 100,
+        };
+        serde_json::to_value(f).unwrap()
+    }
+
+    /// How a key's value is written in the environment and on a flag;
+    /// `None`: a file-only setting (routes, rules).
+    fn as_flag(value: &serde_json::Value) -> Option<String> {
+        use serde_json::Value;
+        match value {
+            Value::String(s) => Some(s.clone()),
+            Value::Bool(_) | Value::Number(_) => Some(value.to_string()),
+            Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .map(|items| items.join(",")),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_key_round_trips_through_the_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = PemFiles::new(dir.path());
+        let all = every_key(&pem, dir.path());
+        let defaults = serde_json::to_value(FileConfig::default()).unwrap();
+        let keys = all.as_object().unwrap();
+        // Every key is set, and away from its default: a key the groups
+        // dropped or swapped could not come back unchanged below.
+        assert_eq!(keys.len(), defaults.as_object().unwrap().len());
+        for (key, value) in keys {
+            assert_ne!(Some(value), defaults.get(key), "{key} is at its default");
+        }
+        let path = dir.path().join("all.yaml");
+        std::fs::write(&path, serde_yaml::to_string(&all).unwrap()).unwrap();
+        let c = Config::load_from(Some(&path), std::iter::empty(), &[]).unwrap();
+        assert_eq!(serde_json::to_value(&c).unwrap(), all);
+        // And back in through serde, as the chart tests read rendered configs.
+        let again: Config = serde_json::from_value(all.clone()).unwrap();
+        assert_eq!(again, c);
+        // A few groups by hand: each part sees its keys under its own names.
+        assert_eq!(c.servers.scaler_addr.port(), 19090);
+        assert_eq!(c.sink.max_buffered_bytes, 32 << 20);
+        assert_eq!(c.store.redis().unwrap().key_prefix, "other");
+        assert_eq!(c.engine.metadata_cache_size, 500);
+        assert_eq!(c.prometheus.default_timeout, Duration::from_secs(7));
+        assert!(!c.tls.as_ref().unwrap().sink);
+        assert_eq!(c.custom_metrics.reload_interval, Duration::from_secs(20));
+        assert_eq!(c.activator.max_pending_total, 100);
+        assert_eq!(c.http.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.telemetry.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn every_key_loads_from_the_environment_and_flags_by_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = PemFiles::new(dir.path());
+        let all = every_key(&pem, dir.path());
+        let want = {
+            let path = dir.path().join("all.yaml");
+            std::fs::write(&path, serde_yaml::to_string(&all).unwrap()).unwrap();
+            Config::load_from(Some(&path), std::iter::empty(), &[]).unwrap()
+        };
+        let mut checked = 0;
+        for (key, value) in all.as_object().unwrap() {
+            let Some(text) = as_flag(value) else {
+                continue;
+            };
+            // The file without this key, which then comes from elsewhere.
+            let mut rest = all.clone();
+            rest.as_object_mut().unwrap().remove(key);
+            let path = dir.path().join("rest.yaml");
+            std::fs::write(&path, serde_yaml::to_string(&rest).unwrap()).unwrap();
+            let env = vec![(
+                format!("ACTIVESCALE_{}", key.to_ascii_uppercase()),
+                text.clone(),
+            )];
+            let from_env = Config::load_from(Some(&path), env, &[])
+                .unwrap_or_else(|e| panic!("{key} from the environment: {e}"));
+            assert_eq!(from_env, want, "{key} from the environment");
+            let from_flag = Config::load_from(Some(&path), std::iter::empty(), &[(key, text)])
+                .unwrap_or_else(|e| panic!("{key} from a flag: {e}"));
+            assert_eq!(from_flag, want, "{key} from a flag");
+            checked += 1;
+        }
+        assert_eq!(
+            checked,
+            all.as_object().unwrap().len() - 2,
+            "all but routes and rules"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "pod_ttl: 20s\nno_such_setting: 1\n").unwrap();
+        let e = Config::load_from(Some(&path), std::iter::empty(), &[])
+            .unwrap_err()
+            .to_string();
+        // serde's message, listing the flat keys: the file layer is unchanged.
+        assert!(
+            e.starts_with(
+                "invalid configuration: unknown field `no_such_setting`, expected one of `sink_addr`, `scaler_addr`"
+            ),
+            "{e}"
+        );
+        // Group names are not keys.
+        std::fs::write(&path, "engine:\n  pod_ttl: 20s\n").unwrap();
+        let e = Config::load_from(Some(&path), std::iter::empty(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `engine`"), "{e}");
     }
 
     #[test]

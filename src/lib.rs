@@ -45,8 +45,8 @@
 //! - [`check`]: `activescale check`, offline validation of ScaledObject YAML.
 //! - [`config`]: the one typed configuration, validated before anything binds
 //!   (certificates and the Redis URL parsed too); a leaf that imports no other
-//!   module. Parts take their own group of it ([`config::StoreConfig`],
-//!   [`config::RedisConfig`], [`config::TlsConfig`], [`config::PrometheusConfig`]).
+//!   module. Grouped per part ([`config::SinkConfig`], [`config::StoreConfig`],
+//!   [`config::EngineConfig`], [`config::TlsConfig`], ...); each part takes its group.
 //! - [`telemetry`]: logs, the service's own metrics, summary lines.
 //!
 //! [`run`] serves one server per bound [`Port`] (sink, scaler, HTTP, and the
@@ -161,11 +161,11 @@ impl Port {
     /// Where the config puts it; `None`: turned off.
     pub fn addr(self, config: &Config) -> Option<SocketAddr> {
         match self {
-            Port::Sink => Some(config.sink_addr),
-            Port::Scaler => Some(config.scaler_addr),
-            Port::Http => Some(config.http_addr),
-            Port::CustomMetrics => config.custom_metrics_addr,
-            Port::Activator => config.activator_addr,
+            Port::Sink => Some(config.servers.sink_addr),
+            Port::Scaler => Some(config.servers.scaler_addr),
+            Port::Http => Some(config.servers.http_addr),
+            Port::CustomMetrics => config.servers.custom_metrics_addr,
+            Port::Activator => config.servers.activator_addr,
         }
     }
 }
@@ -212,7 +212,7 @@ impl Listeners {
 /// it before binding anything (a failure exits 2, naming the setting); `run`
 /// calls it again for callers that did not.
 pub fn preflight(config: &Config) -> Result<()> {
-    if config.custom_metrics_addr.is_some() {
+    if config.servers.custom_metrics_addr.is_some() {
         custom_metrics::Catalogue::from_config(config)?;
     }
     Ok(())
@@ -232,16 +232,18 @@ fn activator_replica() -> String {
 
 /// Builds the store the config asks for.
 pub async fn open_store(config: &Config) -> Result<SharedStore> {
-    Ok(match config.store_config() {
-        StoreConfig::Memory(m) => Arc::new(
-            store::memory::MemoryStore::new(m.pod_ttl, m.max_window).warming_up_for(m.warmup),
+    let engine = &config.engine;
+    Ok(match &config.store {
+        StoreConfig::Memory(_) => Arc::new(
+            store::memory::MemoryStore::new(engine.pod_ttl, engine.max_window)
+                .warming_up_for(config.effective_warmup()),
         ),
-        StoreConfig::Redis(r) => Arc::new(store::redis::RedisStore::connect(&r).await?),
+        StoreConfig::Redis(r) => Arc::new(store::redis::RedisStore::connect(r, engine).await?),
     })
 }
 
 /// Serves the sink, the scaler and the HTTP port until `shutdown` resolves,
-/// then drains for at most `config.drain_timeout`.
+/// then drains for at most `config.servers.drain_timeout`.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -274,19 +276,17 @@ pub async fn run(
     let metrics = Arc::new(metrics);
     let token = CancellationToken::new();
     let store = open_store(&config).await?;
-    let tls = config
-        .tls()
-        .map(|t| tls::Tls::from_config(&t))
-        .transpose()?;
-    if let Some(tls) = &tls {
-        tokio::spawn(tls.clone().watch(config.tls_reload_interval, token.clone()));
+    let tls = config.tls.as_ref().map(tls::Tls::from_config).transpose()?;
+    if let (Some(tls), Some(settings)) = (&tls, &config.tls) {
+        tokio::spawn(tls.clone().watch(settings.reload_interval, token.clone()));
     }
 
     let filter = sink::names::NameFilter::new(
-        &config.metric_include,
-        &config.metric_exclude,
+        &config.sink.metric_include,
+        &config.sink.metric_exclude,
         // The bound port: what the scaler's own sidecar names its inbound scope by.
         config
+            .sink
             .exclude_sink_scope
             .then_some(sink_addr.map(|a| a.port()))
             .flatten(),
@@ -294,20 +294,20 @@ pub async fn run(
     let sink = sink::Sink::new(
         store.clone(),
         filter,
-        sink::SinkSettings::from_config(&config),
+        sink::SinkSettings::from_config(&config.sink),
         metrics.clone(),
         token.clone(),
     );
-    let prom_settings = config.prometheus();
+    let prom_settings = config.prometheus.clone();
     // Off: no recorder at all, so the engine does no work per call for it.
-    let view = config.view_enabled.then(view::Recorder::new);
+    let view = config.http.view_enabled.then(view::Recorder::new);
     let triggers = Arc::new(trigger::TriggerCache::new(
         trigger::TriggerSettings {
-            max_window: config.max_window,
-            allow_cross_namespace: config.allow_cross_namespace,
+            max_window: config.engine.max_window,
+            allow_cross_namespace: config.engine.allow_cross_namespace,
             prometheus: prom_settings.clone(),
         },
-        config.metadata_cache_size,
+        config.engine.metadata_cache_size,
     ));
     let engine = engine::Engine::new(
         store.clone(),
@@ -323,7 +323,7 @@ pub async fn run(
                 &a.routes(),
                 store.clone(),
                 activator_replica(),
-                config.pod_ttl,
+                config.engine.pod_ttl,
                 token.clone(),
             );
             engine.with_routes(a.routes())
@@ -340,8 +340,8 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let server = || {
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(config.http2_keepalive_interval))
-            .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+            .http2_keepalive_interval(Some(config.servers.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.servers.http2_keepalive_timeout))
             .tcp_nodelay(true)
     };
     // The sink's connection window is 256 KiB instead of hyper's 1 MiB
@@ -354,10 +354,10 @@ pub async fn run(
         reflection::for_port(reflection::SCALER_DESCRIPTORS, scaler::SERVICE_NAME)
             .expect("the scaler's descriptor set, checked by reflection's tests");
     let read_limits = sink::ReadLimits {
-        max_message: config.max_message_bytes,
-        message_timeout: config.sink_message_timeout,
+        max_message: config.sink.max_message_bytes,
+        message_timeout: config.sink.message_timeout,
         budget: sink::Budget::new(
-            config.sink_max_buffered_bytes,
+            config.sink.max_buffered_bytes,
             metrics.sink_buffered_bytes.clone(),
         ),
     };
@@ -365,12 +365,14 @@ pub async fn run(
     // Per connection: a sidecar opens one stream, so a connection with many
     // is a client multiplying what it can make the sink hold.
     if let Some(l) = listeners.take(Port::Sink) {
-        let tls = tls.clone().filter(|_| config.tls_sink);
+        let tls = tls
+            .clone()
+            .filter(|_| config.tls.as_ref().is_some_and(|t| t.sink));
         servers.spawn(
             Port::Sink,
             server()
                 .initial_connection_window_size(Some(sink::grpc::CONNECTION_WINDOW))
-                .max_concurrent_streams(Some(config.sink_max_concurrent_streams))
+                .max_concurrent_streams(Some(config.sink.max_concurrent_streams))
                 .add_service(health_service.clone())
                 .add_service(sink_reflection.v1)
                 .add_service(sink_reflection.v1alpha)
@@ -383,7 +385,7 @@ pub async fn run(
     }
     if let Some(l) = listeners.take(Port::Scaler) {
         let names = tls::ClientNames::new(
-            &config.tls_client_names,
+            config.tls.as_ref().map_or(&[][..], |t| &t.client_names),
             metrics.scaler_clients_refused.clone(),
         );
         servers.spawn(
@@ -405,7 +407,7 @@ pub async fn run(
             Arc::new(custom_metrics::EngineSource::new(engine.clone())),
             ready.clone(),
         )?;
-        let (reload, token) = (config.tls_reload_interval, token.clone());
+        let (reload, token) = (config.custom_metrics.reload_interval, token.clone());
         servers.spawn(Port::CustomMetrics, async move {
             api.serve(l, reload, token).await;
             Ok::<(), std::convert::Infallible>(())
@@ -425,11 +427,11 @@ pub async fn run(
             metrics: metrics.clone(),
             ready: ready.clone(),
             view,
-            store_kind: config.store,
+            store_kind: config.store.kind(),
             replica: view::replica_name(),
             activator: routes,
         });
-        let serve = http::serve(l, app, config.http_header_timeout, token.clone());
+        let serve = http::serve(l, app, config.http.header_timeout, token.clone());
         servers.spawn(Port::Http, async move {
             serve.await;
             Ok::<(), std::convert::Infallible>(())
@@ -440,11 +442,11 @@ pub async fn run(
     let summary = tokio::spawn(summarise(
         metrics.clone(),
         store.clone(),
-        config.summary_interval,
+        config.telemetry.summary_interval,
         token.clone(),
     ));
     info!(sink_addr = %sink_at, scaler_addr = %scaler_at, http_addr = %http_at,
-        custom_metrics_addr = %custom_metrics_at, activator_addr = %activator_at, store = ?config.store, pod_ttl = ?config.pod_ttl,
+        custom_metrics_addr = %custom_metrics_at, activator_addr = %activator_at, store = ?config.store.kind(), pod_ttl = ?config.engine.pod_ttl,
         tls = tls.is_some(), mtls = tls.as_ref().is_some_and(|t| t.verifies_clients()), "activescale serving");
 
     let stopping = token.clone();
@@ -453,11 +455,11 @@ pub async fn run(
         _ = stopping.cancelled() => {}
     }
     token.cancel();
-    if tokio::time::timeout(config.drain_timeout, servers.drain())
+    if tokio::time::timeout(config.servers.drain_timeout, servers.drain())
         .await
         .is_err()
     {
-        warn!(timeout = ?config.drain_timeout, "drain timed out; closing what is left");
+        warn!(timeout = ?config.servers.drain_timeout, "drain timed out; closing what is left");
     }
     readiness.abort();
     summary.abort();

@@ -364,11 +364,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("activescale: {e}");
         std::process::exit(2);
     }
-    activescale::telemetry::init(match config.log_format {
+    activescale::telemetry::init(match config.telemetry.log_format {
         activescale::config::LogFormat::Text => activescale::telemetry::LogFormat::Text,
         activescale::config::LogFormat::Json => activescale::telemetry::LogFormat::Json,
     });
-    if config.redis_tls_insecure {
+    if config.store.redis().is_some_and(|r| r.tls_insecure) {
         tracing::warn!(
             "REDIS_TLS_INSECURE is set: the Redis server's certificate is NOT verified; \
              anyone on the path can read and forge scaling data"

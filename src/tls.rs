@@ -879,7 +879,7 @@ mod tests {
 
     #[test]
     fn tls_is_off_without_a_certificate() {
-        assert!(crate::config::Config::default().tls().is_none());
+        assert!(crate::config::Config::default().tls.is_none());
     }
 
     /// A certificate with these SANs (`uri:` prefix: a URI, else DNS) and CN.

@@ -270,31 +270,35 @@ fn serve_help_describes_every_flag_and_shows_its_default() {
     }
 
     let d = activescale::config::Config::default();
+    let redis = activescale::config::RedisConfig::default();
     let duration = |v: std::time::Duration| humantime::format_duration(v).to_string();
     for (flag, expected) in [
         ("config", "unset".to_string()),
-        ("sink-addr", d.sink_addr.to_string()),
-        ("scaler-addr", d.scaler_addr.to_string()),
-        ("http-addr", d.http_addr.to_string()),
-        ("pod-ttl", duration(d.pod_ttl)),
-        ("max-window", duration(d.max_window)),
-        ("redis-timeout", duration(d.redis_timeout)),
-        ("http-header-timeout", duration(d.http_header_timeout)),
-        ("activator-hold-timeout", duration(d.activator_hold_timeout)),
-        ("max-message-bytes", d.max_message_bytes.to_string()),
-        ("max-families-per-pod", d.max_families_per_pod.to_string()),
-        ("redis-pool-size", d.redis_pool_size.to_string()),
+        ("sink-addr", d.servers.sink_addr.to_string()),
+        ("scaler-addr", d.servers.scaler_addr.to_string()),
+        ("http-addr", d.servers.http_addr.to_string()),
+        ("pod-ttl", duration(d.engine.pod_ttl)),
+        ("max-window", duration(d.engine.max_window)),
+        ("redis-timeout", duration(redis.timeout)),
+        ("http-header-timeout", duration(d.http.header_timeout)),
+        ("activator-hold-timeout", duration(d.activator.hold_timeout)),
+        ("max-message-bytes", d.sink.max_message_bytes.to_string()),
+        (
+            "max-families-per-pod",
+            d.sink.max_families_per_pod.to_string(),
+        ),
+        ("redis-pool-size", redis.pool_size.to_string()),
         (
             "prometheus-max-response-bytes",
-            d.prometheus_max_response_bytes.to_string(),
+            d.prometheus.max_response_bytes.to_string(),
         ),
-        ("view-enabled", d.view_enabled.to_string()),
-        ("redis-cluster", d.redis_cluster.to_string()),
-        ("redis-url", d.redis_url.clone()),
-        ("metric-include", d.metric_include.join(",")),
+        ("view-enabled", d.http.view_enabled.to_string()),
+        ("redis-cluster", redis.cluster.to_string()),
+        ("redis-url", redis.url.clone()),
+        ("metric-include", d.sink.metric_include.join(",")),
         (
             "prometheus-credentials-dir",
-            d.prometheus_credentials_dir.display().to_string(),
+            d.prometheus.credentials_dir.display().to_string(),
         ),
         ("store", "memory".into()),
         ("log-format", "text".into()),

@@ -153,7 +153,7 @@ fn invalid_metadata_fails_with_file_document_and_parser_error() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let settings = trigger::TriggerSettings {
-        max_window: Config::default().max_window,
+        max_window: Config::default().engine.max_window,
         allow_cross_namespace: false,
         prometheus: Default::default(),
     };

@@ -236,7 +236,7 @@ async fn namespaces_are_isolated() {
 #[tokio::test]
 async fn cross_namespace_reads_when_the_operator_allows() {
     let mut config = test_config();
-    config.allow_cross_namespace = true;
+    config.engine.allow_cross_namespace = true;
     let server = start_server(config).await;
     let mut b = Sidecar::connect(
         server.sink,
@@ -380,7 +380,7 @@ async fn stream_is_active_sends_state_then_only_changes_then_false_on_expiry() {
     let mut config = test_config();
     // Long enough that a loaded CI machine does not expire the pod between
     // the pushes below; the expiry at the end is awaited, not slept for.
-    config.pod_ttl = Duration::from_millis(1500);
+    config.engine.pod_ttl = Duration::from_millis(1500);
     let server = start_server(config).await;
     let mut client = server.scaler_client().await;
     let r = so_ref("shop", "web", &web_trigger());
@@ -580,7 +580,7 @@ async fn malformed_message_ends_only_its_own_stream() {
 #[tokio::test]
 async fn oversized_message_is_refused_and_counted() {
     let mut config = test_config();
-    config.max_message_bytes = 64 * 1024;
+    config.sink.max_message_bytes = 64 * 1024;
     let server = start_server(config).await;
     let mut good = Sidecar::connect(
         server.sink,
@@ -682,7 +682,7 @@ async fn health_endpoints_and_grpc_health() {
 #[tokio::test]
 async fn warmup_refuses_envoy_answers_instead_of_reading_an_empty_store_as_zero() {
     let mut config = test_config();
-    config.warmup = Some(Duration::from_secs(3600));
+    config.engine.warmup = Some(Duration::from_secs(3600));
     let server = start_server(config).await;
     let mut client = server.scaler_client().await;
     let err = get_metric(&mut client, &so_ref("shop", "web", &web_trigger()))

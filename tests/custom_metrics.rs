@@ -225,14 +225,15 @@ async fn serve(pki: &Pki, change: impl FnOnce(&mut Config, &std::path::Path)) ->
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     write_pki(pki, dir.path());
-    let mut config = Config {
-        custom_metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        custom_metrics_tls_cert: Some(dir.path().join("tls.crt")),
-        custom_metrics_tls_key: Some(dir.path().join("tls.key")),
-        custom_metrics_client_ca: Some(dir.path().join("ca.crt")),
-        custom_metrics_allowed_names: vec!["front-proxy-client".into()],
-        custom_metrics_windows: vec!["max_30s".into()],
-        ..Config::default()
+    let mut config = {
+        let mut c = Config::default();
+        c.servers.custom_metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.custom_metrics.tls_cert = Some(dir.path().join("tls.crt"));
+        c.custom_metrics.tls_key = Some(dir.path().join("tls.key"));
+        c.custom_metrics.client_ca = Some(dir.path().join("ca.crt"));
+        c.custom_metrics.allowed_names = vec!["front-proxy-client".into()];
+        c.custom_metrics.windows = vec!["max_30s".into()];
+        c
     };
     change(&mut config, dir.path());
     config.validate().expect("a valid config");
@@ -641,7 +642,7 @@ async fn without_a_verified_front_proxy_certificate_401_and_headers_ignored() {
 #[tokio::test]
 async fn allowed_names_empty_admits_any_certificate_of_the_ca() {
     let pki = Pki::new();
-    let served = serve(&pki, |c, _| c.custom_metrics_allowed_names.clear()).await;
+    let served = serve(&pki, |c, _| c.custom_metrics.allowed_names.clear()).await;
     let c = client(Some(&pki.server_ca), Some(&pki.wrong_name), Http::Two);
     let (code, body, _) = get(&c, &served, V2).await;
     assert_eq!(code, 200, "{body}");
@@ -773,8 +774,8 @@ async fn an_unavailable_store_is_503_never_zeros() {
 async fn a_self_signed_certificate_when_no_files_are_given() {
     let pki = Pki::new();
     let served = serve(&pki, |c, _| {
-        c.custom_metrics_tls_cert = None;
-        c.custom_metrics_tls_key = None;
+        c.custom_metrics.tls_cert = None;
+        c.custom_metrics.tls_key = None;
     })
     .await;
     // insecureSkipTLSVerify, as the APIService must say for it.
@@ -877,13 +878,14 @@ async fn served_by_run(
 ) -> (common::TestServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     write_pki(pki, dir.path());
-    let mut config = Config {
-        custom_metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        custom_metrics_tls_cert: Some(dir.path().join("tls.crt")),
-        custom_metrics_tls_key: Some(dir.path().join("tls.key")),
-        custom_metrics_client_ca: Some(dir.path().join("ca.crt")),
-        custom_metrics_allowed_names: vec!["front-proxy-client".into()],
-        ..common::test_config()
+    let mut config = {
+        let mut c = common::test_config();
+        c.servers.custom_metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.custom_metrics.tls_cert = Some(dir.path().join("tls.crt"));
+        c.custom_metrics.tls_key = Some(dir.path().join("tls.key"));
+        c.custom_metrics.client_ca = Some(dir.path().join("ca.crt"));
+        c.custom_metrics.allowed_names = vec!["front-proxy-client".into()];
+        c
     };
     change(&mut config);
     (common::start_server(config).await, dir)
@@ -966,7 +968,8 @@ async fn run_serves_the_same_pod_samples_as_get_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_answers_503_while_the_store_warms_up_never_an_empty_list() {
     let pki = Pki::new();
-    let (server, _dir) = served_by_run(&pki, |c| c.warmup = Some(Duration::from_secs(3600))).await;
+    let (server, _dir) =
+        served_by_run(&pki, |c| c.engine.warmup = Some(Duration::from_secs(3600))).await;
     let port = server.addr(activescale::Port::CustomMetrics).port();
     let c = aggregator(&pki, Http::Two);
     let (code, body, _) = get_port(
@@ -984,7 +987,7 @@ async fn run_serves_windowed_metrics_as_a_windowed_trigger_reads_them() {
     use common::envoy::{Sidecar, inbound, istio_node};
     let pki = Pki::new();
     let (server, _dir) = served_by_run(&pki, |c| {
-        c.custom_metrics_windows = vec!["max_30s".into()];
+        c.custom_metrics.windows = vec!["max_30s".into()];
     })
     .await;
     let port = server.addr(activescale::Port::CustomMetrics).port();
@@ -1057,8 +1060,8 @@ async fn run_serves_windowed_metrics_as_a_windowed_trigger_reads_them() {
 async fn run_answers_503_for_a_windowed_metric_while_warming_up() {
     let pki = Pki::new();
     let (server, _dir) = served_by_run(&pki, |c| {
-        c.warmup = Some(Duration::from_secs(3600));
-        c.custom_metrics_windows = vec!["max_30s".into()];
+        c.engine.warmup = Some(Duration::from_secs(3600));
+        c.custom_metrics.windows = vec!["max_30s".into()];
     })
     .await;
     let port = server.addr(activescale::Port::CustomMetrics).port();
@@ -1122,10 +1125,10 @@ async fn run_serves_prometheus_rules_per_pod_from_a_real_prometheus() {
     let pki = Pki::new();
     let url = p.prometheus.url.clone();
     let (server, _dir) = served_by_run(&pki, move |c| {
-        c.custom_metrics_rules = vec![rule(&url, RULE)];
+        c.custom_metrics.rules = vec![rule(&url, RULE)];
         // Long enough that the repeated request below is a cache hit
         // whatever the machine's load.
-        c.prometheus_cache_ttl = Duration::from_secs(300);
+        c.prometheus.cache_ttl = Duration::from_secs(300);
     })
     .await;
     let port = server.addr(activescale::Port::CustomMetrics).port();
@@ -1208,7 +1211,7 @@ async fn run_answers_503_when_prometheus_is_unreachable() {
         .unwrap();
     let pki = Pki::new();
     let (server, _dir) = served_by_run(&pki, move |c| {
-        c.custom_metrics_rules = vec![rule(&format!("http://{closed}"), RULE)];
+        c.custom_metrics.rules = vec![rule(&format!("http://{closed}"), RULE)];
     })
     .await;
     let port = server.addr(activescale::Port::CustomMetrics).port();

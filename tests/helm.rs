@@ -161,28 +161,31 @@ fn chart_lints_renders_and_its_environment_loads() {
                 at_default, expected,
                 "{name}: settings that did not reach the service"
             );
-            assert_eq!(cfg.scaler_addr.port(), 19090);
+            assert_eq!(cfg.servers.scaler_addr.port(), 19090);
             assert_eq!(
-                cfg.tls_client_names,
+                cfg.tls.as_ref().unwrap().client_names,
                 [
                     "spiffe://cluster.local/ns/keda/sa/keda-operator",
                     "keda-operator.keda.svc"
                 ]
             );
-            assert_eq!(cfg.max_message_bytes, 32 << 20);
-            assert_eq!(cfg.activator_addr.map(|a| a.port()), Some(18081));
-            assert_eq!(cfg.activator_routes.len(), 1);
-            assert_eq!(cfg.activator_routes[0].host, "web.example.com");
-            assert_eq!(cfg.activator_routes[0].namespace, "shop");
-            assert_eq!(cfg.custom_metrics_addr.map(|a| a.port()), Some(16443));
+            assert_eq!(cfg.sink.max_message_bytes, 32 << 20);
+            assert_eq!(cfg.servers.activator_addr.map(|a| a.port()), Some(18081));
+            assert_eq!(cfg.activator.routes.len(), 1);
+            assert_eq!(cfg.activator.routes[0].host, "web.example.com");
+            assert_eq!(cfg.activator.routes[0].namespace, "shop");
             assert_eq!(
-                cfg.custom_metrics_allowed_names,
+                cfg.servers.custom_metrics_addr.map(|a| a.port()),
+                Some(16443)
+            );
+            assert_eq!(
+                cfg.custom_metrics.allowed_names,
                 ["front-proxy-client", "aggregator"]
             );
-            assert_eq!(cfg.custom_metrics_windows, ["max_30s", "avg_2m"]);
-            assert_eq!(cfg.custom_metrics_rules.len(), 1);
+            assert_eq!(cfg.custom_metrics.windows, ["max_30s", "avg_2m"]);
+            assert_eq!(cfg.custom_metrics.rules.len(), 1);
             assert_eq!(
-                cfg.custom_metrics_rules[0].name,
+                cfg.custom_metrics.rules[0].name,
                 "flask_http_request_per_second"
             );
         }
@@ -191,17 +194,24 @@ fn chart_lints_renders_and_its_environment_loads() {
             // point at; the front-proxy CA is required off loopback.
             let svc = format!("test-release-activescale.{RELEASE_NAMESPACE}.svc");
             assert!(
-                cfg.custom_metrics_tls_names.contains(&svc),
+                cfg.custom_metrics.tls_names.contains(&svc),
                 "{name}: {:?}",
-                cfg.custom_metrics_tls_names
+                cfg.custom_metrics.tls_names
             );
-            assert!(cfg.custom_metrics_tls_cert.is_none());
-            assert!(cfg.custom_metrics_client_ca.is_some());
-            assert_eq!(cfg.custom_metrics_addr.map(|a| a.port()), Some(6443));
+            assert!(cfg.custom_metrics.tls_cert.is_none());
+            assert!(cfg.custom_metrics.client_ca.is_some());
+            assert_eq!(
+                cfg.servers.custom_metrics_addr.map(|a| a.port()),
+                Some(6443)
+            );
         }
         if name == "defaults.env.json" {
-            assert_eq!(cfg.store, activescale::config::StoreKind::Redis);
-            assert!(cfg.redis_url.starts_with("redis://"), "{}", cfg.redis_url);
+            assert_eq!(cfg.store.kind(), activescale::config::StoreKind::Redis);
+            assert!(
+                cfg.store.redis().unwrap().url.starts_with("redis://"),
+                "{}",
+                cfg.store.redis().unwrap().url
+            );
         }
         cases += 1;
     }

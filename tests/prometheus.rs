@@ -20,8 +20,8 @@ use tonic::{Code, Status, transport::Channel};
 /// polling for freshly scraped data does not wait out the 2 s default.
 async fn server() -> (TestServer, ExternalScalerClient<Channel>) {
     let mut config = test_config();
-    config.prometheus_cache_ttl = Duration::from_millis(100);
-    config.prometheus_poll_interval = Duration::from_millis(200);
+    config.prometheus.cache_ttl = Duration::from_millis(100);
+    config.prometheus.poll_interval = Duration::from_millis(200);
     let server = start_server(config).await;
     let client = server.scaler_client().await;
     (server, client)
@@ -484,8 +484,8 @@ async fn enforcement_can_be_turned_off_by_the_operator() {
     p.exporter
         .set("open_probe", &[("namespace", "t-open-b")], 3.0);
     let mut config = test_config();
-    config.prometheus_enforce_namespace = false;
-    config.prometheus_cache_ttl = Duration::from_millis(100);
+    config.prometheus.enforce_namespace = false;
+    config.prometheus.cache_ttl = Duration::from_millis(100);
     let server = start_server(config).await;
     let mut c = server.scaler_client().await;
     let r = so(
@@ -623,7 +623,7 @@ async fn https_servers_need_their_ca_cert_or_unsafe_ssl() {
     assert!(prometheus.url.starts_with("https://"));
     prometheus.wait_for("tls_probe{namespace=\"t-tls\"}").await;
     let mut config = test_config();
-    config.prometheus_credentials_dir = credentials.path().to_owned();
+    config.prometheus.credentials_dir = credentials.path().to_owned();
     let server = start_server(config).await;
     let mut c = server.scaler_client().await;
     let query = [("query", "sum(tls_probe)"), ("targetValue", "1")];

@@ -19,7 +19,7 @@ use activescale::{
 use common::{
     builders::app_pod,
     envoy::*,
-    redis_server::{RedisCluster, RedisServer},
+    redis_server::{self, RedisCluster, RedisServer},
     *,
 };
 use tonic::{Code, Status, transport::Channel};
@@ -112,8 +112,7 @@ async fn open_stream(client: &ExternalScalerClient<Channel>) -> tonic::Streaming
 
 fn redis_config(redis_url: &str) -> Config {
     let mut c = test_config();
-    c.store = activescale::config::StoreKind::Redis;
-    c.redis_url = redis_url.into();
+    c.store.redis_mut().url = redis_url.into();
     c
 }
 
@@ -250,9 +249,9 @@ async fn tls_with_a_test_ca_and_client_certificates() {
     let redis = RedisServer::start_tls(true);
     let files = redis.tls.as_ref().unwrap();
     let mut config = redis_config(&redis.url());
-    config.redis_ca_file = Some(files.ca.clone());
-    config.redis_cert_file = Some(files.client_cert.clone());
-    config.redis_key_file = Some(files.client_key.clone());
+    config.store.redis_mut().ca_file = Some(files.ca.clone());
+    config.store.redis_mut().cert_file = Some(files.client_cert.clone());
+    config.store.redis_mut().key_file = Some(files.client_key.clone());
     let server = start_server(config.clone()).await;
     await_ready(&server, 200).await;
     let mut sidecar = Sidecar::connect(server.sink, web_node("shop", "web-1")).await;
@@ -261,24 +260,24 @@ async fn tls_with_a_test_ca_and_client_certificates() {
 
     // Without the client certificate the server refuses us: errors, not zeros.
     let mut no_cert = config.clone();
-    no_cert.redis_cert_file = None;
-    no_cert.redis_key_file = None;
+    no_cert.store.redis_mut().cert_file = None;
+    no_cert.store.redis_mut().key_file = None;
     let refused = start_server(no_cert).await;
     await_code(&refused.scaler_client().await, "shop", Code::Unavailable).await;
     await_ready(&refused, 503).await;
 
     // Without our CA the server's certificate is not trusted.
     let mut untrusted = config.clone();
-    untrusted.redis_ca_file = None;
-    let s = RedisStore::connect(&untrusted.redis()).await.unwrap();
+    untrusted.store.redis_mut().ca_file = None;
+    let s = redis_server::connect(&untrusted).await.unwrap();
     let e = s.ready().await.unwrap_err();
     assert!(e.to_string().contains("certificate"), "{e}");
 
     // redis_tls=true upgrades a redis:// URL.
     let mut upgraded = config.clone();
-    upgraded.redis_url = format!("redis://127.0.0.1:{}", redis.port);
-    upgraded.redis_tls = true;
-    let s = RedisStore::connect(&upgraded.redis()).await.unwrap();
+    upgraded.store.redis_mut().url = format!("redis://127.0.0.1:{}", redis.port);
+    upgraded.store.redis_mut().tls = true;
+    let s = redis_server::connect(&upgraded).await.unwrap();
     ready_soon(&s).await;
     assert_eq!(s.values(&web_query("shop")).await.unwrap(), vec![2.0]);
 }
@@ -287,8 +286,8 @@ async fn tls_with_a_test_ca_and_client_certificates() {
 async fn tls_insecure_skips_verification() {
     let redis = RedisServer::start_tls(false);
     let mut config = redis_config(&redis.url());
-    config.redis_tls_insecure = true;
-    let s = RedisStore::connect(&config.redis()).await.unwrap();
+    config.store.redis_mut().tls_insecure = true;
+    let s = redis_server::connect(&config).await.unwrap();
     ready_soon(&s).await;
 }
 
@@ -322,8 +321,8 @@ async fn acl_user_and_password() {
         "+@all",
     ]);
     let mut config = redis_config(&redis.url());
-    config.redis_username = Some("scaler".into());
-    config.redis_password = Some("s3cret".into());
+    config.store.redis_mut().username = Some("scaler".into());
+    config.store.redis_mut().password = Some("s3cret".into());
     let server = start_server(config.clone()).await;
     await_ready(&server, 200).await;
     let mut sidecar = Sidecar::connect(server.sink, web_node("shop", "web-1")).await;
@@ -332,14 +331,14 @@ async fn acl_user_and_password() {
 
     // Credentials in the URL work too.
     let mut in_url = redis_config(&format!("redis://scaler:s3cret@127.0.0.1:{}", redis.port));
-    in_url.pod_ttl = config.pod_ttl;
-    let s = RedisStore::connect(&in_url.redis()).await.unwrap();
+    in_url.engine.pod_ttl = config.engine.pod_ttl;
+    let s = redis_server::connect(&in_url).await.unwrap();
     ready_soon(&s).await;
     assert_eq!(s.values(&web_query("shop")).await.unwrap(), vec![7.0]);
 
     // A wrong password is an error everywhere, never an empty answer.
     let mut wrong = config.clone();
-    wrong.redis_password = Some("nope".into());
+    wrong.store.redis_mut().password = Some("nope".into());
     let bad = start_server(wrong).await;
     await_code(&bad.scaler_client().await, "shop", Code::Unavailable).await;
     assert_eq!(
@@ -421,7 +420,7 @@ async fn command_calls(
 #[tokio::test]
 async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()).redis())
+    let store = redis_server::connect(&redis.config(test_config()))
         .await
         .unwrap();
     ready_soon(&store).await;
@@ -463,12 +462,12 @@ async fn one_round_trip_per_message_and_no_rewrite_when_unchanged() {
 async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
     let redis = RedisServer::start();
     let mut one = redis.config(test_config());
-    one.redis_key_prefix = "one".into();
+    one.store.redis_mut().key_prefix = "one".into();
     let mut two = one.clone();
-    two.redis_key_prefix = "two".into();
+    two.store.redis_mut().key_prefix = "two".into();
     let (one, two) = (
-        RedisStore::connect(&one.redis()).await.unwrap(),
-        RedisStore::connect(&two.redis()).await.unwrap(),
+        redis_server::connect(&one).await.unwrap(),
+        redis_server::connect(&two).await.unwrap(),
     );
     ready_soon(&one).await;
     one.record(&app_pod("shop", "web-1", "web"), &[("f".into(), 1.0)])
@@ -548,8 +547,8 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
 async fn measure_memory_per_1000_pods() {
     let redis = RedisServer::start();
     let mut config = redis.config(test_config());
-    config.pod_ttl = Duration::from_secs(600);
-    let store = RedisStore::connect(&config.redis()).await.unwrap();
+    config.engine.pod_ttl = Duration::from_secs(600);
+    let store = redis_server::connect(&config).await.unwrap();
     ready_soon(&store).await;
     let mut raw = redis.client().await;
     let used = |raw: &mut redis::aio::MultiplexedConnection| {
@@ -708,8 +707,8 @@ async fn two_scaler_processes_share_one_redis() {
 async fn slow_redis_is_a_timeout_not_a_value() {
     let redis = RedisServer::start();
     let mut config = redis.config(test_config());
-    config.redis_timeout = Duration::from_millis(200);
-    let store = RedisStore::connect(&config.redis()).await.unwrap();
+    config.store.redis_mut().timeout = Duration::from_millis(200);
+    let store = redis_server::connect(&config).await.unwrap();
     ready_soon(&store).await;
     store
         .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 3.0)])
@@ -765,8 +764,8 @@ async fn a_young_redis_is_not_read_as_no_load() {
     // values are refused until it has been up for `warmup`.
     let redis = RedisServer::start();
     let mut config = redis.config(test_config());
-    config.warmup = Some(Duration::from_secs(3));
-    let store = RedisStore::connect(&config.redis()).await.unwrap();
+    config.engine.warmup = Some(Duration::from_secs(3));
+    let store = redis_server::connect(&config).await.unwrap();
     ready_soon(&store).await;
     store
         .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 5.0)])
@@ -891,7 +890,7 @@ async fn expire(raw: &mut redis::aio::MultiplexedConnection, ns: &str, pod: &str
 #[tokio::test]
 async fn group_aggregates_do_not_drift() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()).redis())
+    let store = redis_server::connect(&redis.config(test_config()))
         .await
         .unwrap();
     ready_soon(&store).await;
@@ -974,7 +973,7 @@ async fn group_aggregates_do_not_drift() {
 #[tokio::test]
 async fn groups_are_rebuilt_from_data_without_them() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()).redis())
+    let store = redis_server::connect(&redis.config(test_config()))
         .await
         .unwrap();
     ready_soon(&store).await;
@@ -1070,7 +1069,7 @@ async fn hset(raw: &mut redis::aio::MultiplexedConnection, key: &str, field: &st
 #[tokio::test]
 async fn sums_poisoned_before_values_were_checked_heal() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()).redis())
+    let store = redis_server::connect(&redis.config(test_config()))
         .await
         .unwrap();
     ready_soon(&store).await;
@@ -1143,7 +1142,7 @@ async fn sums_poisoned_before_values_were_checked_heal() {
 #[tokio::test]
 async fn the_address_binding_costs_no_write_per_message() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&redis.config(test_config()).redis())
+    let store = redis_server::connect(&redis.config(test_config()))
         .await
         .unwrap();
     ready_soon(&store).await;

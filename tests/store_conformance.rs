@@ -10,7 +10,7 @@ use activescale::{
     selector::Selector,
     store::{
         Ingest, Ingested, PodIdentity, PodQuery, PodSelector, RouteSample, SharedStore, Store,
-        Summary, Window, WindowReduce, memory::MemoryStore, redis::RedisStore,
+        Summary, Window, WindowReduce, memory::MemoryStore,
     },
 };
 use common::{
@@ -41,11 +41,13 @@ async fn store(kind: Kind, ttl: Duration) -> Under {
         Kind::Redis => {
             let server = RedisServer::start();
             let mut config = server.config(Config::default());
-            config.pod_ttl = ttl;
-            config.max_window = max_window;
+            config.engine.pod_ttl = ttl;
+            config.engine.max_window = max_window;
             // The server was just started: no young-server warm-up here.
-            config.warmup = Some(Duration::ZERO);
-            let store = RedisStore::connect(&config.redis()).await.expect("connect");
+            config.engine.warmup = Some(Duration::ZERO);
+            let store = common::redis_server::connect(&config)
+                .await
+                .expect("connect");
             // Ready means subscribed: the subscription's first wake-up is over.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while let Err(e) = store.ready().await {

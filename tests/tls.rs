@@ -153,10 +153,14 @@ impl SecretVolume {
 
 fn tls_config(volume: &SecretVolume, mtls: bool) -> activescale::config::Config {
     let mut c = test_config();
-    c.tls_cert = Some(volume.path("tls.crt"));
-    c.tls_key = Some(volume.path("tls.key"));
-    c.tls_client_ca = mtls.then(|| volume.path("ca.crt"));
-    c.tls_reload_interval = Duration::from_millis(50);
+    c.tls = Some(activescale::config::TlsConfig {
+        cert: volume.path("tls.crt"),
+        key: volume.path("tls.key"),
+        client_ca: mtls.then(|| volume.path("ca.crt")),
+        client_names: Vec::new(),
+        reload_interval: Duration::from_millis(50),
+        sink: true,
+    });
     c
 }
 
@@ -439,7 +443,7 @@ async fn tls_towards_keda_only_leaves_the_sink_plaintext() {
     let mut volume = SecretVolume::new();
     volume.publish(&ca.server(), &ca);
     let mut config = tls_config(&volume, true);
-    config.tls_sink = false;
+    config.tls.as_mut().unwrap().sink = false;
     let server = start_server(config).await;
 
     // KEDA's port still demands TLS and a client certificate.
@@ -481,7 +485,8 @@ async fn pinned_client_names_admit_only_those_certificates_on_the_scaler_port() 
     let mut volume = SecretVolume::new();
     volume.publish(&ca.server(), &ca);
     let mut config = tls_config(&volume, true);
-    config.tls_client_names = vec![KEDA_SPIFFE.into(), "keda-operator.keda.svc".into()];
+    config.tls.as_mut().unwrap().client_names =
+        vec![KEDA_SPIFFE.into(), "keda-operator.keda.svc".into()];
     let server = start_server(config).await;
 
     // KEDA by its SPIFFE ID, or by a DNS SAN: served.
@@ -523,7 +528,7 @@ async fn without_client_names_any_certificate_of_the_client_ca_is_served() {
     let mut volume = SecretVolume::new();
     volume.publish(&ca.server(), &ca);
     let config = tls_config(&volume, true);
-    assert!(config.tls_client_names.is_empty());
+    assert!(config.tls.as_ref().unwrap().client_names.is_empty());
     let server = start_server(config).await;
     let tenant = ca.client_named(&["uri:spiffe://cluster.local/ns/shop/sa/web"], None);
     assert_eq!(spec(server.scaler, &ca, Some(&tenant)).await, Ok(10.0));

@@ -6,7 +6,7 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use activescale::{config::Config, proto::IsActiveResponse};
+use activescale::proto::IsActiveResponse;
 use common::{envoy::*, *};
 use serde_json::Value;
 
@@ -137,9 +137,10 @@ async fn triggers_status_and_pods_json() {
 #[tokio::test]
 async fn errors_are_recorded_as_the_latest_answer() {
     // With a warm-up, envoy answers are UNAVAILABLE: the view says so.
-    let server = start_server(Config {
-        warmup: Some(Duration::from_secs(3600)),
-        ..test_config()
+    let server = start_server({
+        let mut c = test_config();
+        c.engine.warmup = Some(Duration::from_secs(3600));
+        c
     })
     .await;
     let mut client = server.scaler_client().await;
@@ -154,9 +155,10 @@ async fn errors_are_recorded_as_the_latest_answer() {
 
 #[tokio::test]
 async fn view_off_is_404_and_pods_stay() {
-    let server = start_server(Config {
-        view_enabled: false,
-        ..test_config()
+    let server = start_server({
+        let mut c = test_config();
+        c.http.view_enabled = false;
+        c
     })
     .await;
     for path in ["/", "/v1/triggers", "/v1/status"] {
@@ -350,13 +352,14 @@ async fn custom_metrics_server() -> (TestServer, reqwest::Client, tempfile::Temp
         std::fs::write(&p, text).unwrap();
         Some(p)
     };
-    let server = start_server(Config {
-        custom_metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        custom_metrics_tls_cert: file("tls.crt", server_cert.pem()),
-        custom_metrics_tls_key: file("tls.key", server_key.serialize_pem()),
-        custom_metrics_client_ca: file("ca.crt", front_proxy_cert.pem()),
-        custom_metrics_allowed_names: vec!["front-proxy-client".into()],
-        ..test_config()
+    let server = start_server({
+        let mut c = test_config();
+        c.servers.custom_metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.custom_metrics.tls_cert = file("tls.crt", server_cert.pem());
+        c.custom_metrics.tls_key = file("tls.key", server_key.serialize_pem());
+        c.custom_metrics.client_ca = file("ca.crt", front_proxy_cert.pem());
+        c.custom_metrics.allowed_names = vec!["front-proxy-client".into()];
+        c
     })
     .await;
     let mut roots = rustls::RootCertStore::empty();

@@ -121,17 +121,17 @@ pub struct ActivatorSettings {
 impl ActivatorSettings {
     pub fn from_config(c: &Config) -> Self {
         Self {
-            routes: c.activator_routes.clone(),
-            max_pending: c.activator_max_pending,
-            max_pending_total: c.activator_max_pending_total,
-            hold_timeout: c.activator_hold_timeout,
-            probe_interval: c.activator_probe_interval,
-            probe_max_interval: c.activator_probe_max_interval,
-            connect_timeout: c.activator_connect_timeout,
-            header_read_timeout: c.activator_header_read_timeout,
-            max_connections: c.activator_max_connections,
-            http2_keepalive_interval: c.http2_keepalive_interval,
-            http2_keepalive_timeout: c.http2_keepalive_timeout,
+            routes: c.activator.routes.clone(),
+            max_pending: c.activator.max_pending,
+            max_pending_total: c.activator.max_pending_total,
+            hold_timeout: c.activator.hold_timeout,
+            probe_interval: c.activator.probe_interval,
+            probe_max_interval: c.activator.probe_max_interval,
+            connect_timeout: c.activator.connect_timeout,
+            header_read_timeout: c.activator.header_read_timeout,
+            max_connections: c.activator.max_connections,
+            http2_keepalive_interval: c.servers.http2_keepalive_interval,
+            http2_keepalive_timeout: c.servers.http2_keepalive_timeout,
         }
     }
 }

@@ -582,10 +582,8 @@ mod tests {
 
     fn app(fake: Fake) -> (Router, Arc<Fake>) {
         let fake = Arc::new(fake);
-        let config = Config {
-            custom_metrics_windows: vec!["max_30s".into()],
-            ..Config::default()
-        };
+        let mut config = Config::default();
+        config.custom_metrics.windows = vec!["max_30s".into()];
         let state = ApiState {
             source: fake.clone(),
             catalogue: Arc::new(Catalogue::from_config(&config).unwrap()),

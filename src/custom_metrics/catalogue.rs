@@ -63,7 +63,7 @@ impl Catalogue {
             name: ACTIVE_REQUESTS.into(),
             kind: MetricKind::ActiveRequests { window: None },
         }];
-        for spec in &config.custom_metrics_windows {
+        for spec in &config.custom_metrics.windows {
             let (function, length) = config::parse_custom_metrics_window(spec)
                 .map_err(|why| ConfigError(format!("custom_metrics_windows: {why}")))?;
             metrics.push(MetricDef {
@@ -73,10 +73,10 @@ impl Catalogue {
                 },
             });
         }
-        for (i, rule) in config.custom_metrics_rules.iter().enumerate() {
-            let compiled = PromRule::compile(rule, config.prometheus_enforce_namespace)
+        for (i, rule) in config.custom_metrics.rules.iter().enumerate() {
+            let compiled = PromRule::compile(rule, config.prometheus.enforce_namespace)
                 .map_err(|why| ConfigError(format!("custom_metrics_rules[{i}].query: {why}")))?
-                .with_default_timeout(config.prometheus_timeout);
+                .with_default_timeout(config.prometheus.default_timeout);
             metrics.push(MetricDef {
                 name: rule.name.clone(),
                 kind: MetricKind::Prometheus(compiled),
@@ -137,14 +137,12 @@ mod tests {
 
     #[test]
     fn active_requests_windows_and_rules_in_order() {
-        let config = Config {
-            custom_metrics_windows: vec!["max_30s".into(), "avg_2m".into()],
-            custom_metrics_rules: vec![rule(
-                "http_requests_per_second",
-                "sum by (<<.GroupBy>>) (rate(http_requests_total{<<.LabelMatchers>>}[2m]))",
-            )],
-            ..Config::default()
-        };
+        let mut config = Config::default();
+        config.custom_metrics.windows = vec!["max_30s".into(), "avg_2m".into()];
+        config.custom_metrics.rules = vec![rule(
+            "http_requests_per_second",
+            "sum by (<<.GroupBy>>) (rate(http_requests_total{<<.LabelMatchers>>}[2m]))",
+        )];
         config.validate().unwrap();
         let c = Catalogue::from_config(&config).unwrap();
         let names: Vec<&str> = c.iter().map(|m| m.name.as_str()).collect();
@@ -184,13 +182,11 @@ mod tests {
 
     #[test]
     fn a_rule_query_the_guard_refuses_names_the_rule() {
-        let config = Config {
-            custom_metrics_rules: vec![
-                rule("ok", "sum by (pod) (up{<<.LabelMatchers>>})"),
-                rule("broken", "sum by (pod) (up{<<.LabelMatchers>>}"),
-            ],
-            ..Config::default()
-        };
+        let mut config = Config::default();
+        config.custom_metrics.rules = vec![
+            rule("ok", "sum by (pod) (up{<<.LabelMatchers>>})"),
+            rule("broken", "sum by (pod) (up{<<.LabelMatchers>>}"),
+        ];
         let e = Catalogue::from_config(&config).unwrap_err().to_string();
         assert!(e.contains("custom_metrics_rules[1].query"), "{e}");
     }

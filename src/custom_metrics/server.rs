@@ -61,7 +61,7 @@ impl CustomMetricsApi {
         ready: Arc<AtomicBool>,
     ) -> crate::Result<Self> {
         let catalogue = Arc::new(Catalogue::from_config(config)?);
-        let (tls, guard) = ApiTls::load(config)?;
+        let (tls, guard) = ApiTls::load(&config.custom_metrics)?;
         let router = api::router(ApiState {
             source,
             catalogue,

@@ -19,7 +19,7 @@ use rustls::{
 };
 
 use crate::{
-    config::Config,
+    config::CustomMetricsConfig,
     tls::{Tls, TlsError, TlsSource, pem_certs, pem_key},
 };
 
@@ -60,31 +60,28 @@ type Contents = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
 impl ApiTls {
     /// The TLS state and the request guard `config` asks for; an error names
     /// the setting.
-    pub fn load(config: &Config) -> Result<(Arc<Tls<ApiTls>>, Guard), TlsError> {
-        let identity = match (
-            &config.custom_metrics_tls_cert,
-            &config.custom_metrics_tls_key,
-        ) {
+    pub fn load(config: &CustomMetricsConfig) -> Result<(Arc<Tls<ApiTls>>, Guard), TlsError> {
+        let identity = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Identity::Files {
                 cert: cert.clone(),
                 key: key.clone(),
             },
-            _ => self_signed(&config.custom_metrics_tls_names)?,
+            _ => self_signed(&config.tls_names)?,
         };
         let headers = HeaderNames::new(
-            &config.custom_metrics_username_headers,
-            &config.custom_metrics_group_headers,
-            &config.custom_metrics_extra_headers_prefix,
+            &config.username_headers,
+            &config.group_headers,
+            &config.extra_headers_prefix,
         );
         // Filled by the first load, below.
-        let guard = match &config.custom_metrics_client_ca {
+        let guard = match &config.client_ca {
             Some(_) => Guard::pending(),
             None => Guard::open(),
         };
         let source = ApiTls {
             identity,
-            client_ca: config.custom_metrics_client_ca.clone(),
-            allowed_names: config.custom_metrics_allowed_names.clone(),
+            client_ca: config.client_ca.clone(),
+            allowed_names: config.allowed_names.clone(),
             headers,
             guard: guard.clone(),
         };
@@ -213,6 +210,7 @@ impl TlsSource for ApiTls {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::{custom_metrics::auth::tests::Ca, tls::Reload};
     use axum::http::HeaderMap;
     use rcgen::ExtendedKeyUsagePurpose;
@@ -233,13 +231,12 @@ mod tests {
         )
     }
 
-    fn config_with_ca(dir: &std::path::Path, ca: &Ca) -> Config {
+    fn config_with_ca(dir: &std::path::Path, ca: &Ca) -> CustomMetricsConfig {
         let path = dir.join("ca.crt");
         std::fs::write(&path, pem_of(&ca.der())).unwrap();
-        Config {
-            custom_metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-            custom_metrics_client_ca: Some(path),
-            ..Config::default()
+        CustomMetricsConfig {
+            client_ca: Some(path),
+            ..Config::default().custom_metrics
         }
     }
 
@@ -251,7 +248,7 @@ mod tests {
 
     #[test]
     fn self_signed_offers_h2_and_http1() {
-        let (tls, guard) = ApiTls::load(&Config::default()).unwrap();
+        let (tls, guard) = ApiTls::load(&Config::default().custom_metrics).unwrap();
         let config = tls.acceptor().config().clone();
         assert_eq!(
             config.alpn_protocols,
@@ -280,17 +277,13 @@ mod tests {
         );
         assert!(matches!(tls.reload(), Reload::Unchanged));
 
-        std::fs::write(
-            config.custom_metrics_client_ca.as_ref().unwrap(),
-            pem_of(&b.der()),
-        )
-        .unwrap();
+        std::fs::write(config.client_ca.as_ref().unwrap(), pem_of(&b.der())).unwrap();
         assert!(matches!(tls.reload(), Reload::Reloaded));
         assert!(guard.check(Some(&[from_b]), &headers()).is_ok());
         assert!(guard.check(Some(&[from_a]), &headers()).is_err());
 
         // A broken CA file keeps the last good one.
-        std::fs::write(config.custom_metrics_client_ca.as_ref().unwrap(), "garbage").unwrap();
+        std::fs::write(config.client_ca.as_ref().unwrap(), "garbage").unwrap();
         let Reload::Failed(e) = tls.reload() else {
             panic!("a broken CA must not load")
         };
@@ -306,10 +299,10 @@ mod tests {
         let key = dir.path().join("tls.key");
         std::fs::write(&cert, "not a certificate").unwrap();
         std::fs::write(&key, "not a key").unwrap();
-        let mut config = Config {
-            custom_metrics_tls_cert: Some(cert.clone()),
-            custom_metrics_tls_key: Some(key.clone()),
-            ..Config::default()
+        let mut config = CustomMetricsConfig {
+            tls_cert: Some(cert.clone()),
+            tls_key: Some(key.clone()),
+            ..Config::default().custom_metrics
         };
         let e = ApiTls::load(&config).err().unwrap().to_string();
         assert!(e.starts_with("custom_metrics_tls_cert:"), "{e}");
@@ -331,7 +324,7 @@ mod tests {
         let (tls, _) = ApiTls::load(&config).unwrap();
         assert!(!tls_is_self_signed(&tls));
 
-        config.custom_metrics_client_ca = Some(dir.path().join("missing.crt"));
+        config.client_ca = Some(dir.path().join("missing.crt"));
         let e = ApiTls::load(&config).err().unwrap().to_string();
         assert!(e.starts_with("custom_metrics_client_ca:"), "{e}");
     }

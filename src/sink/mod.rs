@@ -39,7 +39,7 @@ use tonic::Status;
 use tracing::{Instrument, debug, field, info_span, warn};
 
 use crate::{
-    config::Config,
+    config::SinkConfig,
     store::{Ingest, Ingested, PodIdentity, SharedStore},
     telemetry::{Metrics, RateLimit, ReasonLabel},
 };
@@ -70,10 +70,10 @@ pub struct SinkSettings {
 }
 
 impl SinkSettings {
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_config(config: &SinkConfig) -> Self {
         Self {
             max_families_per_pod: config.max_families_per_pod,
-            verify_peer_address: config.sink_verify_peer_address,
+            verify_peer_address: config.verify_peer_address,
         }
     }
 }

@@ -564,10 +564,11 @@ async fn route_handles_expose_namespace_and_lookup() {
 async fn run_serves_the_activator_port_and_shows_its_routes() {
     let port = free_port();
     let _upstream = Upstream::echo(&port).await;
-    let server = common::start_server(activescale::config::Config {
-        activator_addr: Some("127.0.0.1:0".parse().unwrap()),
-        activator_routes: vec![route("web.example.com", None, port.n)],
-        ..common::test_config()
+    let server = common::start_server({
+        let mut c = common::test_config();
+        c.servers.activator_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.activator.routes = vec![route("web.example.com", None, port.n)];
+        c
     })
     .await;
     let proxy = server.addr(activescale::Port::Activator);
@@ -592,10 +593,11 @@ async fn run_serves_the_activator_port_and_shows_its_routes() {
 async fn a_held_request_wakes_the_workload_through_stream_is_active() {
     // The upstream is down (its port refuses): the workload is at zero.
     let port = free_port();
-    let server = common::start_server(activescale::config::Config {
-        activator_addr: Some("127.0.0.1:0".parse().unwrap()),
-        activator_routes: vec![route("web.example.com", None, port.n)],
-        ..common::test_config()
+    let server = common::start_server({
+        let mut c = common::test_config();
+        c.servers.activator_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.activator.routes = vec![route("web.example.com", None, port.n)];
+        c
     })
     .await;
     let trigger = |ns: &str| {
@@ -661,10 +663,11 @@ async fn a_request_held_on_one_replica_wakes_streams_on_another_through_redis() 
     // The upstream is down (its port refuses): the workload is at zero.
     let port = free_port();
     let config = || {
-        redis.config(activescale::config::Config {
-            activator_addr: Some("127.0.0.1:0".parse().unwrap()),
-            activator_routes: vec![route("web.example.com", None, port.n)],
-            ..common::test_config()
+        redis.config({
+            let mut c = common::test_config();
+            c.servers.activator_addr = Some("127.0.0.1:0".parse().unwrap());
+            c.activator.routes = vec![route("web.example.com", None, port.n)];
+            c
         })
     };
     let a = common::start_server(config()).await;

@@ -87,11 +87,12 @@ fn web() -> activescale::proto::ScaledObjectRef {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_messages_are_held_to_the_budget_then_end_resource_exhausted() {
     const BUDGET: usize = 1 << 20;
-    let server = start_server(Config {
-        sink_max_buffered_bytes: BUDGET,
-        max_message_bytes: BUDGET,
-        sink_message_timeout: Duration::from_secs(2),
-        ..test_config()
+    let server = start_server({
+        let mut c = test_config();
+        c.sink.max_buffered_bytes = BUDGET;
+        c.sink.max_message_bytes = BUDGET;
+        c.sink.message_timeout = Duration::from_secs(2);
+        c
     })
     .await;
 
@@ -168,9 +169,10 @@ async fn unfinished_messages_are_held_to_the_budget_then_end_resource_exhausted(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connection_gets_at_most_its_stream_limit() {
-    let server = start_server(Config {
-        sink_max_concurrent_streams: 8,
-        ..test_config()
+    let server = start_server({
+        let mut c = test_config();
+        c.sink.max_concurrent_streams = 8;
+        c
     })
     .await;
     let mut send = connection(server.sink).await;

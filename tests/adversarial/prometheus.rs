@@ -207,7 +207,7 @@ async fn credentials() -> (tempfile::TempDir, PathBuf, Isolated) {
     let ns = root.path().join("files");
     std::fs::create_dir(&ns).unwrap();
     let mut config = test_config();
-    config.prometheus_credentials_dir = root.path().to_owned();
+    config.prometheus.credentials_dir = root.path().to_owned();
     let server = Isolated::start(config).await;
     (root, ns, server)
 }
@@ -499,7 +499,7 @@ async fn an_endless_prometheus_response_is_cut_at_the_limit() {
 #[tokio::test]
 async fn announced_huge_and_deeply_nested_responses_are_refused() {
     let mut config = test_config();
-    config.prometheus_max_response_bytes = 64 << 10;
+    config.prometheus.max_response_bytes = 64 << 10;
     let server = start_server(config).await;
     let mut c = server.scaler_client().await;
 

@@ -254,7 +254,7 @@ async fn a_family_flood_is_capped_and_counted_redis() {
 /// The same name twice in one message sets it twice (the last wins); it
 /// must not add up. Before: the memory store summed both for a new pod.
 async fn duplicates(backend: Backend) {
-    let server = backend.start(|c| c.max_families_per_pod = 2).await;
+    let server = backend.start(|c| c.sink.max_families_per_pod = 2).await;
     let mut s = Sidecar::connect(server.sink, node("shop", "web-1")).await;
     s.push_gauges(&[
         (&inbound(8080), 3.0),
@@ -293,7 +293,7 @@ async fn duplicate_families_set_once_and_the_cap_is_configurable_redis() {
 /// another replica than the real stream. After the real pod expires, the
 /// name is free again (a StatefulSet pod back with a new IP).
 async fn takeover(backend: Backend) {
-    let ttl = |c: &mut Config| c.pod_ttl = Duration::from_secs(5);
+    let ttl = |c: &mut Config| c.engine.pod_ttl = Duration::from_secs(5);
     let real_side = backend.start(ttl).await;
     let other_side = match backend {
         Backend::Memory => None,
@@ -396,7 +396,7 @@ async fn metadata_cannot_contradict_the_node_id() {
 async fn ipv4_mapped_peer_addresses_are_their_ipv4_address() {
     // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
     let mut config = test_config();
-    config.sink_addr = "[::]:0".parse().unwrap();
+    config.servers.sink_addr = "[::]:0".parse().unwrap();
     let server = start_server(config).await;
     let sink = SocketAddr::from(([127, 0, 0, 1], server.sink.port()));
     let mut s = Sidecar::connect(sink, node("shop", "web-1")).await;
@@ -407,7 +407,7 @@ async fn ipv4_mapped_peer_addresses_are_their_ipv4_address() {
 #[tokio::test]
 async fn with_the_peer_check_off_live_pods_stay_bound_to_their_first_address() {
     let mut config = test_config();
-    config.sink_verify_peer_address = false;
+    config.sink.verify_peer_address = false;
     let server = start_server(config).await;
     // Behind address rewriting the node id's IP is not the peer: accepted.
     let mut real = Sidecar::connect(server.sink, node_at("10.0.0.1", "shop", "web-1")).await;
@@ -486,7 +486,7 @@ async fn a_gauge_without_its_value_field_is_zero() {
     );
     let mut config = test_config();
     // No expiry during the test: only the zero itself can turn it inactive.
-    config.pod_ttl = Duration::from_secs(3600);
+    config.engine.pod_ttl = Duration::from_secs(3600);
     let server = start_server(config).await;
     let mut client = server.scaler_client().await;
     let mut active = client

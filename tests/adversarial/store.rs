@@ -267,7 +267,7 @@ async fn scaled_object_namespace_must_be_a_namespace_name_for_every_source() {
 async fn trigger_namespace_key_must_be_a_namespace_name() {
     for allow_cross_namespace in [false, true] {
         let mut config = test_config();
-        config.allow_cross_namespace = allow_cross_namespace;
+        config.engine.allow_cross_namespace = allow_cross_namespace;
         let server = start_server(config).await;
         // Metadata values are trimmed and an empty one is absent: those
         // forms would name a proper namespace (or none), so they are not here.
@@ -330,7 +330,7 @@ async fn stream_is_active_stays_open_and_silent_through_redis_outages() {
     // were; a long TTL, so that they are still live after it.
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let mut config = redis.config(test_config());
-    config.pod_ttl = Duration::from_secs(120);
+    config.engine.pod_ttl = Duration::from_secs(120);
     let server = start_server(config).await;
     await_readiness(&server, true).await;
     let mut sidecar = web_sidecar(&server).await;
@@ -413,8 +413,8 @@ async fn prometheus_source_stream_stays_open_and_silent_through_an_outage() {
     exporter.set("outage_probe", &[("namespace", "t-outage")], 3.0);
     let mut prometheus = Prometheus::start(&[exporter.addr]).await;
     let mut config = test_config();
-    config.prometheus_cache_ttl = Duration::from_millis(100);
-    config.prometheus_poll_interval = Duration::from_millis(200);
+    config.prometheus.cache_ttl = Duration::from_millis(100);
+    config.prometheus.poll_interval = Duration::from_millis(200);
     let server = start_server(config).await;
     let r = so_ref(
         "t-outage",

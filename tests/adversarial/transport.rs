@@ -50,9 +50,10 @@ async fn healthz(server: &TestServer) -> reqwest::StatusCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_and_healthz_keeps_answering() {
-    let server = start_server(activescale::config::Config {
-        http_header_timeout: Duration::from_secs(1),
-        ..test_config()
+    let server = start_server({
+        let mut c = test_config();
+        c.http.header_timeout = Duration::from_secs(1);
+        c
     })
     .await;
     let mut slow = Vec::with_capacity(SLOW);
@@ -74,10 +75,11 @@ async fn slowloris_connections_do_not_hold_the_drain() {
     // A drain far longer than the header timeout: `stop` returning at all
     // (the harness times the test out otherwise) shows the hanging
     // connections were closed, not waited for until the drain ran out.
-    let server = start_server(activescale::config::Config {
-        http_header_timeout: Duration::from_secs(1),
-        drain_timeout: Duration::from_secs(3600),
-        ..test_config()
+    let server = start_server({
+        let mut c = test_config();
+        c.http.header_timeout = Duration::from_secs(1);
+        c.servers.drain_timeout = Duration::from_secs(3600);
+        c
     })
     .await;
     let mut slow = Vec::with_capacity(50);

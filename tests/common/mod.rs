@@ -37,12 +37,13 @@ pub struct TestServer {
 /// exclusion derived from port 9000 as in production.
 pub fn test_config() -> Config {
     let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    Config {
-        sink_addr: loopback,
-        scaler_addr: loopback,
-        http_addr: loopback,
-        warmup: Some(Duration::ZERO),
-        ..Config::default()
+    {
+        let mut c = Config::default();
+        c.servers.sink_addr = loopback;
+        c.servers.scaler_addr = loopback;
+        c.servers.http_addr = loopback;
+        c.engine.warmup = Some(Duration::ZERO);
+        c
     }
 }
 

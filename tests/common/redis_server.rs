@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use activescale::config::{Config, StoreKind};
+use activescale::{
+    config::Config,
+    store::{StoreError, redis::RedisStore},
+};
 
 /// A free loopback port (the listener is closed before the server binds it).
 pub fn free_port() -> u16 {
@@ -160,8 +163,7 @@ impl RedisServer {
 
     /// A config for `activescale` using this server.
     pub fn config(&self, mut base: Config) -> Config {
-        base.store = StoreKind::Redis;
-        base.redis_url = self.url();
+        base.store.redis_mut().url = self.url();
         base
     }
 
@@ -328,4 +330,10 @@ impl RedisCluster {
             .collect();
         format!("redis+cluster://{}", hosts.join(","))
     }
+}
+
+/// The Redis store `config` (with `store: redis`) asks for, as `run` opens it.
+pub async fn connect(config: &Config) -> Result<RedisStore, StoreError> {
+    let redis = config.store.redis().expect("a config with store: redis");
+    RedisStore::connect(redis, &config.engine).await
 }

@@ -125,7 +125,10 @@ use super::{
     Ingest, Ingested, Notifier, PodIdentity, PodQuery, PodSelector, PodView, RouteSample, Store,
     StoreError, Summary, Window, sorted_families, window,
 };
-use crate::{config::RedisConfig, selector::Labels};
+use crate::{
+    config::{EngineConfig, RedisConfig},
+    selector::Labels,
+};
 
 use settings::Settings;
 
@@ -176,13 +179,13 @@ impl RedisStore {
     /// Builds the pool and starts the subscriber and the sweeper. Fails only
     /// on settings that can never work (a bad URL, unreadable or invalid
     /// certificate files); an unreachable server is retried in the background.
-    pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
+    pub async fn connect(config: &RedisConfig, engine: &EngineConfig) -> Result<Self, StoreError> {
         let settings = Settings::from_config(config)
             .map_err(|e| StoreError::Unavailable(format!("redis settings: {e}")))?;
-        Ok(Self::with_settings(settings, config))
+        Ok(Self::with_settings(settings, config, engine))
     }
 
-    fn with_settings(settings: Settings, config: &RedisConfig) -> Self {
+    fn with_settings(settings: Settings, config: &RedisConfig, engine: &EngineConfig) -> Self {
         let timeout = config.timeout;
         let subscriber = settings.subscriber_clients.clone();
         let pool = Pool::builder(Manager {
@@ -198,8 +201,8 @@ impl RedisStore {
         .build()
         .expect("a runtime is set, so building the pool cannot fail");
         let prefix = config.key_prefix.clone();
-        let ttl_ms = config.pod_ttl.as_millis() as u64;
-        let young_server = config.warmup.unwrap_or(YOUNG_SERVER);
+        let ttl_ms = engine.pod_ttl.as_millis() as u64;
+        let young_server = engine.warmup.unwrap_or(YOUNG_SERVER);
         // Inside the documented ACL key pattern `~{<prefix>:*`; the suffix has
         // a ':', which no namespace's keys (`{<prefix>:<ns>}:seen`...) have.
         let probe_key = format!("{{{prefix}:probe}}:replica:{}", replica_name());
@@ -211,7 +214,7 @@ impl RedisStore {
             prefix,
             timeout,
             ttl_ms,
-            max_window_ms: config.max_window.as_millis() as u64,
+            max_window_ms: engine.max_window.as_millis() as u64,
             key_ttl_ms: 2 * ttl_ms + 60_000,
             young_server,
             // After refused writes, as after a Redis restart: pods whose
@@ -244,7 +247,7 @@ impl RedisStore {
         tokio::spawn(sweep(
             Arc::downgrade(&inner),
             inner.stop.clone(),
-            config.pod_ttl,
+            engine.pod_ttl,
         ));
         Self { inner }
     }

@@ -122,31 +122,27 @@ fn certificates(config: &RedisConfig) -> Result<Option<TlsCertificates>, String>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
-    fn redis(f: impl FnOnce(&mut Config)) -> RedisConfig {
-        let mut c = Config::default();
+    fn redis(f: impl FnOnce(&mut RedisConfig)) -> RedisConfig {
+        let mut c = RedisConfig::default();
         f(&mut c);
-        c.redis()
+        c
     }
 
     #[test]
     fn urls_split_into_seeds() {
-        let s = redis(|c| c.redis_url = "rediss+cluster://u:p@a:1,b:2/0".into())
+        let s = redis(|c| c.url = "rediss+cluster://u:p@a:1,b:2/0".into())
             .seeds()
             .unwrap();
         assert!(s.tls && s.cluster);
         assert_eq!(s.urls, vec!["rediss://u:p@a:1/0", "rediss://u:p@b:2/0"]);
-        let s = redis(|c| c.redis_url = "redis://localhost:6379".into())
+        let s = redis(|c| c.url = "redis://localhost:6379".into())
             .seeds()
             .unwrap();
         assert!(!s.tls && !s.cluster);
         assert_eq!(s.urls, vec!["redis://localhost:6379"]);
         for bad in ["http://x", "redis://", "localhost:6379"] {
-            assert!(
-                redis(|c| c.redis_url = bad.into()).seeds().is_err(),
-                "{bad}"
-            );
+            assert!(redis(|c| c.url = bad.into()).seeds().is_err(), "{bad}");
         }
     }
 
@@ -154,9 +150,9 @@ mod tests {
     fn tls_flags_shape_the_seed_url() {
         let url = |tls, insecure| {
             redis(|c| {
-                c.redis_url = "redis://h:1".into();
-                c.redis_tls = tls;
-                c.redis_tls_insecure = insecure;
+                c.url = "redis://h:1".into();
+                c.tls = tls;
+                c.tls_insecure = insecure;
             })
             .seeds()
             .unwrap()
@@ -169,26 +165,26 @@ mod tests {
 
     #[test]
     fn passwords_stay_out_of_messages() {
-        let r = redis(|c| c.redis_url = "redis://u:secret@h:1".into());
+        let r = redis(|c| c.url = "redis://u:secret@h:1".into());
         assert_eq!(r.redacted_url(), "redis://u:***@h:1");
-        let r = redis(|c| c.redis_url = "ftp://u:secret@h:1".into());
+        let r = redis(|c| c.url = "ftp://u:secret@h:1".into());
         assert!(!r.seeds().unwrap_err().to_string().contains("secret"));
         assert_eq!(redis(|_| {}).redacted_url(), "redis://127.0.0.1:6379");
     }
 
     #[test]
     fn settings_that_cannot_work_are_refused() {
-        let mut c = Config {
-            redis_url: "redis://a:1,b:2".into(),
-            ..Config::default()
+        let mut c = RedisConfig {
+            url: "redis://a:1,b:2".into(),
+            ..RedisConfig::default()
         };
-        let err = |c: &Config| Settings::from_config(&c.redis()).err().unwrap();
+        let err = |c: &RedisConfig| Settings::from_config(c).err().unwrap();
         assert!(err(&c).contains("cluster"));
-        c.redis_url = "redis+cluster://a:1".into();
-        c.redis_db = Some(3);
+        c.url = "redis+cluster://a:1".into();
+        c.db = Some(3);
         assert!(err(&c).contains("redis_db"));
-        c.redis_db = None;
-        c.redis_ca_file = Some("/nonexistent/ca.pem".into());
+        c.db = None;
+        c.ca_file = Some("/nonexistent/ca.pem".into());
         assert!(err(&c).contains("redis_ca_file"));
     }
 }
