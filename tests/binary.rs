@@ -175,7 +175,7 @@ fn unusable_files_and_urls_fail_before_binding() {
                 "--custom-metrics-addr",
                 "127.0.0.1:0",
                 "--custom-metrics-windows",
-                "max_30s",
+                "median_30s",
             ],
             "custom_metrics_windows",
         ),
