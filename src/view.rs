@@ -384,7 +384,7 @@ impl Record for Recorder {
         asker: &Asker<'_>,
         namespace: &str,
         selector: Option<&PodSelector>,
-        answer: Result<&[PodReading], &EvalError>,
+        answer: Result<&[PodReading], &dyn std::fmt::Display>,
     ) {
         let (metric, pod) = match asker {
             Asker::Hpa { metric, pod } => (*metric, *pod),

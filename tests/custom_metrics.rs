@@ -1200,6 +1200,17 @@ async fn run_serves_prometheus_rules_per_pod_from_a_real_prometheus() {
     )
     .await;
     assert_eq!(code, 400, "{body}");
+    // The live view shows the rule's answers as it shows active_requests'.
+    let (code, triggers) = common::http_get(&format!("http://{}/v1/triggers", server.http)).await;
+    assert_eq!(code, 200, "{triggers}");
+    let triggers: serde_json::Value = serde_json::from_str(&triggers).unwrap();
+    let rule_rows: Vec<_> = triggers["triggers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["via"] == "custom-metrics" && t["metric"] == "requests_per_second")
+        .collect();
+    assert!(!rule_rows.is_empty(), "{triggers}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,7 +133,11 @@ impl PodMetricSource for EngineSource {
     async fn pods(&self, query: &PodQuery<'_>) -> Result<Vec<PodSample>, SourceError> {
         match &query.metric.kind {
             MetricKind::ActiveRequests { window } => self.sidecars(query, *window).await,
-            MetricKind::Prometheus(rule) => self.rule(query, rule).await,
+            MetricKind::Prometheus(rule) => {
+                let result = self.rule(query, rule).await;
+                self.record_rule(query, &result);
+                result
+            }
         }
     }
 }
@@ -167,6 +171,35 @@ impl EngineSource {
                 last_report: now.checked_sub(p.age).unwrap_or(now),
             })
             .collect())
+    }
+
+    /// Records a rule's answer for the live view, as the engine records the
+    /// sidecar metrics' answers.
+    fn record_rule(&self, query: &PodQuery<'_>, result: &Result<Vec<PodSample>, SourceError>) {
+        let asker = asker(query);
+        if !self.engine.records(&asker) {
+            return;
+        }
+        let now = SystemTime::now();
+        let readings: Result<Vec<crate::engine::PodReading>, _> = result.as_ref().map(|pods| {
+            pods.iter()
+                .map(|p| crate::engine::PodReading {
+                    name: p.name.clone(),
+                    value: p.value,
+                    age: now.duration_since(p.last_report).unwrap_or_default(),
+                })
+                .collect()
+        });
+        let selector = match query.pods {
+            PodScope::Matching(s) => s.cloned().map(crate::store::PodSelector::Labels),
+            PodScope::Named(_) => None,
+        };
+        self.engine.record_pods(
+            &asker,
+            query.namespace,
+            selector.as_ref(),
+            readings.as_deref().map_err(|e| e as &dyn std::fmt::Display),
+        );
     }
 
     /// One query of `rule` for the request, its series mapped to pods.

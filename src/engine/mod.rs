@@ -126,7 +126,7 @@ pub trait Record: Send + Sync + 'static {
         asker: &Asker<'_>,
         namespace: &str,
         selector: Option<&PodSelector>,
-        answer: Result<&[PodReading], &EvalError>,
+        answer: Result<&[PodReading], &dyn std::fmt::Display>,
     );
     /// `asker` opened a watch; the activity changes it yields go to the
     /// returned log (`None`: not recorded).
@@ -309,9 +309,31 @@ impl Engine {
     ) -> Result<Vec<PodReading>, EvalError> {
         let result = self.read_pods(namespace, selector, window).await;
         if let Some(r) = self.record_for(&asker) {
-            r.pods(&asker, namespace, selector, result.as_deref());
+            let answer = result.as_deref().map_err(|e| e as &dyn std::fmt::Display);
+            r.pods(&asker, namespace, selector, answer);
         }
         result
+    }
+
+    /// Whether answers given as `asker`'s are recorded: lets a front end skip
+    /// building what [`Engine::record_pods`] would be given.
+    pub fn records(&self, asker: &Asker<'_>) -> bool {
+        self.record_for(asker).is_some()
+    }
+
+    /// Records a per-pod answer a front end computed through the engine's
+    /// Prometheus backend (the Custom Metrics API's rules), as
+    /// [`Engine::pods`] records its own.
+    pub fn record_pods(
+        &self,
+        asker: &Asker<'_>,
+        namespace: &str,
+        selector: Option<&PodSelector>,
+        answer: Result<&[PodReading], &dyn std::fmt::Display>,
+    ) {
+        if let Some(r) = self.record_for(asker) {
+            r.pods(asker, namespace, selector, answer);
+        }
     }
 
     async fn read_pods(
@@ -415,7 +437,7 @@ mod tests {
             a: &Asker<'_>,
             namespace: &str,
             _: Option<&PodSelector>,
-            answer: Result<&[PodReading], &EvalError>,
+            answer: Result<&[PodReading], &dyn std::fmt::Display>,
         ) {
             let n = answer.map(<[_]>::len).map_err(|e| e.to_string());
             self.0
