@@ -119,13 +119,14 @@ fn route_of(table: &route::RouteTable, req: &httparse::Request<'_, '_>) -> Optio
     let uri: hyper::Uri = path.parse().ok()?;
     let mut probe = hyper::Request::builder().uri(uri);
     if let Some(h) = host {
-        probe = probe.header(hyper::header::HOST, hyper::header::HeaderValue::from_bytes(h).ok()?);
+        probe = probe.header(
+            hyper::header::HOST,
+            hyper::header::HeaderValue::from_bytes(h).ok()?,
+        );
     }
     let probe = probe.body(()).ok()?;
     let host = route::request_host(&probe).ok()?;
-    table
-        .find(&host, probe.uri().path())
-        .map(Classified::Route)
+    table.find(&host, probe.uri().path()).map(Classified::Route)
 }
 
 impl Shared {
@@ -346,7 +347,10 @@ mod tests {
         let t = table();
         let c = |s: &str| classify(&t, s.as_bytes());
         assert_eq!(c("GET / HTTP/1.1\r\nHost: web.exa"), Classified::Partial);
-        assert_eq!(c("GET / HTTP/1.1\r\nHost: web.example.com\r\n\r\n"), Classified::Route(0));
+        assert_eq!(
+            c("GET / HTTP/1.1\r\nHost: web.example.com\r\n\r\n"),
+            Classified::Route(0)
+        );
         assert_eq!(
             c("POST /api/x HTTP/1.1\r\nHost: WEB.example.com:8080\r\nContent-Length: 3\r\n\r\nabc"),
             Classified::Route(1)
@@ -358,7 +362,9 @@ mod tests {
         );
         // WebSocket upgrades are held like any request.
         assert_eq!(
-            c("GET / HTTP/1.1\r\nHost: web.example.com\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            c(
+                "GET / HTTP/1.1\r\nHost: web.example.com\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+            ),
             Classified::Route(0)
         );
         for odd in [
@@ -376,7 +382,9 @@ mod tests {
         }
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
         assert_eq!(
-            c(&format!("GET / HTTP/1.1\r\nHost: web.example.com\r\n{many}\r\n")),
+            c(&format!(
+                "GET / HTTP/1.1\r\nHost: web.example.com\r\n{many}\r\n"
+            )),
             Classified::HandOver
         );
     }
@@ -401,7 +409,9 @@ mod tests {
         io.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"/1.1\r\nHost: a\r\n\r\n");
         assert!(io.pre.is_empty() && io.pre.capacity() == 0);
-        io.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+        io.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
         io.shutdown().await.unwrap();
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
@@ -437,9 +447,11 @@ mod held_cost {
             http2_keepalive_interval: Duration::from_secs(10),
             http2_keepalive_timeout: Duration::from_secs(10),
         };
-        let activator =
-            Activator::new(settings, &mut prometheus_client::registry::Registry::default())
-                .unwrap();
+        let activator = Activator::new(
+            settings,
+            &mut prometheus_client::registry::Registry::default(),
+        )
+        .unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
@@ -467,7 +479,10 @@ mod held_cost {
         let httparse::Status::Complete(len) = resp.parse(&raw).unwrap() else {
             panic!("partial response");
         };
-        assert_eq!((resp.code, resp.reason), (Some(503), Some("Service Unavailable")));
+        assert_eq!(
+            (resp.code, resp.reason),
+            (Some(503), Some("Service Unavailable"))
+        );
         let h = |n: &str| {
             resp.headers
                 .iter()

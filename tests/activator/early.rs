@@ -27,7 +27,11 @@ async fn read_response(conn: &mut TcpStream) -> String {
             }
         }
         let n = within(conn.read(&mut buf)).await.expect("read a response");
-        assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
     }
 }
@@ -124,8 +128,14 @@ async fn full_and_timed_out_answers_before_hyper_are_the_usual_ones() {
         .unwrap();
     let r = read_response(&mut full).await;
     assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
-    assert!(r.contains("retry-after: 1\r\n") && r.contains("connection: close\r\n"), "{r}");
-    assert!(r.ends_with("(activator_max_pending 1); retry later\n"), "{r}");
+    assert!(
+        r.contains("retry-after: 1\r\n") && r.contains("connection: close\r\n"),
+        "{r}"
+    );
+    assert!(
+        r.ends_with("(activator_max_pending 1); retry later\n"),
+        "{r}"
+    );
 
     let r = read_response(&mut held).await;
     assert!(r.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"), "{r}");
