@@ -43,8 +43,10 @@ use crate::activator::metrics::RouteMetrics;
 const INITIAL_HEAD_BUF: usize = 1024;
 /// hyper's own HTTP/1.1 header limit: more is hyper's 431 to give.
 const MAX_HEADERS: usize = 100;
-/// Bound on writing one of our raw answers to a client that does not read.
+/// Bound on writing one of our raw answers (and lingering after it).
 const RAW_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most of a client's unread request we read and drop after such an answer.
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// A request held (or admitted) before hyper: its place in the route's
 /// counts and line, for the service to take over on the first request.
@@ -248,7 +250,20 @@ async fn raw(mut stream: TcpStream, metrics: &RouteMetrics, answer: Answer) -> E
     let bytes = answer.raw_http1();
     let _ = tokio::time::timeout(RAW_WRITE_TIMEOUT, async {
         stream.write_all(&bytes).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Lingering close: closing with unread bytes (a request body) makes
+        // the kernel send a reset, which can destroy the answer before the
+        // client reads it. Read and drop what it still sends, bounded in
+        // bytes here and in time by the timeout around.
+        let mut sink = vec![0u8; 1024];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, io::Error>(())
     })
     .await;
     Early::Done
@@ -464,6 +479,26 @@ mod held_cost {
         // future alone is about 2 KiB, its buffers 16 KiB.
         assert!(size < 1536, "the pre-hyper hold future is {size} bytes");
         println!("pre-hyper hold future: {size} bytes");
+        drop(waiting);
+
+        // The whole connection task: what every held connection allocates
+        // (hyper's connection state is boxed once it is handed over).
+        let (_client, server) = (
+            TcpStream::connect(l.local_addr().unwrap()).await.unwrap(),
+            l.accept().await.unwrap().0,
+        );
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let peer = server.peer_addr().unwrap();
+        let conn = activator
+            .shared
+            .clone()
+            .connection(server, peer, permit, stop);
+        let size = std::mem::size_of_val(&conn);
+        assert!(size < 2048, "the connection future is {size} bytes");
+        println!("connection future: {size} bytes");
     }
 
     #[test]

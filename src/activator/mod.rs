@@ -615,11 +615,14 @@ impl Shared {
                     .h1
                     .serve_connection(TokioIo::new(io), service)
                     .with_upgrades();
-                self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown)
+                // Boxed, so that a connection held before hyper (the task's
+                // future, allocated per connection) is sized for waiting,
+                // not for hyper's connection state.
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
                     .await;
             }
-            // Boxed, so that the connection future is sized for HTTP/1.1
-            // (one HTTP/2 connection carries many requests; `auto` is rare).
+            // Boxed as well (one HTTP/2 connection carries many requests;
+            // `auto` is rare).
             Sniffed::Http2 => {
                 let conn = self.h2.serve_connection(TokioIo::new(stream), service);
                 Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))

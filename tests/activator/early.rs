@@ -123,9 +123,18 @@ async fn full_and_timed_out_answers_before_hyper_are_the_usual_ones() {
         .unwrap();
     within(load.wait_for(|n| *n == 1)).await.unwrap();
     let mut full = TcpStream::connect(proxy.addr).await.unwrap();
-    full.write_all(b"GET / HTTP/1.1\r\nHost: web.example.com\r\n\r\n")
-        .await
-        .unwrap();
+    // With a body it will never be asked for: the answer must still arrive
+    // (not be lost to a reset when the proxy closes with it unread).
+    let body = "x".repeat(16 * 1024);
+    full.write_all(
+        format!(
+            "POST / HTTP/1.1\r\nHost: web.example.com\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     let r = read_response(&mut full).await;
     assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
     assert!(
