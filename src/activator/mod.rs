@@ -27,8 +27,10 @@
 //! previous response, `max_connections` connections, 200 streams per
 //! HTTP/2 connection, 64 KiB of unread request body per HTTP/2 stream
 //! (1 MiB per connection), held requests per route and in total, hold time,
-//! and 8 KiB copy buffers each way for upgraded connections. Bodies are
-//! never buffered: a held request's body is simply not read yet.
+//! 8 KiB copy buffers each way for upgraded connections, and (held before
+//! hyper) 64 KiB read and dropped, within 1 s, after a raw 503/504. Bodies are
+//! never buffered: a held request's body is simply not read yet (beyond any
+//! bytes that came in the same read as the head, inside its buffer).
 
 mod early;
 mod forward;
