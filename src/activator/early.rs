@@ -34,9 +34,9 @@ use tracing::debug;
 use super::{
     Answer, Flight, MAX_HEAD_BYTES, RouteState, Shared, State, Waiting,
     hold::{Admit, Release},
+    metrics::RouteMetrics,
     route,
 };
-use crate::activator::metrics::RouteMetrics;
 
 /// First size of the head buffer: most request heads fit (curl's is ~80
 /// bytes, a browser's under 1 KiB); it doubles up to [`MAX_HEAD_BYTES`].
