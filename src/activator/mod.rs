@@ -15,6 +15,8 @@
 //!
 //! - [`route`]: matching Host / `:authority` and path prefix.
 //! - [`hold`]: the bounded FIFO of held requests and the readiness flag.
+//! - [`early`]: a cold HTTP/1.1 connection's first request held before
+//!   hyper (a few hundred bytes instead of hyper's two 8 KiB buffers).
 //! - [`probe`]: connect probing and its schedule.
 //! - [`forward`]: HTTP/1.1 pool, HTTP/2, upgrades, hop-by-hop headers.
 //! - [`metrics`]: the `activescale_activator_*` families.
@@ -25,9 +27,12 @@
 //! previous response, `max_connections` connections, 200 streams per
 //! HTTP/2 connection, 64 KiB of unread request body per HTTP/2 stream
 //! (1 MiB per connection), held requests per route and in total, hold time,
-//! and 8 KiB copy buffers each way for upgraded connections. Bodies are
-//! never buffered: a held request's body is simply not read yet.
+//! 8 KiB copy buffers each way for upgraded connections, and (held before
+//! hyper) 64 KiB read and dropped, within 1 s, after a raw 503/504. Bodies are
+//! never buffered: a held request's body is simply not read yet (beyond any
+//! bytes that came in the same read as the head, inside its buffer).
 
+mod early;
 mod forward;
 mod hold;
 mod metrics;
@@ -544,6 +549,9 @@ struct ConnCtx {
     peer: IpAddr,
     /// A request head arrived (the first-request deadline is met).
     seen: AtomicBool,
+    /// The first request's place, when it was held (or admitted) before
+    /// hyper: taken by the first `handle`.
+    released: Mutex<Option<early::Released>>,
 }
 
 impl Shared {
@@ -557,6 +565,7 @@ impl Shared {
         let ctx = Arc::new(ConnCtx {
             peer: peer.ip(),
             seen: AtomicBool::new(false),
+            released: Mutex::new(None),
         });
         let service = {
             let shared = self.clone();
@@ -594,22 +603,37 @@ impl Shared {
             _ = shutdown.cancelled() => return,
             _ = self.stop.cancelled() => return,
         };
-        let io = TokioIo::new(stream);
         match sniffed {
             Sniffed::Http1 => {
-                let conn = self.h1.serve_connection(io, service).with_upgrades();
-                self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown)
+                let (io, released) = match self.early_h1(stream, first.as_mut(), &shutdown).await {
+                    early::Early::Hyper(io, released) => (io, released),
+                    early::Early::Done => return,
+                };
+                // A whole head (or one hyper is to refuse) was read: the
+                // first-request deadline is met, even if it was then held.
+                ctx.seen.store(true, Ordering::Release);
+                *ctx.released.lock().unwrap_or_else(|e| e.into_inner()) = released;
+                let conn = self
+                    .h1
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades();
+                // Boxed, so that a connection held before hyper (the task's
+                // future, allocated per connection) is sized for waiting,
+                // not for hyper's connection state.
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
                     .await;
             }
-            // Boxed, so that the connection future is sized for HTTP/1.1
-            // (one HTTP/2 connection carries many requests; `auto` is rare).
+            // Boxed as well (one HTTP/2 connection carries many requests;
+            // `auto` is rare).
             Sniffed::Http2 => {
-                let conn = self.h2.serve_connection(io, service);
+                let conn = self.h2.serve_connection(TokioIo::new(stream), service);
                 Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
                     .await;
             }
             Sniffed::Unsure => {
-                let conn = self.auto.serve_connection_with_upgrades(io, service);
+                let conn = self
+                    .auto
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service);
                 Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
                     .await;
             }
@@ -662,47 +686,62 @@ impl Shared {
         ctx: &ConnCtx,
     ) -> Response<ProxyBody> {
         ctx.seen.store(true, Ordering::Release);
-        let arrived = Instant::now();
-        let found = match route::request_host(&req) {
-            Ok(host) => self
-                .table
-                .find(&host, req.uri().path())
-                .ok_or_else(|| host.into_owned()),
-            Err(raw) => Err(raw.into_owned()),
-        };
-        let route = match found {
-            Ok(i) => self.routes[i].clone(),
-            Err(host) => {
-                self.unrouted.rejected(Reject::NoRoute);
-                return self.local(
-                    &self.unrouted,
-                    StatusCode::NOT_FOUND,
-                    format!("no route for host \"{}\"\n", route::printable(&host)),
-                    false,
-                );
+        let early = ctx
+            .released
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let (route, mut flight, seq, arrived, mut held) = match early {
+            // Held before hyper (or admitted there): same place, same clock,
+            // and not held a second time.
+            Some(e) => (e.flight.route.clone(), e.flight, e.seq, e.arrived, e.held),
+            None => {
+                let arrived = Instant::now();
+                let found = match route::request_host(&req) {
+                    Ok(host) => self
+                        .table
+                        .find(&host, req.uri().path())
+                        .ok_or_else(|| host.into_owned()),
+                    Err(raw) => Err(raw.into_owned()),
+                };
+                let route = match found {
+                    Ok(i) => self.routes[i].clone(),
+                    Err(host) => {
+                        self.unrouted.rejected(Reject::NoRoute);
+                        return self.local(
+                            &self.unrouted,
+                            StatusCode::NOT_FOUND,
+                            format!("no route for host \"{}\"\n", route::printable(&host)),
+                            false,
+                        );
+                    }
+                };
+                if req.method() == Method::CONNECT {
+                    return self.local(
+                        &route.metrics,
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "CONNECT is not proxied by the activator\n".into(),
+                        false,
+                    );
+                }
+                let flight = Flight::arrive(route.clone());
+                let seq = route.seq.fetch_add(1, Ordering::Relaxed);
+                (route, flight, seq, arrived, None)
             }
         };
-        if req.method() == Method::CONNECT {
-            return self.local(
-                &route.metrics,
-                StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT is not proxied by the activator\n".into(),
-                false,
-            );
-        }
-
-        let mut flight = Flight::arrive(route.clone());
         let (kind, on_upgrade) = forward::prepare(&mut req, ctx.peer);
-        let seq = route.seq.fetch_add(1, Ordering::Relaxed);
         let deadline = tokio::time::Instant::from_std(arrived + self.settings.hold_timeout);
-        let mut held: Option<Duration> = None;
         let mut requeue = false;
+        // Released before hyper: go, whatever readiness says by now.
+        let mut go = held.is_some();
         loop {
-            if requeue || !route.ready.load(Ordering::Acquire) {
+            if !std::mem::take(&mut go) && (requeue || !route.ready.load(Ordering::Acquire)) {
                 match route.admit(seq, requeue) {
                     Admit::Ready => {}
-                    Admit::Full { total } => return self.full(&route, total),
-                    Admit::Draining => return self.draining(&route),
+                    Admit::Full { total } => {
+                        return self.full(&route, total).respond(&route.metrics);
+                    }
+                    Admit::Draining => return self.draining(&route).respond(&route.metrics),
                     Admit::Held(rx) => {
                         flight.set(State::Pending);
                         let waiting = Waiting { route: &route, seq };
@@ -710,12 +749,12 @@ impl Shared {
                             r = rx => r.unwrap_or(Release::Drain),
                             _ = tokio::time::sleep_until(deadline) => {
                                 drop(waiting);
-                                return self.timed_out(&route);
+                                return self.timed_out(&route).respond(&route.metrics);
                             }
                         };
                         drop(waiting);
                         if released == Release::Drain {
-                            return self.draining(&route);
+                            return self.draining(&route).respond(&route.metrics);
                         }
                         held = Some(arrived.elapsed());
                     }
@@ -739,7 +778,7 @@ impl Shared {
                     req = back;
                     requeue = true;
                     if tokio::time::Instant::now() >= deadline {
-                        return self.timed_out(&route);
+                        return self.timed_out(&route).respond(&route.metrics);
                     }
                 }
                 Err(ForwardError::Failed(e)) => {
@@ -788,7 +827,7 @@ impl Shared {
         resp.map(|body| ProxyBody::upstream(body, flight, reuse))
     }
 
-    fn full(&self, route: &RouteState, total: bool) -> Response<ProxyBody> {
+    fn full(&self, route: &RouteState, total: bool) -> Answer {
         route.metrics.rejected(Reject::Full);
         let (limit, n) = if total {
             (
@@ -798,40 +837,37 @@ impl Shared {
         } else {
             ("activator_max_pending", self.settings.max_pending)
         };
-        self.local(
-            &route.metrics,
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
+        Answer {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            text: format!(
                 "too many requests waiting for {} ({limit} {n}); retry later\n",
                 route.config.host
             ),
-            true,
-        )
+            retry_after: true,
+        }
     }
 
-    fn draining(&self, route: &RouteState) -> Response<ProxyBody> {
+    fn draining(&self, route: &RouteState) -> Answer {
         route.metrics.rejected(Reject::Draining);
-        self.local(
-            &route.metrics,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "activator shutting down; retry\n".into(),
-            true,
-        )
+        Answer {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            text: "activator shutting down; retry\n".into(),
+            retry_after: true,
+        }
     }
 
-    fn timed_out(&self, route: &RouteState) -> Response<ProxyBody> {
+    fn timed_out(&self, route: &RouteState) -> Answer {
         route.metrics.rejected(Reject::Timeout);
-        self.local(
-            &route.metrics,
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
+        Answer {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            text: format!(
                 "timed out after {} waiting for the workload behind {} ({}) to accept connections\n",
                 humantime::format_duration(self.settings.hold_timeout),
                 route.config.host,
                 route.upstream
             ),
-            false,
-        )
+            retry_after: false,
+        }
     }
 
     /// A short text answer of the activator's own.
@@ -842,21 +878,59 @@ impl Shared {
         text: String,
         retry_after: bool,
     ) -> Response<ProxyBody> {
-        metrics.answered(status.as_u16());
-        let mut resp = Response::new(ProxyBody::text(text));
-        *resp.status_mut() = status;
+        Answer {
+            status,
+            text,
+            retry_after,
+        }
+        .respond(metrics)
+    }
+}
+
+/// One of the activator's own short text answers, given through hyper or,
+/// before hyper ([`early`]), written raw.
+struct Answer {
+    status: StatusCode,
+    text: String,
+    /// Send `Retry-After` (our 503s: come back soon, or go to another replica).
+    retry_after: bool,
+}
+
+impl Answer {
+    fn respond(self, metrics: &RouteMetrics) -> Response<ProxyBody> {
+        metrics.answered(self.status.as_u16());
+        let mut resp = Response::new(ProxyBody::text(self.text));
+        *resp.status_mut() = self.status;
         let headers = resp.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if retry_after {
+        if self.retry_after {
             headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
             );
         }
         resp
+    }
+
+    /// The same answer as a whole HTTP/1.1 response that closes the
+    /// connection (the request's body, if any, was never read).
+    fn raw_http1(&self) -> Vec<u8> {
+        let retry = if self.retry_after {
+            format!("retry-after: {RETRY_AFTER_SECS}\r\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n{retry}content-length: {}\r\nconnection: close\r\n\r\n{}",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            self.text.len(),
+            self.text
+        )
+        .into_bytes()
     }
 }
 
