@@ -1053,27 +1053,27 @@ pub struct CustomMetricsConfig {
     pub reload_interval: Duration,
 }
 
-/// What the activator proxy takes (`activator_*`; its address is in
-/// [`ServersConfig`]).
+/// What the activator proxy takes: each field is the `activator_*` setting of
+/// the same name (its address is in [`ServersConfig`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActivatorConfig {
-    /// `activator_routes`.
+    /// Host (and path prefix) → upstream, validated by the activator.
     pub routes: Vec<ActivatorRoute>,
-    /// `activator_max_pending`.
+    /// Held requests per route; past it 503.
     pub max_pending: usize,
-    /// `activator_max_pending_total`.
+    /// Held requests over all routes; past it 503.
     pub max_pending_total: usize,
-    /// `activator_hold_timeout`.
+    /// Longest hold, from arrival; then 504.
     pub hold_timeout: Duration,
-    /// `activator_probe_interval`.
+    /// Probe interval while requests wait.
     pub probe_interval: Duration,
-    /// `activator_probe_max_interval`.
+    /// Probe interval ceiling while idle (doubling from `probe_interval`).
     pub probe_max_interval: Duration,
-    /// `activator_connect_timeout`.
+    /// One TCP connect to an upstream, probe or request.
     pub connect_timeout: Duration,
-    /// `activator_header_read_timeout`.
+    /// Request head deadline (from connect, and between keep-alive requests).
     pub header_read_timeout: Duration,
-    /// `activator_max_connections`.
+    /// Client connections at once.
     pub max_connections: usize,
 }
 

@@ -286,20 +286,22 @@ async fn live_names() -> BTreeSet<String> {
 
 fn activator_settings() -> ActivatorSettings {
     ActivatorSettings {
-        routes: vec![ActivatorRoute {
-            host: "web.example.com".into(),
-            path_prefix: None,
-            upstream: "127.0.0.1:1".into(),
-            namespace: "shop".into(),
-        }],
-        max_pending: 10,
-        max_pending_total: 100,
-        hold_timeout: Duration::from_secs(20),
-        probe_interval: Duration::from_secs(1),
-        probe_max_interval: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(1),
-        header_read_timeout: Duration::from_secs(10),
-        max_connections: 100,
+        config: activescale::config::ActivatorConfig {
+            routes: vec![ActivatorRoute {
+                host: "web.example.com".into(),
+                path_prefix: None,
+                upstream: "127.0.0.1:1".into(),
+                namespace: "shop".into(),
+            }],
+            max_pending: 10,
+            max_pending_total: 100,
+            hold_timeout: Duration::from_secs(20),
+            probe_interval: Duration::from_secs(1),
+            probe_max_interval: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 100,
+        },
         http2_keepalive_interval: Duration::from_secs(30),
         http2_keepalive_timeout: Duration::from_secs(10),
     }

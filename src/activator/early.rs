@@ -207,7 +207,7 @@ impl Shared {
         // Only the head is kept while waiting, not the room to grow it.
         buf.shrink_to_fit();
         let waiting = Waiting { route: &route, seq };
-        let deadline = tokio::time::Instant::from_std(arrived + self.settings.hold_timeout);
+        let deadline = tokio::time::Instant::from_std(arrived + self.settings.config.hold_timeout);
         let mut one = [0u8; 1];
         let mut watch_client = true;
         let released = loop {
@@ -445,20 +445,22 @@ mod held_cost {
     #[tokio::test]
     async fn a_held_connection_is_a_small_future() {
         let settings = ActivatorSettings {
-            routes: vec![ActivatorRoute {
-                host: "web.example.com".into(),
-                path_prefix: None,
-                upstream: "127.0.0.1:1".into(),
-                namespace: "shop".into(),
-            }],
-            max_pending: 10,
-            max_pending_total: 10,
-            hold_timeout: Duration::from_secs(30),
-            probe_interval: Duration::from_millis(100),
-            probe_max_interval: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(1),
-            header_read_timeout: Duration::from_secs(1),
-            max_connections: 10,
+            config: crate::config::ActivatorConfig {
+                routes: vec![ActivatorRoute {
+                    host: "web.example.com".into(),
+                    path_prefix: None,
+                    upstream: "127.0.0.1:1".into(),
+                    namespace: "shop".into(),
+                }],
+                max_pending: 10,
+                max_pending_total: 10,
+                hold_timeout: Duration::from_secs(30),
+                probe_interval: Duration::from_millis(100),
+                probe_max_interval: Duration::from_secs(1),
+                connect_timeout: Duration::from_secs(1),
+                header_read_timeout: Duration::from_secs(1),
+                max_connections: 10,
+            },
             http2_keepalive_interval: Duration::from_secs(10),
             http2_keepalive_timeout: Duration::from_secs(10),
         };

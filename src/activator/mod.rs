@@ -74,7 +74,7 @@ pub use metrics::ActivatorMetrics;
 pub use publish::publish;
 
 use crate::{
-    config::{self, ActivatorRoute, Config, ConfigError},
+    config::{self, ActivatorConfig, ActivatorRoute, Config, ConfigError},
     telemetry::RateLimit,
 };
 use forward::{ForwardError, ProxyBody, Upstream};
@@ -97,27 +97,10 @@ pub const COLD_START_HEADER: &str = "x-activescale-cold-start";
 
 /// What the activator needs from the configuration.
 #[derive(Clone, Debug)]
-/// Each field is the `activator_*` setting of the same name (see
-/// [`Config`]), except the two HTTP/2 keepalive ones, shared with the gRPC ports.
+/// The activator's settings (see [`ActivatorConfig`]) and the two HTTP/2
+/// keepalive ones it shares with the gRPC ports.
 pub struct ActivatorSettings {
-    /// Host (and path prefix) → upstream, validated by [`Activator::new`].
-    pub routes: Vec<ActivatorRoute>,
-    /// Held requests per route; past it 503.
-    pub max_pending: usize,
-    /// Held requests over all routes; past it 503.
-    pub max_pending_total: usize,
-    /// Longest hold, from arrival; then 504.
-    pub hold_timeout: Duration,
-    /// Probe interval while requests wait.
-    pub probe_interval: Duration,
-    /// Probe interval ceiling while idle (doubling from `probe_interval`).
-    pub probe_max_interval: Duration,
-    /// One TCP connect to an upstream, probe or request.
-    pub connect_timeout: Duration,
-    /// Request head deadline (from connect, and between keep-alive requests).
-    pub header_read_timeout: Duration,
-    /// Client connections at once.
-    pub max_connections: usize,
+    pub config: ActivatorConfig,
     /// HTTP/2 pings towards clients and upstreams.
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
@@ -126,15 +109,7 @@ pub struct ActivatorSettings {
 impl ActivatorSettings {
     pub fn from_config(c: &Config) -> Self {
         Self {
-            routes: c.activator.routes.clone(),
-            max_pending: c.activator.max_pending,
-            max_pending_total: c.activator.max_pending_total,
-            hold_timeout: c.activator.hold_timeout,
-            probe_interval: c.activator.probe_interval,
-            probe_max_interval: c.activator.probe_max_interval,
-            connect_timeout: c.activator.connect_timeout,
-            header_read_timeout: c.activator.header_read_timeout,
-            max_connections: c.activator.max_connections,
+            config: c.activator.clone(),
             http2_keepalive_interval: c.servers.http2_keepalive_interval,
             http2_keepalive_timeout: c.servers.http2_keepalive_timeout,
         }
@@ -336,26 +311,32 @@ impl Activator {
         settings: ActivatorSettings,
         registry: &mut Registry,
     ) -> Result<Self, ActivatorError> {
-        config::check_activator_routes(&settings.routes)?;
+        config::check_activator_routes(&settings.config.routes)?;
         for (name, zero) in [
-            ("activator_max_pending", settings.max_pending == 0),
+            ("activator_max_pending", settings.config.max_pending == 0),
             (
                 "activator_max_pending_total",
-                settings.max_pending_total == 0,
+                settings.config.max_pending_total == 0,
             ),
-            ("activator_max_connections", settings.max_connections == 0),
-            ("activator_hold_timeout", settings.hold_timeout.is_zero()),
+            (
+                "activator_max_connections",
+                settings.config.max_connections == 0,
+            ),
+            (
+                "activator_hold_timeout",
+                settings.config.hold_timeout.is_zero(),
+            ),
             (
                 "activator_probe_interval",
-                settings.probe_interval.is_zero(),
+                settings.config.probe_interval.is_zero(),
             ),
             (
                 "activator_connect_timeout",
-                settings.connect_timeout.is_zero(),
+                settings.config.connect_timeout.is_zero(),
             ),
             (
                 "activator_header_read_timeout",
-                settings.header_read_timeout.is_zero(),
+                settings.config.header_read_timeout.is_zero(),
             ),
         ] {
             if zero {
@@ -364,16 +345,17 @@ impl Activator {
         }
         let metrics = ActivatorMetrics::new(registry);
         let limits = Arc::new(Limits::new(
-            settings.max_pending,
-            settings.max_pending_total,
+            settings.config.max_pending,
+            settings.config.max_pending_total,
         ));
         let stop = CancellationToken::new();
         let probe = ProbeSettings {
-            interval: settings.probe_interval,
-            max_interval: settings.probe_max_interval,
-            timeout: settings.connect_timeout,
+            interval: settings.config.probe_interval,
+            max_interval: settings.config.probe_max_interval,
+            timeout: settings.config.connect_timeout,
         };
         let routes = settings
+            .config
             .routes
             .iter()
             .map(|r| {
@@ -394,7 +376,7 @@ impl Activator {
                     peak: AtomicU64::new(0),
                     kick: Notify::new(),
                     pool: Upstream::new(
-                        settings.connect_timeout,
+                        settings.config.connect_timeout,
                         (
                             settings.http2_keepalive_interval,
                             settings.http2_keepalive_timeout,
@@ -412,7 +394,7 @@ impl Activator {
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+            .header_read_timeout(settings.config.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
         auto.http2()
@@ -425,7 +407,7 @@ impl Activator {
             .keep_alive_timeout(settings.http2_keepalive_timeout);
         let mut h1 = server_h1::Builder::new();
         h1.timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+            .header_read_timeout(settings.config.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
         let mut h2 = server_h2::Builder::new(TokioExecutor::new());
@@ -439,7 +421,7 @@ impl Activator {
 
         Ok(Self {
             shared: Arc::new(Shared {
-                table: route::RouteTable::new(&settings.routes),
+                table: route::RouteTable::new(&settings.config.routes),
                 unrouted: metrics.unrouted(),
                 settings,
                 routes,
@@ -472,7 +454,7 @@ impl Activator {
             let span = tracing::info_span!("activator_probe", host = %route.config.host, upstream = %route.upstream);
             tokio::spawn(probe::run(route.clone(), shared.stop.clone()).instrument(span));
         }
-        let permits = Arc::new(Semaphore::new(shared.settings.max_connections));
+        let permits = Arc::new(Semaphore::new(shared.settings.config.max_connections));
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, routes = shared.routes.len(), "activator serving");
         }
@@ -582,7 +564,7 @@ impl Shared {
         // hyper's header timeout starts once it knows the protocol; this one
         // covers the bytes before that (and an HTTP/2 connection that never
         // opens a stream).
-        let first = tokio::time::sleep(self.settings.header_read_timeout);
+        let first = tokio::time::sleep(self.settings.config.header_read_timeout);
         tokio::pin!(first);
         // Peek (not read) to pick the protocol, so that hyper's first read
         // takes the whole request head into its 8 KiB buffer. hyper-util's
@@ -730,7 +712,7 @@ impl Shared {
             }
         };
         let (kind, on_upgrade) = forward::prepare(&mut req, ctx.peer);
-        let deadline = tokio::time::Instant::from_std(arrived + self.settings.hold_timeout);
+        let deadline = tokio::time::Instant::from_std(arrived + self.settings.config.hold_timeout);
         let mut requeue = false;
         // Released before hyper: go, whatever readiness says by now.
         let mut go = held.is_some();
@@ -832,10 +814,10 @@ impl Shared {
         let (limit, n) = if total {
             (
                 "activator_max_pending_total",
-                self.settings.max_pending_total,
+                self.settings.config.max_pending_total,
             )
         } else {
-            ("activator_max_pending", self.settings.max_pending)
+            ("activator_max_pending", self.settings.config.max_pending)
         };
         Answer {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -862,7 +844,7 @@ impl Shared {
             status: StatusCode::GATEWAY_TIMEOUT,
             text: format!(
                 "timed out after {} waiting for the workload behind {} ({}) to accept connections\n",
-                humantime::format_duration(self.settings.hold_timeout),
+                humantime::format_duration(self.settings.config.hold_timeout),
                 route.config.host,
                 route.upstream
             ),

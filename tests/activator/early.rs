@@ -83,7 +83,7 @@ async fn a_raw_held_request_gets_its_cold_start_header_and_keeps_its_connection(
 async fn a_client_that_hangs_up_while_held_frees_its_place() {
     let port = free_port();
     let mut s = settings(vec![route("web.example.com", None, port.n)]);
-    s.max_pending = 1;
+    s.config.max_pending = 1;
     let proxy = Proxy::start(s).await;
     let web = proxy.route(0);
     let mut load = web.watch();
@@ -113,8 +113,8 @@ async fn a_client_that_hangs_up_while_held_frees_its_place() {
 async fn full_and_timed_out_answers_before_hyper_are_the_usual_ones() {
     let port = free_port();
     let mut s = settings(vec![route("web.example.com", None, port.n)]);
-    s.max_pending = 1;
-    s.hold_timeout = Duration::from_millis(300);
+    s.config.max_pending = 1;
+    s.config.hold_timeout = Duration::from_millis(300);
     let proxy = Proxy::start(s).await;
     let mut load = proxy.route(0).watch();
     let mut held = TcpStream::connect(proxy.addr).await.unwrap();

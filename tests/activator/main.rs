@@ -222,8 +222,8 @@ async fn a_full_queue_answers_503_with_retry_after() {
         route("a.example.com", None, a.n),
         route("b.example.com", None, b.n),
     ]);
-    s.max_pending = 2;
-    s.max_pending_total = 3;
+    s.config.max_pending = 2;
+    s.config.max_pending_total = 3;
     let proxy = Proxy::start(s).await;
     let mut load_a = proxy.route(0).watch();
     let _held: Vec<_> = (0..2)
@@ -262,7 +262,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
 async fn a_request_held_too_long_gets_504() {
     let port = free_port();
     let mut s = settings(vec![route("web.example.com", None, port.n)]);
-    s.hold_timeout = Duration::from_millis(300);
+    s.config.hold_timeout = Duration::from_millis(300);
     let proxy = Proxy::start(s).await;
     let r = within(send(proxy.addr, get("web.example.com", "/"))).await;
     assert_eq!(r.status, 504);
@@ -502,7 +502,7 @@ async fn drain_answers_held_requests_503_and_lets_in_flight_ones_finish() {
 async fn idle_and_slow_clients_are_disconnected() {
     let port = free_port();
     let mut s = settings(vec![route("web.example.com", None, port.n)]);
-    s.header_read_timeout = Duration::from_millis(300);
+    s.config.header_read_timeout = Duration::from_millis(300);
     let proxy = Proxy::start(s).await;
     // Says nothing at all (the protocol is never known).
     let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();

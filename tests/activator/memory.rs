@@ -55,9 +55,9 @@ async fn measure_memory_per_held_request() {
     let proto = std::env::var("PROTO").unwrap_or_else(|_| "h1".into());
     let port = free_port();
     let mut s = settings(vec![route("mem.example.com", None, port.n)]);
-    s.max_pending = held + 1000;
-    s.max_pending_total = held + 1000;
-    s.hold_timeout = Duration::from_secs(600);
+    s.config.max_pending = held + 1000;
+    s.config.max_pending_total = held + 1000;
+    s.config.hold_timeout = Duration::from_secs(600);
     let proxy = Proxy::start(s).await;
     let mut load = proxy.route(0).watch();
 

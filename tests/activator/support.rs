@@ -75,15 +75,17 @@ pub fn route(host: &str, prefix: Option<&str>, port: u16) -> ActivatorRoute {
 /// Test settings: the defaults, with faster probes so tests are quick.
 pub fn settings(routes: Vec<ActivatorRoute>) -> ActivatorSettings {
     ActivatorSettings {
-        routes,
-        max_pending: 1000,
-        max_pending_total: 10_000,
-        hold_timeout: Duration::from_secs(20),
-        probe_interval: Duration::from_millis(25),
-        probe_max_interval: Duration::from_millis(200),
-        connect_timeout: Duration::from_secs(1),
-        header_read_timeout: Duration::from_secs(10),
-        max_connections: 20_000,
+        config: activescale::config::ActivatorConfig {
+            routes,
+            max_pending: 1000,
+            max_pending_total: 10_000,
+            hold_timeout: Duration::from_secs(20),
+            probe_interval: Duration::from_millis(25),
+            probe_max_interval: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 20_000,
+        },
         http2_keepalive_interval: Duration::from_secs(30),
         http2_keepalive_timeout: Duration::from_secs(10),
     }
