@@ -7,10 +7,13 @@
 //!
 //! ```text
 //!  Envoy sidecars ─StreamMetrics─▶ sink ─ingest─▶ store ─summary/pods/watch─▶ engine ─▶ scaler (KEDA, :9090)
-//!                   (:9000)               memory | redis                       │  ▲     custom_metrics (HPA)
-//!                                                            prometheus ───────┘  │     view (HTTP :8080)
-//!                                                            activator routes ─────┘
+//!                   (:9000)               memory | redis                       │        custom_metrics (HPA)
+//!                   activator proxy ─route counts─▶ store  prometheus ────────┘        view (HTTP :8080)
 //! ```
+//!
+//! The activator proxy writes its routes' counts into the store as the sink
+//! writes pods ([`activator::publish`]); `source: activator` reads them back
+//! through the engine.
 //!
 //! - [`sink`]: `envoy.service.metrics.v3.MetricsService`; learns each stream's
 //!   pod, keeps the inbound `downstream_rq_active` gauges, writes them to the
