@@ -615,13 +615,7 @@ async fn a_held_request_wakes_the_workload_through_stream_is_active() {
     // The route belongs to namespace `shop` (support::route).
     let ns = route("web.example.com", None, port.n).namespace;
     let mut scaler = server.scaler_client().await;
-    let mut active = scaler
-        .stream_is_active(trigger(&ns))
-        .await
-        .expect("StreamIsActive")
-        .into_inner();
-    let first = within(active.message()).await.unwrap().unwrap();
-    assert!(!first.result, "nothing held yet");
+    let mut active = idle_stream(&mut scaler, trigger(&ns)).await;
 
     let held = tokio::spawn(send(
         server.addr(activescale::Port::Activator),
@@ -689,13 +683,7 @@ async fn a_request_held_on_one_replica_wakes_streams_on_another_through_redis() 
 
     // KEDA's stream is on replica B; the request goes to replica A.
     let mut on_b = b.scaler_client().await;
-    let mut active = on_b
-        .stream_is_active(plain.clone())
-        .await
-        .expect("StreamIsActive")
-        .into_inner();
-    let first = within(active.message()).await.unwrap().unwrap();
-    assert!(!first.result, "nothing held yet");
+    let mut active = idle_stream(&mut on_b, plain.clone()).await;
 
     let held = tokio::spawn(send(
         a.addr(activescale::Port::Activator),
@@ -739,4 +727,20 @@ async fn a_request_held_on_one_replica_wakes_streams_on_another_through_redis() 
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     }
     drop(upstream);
+}
+
+/// Opens StreamIsActive for `so` and takes its first answer, which must be
+/// "inactive": nothing is held yet.
+async fn idle_stream(
+    scaler: &mut ExternalScalerClient<tonic::transport::Channel>,
+    so: ScaledObjectRef,
+) -> tonic::Streaming<activescale::proto::IsActiveResponse> {
+    let mut active = scaler
+        .stream_is_active(so)
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
+    let first = within(active.message()).await.unwrap().unwrap();
+    assert!(!first.result, "nothing held yet");
+    active
 }
