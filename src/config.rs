@@ -86,16 +86,18 @@ struct FileConfig {
     /// bound to the address it was first seen from until it expires.
     pub sink_verify_peer_address: bool,
     /// Bytes of Envoy messages all sidecar streams together may hold while
-    /// they arrive (1 MiB to 1 GiB, at least `max_message_bytes`). When it is
-    /// spent, streams stop being read and HTTP/2 flow control holds their
-    /// senders back, instead of the sink allocating.
+    /// they arrive (1 MiB to 1 GiB, at least `max_message_bytes`). A message
+    /// is admitted whole when its prefix declares its length; one that does
+    /// not fit is not read (HTTP/2 flow control holds its sender back) and
+    /// holds nothing until it does.
     pub sink_max_buffered_bytes: usize,
     /// Concurrent HTTP/2 streams per sink connection (1 to 10000). A sidecar
     /// opens one.
     pub sink_max_concurrent_streams: u32,
     /// A message whose first byte has arrived must be whole within this long
-    /// (1s to 5m); else its stream ends with RESOURCE_EXHAUSTED and gives its
-    /// bytes back.
+    /// (1s to 5m), and once admitted arrive at the pace that finishes it in
+    /// time (one 16 KiB frame ahead); else its stream ends with
+    /// RESOURCE_EXHAUSTED and gives its bytes back.
     #[serde(with = "humantime_serde")]
     pub sink_message_timeout: Duration,
     /// Longest `window` a trigger may ask for; pod history older than this is

@@ -91,13 +91,14 @@ struct ServeArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     sink_verify_peer_address: Option<String>,
     /// Bytes of Envoy messages all sink streams may hold while they arrive,
-    /// 1 MiB to 1 GiB.
+    /// 1 MiB to 1 GiB; a message is admitted whole when its prefix arrives.
     #[arg(long)]
     sink_max_buffered_bytes: Option<String>,
     /// Concurrent HTTP/2 streams per sink connection, 1 to 10000.
     #[arg(long)]
     sink_max_concurrent_streams: Option<String>,
-    /// A started Envoy message must be whole within this, 1s to 5m.
+    /// A started Envoy message must be whole within this, 1s to 5m, arriving
+    /// at the pace that finishes it in time.
     #[arg(long)]
     sink_message_timeout: Option<String>,
     /// Longest `window` a trigger may ask for; older pod history is forgotten.

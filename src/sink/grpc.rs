@@ -13,12 +13,21 @@
 //!
 //! What a client can make the sink hold is bounded three ways. A buffer grows
 //! with the bytes that actually arrived, never with the length a prefix
-//! declares (a prefix alone costs nothing). Every byte held, across all
-//! streams, is taken from one [`Budget`]: when it is spent, streams stop
-//! reading their bodies, so HTTP/2 flow control makes their clients wait
-//! instead of the sink allocating. And a message, once it has started, must be
-//! complete within a timeout, so stalled streams cannot keep the budget from
-//! the sidecars that do finish their messages.
+//! declares. Every message, across all streams, is admitted whole against
+//! one [`Budget`]: a stream whose prefix declares more than is free stops
+//! reading its body, so HTTP/2 flow control makes its client wait instead of
+//! the sink allocating, and it holds none of the budget while it waits. And a
+//! message, once it has started, must be complete within a timeout, so
+//! stalled streams cannot keep the budget from the sidecars that do finish
+//! their messages.
+//!
+//! Admitting whole messages is what lets every stream finish when thousands
+//! flush at once (granted frame by frame, each held part of the budget and
+//! waited for more that nobody could give back). Its price: a declared
+//! length is charged before its bytes arrive, so a client declaring
+//! `max_message_bytes` and stalling holds that much of the budget for up to
+//! `sink_message_timeout`; `sink_max_buffered_bytes / max_message_bytes`
+//! such streams (4 with the defaults) make the others wait that long.
 
 use std::{
     convert::Infallible,
@@ -47,10 +56,6 @@ pub const STREAM_METRICS: &str = "/envoy.service.metrics.v3.MetricsService/Strea
 
 /// gRPC's per-message prefix: compressed flag and length.
 const PREFIX: usize = 5;
-
-/// The largest HTTP/2 DATA frame a client may send us (the protocol's
-/// default `SETTINGS_MAX_FRAME_SIZE`, which the server keeps).
-const MAX_FRAME: usize = 16 * 1024;
 
 /// The sink's HTTP/2 connection window (hyper's default is 1 MiB): what a
 /// connection may have sent that the sink has not read. Those bytes sit in
@@ -186,110 +191,166 @@ pub enum ReadError {
          {1} bytes of it arrived"
     )]
     Stalled(Duration, usize),
+    #[error(
+        "a message of {len} bytes arrived too slowly to be whole within {timeout:?} of being \
+         admitted (sink_message_timeout); {arrived} bytes of it arrived"
+    )]
+    TooSlow {
+        len: usize,
+        arrived: usize,
+        timeout: Duration,
+    },
     #[error("stream broken: {}", .0.message())]
     Broken(Status),
 }
 
 /// The messages of one request body.
+///
+/// A message is admitted whole: when its prefix has arrived, the stream
+/// waits for budget for the entire declared length before it reads any more,
+/// and once granted it never waits on the budget again. A stream waiting for
+/// its grant holds none of the budget, so streams can never each hold part
+/// of it while waiting for the rest (with frame-by-frame grants, 10,000
+/// sidecars flushing at once spent the whole budget on partial messages and
+/// none could finish). The grant is accounting, not memory: the buffer still
+/// grows only with the bytes that arrive.
 pub struct Messages {
     body: Body,
-    buf: BytesMut,
     limits: ReadLimits,
-    /// Budget bytes this stream holds: what `buf` holds plus the message
-    /// last handed out, which its caller is still reading.
+    /// Read from the body but not yet part of a message: at most one frame
+    /// (never more is read while it is not empty). Outside the budget, as the
+    /// same bytes would be inside the HTTP/2 codec had they not been read.
+    pending: Bytes,
+    /// The next message's prefix, as far as it has arrived.
+    head: [u8; PREFIX],
+    head_len: usize,
+    /// The declared length of the message arriving and when it was
+    /// granted, once it was.
+    granted: Option<(usize, Instant)>,
+    /// What has arrived of it, when it spans frames.
+    buf: BytesMut,
+    /// Budget bytes this stream holds: the grant of the message arriving,
+    /// plus the message last handed out, which its caller is still reading.
     held: usize,
     /// Of `held`, the message last handed out; given back on the next call.
     handed: usize,
-    /// Of `held`, room taken for a frame not read yet.
-    reserved: usize,
+    /// When the message that has started must be whole.
+    deadline: Option<Instant>,
 }
 
 impl Messages {
     pub fn new(body: Body, limits: ReadLimits) -> Self {
         Self {
             body,
-            buf: BytesMut::new(),
             limits,
+            pending: Bytes::new(),
+            head: [0; PREFIX],
+            head_len: 0,
+            granted: None,
+            buf: BytesMut::new(),
             held: 0,
             handed: 0,
-            reserved: 0,
+            deadline: None,
         }
     }
 
     /// The next message; `None` when the client ended the stream cleanly.
+    ///
+    /// Cancelling it loses nothing: every await leaves the state as it was
+    /// before it (the sink cancels it only on shutdown, and then drops it).
     pub async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
         // The caller is done with the message it had.
         let handed = std::mem::take(&mut self.handed);
         self.give_back(handed);
-        // Between messages a stream may idle for ever (a flush every 5 s);
-        // once a message has started, its clock runs.
-        let mut deadline = (!self.buf.is_empty()).then(|| self.deadline());
         loop {
-            if let Some(message) = take_message(&mut self.buf, self.limits.max_message)? {
-                self.handed = PREFIX + message.len();
-                return Ok(Some(message));
+            if let Some((len, _)) = self.granted {
+                if let Some(message) = self.fill(len) {
+                    self.granted = None;
+                    self.deadline = None;
+                    self.handed = len;
+                    return Ok(Some(message));
+                }
+            } else if self.head_len == PREFIX {
+                let len = check_prefix(self.head, self.limits.max_message)?;
+                if len > 0 {
+                    // Between messages a stream may idle for ever (a flush
+                    // every 5 s); once a message has started, its clock runs,
+                    // also while it waits for its grant.
+                    let at = self.started();
+                    let take = self.limits.budget.take(len);
+                    if tokio::time::timeout_at(at, take).await.is_err() {
+                        return Err(self.stalled());
+                    }
+                    self.held += len;
+                }
+                self.head_len = 0;
+                self.granted = Some((len, Instant::now()));
+                continue;
+            } else if !self.pending.is_empty() {
+                self.started();
+                let n = (PREFIX - self.head_len).min(self.pending.len());
+                self.head[self.head_len..self.head_len + n].copy_from_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                self.head_len += n;
+                continue;
             }
-            let frame = match deadline {
+            let frame = match self.deadline {
                 None => self.body.frame().await,
                 Some(at) => {
-                    // Inside a message, room for the next frame is taken
-                    // before it is read: a stream waiting for the budget
-                    // holds no frame outside it, and its sender waits on
-                    // HTTP/2 flow control instead.
-                    if self.reserved == 0 {
-                        let room = frame_room(&self.buf);
-                        let take = self.limits.budget.take(room);
-                        if tokio::time::timeout_at(at, take).await.is_err() {
-                            return Err(self.stalled());
-                        }
-                        self.held += room;
-                        self.reserved = room;
-                    }
-                    match tokio::time::timeout_at(at, self.body.frame()).await {
+                    let paced = self.granted.and_then(|(len, granted_at)| {
+                        let by =
+                            paced_by(granted_at, self.limits.message_timeout, self.buf.len(), len);
+                        (by < at).then_some((by, len))
+                    });
+                    match tokio::time::timeout_at(paced.map_or(at, |(by, _)| by), self.body.frame())
+                        .await
+                    {
                         Ok(frame) => frame,
-                        Err(_) => {
-                            let reserved = std::mem::take(&mut self.reserved);
-                            self.give_back(reserved);
-                            return Err(self.stalled());
-                        }
+                        Err(_) => match paced {
+                            Some((_, len)) => {
+                                return Err(ReadError::TooSlow {
+                                    len,
+                                    arrived: self.buf.len(),
+                                    timeout: self.limits.message_timeout,
+                                });
+                            }
+                            None => return Err(self.stalled()),
+                        },
                     }
                 }
             };
-            let reserved = std::mem::take(&mut self.reserved);
-            let data = match frame {
+            match frame {
                 // Trailers from a client carry nothing for us.
-                Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
-                end => {
-                    self.give_back(reserved);
-                    return match end {
-                        None if self.buf.is_empty() => Ok(None),
-                        Some(Err(status)) => Err(ReadError::Broken(status)),
-                        _ => Err(ReadError::Truncated),
-                    };
-                }
-            };
-            let at = match deadline {
-                Some(at) => at,
-                None if data.is_empty() => continue,
-                None => *deadline.insert(self.deadline()),
-            };
-            // What the reservation does not cover is taken now (a first
-            // frame, or one larger than the peer was told to send); until
-            // the budget has room this stream reads nothing more.
-            let more = data.len().saturating_sub(reserved);
-            if more > 0 {
-                if tokio::time::timeout_at(at, self.limits.budget.take(more))
-                    .await
-                    .is_err()
-                {
-                    self.give_back(reserved);
-                    return Err(self.stalled());
-                }
-                self.held += more;
+                Some(Ok(frame)) => self.pending = frame.into_data().unwrap_or_default(),
+                None if self.deadline.is_none() => return Ok(None),
+                None => return Err(ReadError::Truncated),
+                Some(Err(status)) => return Err(ReadError::Broken(status)),
             }
-            self.give_back(reserved.saturating_sub(data.len()));
-            append(&mut self.buf, &data);
         }
+    }
+
+    /// Moves what `pending` holds of the granted message (`len` bytes) into
+    /// place; the message, when it is whole. One that arrives within one
+    /// frame is not copied.
+    fn fill(&mut self, len: usize) -> Option<Bytes> {
+        if self.buf.is_empty() && self.pending.len() >= len {
+            return Some(self.pending.split_to(len));
+        }
+        let n = (len - self.buf.len()).min(self.pending.len());
+        if n > 0 {
+            let part = self.pending.split_to(n);
+            append(&mut self.buf, &part, len);
+        }
+        (self.buf.len() == len).then(|| std::mem::take(&mut self.buf).freeze())
+    }
+
+    /// The deadline of the message that has started, starting its clock now
+    /// if it had not.
+    fn started(&mut self) -> Instant {
+        let timeout = self.limits.message_timeout;
+        *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + timeout)
     }
 
     fn give_back(&mut self, n: usize) {
@@ -297,12 +358,12 @@ impl Messages {
         self.held -= n;
     }
 
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.limits.message_timeout
-    }
-
     fn stalled(&self) -> ReadError {
-        ReadError::Stalled(self.limits.message_timeout, self.buf.len())
+        let arrived = match self.granted {
+            Some(_) => PREFIX + self.buf.len(),
+            None => self.head_len,
+        };
+        ReadError::Stalled(self.limits.message_timeout, arrived)
     }
 }
 
@@ -312,14 +373,31 @@ impl Drop for Messages {
     }
 }
 
-/// Splits the first whole message off `buf`, if it holds one. Reserves
-/// nothing for what a prefix declares (the buffer grows as bytes arrive), and
-/// leaves `buf` without an allocation once it is empty, so an idle stream
-/// holds no buffer.
-fn take_message(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ReadError> {
-    let Some(&[flag, a, b, c, d]) = buf.get(..PREFIX) else {
-        return Ok(None);
-    };
+/// What a granted message may have sent beyond its pace (see [`paced_by`]):
+/// one frame, so a stream is never cut while a frame of its is in flight.
+const PACE_SLACK: usize = 16 * 1024;
+
+/// When more of a granted `len`-byte message must have arrived, `arrived`
+/// bytes of it being in: the pace that finishes it within `timeout` of its
+/// grant, one frame ahead.
+///
+/// The grant is charged before the bytes arrive; the pace is what keeps
+/// that from being free. Holding a grant for the whole timeout takes sending
+/// the message at the pace, as holding budget did when it was granted frame
+/// by frame; a stream that stops sending keeps a 16 MiB grant for
+/// `timeout / 1024` (10 ms with the defaults), not `timeout`. A message of up
+/// to one frame is held to the plain timeout.
+fn paced_by(granted_at: Instant, timeout: Duration, arrived: usize, len: usize) -> Instant {
+    let ahead = arrived.saturating_add(PACE_SLACK);
+    if ahead >= len {
+        return granted_at + timeout;
+    }
+    granted_at + timeout.mul_f64(ahead as f64 / len as f64)
+}
+
+/// The length a whole prefix declares, if the sink takes such a message.
+fn check_prefix(head: [u8; PREFIX], max: usize) -> Result<usize, ReadError> {
+    let [flag, a, b, c, d] = head;
     if flag != 0 {
         return Err(ReadError::Compressed(flag));
     }
@@ -327,75 +405,39 @@ fn take_message(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ReadErr
     if len > max {
         return Err(ReadError::Oversized { len, max });
     }
-    if buf.len() < PREFIX + len {
-        return Ok(None);
-    }
-    buf.advance(PREFIX);
-    let message = buf.split_to(len).freeze();
-    if buf.is_empty() {
-        *buf = BytesMut::new();
-    }
-    Ok(Some(message))
+    Ok(len)
 }
 
-/// Budget room to take before reading the next frame of a started message:
-/// one frame, but no more than the message still lacks. A sidecar's last
-/// frame is usually short; reserving a whole frame for it held 16 KiB of
-/// budget per stream for nothing, and with a thousand sidecars flushing at
-/// once those reservations spent the budget while every stream waited for
-/// more (streams then stalled until `sink_message_timeout`).
-fn frame_room(buf: &[u8]) -> usize {
-    match buf.get(..PREFIX) {
-        Some(&[_, a, b, c, d]) => {
-            let end = PREFIX.saturating_add(u32::from_be_bytes([a, b, c, d]) as usize);
-            end.saturating_sub(buf.len()).clamp(1, MAX_FRAME)
-        }
-        _ => MAX_FRAME,
-    }
-}
-
-/// Appends `data` to `buf`. The buffer grows by doubling what has arrived,
-/// as `BytesMut` does, but never past the end of the message its prefix
-/// declares: a 45 KB sidecar message fills a 45 KB buffer, not a 64 KiB one
-/// (with every sidecar flushing at once that slack was a third of what the
-/// sink held). A declared length alone still reserves nothing: growth is at
-/// most twice what arrived.
-fn append(buf: &mut BytesMut, data: &[u8]) {
+/// Appends `data` to `buf`, a message of `len` bytes arriving. The buffer
+/// grows by doubling what has arrived, as `BytesMut` does, but never past
+/// the message's end: a 45 KB sidecar message fills a 45 KB buffer, not a
+/// 64 KiB one (with every sidecar flushing at once that slack was a third of
+/// what the sink held). A declared length alone still reserves no memory:
+/// growth is at most twice what arrived.
+fn append(buf: &mut BytesMut, data: &[u8], len: usize) {
     let needed = buf.len() + data.len();
-    if needed <= buf.capacity() {
-        buf.extend_from_slice(data);
-        return;
+    if needed > buf.capacity() {
+        let mut grown = BytesMut::with_capacity(grown_capacity(buf.len(), needed, len));
+        grown.extend_from_slice(buf);
+        *buf = grown;
     }
-    let mut grown = BytesMut::with_capacity(grown_capacity(buf, data, needed));
-    grown.extend_from_slice(buf);
-    grown.extend_from_slice(data);
-    *buf = grown;
+    buf.extend_from_slice(data);
 }
 
-/// The capacity [`append`] gives a buffer that must hold `needed` bytes:
-/// twice what it holds, capped at the end of the first message's
-/// declared length when its prefix has arrived (in `buf` or `data`).
-fn grown_capacity(buf: &[u8], data: &[u8], needed: usize) -> usize {
-    let mut prefix = [0u8; PREFIX];
-    let have = buf.len().min(PREFIX);
-    prefix[..have].copy_from_slice(&buf[..have]);
-    let from_data = (PREFIX - have).min(data.len());
-    prefix[have..have + from_data].copy_from_slice(&data[..from_data]);
-    let doubled = buf.len().max(PREFIX).saturating_mul(2);
-    let cap = if have + from_data == PREFIX {
-        let [_, a, b, c, d] = prefix;
-        let end = PREFIX.saturating_add(u32::from_be_bytes([a, b, c, d]) as usize);
-        doubled.min(end)
-    } else {
-        doubled
-    };
-    cap.max(needed)
+/// The capacity [`append`] gives a buffer holding `have` bytes of a
+/// `len`-byte message that must hold `needed`.
+fn grown_capacity(have: usize, needed: usize, len: usize) -> usize {
+    have.max(PREFIX).saturating_mul(2).min(len).max(needed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures::StreamExt;
+
+    /// The largest HTTP/2 DATA frame a client may send us (the protocol's
+    /// default `SETTINGS_MAX_FRAME_SIZE`, which the server keeps).
+    const MAX_FRAME: usize = 16 * 1024;
 
     fn framed(messages: &[&[u8]]) -> BytesMut {
         let mut out = BytesMut::new();
@@ -408,74 +450,20 @@ mod tests {
     }
 
     #[test]
-    fn messages_come_out_whole_and_in_order() {
-        let mut buf = framed(&[b"first", b"", b"third"]);
-        assert_eq!(take_message(&mut buf, 100).unwrap().unwrap(), "first");
-        assert_eq!(take_message(&mut buf, 100).unwrap().unwrap(), "");
-        assert_eq!(take_message(&mut buf, 100).unwrap().unwrap(), "third");
-        assert!(take_message(&mut buf, 100).unwrap().is_none());
-        assert_eq!(buf.capacity(), 0, "an empty buffer holds no allocation");
-    }
-
-    #[test]
-    fn a_message_split_over_frames_waits_for_its_last_byte() {
-        let whole = framed(&[&[7u8; 1000]]);
-        let mut buf = BytesMut::new();
-        for (i, chunk) in whole.chunks(333).enumerate() {
-            buf.extend_from_slice(chunk);
-            let got = take_message(&mut buf, 4096).unwrap();
-            if (i + 1) * 333 < whole.len() {
-                assert!(got.is_none(), "chunk {i}");
-                if i == 0 {
-                    assert!(
-                        buf.capacity() < PREFIX + 1000,
-                        "no room reserved for what has not arrived: {}",
-                        buf.capacity()
-                    );
-                }
-            } else {
-                assert_eq!(got.unwrap().len(), 1000);
-            }
-        }
-        // A prefix alone, cut inside: nothing yet, nothing lost.
-        let mut buf = BytesMut::from(&[0u8, 0, 0][..]);
-        assert!(take_message(&mut buf, 10).unwrap().is_none());
-        assert_eq!(buf.len(), 3);
-    }
-
-    #[test]
-    fn oversized_and_compressed_are_refused_before_buffering() {
-        let mut buf = BytesMut::from(&[0u8, 0, 1, 0, 0][..]);
-        match take_message(&mut buf, 1000) {
+    fn a_prefix_declares_a_length_refused_when_oversized_or_compressed() {
+        assert_eq!(check_prefix([0, 0, 0, 1, 0], 1000).unwrap(), 256);
+        assert_eq!(check_prefix([0; PREFIX], 0).unwrap(), 0);
+        assert!(matches!(
+            check_prefix([0, 0, 1, 0, 0], 1000),
             Err(ReadError::Oversized {
                 len: 65536,
-                max: 1000,
-            }) => {}
-            other => panic!("{other:?}"),
-        }
-        assert!(
-            buf.capacity() < 1000,
-            "nothing reserved for a refused message"
-        );
-        let mut buf = BytesMut::from(&[1u8, 0, 0, 0, 1, 9][..]);
+                max: 1000
+            })
+        ));
         assert!(matches!(
-            take_message(&mut buf, 1000),
+            check_prefix([1, 0, 0, 0, 1], 1000),
             Err(ReadError::Compressed(1))
         ));
-    }
-
-    #[test]
-    fn the_room_taken_for_a_frame_is_what_the_message_still_lacks() {
-        // A 45,000-byte message of which 2 frames arrived: 12,237 bytes left.
-        let mut buf = framed(&[&[1u8; 45_000]]);
-        buf.truncate(2 * MAX_FRAME);
-        assert_eq!(frame_room(&buf), PREFIX + 45_000 - 2 * MAX_FRAME);
-        // Far from its end: one frame.
-        buf.truncate(100);
-        assert_eq!(frame_room(&buf), MAX_FRAME);
-        // Prefix not whole yet: one frame; message whole: at least one byte.
-        assert_eq!(frame_room(&[0, 0]), MAX_FRAME);
-        assert_eq!(frame_room(&framed(&[b"ab"])), 1);
     }
 
     #[test]
@@ -483,25 +471,19 @@ mod tests {
         const KIB: usize = 1024;
         // A 45 KB message arriving in 16 KiB frames ends in a buffer of its
         // own size, not the 64 KiB plain doubling would reach.
-        let whole = framed(&[&[1u8; 45_000]]);
+        let whole = [1u8; 45_000];
         let mut buf = BytesMut::new();
         for chunk in whole.chunks(16 * KIB) {
-            append(&mut buf, chunk);
+            append(&mut buf, chunk, whole.len());
             assert!(buf.capacity() <= whole.len(), "{}", buf.capacity());
         }
         assert_eq!(buf.capacity(), whole.len());
-        assert_eq!(
-            take_message(&mut buf, 1 << 20).unwrap().unwrap().len(),
-            45_000
-        );
 
-        // A prefix declaring 16 MiB reserves nothing for it: the buffer is at
-        // most twice what arrived.
+        // A message declared at 16 MiB reserves no memory for it: the
+        // buffer is at most twice what arrived.
         let mut buf = BytesMut::new();
-        append(&mut buf, &[0, 1, 0, 0, 0]);
-        assert!(buf.capacity() <= 2 * PREFIX, "{}", buf.capacity());
         for _ in 0..4 {
-            append(&mut buf, &[7u8; 16 * KIB]);
+            append(&mut buf, &[7u8; 16 * KIB], 16 << 20);
             assert!(
                 buf.capacity() <= 2 * buf.len(),
                 "{} for {}",
@@ -512,17 +494,88 @@ mod tests {
     }
 
     #[test]
-    fn the_capacity_reads_a_prefix_split_between_buffer_and_frame() {
-        // Two prefix bytes held, three in the new frame: a 3-byte message,
-        // so the buffer ends at its 8th byte instead of doubling to 10.
-        assert_eq!(grown_capacity(&[0, 0], &[0, 0, 3, 1, 2], 7), PREFIX + 3);
-        // Doubling is below the declared end (256 bytes).
-        let held = [&[0u8, 0, 0, 1, 0][..], &[9; 15]].concat();
-        assert_eq!(grown_capacity(&held, &[9; 10], 30), 40);
-        // Without a whole prefix, plain doubling (at least what is needed).
-        assert_eq!(grown_capacity(&[], &[0, 0], 2), 2 * PREFIX);
-        // What is needed always wins, also past a (short) declared end.
-        assert_eq!(grown_capacity(&[0, 0, 0, 0, 1, 9], &[0; 50], 56), 56);
+    fn the_capacity_doubles_up_to_the_message_end_but_holds_what_is_needed() {
+        assert_eq!(grown_capacity(0, 3, 3), 3);
+        assert_eq!(grown_capacity(0, 2, 100), 2 * PREFIX);
+        assert_eq!(grown_capacity(20, 30, 256), 40);
+        assert_eq!(grown_capacity(20, 30, 35), 35);
+        assert_eq!(grown_capacity(20, 60, 35), 60);
+    }
+
+    #[test]
+    fn a_granted_message_must_keep_the_pace_that_finishes_it_in_time() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        // Up to one frame: the plain timeout.
+        assert_eq!(paced_by(t0, timeout, 0, PACE_SLACK), t0 + timeout);
+        // 16 MiB, nothing in yet: one frame's share of the timeout.
+        let mib16 = 16 << 20;
+        assert_eq!(paced_by(t0, timeout, 0, mib16), t0 + timeout / 1024);
+        // Half in: half the timeout plus a frame's share.
+        let half = paced_by(t0, timeout, mib16 / 2, mib16);
+        assert_eq!(half, t0 + timeout.mul_f64(0.5 + 1.0 / 1024.0));
+        // The last frame: the plain timeout.
+        assert_eq!(
+            paced_by(t0, timeout, mib16 - PACE_SLACK, mib16),
+            t0 + timeout
+        );
+    }
+
+    /// A body yielding `chunks` `every` apart (the first at once), then ending.
+    fn paced_body(chunks: Vec<Bytes>, every: Duration) -> Body {
+        let frames =
+            futures::stream::iter(chunks.into_iter().enumerate()).then(move |(i, c)| async move {
+                if i > 0 {
+                    tokio::time::sleep(every).await;
+                }
+                Ok::<_, Status>(Frame::data(c))
+            });
+        Body::new(StreamBody::new(frames))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_declaring_much_and_sending_little_loses_its_grant_early() {
+        let held = Gauge::default();
+        let shared = limits(2 << 20, &held);
+        // A 1 MiB prefix and nothing more: the grant is charged, and given
+        // back after one frame's share of the timeout, not the whole of it.
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        let mut m = Messages::new(open_body(vec![Bytes::from(prefix)]), shared.clone());
+        let started = Instant::now();
+        match m.next().await {
+            Err(ReadError::TooSlow {
+                len: 1048576,
+                arrived: 0,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            started.elapsed() <= Duration::from_secs(10) / 32,
+            "{:?}",
+            started.elapsed()
+        );
+        drop(m);
+        assert_eq!(held.get(), 0);
+
+        // Sent at just under the pace, a 256 KiB message is whole; at three times
+        // the pace's interval, it is cut.
+        let whole = framed(&[&[3u8; 256 * 1024]]).freeze();
+        let chunks: Vec<Bytes> = whole
+            .chunks(MAX_FRAME)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let share = Duration::from_secs(10) / 16;
+        let got = all(Messages::new(
+            paced_body(chunks.clone(), share * 9 / 10),
+            shared.clone(),
+        ))
+        .await;
+        assert_eq!(got.expect("at the pace").len(), 1);
+        let got = all(Messages::new(paced_body(chunks, share * 3), shared)).await;
+        assert!(matches!(got, Err(ReadError::TooSlow { .. })), "{got:?}");
+        assert_eq!(held.get(), 0);
     }
 
     fn limits(budget: usize, held: &Gauge) -> ReadLimits {
@@ -541,6 +594,69 @@ mod tests {
         Body::new(StreamBody::new(frames))
     }
 
+    /// A body yielding `chunks` (a tick apart), then ending.
+    fn ending_body(chunks: Vec<Bytes>) -> Body {
+        let frames = futures::stream::iter(chunks).then(|c| async move {
+            tokio::task::yield_now().await;
+            Ok::<_, Status>(Frame::data(c))
+        });
+        Body::new(StreamBody::new(frames))
+    }
+
+    /// Every message of `messages` until the stream ends, or its error.
+    async fn all(mut messages: Messages) -> Result<Vec<Bytes>, ReadError> {
+        let mut out = Vec::new();
+        while let Some(m) = messages.next().await? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_come_out_whole_and_in_order_however_they_are_cut() {
+        let whole = framed(&[b"first", b"", &[7u8; 1000], b"last"]).freeze();
+        for cut in [1, 2, 4, 5, 6, 333, whole.len()] {
+            let chunks = whole.chunks(cut).map(Bytes::copy_from_slice).collect();
+            let held = Gauge::default();
+            let got = all(Messages::new(ending_body(chunks), limits(1 << 20, &held)))
+                .await
+                .unwrap();
+            let lens: Vec<usize> = got.iter().map(Bytes::len).collect();
+            assert_eq!(lens, [5, 0, 1000, 4], "cut every {cut} bytes");
+            assert_eq!(got[2], [7u8; 1000][..]);
+            assert_eq!(held.get(), 0, "cut every {cut} bytes");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_ending_inside_a_message_or_its_prefix_is_truncated() {
+        let whole = framed(&[&[1u8; 100]]).freeze();
+        for cut in [3, 50] {
+            let held = Gauge::default();
+            let body = ending_body(vec![whole.slice(..cut)]);
+            let got = all(Messages::new(body, limits(1 << 20, &held))).await;
+            assert!(matches!(got, Err(ReadError::Truncated)), "{cut}: {got:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oversized_and_compressed_messages_end_the_stream_before_any_grant() {
+        let held = Gauge::default();
+        let body = open_body(vec![Bytes::from_static(&[0, 0, 0x20, 0, 0])]);
+        let mut messages = Messages::new(body, limits(1 << 20, &held));
+        assert!(matches!(
+            messages.next().await,
+            Err(ReadError::Oversized { len: 0x200000, .. })
+        ));
+        assert_eq!(held.get(), 0);
+        let body = open_body(vec![Bytes::from_static(&[1, 0, 0, 0, 1, 9])]);
+        let mut messages = Messages::new(body, limits(1 << 20, &held));
+        assert!(matches!(
+            messages.next().await,
+            Err(ReadError::Compressed(1))
+        ));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_started_message_must_finish_within_the_timeout() {
         let held = Gauge::default();
@@ -551,7 +667,7 @@ mod tests {
             Err(ReadError::Stalled(timeout, 40)) => assert_eq!(timeout, Duration::from_secs(10)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(held.get(), 40);
+        assert_eq!(held.get(), 100, "the message's whole length was granted");
         drop(messages);
         assert_eq!(
             held.get(),
@@ -568,7 +684,7 @@ mod tests {
         assert_eq!(messages.next().await.unwrap().unwrap(), "one");
         assert_eq!(
             held.get(),
-            8,
+            3,
             "the message handed out is held while it is read"
         );
         let idle = tokio::time::timeout(Duration::from_secs(3600), messages.next()).await;
@@ -577,56 +693,61 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_spent_budget_stops_reading_until_bytes_are_given_back() {
+    async fn a_stream_waiting_for_its_grant_holds_nothing_and_reads_nothing_more() {
         const KIB: usize = 1024;
         let held = Gauge::default();
-        let shared = limits(3 * MAX_FRAME, &held);
+        let shared = limits(64 * KIB, &held);
+        // a's 60 KiB message is granted whole as soon as its prefix is in;
+        // it waits for the rest of its bytes.
         let mut a_whole = framed(&[&[1u8; 60 * KIB]]).freeze();
         let a_part = a_whole.split_to(30 * KIB);
         let mut a = Messages::new(open_body(vec![a_part]), shared.clone());
-        let b_whole = framed(&[&[2u8; 20 * KIB]]).freeze();
-        let mut b = Messages::new(open_body(vec![b_whole]), shared);
-
-        // a holds what arrived plus room for its next frame, and waits for it.
         let a_wait = tokio::time::timeout(Duration::from_secs(1), a.next()).await;
         assert!(a_wait.is_err());
-        assert_eq!(held.get(), (30 * KIB + MAX_FRAME) as i64);
-        // b's 20 KiB do not fit in what is left: b reads nothing more and stalls.
+        assert_eq!(held.get(), (60 * KIB) as i64);
+
+        // b's 20 KiB do not fit in what is left: b holds none of the budget
+        // while it waits, and stalls.
+        let b_whole = framed(&[&[2u8; 20 * KIB]]).freeze();
+        let mut b = Messages::new(open_body(vec![b_whole.clone()]), shared.clone());
         match b.next().await {
-            Err(ReadError::Stalled(_, 0)) => {}
+            Err(ReadError::Stalled(_, PREFIX)) => {}
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            held.get(),
-            (30 * KIB + MAX_FRAME) as i64,
-            "b took nothing it could not have"
-        );
+        assert_eq!(held.get(), (60 * KIB) as i64, "b took nothing");
 
-        // Once a is gone, a new stream like b gets its message.
+        // Once a is gone, a stream like b gets its message.
         drop(a);
         assert_eq!(held.get(), 0);
-        let c_whole = framed(&[&[3u8; 20 * KIB]]).freeze();
-        let mut c = Messages::new(open_body(vec![c_whole]), limits_sharing(&b));
+        let mut c = Messages::new(open_body(vec![b_whole]), shared);
         assert_eq!(c.next().await.unwrap().unwrap().len(), 20 * KIB);
-        assert_eq!(held.get(), (20 * KIB + PREFIX) as i64);
+        assert_eq!(held.get(), (20 * KIB) as i64);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn room_for_a_frame_is_taken_before_it_is_read_and_the_rest_given_back() {
+    async fn streams_flushing_at_once_past_the_budget_all_finish() {
+        // Eight 45 KB messages in 16 KiB frames, every stream started at
+        // once, a budget for one message and a bit: granted part by part,
+        // each stream would hold some of it and wait for more for ever.
         let held = Gauge::default();
-        let mut whole = framed(&[&[1u8; 100]]).freeze();
-        let first = whole.split_to(10);
-        let frames = futures::stream::iter([first, whole].map(|c| Ok::<_, Status>(Frame::data(c))));
-        let body = Body::new(StreamBody::new(frames.chain(futures::stream::pending())));
-        let mut messages = Messages::new(body, limits(1 << 20, &held));
-        assert_eq!(messages.next().await.unwrap().unwrap().len(), 100);
-        assert_eq!(held.get(), 105, "only the message is held, no reservation");
-        let idle = tokio::time::timeout(Duration::from_secs(60), messages.next()).await;
-        assert!(idle.is_err());
-        assert_eq!(held.get(), 0, "an idle stream reserves nothing");
-    }
-
-    fn limits_sharing(other: &Messages) -> ReadLimits {
-        other.limits.clone()
+        let shared = limits(64 * 1024, &held);
+        let streams = (0..8u8).map(|i| {
+            let whole = framed(&[&[i; 45_000]]).freeze();
+            let chunks = whole
+                .chunks(MAX_FRAME)
+                .map(Bytes::copy_from_slice)
+                .collect();
+            tokio::spawn(all(Messages::new(ending_body(chunks), shared.clone())))
+        });
+        for (i, stream) in futures::future::join_all(streams)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let got = stream.expect("task").expect("no stream stalls");
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0], vec![i as u8; 45_000]);
+        }
+        assert_eq!(held.get(), 0);
     }
 }

@@ -321,7 +321,7 @@ impl StreamError {
     fn reason(&self) -> &'static str {
         match self {
             StreamError::Read(ReadError::Oversized { .. }) => "oversized",
-            StreamError::Read(ReadError::Stalled(..)) => "stalled",
+            StreamError::Read(ReadError::Stalled(..) | ReadError::TooSlow { .. }) => "stalled",
             StreamError::Read(ReadError::Broken(_)) => "disconnected",
             StreamError::Read(ReadError::Compressed(_) | ReadError::Truncated)
             | StreamError::Malformed(_) => "malformed",
@@ -333,7 +333,9 @@ impl StreamError {
 fn status_of(e: StreamError) -> Status {
     match e {
         StreamError::Read(ReadError::Oversized { .. }) => Status::out_of_range(e.to_string()),
-        StreamError::Read(ReadError::Stalled(..)) => Status::resource_exhausted(e.to_string()),
+        StreamError::Read(ReadError::Stalled(..) | ReadError::TooSlow { .. }) => {
+            Status::resource_exhausted(e.to_string())
+        }
         // The client's own status, as it broke the stream.
         StreamError::Read(ReadError::Broken(status)) => status,
         StreamError::Read(ReadError::Compressed(_) | ReadError::Truncated) => {
@@ -417,6 +419,15 @@ mod tests {
             ),
             (
                 StreamError::Read(ReadError::Stalled(Duration::from_secs(10), 5)),
+                Code::ResourceExhausted,
+                "stalled",
+            ),
+            (
+                StreamError::Read(ReadError::TooSlow {
+                    len: 1 << 24,
+                    arrived: 0,
+                    timeout: Duration::from_secs(10),
+                }),
                 Code::ResourceExhausted,
                 "stalled",
             ),

@@ -12,6 +12,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 
+use envoy_types::pb::envoy::service::metrics::v3::{
+    StreamMetricsMessage, stream_metrics_message::Identifier,
+};
+use prost::Message;
+
 use crate::common::{envoy::*, *};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -226,4 +231,132 @@ fn budget_and_stream_settings_outside_their_range_are_refused_naming_the_setting
     .unwrap_err()
     .to_string();
     assert!(e.contains("max_message_bytes"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_flushing_at_once_past_the_budget_are_all_stored() {
+    // 24 sidecars' ~200 KB messages all in the middle of arriving at once
+    // (first halves sent, then second halves), against a budget of 1 MiB:
+    // together five times what the sink may hold. Granted frame by frame,
+    // every stream held a part of the budget and waited for more until all
+    // of them stalled; admitted whole, they take turns and all finish.
+    const BUDGET: usize = 1 << 20;
+    const SIDECARS: usize = 24;
+    let server = start_server({
+        let mut c = test_config();
+        c.sink.max_buffered_bytes = BUDGET;
+        c.sink.max_message_bytes = BUDGET;
+        c
+    })
+    .await;
+    let mut streams = Vec::new();
+    for i in 0..SIDECARS {
+        // Outbound families, which the sink reads and skips, make up the size.
+        let mut families: Vec<_> = (0..2_500)
+            .map(|f| {
+                gauge(
+                    &format!("cluster.outbound|80||svc-{f:05}.shop.svc.upstream_rq_active"),
+                    1.0,
+                )
+            })
+            .collect();
+        families.push(gauge(&inbound(8080), 1.0));
+        let message = StreamMetricsMessage {
+            identifier: Some(Identifier {
+                node: Some(istio_node(
+                    "shop",
+                    &format!("web-{i}"),
+                    &[("app", "web")],
+                    "web",
+                )),
+            }),
+            envoy_metrics: families,
+        }
+        .encode_to_vec();
+        assert!(message.len() > 150_000, "{}", message.len());
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&message);
+        let mut send = connection(server.sink).await;
+        let (tx, status) = open_stream(&mut send, server.sink).await;
+        let mut framed = Bytes::from(framed);
+        let first = framed.split_to(framed.len() / 2);
+        tx.send(Ok(Frame::data(first))).await.expect("first half");
+        streams.push((tx, framed, status, send));
+    }
+    for (tx, second, ..) in &streams {
+        tx.send(Ok(Frame::data(second.clone())))
+            .await
+            .expect("second half");
+    }
+
+    let scaler = server.scaler_client().await;
+    eventually(WAIT, "every sidecar's value", || {
+        let mut c = scaler.clone();
+        async move { get_metric(&mut c, &web()).await.ok() == Some(SIDECARS as f64) }
+    })
+    .await;
+    let stalled = exported(
+        &server,
+        "activescale_sink_stream_errors_total{reason=\"stalled\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    assert_eq!(stalled, 0.0, "no sidecar's stream stalled");
+    // Ending the streams, each gets OK.
+    for (tx, _, status, _send) in streams {
+        drop(tx);
+        let status = tokio::time::timeout(WAIT, status)
+            .await
+            .expect("the stream ends")
+            .expect("status task");
+        assert_eq!(status, None, "an OK stream carries its status in trailers");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declaring_the_budget_without_sending_it_holds_it_only_briefly() {
+    // Admission is whole, so a prefix alone is charged the length it
+    // declares. Four streams declaring the whole budget and sending nothing
+    // more would each keep a real sidecar waiting the full 30 s message
+    // timeout; held to the pace, each loses its grant after a frame's share.
+    const BUDGET: usize = 1 << 20;
+    let server = start_server({
+        let mut c = test_config();
+        c.sink.max_buffered_bytes = BUDGET;
+        c.sink.max_message_bytes = BUDGET;
+        c.sink.message_timeout = Duration::from_secs(30);
+        c
+    })
+    .await;
+    let mut send = connection(server.sink).await;
+    let mut greedy = Vec::new();
+    for _ in 0..4 {
+        let (tx, status) = open_stream(&mut send, server.sink).await;
+        start_message(&tx, BUDGET as u32, 0).await;
+        greedy.push((tx, status));
+    }
+    eventually(WAIT, "a declaration is charged", || async {
+        exported(&server, "activescale_sink_buffered_bytes").await == Some(BUDGET as f64)
+    })
+    .await;
+
+    let node = istio_node("shop", "web-1", &[("app", "web")], "web");
+    let mut sidecar = Sidecar::connect(server.sink, node).await;
+    sidecar.push_gauges(&[(&inbound(8080), 3.0)]).await;
+    let scaler = server.scaler_client().await;
+    // Well inside one message timeout, let alone four.
+    eventually(Duration::from_secs(20), "the sidecar's value", || {
+        let mut c = scaler.clone();
+        async move { get_metric(&mut c, &web()).await.ok() == Some(3.0) }
+    })
+    .await;
+    for (tx, status) in greedy {
+        let status = tokio::time::timeout(WAIT, status)
+            .await
+            .expect("a greedy stream is ended")
+            .expect("status task");
+        assert_eq!(status.as_deref(), Some("8"), "RESOURCE_EXHAUSTED");
+        drop(tx);
+    }
 }
