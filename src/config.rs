@@ -96,7 +96,7 @@ struct FileConfig {
     pub sink_max_concurrent_streams: u32,
     /// A message whose first byte has arrived must be whole within this long
     /// (1s to 5m), and once admitted arrive at the pace that finishes it in
-    /// time (one 16 KiB frame ahead); else its stream ends with
+    /// time (64 KiB ahead); else its stream ends with
     /// RESOURCE_EXHAUSTED and gives its bytes back.
     #[serde(with = "humantime_serde")]
     pub sink_message_timeout: Duration,

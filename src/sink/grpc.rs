@@ -373,20 +373,23 @@ impl Drop for Messages {
     }
 }
 
-/// What a granted message may have sent beyond its pace (see [`paced_by`]):
-/// one frame, so a stream is never cut while a frame of its is in flight.
-const PACE_SLACK: usize = 16 * 1024;
+/// How far ahead of its pace (see [`paced_by`]) a granted message is
+/// judged: HTTP/2's default stream window, what a client may send before the
+/// sink reads any of it. Sidecar messages (45–65 KB) fit in it and are held
+/// to the plain timeout: a client whose bytes arrive in bursts (a busy
+/// sender, thousands of streams on two cores) was cut with a single frame of
+/// slack, 1,362 of 10,000 streams in one saturated run.
+const PACE_SLACK: usize = 64 * 1024;
 
 /// When more of a granted `len`-byte message must have arrived, `arrived`
 /// bytes of it being in: the pace that finishes it within `timeout` of its
-/// grant, one frame ahead.
+/// grant, [`PACE_SLACK`] ahead.
 ///
 /// The grant is charged before the bytes arrive; the pace is what keeps
 /// that from being free. Holding a grant for the whole timeout takes sending
 /// the message at the pace, as holding budget did when it was granted frame
 /// by frame; a stream that stops sending keeps a 16 MiB grant for
-/// `timeout / 1024` (10 ms with the defaults), not `timeout`. A message of up
-/// to one frame is held to the plain timeout.
+/// `timeout / 256` (39 ms with the defaults), not `timeout`.
 fn paced_by(granted_at: Instant, timeout: Duration, arrived: usize, len: usize) -> Instant {
     let ahead = arrived.saturating_add(PACE_SLACK);
     if ahead >= len {
@@ -506,14 +509,14 @@ mod tests {
     fn a_granted_message_must_keep_the_pace_that_finishes_it_in_time() {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(10);
-        // Up to one frame: the plain timeout.
+        // Up to the slack: the plain timeout.
         assert_eq!(paced_by(t0, timeout, 0, PACE_SLACK), t0 + timeout);
-        // 16 MiB, nothing in yet: one frame's share of the timeout.
+        // 16 MiB, nothing in yet: the slack's share of the timeout.
         let mib16 = 16 << 20;
-        assert_eq!(paced_by(t0, timeout, 0, mib16), t0 + timeout / 1024);
-        // Half in: half the timeout plus a frame's share.
+        assert_eq!(paced_by(t0, timeout, 0, mib16), t0 + timeout / 256);
+        // Half in: half the timeout plus the slack's share.
         let half = paced_by(t0, timeout, mib16 / 2, mib16);
-        assert_eq!(half, t0 + timeout.mul_f64(0.5 + 1.0 / 1024.0));
+        assert_eq!(half, t0 + timeout.mul_f64(0.5 + 1.0 / 256.0));
         // The last frame: the plain timeout.
         assert_eq!(
             paced_by(t0, timeout, mib16 - PACE_SLACK, mib16),
@@ -538,7 +541,7 @@ mod tests {
         let held = Gauge::default();
         let shared = limits(2 << 20, &held);
         // A 1 MiB prefix and nothing more: the grant is charged, and given
-        // back after one frame's share of the timeout, not the whole of it.
+        // back after the slack's share of the timeout, not the whole of it.
         let mut prefix = vec![0u8];
         prefix.extend_from_slice(&(1u32 << 20).to_be_bytes());
         let mut m = Messages::new(open_body(vec![Bytes::from(prefix)]), shared.clone());
@@ -552,7 +555,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(
-            started.elapsed() <= Duration::from_secs(10) / 32,
+            started.elapsed() <= Duration::from_secs(10) / 8,
             "{:?}",
             started.elapsed()
         );

@@ -319,7 +319,7 @@ async fn declaring_the_budget_without_sending_it_holds_it_only_briefly() {
     // Admission is whole, so a prefix alone is charged the length it
     // declares. Four streams declaring the whole budget and sending nothing
     // more would each keep a real sidecar waiting the full 30 s message
-    // timeout; held to the pace, each loses its grant after a frame's share.
+    // timeout; held to the pace, each loses its grant after 1/16 of it.
     const BUDGET: usize = 1 << 20;
     let server = start_server({
         let mut c = test_config();
