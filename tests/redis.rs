@@ -146,6 +146,70 @@ async fn two_replicas_behave_as_one() {
     await_value(&a.scaler_client().await, "shop", 0.0).await;
 }
 
+/// A replica's name, as its `/v1/status` gives it.
+async fn replica_of(server: &TestServer) -> String {
+    let (status, body) = http_get(&server.http_url("/v1/status")).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["replica"].as_str().expect("a replica name").to_string()
+}
+
+/// Pod name → its stream's replica, from `server`'s `/v1/pods`.
+async fn pod_replicas(server: &TestServer, ns: &str) -> Vec<(String, serde_json::Value)> {
+    let (status, body) = http_get(&server.http_url(&format!("/v1/pods?namespace={ns}"))).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["replica"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pods_name_the_replica_holding_the_stream() {
+    let redis = RedisServer::start();
+    let a = start_server(redis.config(test_config())).await;
+    let b = start_server(redis.config(test_config())).await;
+    await_ready(&a, 200).await;
+    await_ready(&b, 200).await;
+    let (ra, rb) = (replica_of(&a).await, replica_of(&b).await);
+    assert_ne!(ra, rb, "two runs in one process are told apart");
+
+    let mut on_a = Sidecar::connect(a.sink, web_node("shop", "web-1")).await;
+    let mut on_b = Sidecar::connect(b.sink, web_node("shop", "web-2")).await;
+    on_a.push_gauges(&[(&inbound(8080), 1.0)]).await;
+    on_b.push_gauges(&[(&inbound(8080), 2.0)]).await;
+    let want = vec![
+        ("web-1".to_string(), serde_json::Value::from(ra.clone())),
+        ("web-2".to_string(), serde_json::Value::from(rb.clone())),
+    ];
+    // Pushes are not acknowledged: await the sum, then read the listing.
+    await_value(&a.scaler_client().await, "shop", 3.0).await;
+    for server in [&a, &b] {
+        assert_eq!(pod_replicas(server, "shop").await, want);
+    }
+
+    // web-1's sidecar reconnects to B: the next write moves it.
+    drop(on_a);
+    let mut moved = Sidecar::connect(b.sink, web_node("shop", "web-1")).await;
+    moved.push_gauges(&[(&inbound(8080), 4.0)]).await;
+    await_value(&b.scaler_client().await, "shop", 6.0).await;
+    let want = vec![
+        ("web-1".to_string(), serde_json::Value::from(rb.clone())),
+        ("web-2".to_string(), serde_json::Value::from(rb.clone())),
+    ];
+    for server in [&a, &b] {
+        assert_eq!(pod_replicas(server, "shop").await, want);
+    }
+}
+
 #[tokio::test]
 async fn streams_of_one_trigger_share_one_read_per_change() {
     let redis = RedisServer::start();
@@ -596,19 +660,29 @@ async fn measure_memory_per_1000_pods() {
                 .into(),
             ),
         };
-        // A few value changes each, as a busy pod has within max_window.
+        // A few value changes each, as a busy pod has within max_window,
+        // from one of three replicas named as a Deployment's pods are.
         for v in [1.0, 3.0, 2.0, 5.0] {
             store
-                .record(
-                    &p,
-                    &[("http.inbound_0.0.0.0_8080;.downstream_rq_active".into(), v)],
-                )
+                .ingest(&Ingest {
+                    pod: &p,
+                    families: &[("http.inbound_0.0.0.0_8080;.downstream_rq_active".into(), v)],
+                    peer: None,
+                    max_families: 64,
+                    replica: [
+                        "activescale-6f8d9c7b5-2xkqz",
+                        "activescale-6f8d9c7b5-9wq4t",
+                        "activescale-6f8d9c7b5-m7rjp",
+                    ][i % 3],
+                })
                 .await
                 .unwrap();
         }
     }
     let total = used(&mut raw).await - base;
-    for k in ["seen", "id", "st", "h", "g", "gl", "gs", "gc"] {
+    for k in [
+        "seen", "id", "st", "h", "g", "gl", "gs", "gc", "addr", "rep",
+    ] {
         let key = format!("{{activescale:shop}}:{k}");
         let bytes: i64 = redis::cmd("MEMORY")
             .arg("USAGE")
@@ -1154,6 +1228,7 @@ async fn the_address_binding_costs_no_write_per_message() {
         families: &families,
         peer: Some(peer.into()),
         max_families: 64,
+        replica: "activescale-0",
     };
     let stored = Ingested::Stored { refused: 0 };
     assert_eq!(store.ingest(&from([10, 0, 0, 1])).await.unwrap(), stored);

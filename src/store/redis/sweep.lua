@@ -1,6 +1,6 @@
 -- Removes expired pods of one namespace and tells every replica when it did.
 -- Runs after groups.lua.
--- KEYS: 1 seen, 2 id, 3 st, 4 h, 5-8 groups.lua's, 9 addr   ARGV: 1 pod_ttl ms, 2 channel, 3 namespace
+-- KEYS: 1 seen, 2 id, 3 st, 4 h, 5-8 groups.lua's, 9 addr, 10 rep   ARGV: 1 pod_ttl ms, 2 channel, 3 namespace
 -- Returns {removed, ms until the next pod expires or -1}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -9,7 +9,7 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now - ttl), 'LIMIT
 if #dead > 0 then
   for _, d in ipairs(dead) do uncount(d) end
   redis.call('ZREM', KEYS[1], unpack(dead))
-  for _, k in ipairs({2, 3, 4, 9}) do redis.call('HDEL', KEYS[k], unpack(dead)) end
+  for _, k in ipairs({2, 3, 4, 9, 10}) do redis.call('HDEL', KEYS[k], unpack(dead)) end
   redis.call('PUBLISH', ARGV[2], ARGV[3])
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
