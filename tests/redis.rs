@@ -1277,3 +1277,44 @@ async fn the_address_binding_costs_no_write_per_message() {
         );
     }
 }
+
+/// What a replica of the previous version leaves during a rolling upgrade:
+/// it removes expired pods without their `rep` field. The sweeper of this
+/// version deletes such fields; a live pod's field stays.
+#[tokio::test]
+async fn replica_fields_of_pods_removed_by_an_older_writer_are_swept() {
+    let redis = RedisServer::start();
+    let store = redis_server::connect(&redis.config(test_config()))
+        .await
+        .unwrap();
+    ready_soon(&store).await;
+    let mut raw = redis.client().await;
+    // The sweeper runs for watched namespaces only.
+    let _watching = store.watch("shop");
+    store
+        .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 1.0)])
+        .await
+        .unwrap();
+    let rep = "{activescale:shop}:rep";
+    hset(&mut raw, rep, "web-0", "activescale-old").await;
+    let fields = |raw: &mut redis::aio::MultiplexedConnection| {
+        let mut raw = raw.clone();
+        async move {
+            let mut f: Vec<String> = redis::cmd("HKEYS")
+                .arg(rep)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            f.sort();
+            f
+        }
+    };
+    eventually(Duration::from_secs(10), "the orphan field swept", || {
+        let raw = raw.clone();
+        async move { fields(&mut raw.clone()).await == ["web-1"] }
+    })
+    .await;
+    let pods = store.pods("shop", None).await.unwrap();
+    assert_eq!(pods.len(), 1);
+    assert!(pods[0].replica.is_some(), "the live pod keeps its replica");
+}
