@@ -567,6 +567,7 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
             "{one:other}:gs",
             "{one:other}:h",
             "{one:other}:id",
+            "{one:other}:rep",
             "{one:other}:seen",
             "{one:other}:st",
             "{one:shop}:g",
@@ -575,6 +576,7 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
             "{one:shop}:gs",
             "{one:shop}:h",
             "{one:shop}:id",
+            "{one:shop}:rep",
             "{one:shop}:seen",
             "{one:shop}:st",
             "{two:shop}:g",
@@ -583,6 +585,7 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
             "{two:shop}:gs",
             "{two:shop}:h",
             "{two:shop}:id",
+            "{two:shop}:rep",
             "{two:shop}:seen",
             "{two:shop}:st",
         ]
