@@ -43,10 +43,10 @@ pub struct AppState {
     /// What KEDA asked and was answered; `None` turns the view off (`/`,
     /// `/v1/triggers` and `/v1/status` are then 404).
     pub view: Option<Recorder>,
-    /// Which store backs this replica, for `/v1/status` and `/v1/pods`.
+    /// Which store backs this replica, for `/v1/status`.
     pub store_kind: StoreKind,
-    /// This replica's name (`HOSTNAME`), shown as the stream's replica of
-    /// pods with the memory store, where every stream is on this replica.
+    /// This replica's name (`HOSTNAME`, `#n` for a second `run` in one
+    /// process), for `/v1/status`.
     pub replica: String,
     /// The activator's routes when it is on; `/v1/status` shows them.
     pub activator: Option<RouteSet>,
@@ -309,16 +309,9 @@ struct PodsAnswer {
     count: usize,
     /// Sum of the pods' values: what `aggregation: sum` would answer.
     sum: f64,
-    pods: Vec<PodEntry>,
-}
-
-#[derive(Serialize)]
-struct PodEntry {
-    #[serde(flatten)]
-    pod: PodView,
-    /// The replica holding the pod's sidecar stream: this one with the
-    /// memory store; `null` (not recorded) with Redis.
-    replica: Option<String>,
+    /// Each with `replica`: the replica holding its sidecar stream, as the
+    /// store recorded it.
+    pods: Vec<PodView>,
 }
 
 async fn pods(State(s): State<AppState>, Query(q): Query<PodsQuery>) -> Response {
@@ -339,13 +332,7 @@ async fn pods(State(s): State<AppState>, Query(q): Query<PodsQuery>) -> Response
             namespace,
             count: pods.len(),
             sum: pods.iter().map(|p| p.value).sum(),
-            pods: pods
-                .into_iter()
-                .map(|pod| PodEntry {
-                    pod,
-                    replica: (s.store_kind == StoreKind::Memory).then(|| s.replica.clone()),
-                })
-                .collect(),
+            pods,
         })
         .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),

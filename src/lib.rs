@@ -221,15 +221,19 @@ pub fn preflight(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// This process's name as an activator replica in the store:
-/// [`view::replica_name`] (the pod name), and for a second `run` in one
-/// process (tests) a `#n` after it, so the two do not overwrite each other's
-/// counts. A restarted container keeps its pod's name and so its entry.
-fn activator_replica() -> String {
+/// This `run`'s name as a replica in the store (the activator's route
+/// counts, the stream's replica of each pod) and in `/v1/status`:
+/// [`store::replica_name`] (the pod name), and for a second `run` in one
+/// process (tests simulating two replicas) a `#n` after it, so the two do
+/// not overwrite each other's counts and can be told apart. A restarted
+/// container keeps its pod's name and so its entries.
+fn nth_replica() -> Arc<str> {
     static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = store::replica_name();
     match RUNS.fetch_add(1, Ordering::Relaxed) {
-        0 => view::replica_name(),
-        n => format!("{}#{}", view::replica_name(), n + 1),
+        0 => name.into(),
+        // The suffix may pass the bound by a few bytes: tests only.
+        n => format!("{name}#{}", n + 1).into(),
     }
 }
 
@@ -279,6 +283,7 @@ pub async fn run(
     let metrics = Arc::new(metrics);
     let token = CancellationToken::new();
     let store = open_store(&config).await?;
+    let replica = nth_replica();
     let tls = config.tls.as_ref().map(tls::Tls::from_config).transpose()?;
     if let (Some(tls), Some(settings)) = (&tls, &config.tls) {
         tokio::spawn(tls.clone().watch(settings.reload_interval, token.clone()));
@@ -297,6 +302,7 @@ pub async fn run(
     let sink = sink::Sink::new(
         store.clone(),
         filter,
+        replica.clone(),
         sink::SinkSettings::from_config(&config.sink),
         metrics.clone(),
         token.clone(),
@@ -325,7 +331,7 @@ pub async fn run(
             activator::publish(
                 &a.routes(),
                 store.clone(),
-                activator_replica(),
+                replica.clone(),
                 config.engine.pod_ttl,
                 token.clone(),
             );
@@ -431,7 +437,7 @@ pub async fn run(
             ready: ready.clone(),
             view,
             store_kind: config.store.kind(),
-            replica: view::replica_name(),
+            replica: replica.to_string(),
             activator: routes,
         });
         let serve = http::serve(l, app, config.http.header_timeout, token.clone());

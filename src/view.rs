@@ -584,15 +584,6 @@ fn age(now: Instant, then: Instant) -> f64 {
     (now.duration_since(then).as_secs_f64() * 10.0).round() / 10.0
 }
 
-/// This replica's name: the pod name where Kubernetes sets `HOSTNAME`,
-/// else the process id (as the Redis store names its probe key).
-pub fn replica_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty() && h.len() <= 253)
-        .unwrap_or_else(|| std::process::id().to_string())
-}
-
 /// One activator route as `/v1/status` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RouteView {

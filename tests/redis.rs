@@ -146,6 +146,70 @@ async fn two_replicas_behave_as_one() {
     await_value(&a.scaler_client().await, "shop", 0.0).await;
 }
 
+/// A replica's name, as its `/v1/status` gives it.
+async fn replica_of(server: &TestServer) -> String {
+    let (status, body) = http_get(&server.http_url("/v1/status")).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["replica"].as_str().expect("a replica name").to_string()
+}
+
+/// Pod name → its stream's replica, from `server`'s `/v1/pods`.
+async fn pod_replicas(server: &TestServer, ns: &str) -> Vec<(String, serde_json::Value)> {
+    let (status, body) = http_get(&server.http_url(&format!("/v1/pods?namespace={ns}"))).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["replica"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pods_name_the_replica_holding_the_stream() {
+    let redis = RedisServer::start();
+    let a = start_server(redis.config(test_config())).await;
+    let b = start_server(redis.config(test_config())).await;
+    await_ready(&a, 200).await;
+    await_ready(&b, 200).await;
+    let (ra, rb) = (replica_of(&a).await, replica_of(&b).await);
+    assert_ne!(ra, rb, "two runs in one process are told apart");
+
+    let mut on_a = Sidecar::connect(a.sink, web_node("shop", "web-1")).await;
+    let mut on_b = Sidecar::connect(b.sink, web_node("shop", "web-2")).await;
+    on_a.push_gauges(&[(&inbound(8080), 1.0)]).await;
+    on_b.push_gauges(&[(&inbound(8080), 2.0)]).await;
+    let want = vec![
+        ("web-1".to_string(), serde_json::Value::from(ra.clone())),
+        ("web-2".to_string(), serde_json::Value::from(rb.clone())),
+    ];
+    // Pushes are not acknowledged: await the sum, then read the listing.
+    await_value(&a.scaler_client().await, "shop", 3.0).await;
+    for server in [&a, &b] {
+        assert_eq!(pod_replicas(server, "shop").await, want);
+    }
+
+    // web-1's sidecar reconnects to B: the next write moves it.
+    drop(on_a);
+    let mut moved = Sidecar::connect(b.sink, web_node("shop", "web-1")).await;
+    moved.push_gauges(&[(&inbound(8080), 4.0)]).await;
+    await_value(&b.scaler_client().await, "shop", 6.0).await;
+    let want = vec![
+        ("web-1".to_string(), serde_json::Value::from(rb.clone())),
+        ("web-2".to_string(), serde_json::Value::from(rb.clone())),
+    ];
+    for server in [&a, &b] {
+        assert_eq!(pod_replicas(server, "shop").await, want);
+    }
+}
+
 #[tokio::test]
 async fn streams_of_one_trigger_share_one_read_per_change() {
     let redis = RedisServer::start();
@@ -503,6 +567,7 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
             "{one:other}:gs",
             "{one:other}:h",
             "{one:other}:id",
+            "{one:other}:rep",
             "{one:other}:seen",
             "{one:other}:st",
             "{one:shop}:g",
@@ -511,6 +576,7 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
             "{one:shop}:gs",
             "{one:shop}:h",
             "{one:shop}:id",
+            "{one:shop}:rep",
             "{one:shop}:seen",
             "{one:shop}:st",
             "{two:shop}:g",
@@ -519,6 +585,7 @@ async fn key_prefixes_keep_installs_apart_and_reads_touch_one_namespace() {
             "{two:shop}:gs",
             "{two:shop}:h",
             "{two:shop}:id",
+            "{two:shop}:rep",
             "{two:shop}:seen",
             "{two:shop}:st",
         ]
@@ -596,21 +663,32 @@ async fn measure_memory_per_1000_pods() {
                 .into(),
             ),
         };
-        // A few value changes each, as a busy pod has within max_window.
+        // A few value changes each, as a busy pod has within max_window,
+        // from one of three replicas named as a Deployment's pods are.
         for v in [1.0, 3.0, 2.0, 5.0] {
             store
-                .record(
-                    &p,
-                    &[("http.inbound_0.0.0.0_8080;.downstream_rq_active".into(), v)],
-                )
+                .ingest(&Ingest {
+                    pod: &p,
+                    families: &[("http.inbound_0.0.0.0_8080;.downstream_rq_active".into(), v)],
+                    peer: None,
+                    max_families: 64,
+                    replica: [
+                        "activescale-6f8d9c7b5-2xkqz",
+                        "activescale-6f8d9c7b5-9wq4t",
+                        "activescale-6f8d9c7b5-m7rjp",
+                    ][i % 3],
+                })
                 .await
                 .unwrap();
         }
     }
     let total = used(&mut raw).await - base;
-    for k in ["seen", "id", "st", "h", "g", "gl", "gs", "gc"] {
+    for k in [
+        "seen", "id", "st", "h", "g", "gl", "gs", "gc", "addr", "rep",
+    ] {
         let key = format!("{{activescale:shop}}:{k}");
-        let bytes: i64 = redis::cmd("MEMORY")
+        // Nil for a key never written (`addr`: these writes have no peer).
+        let bytes: Option<i64> = redis::cmd("MEMORY")
             .arg("USAGE")
             .arg(&key)
             .arg("SAMPLES")
@@ -618,13 +696,32 @@ async fn measure_memory_per_1000_pods() {
             .query_async(&mut raw)
             .await
             .unwrap();
-        println!("{key}: {bytes} bytes for the first 1000 pods");
+        println!("{key}: {bytes:?} bytes for the first 1000 pods");
     }
     println!(
         "used_memory grew by {total} bytes for {pods} pods: {} bytes per pod",
         total / pods as i64
     );
-    assert!(total > 0);
+    // What the stream's replica costs: the same data without its hashes.
+    let namespaces = pods.div_ceil(1000);
+    for n in 0..namespaces {
+        let ns = if n == 0 {
+            "shop".to_string()
+        } else {
+            format!("shop-{n}")
+        };
+        let _: i64 = redis::cmd("DEL")
+            .arg(format!("{{activescale:{ns}}}:rep"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    let without = used(&mut raw).await - base;
+    println!(
+        "without the replica hashes: {without} bytes, {} bytes per pod",
+        without / pods as i64
+    );
+    assert!(total > without && without > 0);
 }
 
 /// The real `activescale` binary, killed on drop.
@@ -1154,6 +1251,7 @@ async fn the_address_binding_costs_no_write_per_message() {
         families: &families,
         peer: Some(peer.into()),
         max_families: 64,
+        replica: "activescale-0",
     };
     let stored = Ingested::Stored { refused: 0 };
     assert_eq!(store.ingest(&from([10, 0, 0, 1])).await.unwrap(), stored);
@@ -1181,4 +1279,45 @@ async fn the_address_binding_costs_no_write_per_message() {
             "{c}"
         );
     }
+}
+
+/// What a replica of the previous version leaves during a rolling upgrade:
+/// it removes expired pods without their `rep` field. The sweeper of this
+/// version deletes such fields; a live pod's field stays.
+#[tokio::test]
+async fn replica_fields_of_pods_removed_by_an_older_writer_are_swept() {
+    let redis = RedisServer::start();
+    let store = redis_server::connect(&redis.config(test_config()))
+        .await
+        .unwrap();
+    ready_soon(&store).await;
+    let mut raw = redis.client().await;
+    // The sweeper runs for watched namespaces only.
+    let _watching = store.watch("shop");
+    store
+        .record(&app_pod("shop", "web-1", "web"), &[("f".into(), 1.0)])
+        .await
+        .unwrap();
+    let rep = "{activescale:shop}:rep";
+    hset(&mut raw, rep, "web-0", "activescale-old").await;
+    let fields = |raw: &mut redis::aio::MultiplexedConnection| {
+        let mut raw = raw.clone();
+        async move {
+            let mut f: Vec<String> = redis::cmd("HKEYS")
+                .arg(rep)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            f.sort();
+            f
+        }
+    };
+    eventually(Duration::from_secs(10), "the orphan field swept", || {
+        let raw = raw.clone();
+        async move { fields(&mut raw.clone()).await == ["web-1"] }
+    })
+    .await;
+    let pods = store.pods("shop", None).await.unwrap();
+    assert_eq!(pods.len(), 1);
+    assert!(pods[0].replica.is_some(), "the live pod keeps its replica");
 }

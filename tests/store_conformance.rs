@@ -127,6 +127,7 @@ conformance!(
     route_loads_sum_over_replicas_apart_from_pods,
     route_writes_wake_watchers_and_replicas_expire,
     route_window_keeps_each_replicas_peak,
+    the_latest_writers_replica_is_kept,
 );
 
 async fn record_then_values_and_pods(kind: Kind) {
@@ -617,6 +618,7 @@ async fn ingest(
             families: &fams(families),
             peer: peer.map(|p| p.parse::<IpAddr>().unwrap()),
             max_families: cap,
+            replica: "activescale-0",
         })
         .await
         .unwrap()
@@ -815,4 +817,83 @@ async fn route_window_keeps_each_replicas_peak(kind: Kind) {
         .await
         .unwrap();
     assert!(avg > 2.0 && avg < 7.0, "avg {avg}");
+}
+
+/// One message written by `replica`.
+async fn ingest_by(store: &SharedStore, pod: &PodIdentity, value: f64, replica: &str) {
+    let stored = store
+        .ingest(&Ingest {
+            pod,
+            families: &fams(&[("f", value)]),
+            peer: None,
+            max_families: 64,
+            replica,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored, STORED);
+}
+
+/// The replica of each pod, by pod name, as `pods` shows it.
+async fn replicas(store: &SharedStore, ns: &str) -> Vec<(String, Option<String>)> {
+    store
+        .pods(ns, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.identity.name, p.replica.map(|r| r.to_string())))
+        .collect()
+}
+
+async fn the_latest_writers_replica_is_kept(kind: Kind) {
+    let u = store(kind, Duration::from_secs(1)).await;
+    let s = &u.store;
+    let (p1, p2) = (
+        app_pod("shop", "web-1", "web"),
+        app_pod("shop", "web-2", "web"),
+    );
+    let named = |v: &[(&str, &str)]| -> Vec<(String, Option<String>)> {
+        v.iter()
+            .map(|(p, r)| (p.to_string(), Some(r.to_string())))
+            .collect()
+    };
+    ingest_by(s, &p1, 1.0, "activescale-a").await;
+    ingest_by(s, &p2, 2.0, "activescale-b").await;
+    assert_eq!(
+        replicas(s, "shop").await,
+        named(&[("web-1", "activescale-a"), ("web-2", "activescale-b")])
+    );
+    // The stream moved (a reconnect to another replica): the latest writer
+    // is named, whether the value changed or not.
+    ingest_by(s, &p1, 1.0, "activescale-b").await;
+    ingest_by(s, &p2, 3.0, "activescale-b").await;
+    assert_eq!(
+        replicas(s, "shop").await,
+        named(&[("web-1", "activescale-b"), ("web-2", "activescale-b")])
+    );
+    // A replica's name may be any UTF-8 up to the bound.
+    let long = "é".repeat(126);
+    ingest_by(s, &p2, 3.0, &long).await;
+    assert_eq!(
+        replicas(s, "shop").await,
+        named(&[("web-1", "activescale-b"), ("web-2", &long)])
+    );
+    // A pod back after expiry is named by its new writer, and the scaling
+    // answer path agrees on the pods (its replica is optional).
+    let mut rx = s.watch("shop");
+    until_expired(s, &mut rx).await;
+    assert!(replicas(s, "shop").await.is_empty());
+    ingest_by(s, &p1, 1.0, "activescale-c").await;
+    assert_eq!(
+        replicas(s, "shop").await,
+        named(&[("web-1", "activescale-c")])
+    );
+    let answer = s.answer_pods("shop", None, None).await.unwrap();
+    assert_eq!(answer.len(), 1);
+    assert!(
+        answer[0]
+            .replica
+            .as_deref()
+            .is_none_or(|r| r == "activescale-c")
+    );
 }

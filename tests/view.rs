@@ -277,6 +277,20 @@ async fn the_page_renders_triggers_and_pods_in_chromium() {
     assert!(hpa.contains("<td class=\"num value\">25</td>"), "{hpa}");
     assert!(hpa.contains("<td class=\"num pods\">2</td>"), "{hpa}");
     assert!(dom.contains("id=\"pod-shop_web-1\""), "no pod row:\n{dom}");
+    // Each pod row names the replica holding its stream: this one.
+    let replica = json(&server, "/v1/status").await["replica"]
+        .as_str()
+        .expect("/v1/status names its replica")
+        .to_string();
+    let pod_start = dom.find("id=\"pod-shop_web-1\"").unwrap();
+    let pod = &dom[pod_start
+        ..dom[pod_start..]
+            .find("</tr>")
+            .map_or(dom.len(), |e| pod_start + e)];
+    assert!(
+        pod.contains(&format!("<td class=\"replica\">{replica}</td>")),
+        "{pod}"
+    );
     assert!(dom.contains("<td class=\"pod-name\">web-2</td>"), "{dom}");
     assert!(dom.contains("<td class=\"num value\">13</td>"), "{dom}");
     assert!(

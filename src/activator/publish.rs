@@ -57,11 +57,10 @@ fn next_write(last: Option<Written>, load: u64, now: Instant, refresh: Duration)
 pub fn publish(
     routes: &RouteSet,
     store: SharedStore,
-    replica: String,
+    replica: Arc<str>,
     pod_ttl: Duration,
     stop: CancellationToken,
 ) {
-    let replica: Arc<str> = replica.into();
     let refresh = (pod_ttl / 3).max(MIN_GAP);
     for route in routes.iter() {
         let span = info_span!("activator_publish", route = %route.store_key(), %replica);

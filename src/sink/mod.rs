@@ -83,6 +83,8 @@ impl SinkSettings {
 pub struct Sink {
     store: SharedStore,
     filter: Arc<NameFilter>,
+    /// This replica's name, written with every pod (the stream's replica).
+    replica: Arc<str>,
     settings: SinkSettings,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -111,6 +113,7 @@ impl Sink {
     pub fn new(
         store: SharedStore,
         filter: NameFilter,
+        replica: Arc<str>,
         settings: SinkSettings,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
@@ -118,6 +121,7 @@ impl Sink {
         Self {
             store,
             filter: Arc::new(filter),
+            replica,
             settings,
             metrics,
             shutdown,
@@ -191,6 +195,7 @@ impl Sink {
             families: &samples,
             peer: stream.peer,
             max_families: self.settings.max_families_per_pod,
+            replica: &self.replica,
         };
         let (kept, rejected) = match self.store.ingest(&ingest).await {
             Ok(Ingested::Stored { refused }) => {

@@ -37,7 +37,8 @@ struct Inner {
     namespaces: RwLock<Namespaces>,
     // Label sets shared by all pods of a workload are stored once.
     labels: std::sync::Mutex<HashSet<Arc<Labels>>>,
-    // So are stat names: every pod reports the same few.
+    // So are stat names: every pod reports the same few; and replica
+    // names, which every pod of a replica's streams shares.
     names: std::sync::Mutex<HashSet<Arc<str>>>,
     /// Activator route loads, apart from the pods: no pod query sees them.
     // std Mutex: a map operation per publisher write or trigger read.
@@ -73,6 +74,8 @@ struct Pod {
     /// The address the pod was first seen from (`None`: written without
     /// one); writes from others are refused while the pod is live.
     address: Option<IpAddr>,
+    /// The replica that wrote the pod last (interned: one per replica).
+    replica: Arc<str>,
     value: f64,
     last_seen_ms: u64,
     history: Vec<window::Point>,
@@ -302,6 +305,10 @@ impl Store for MemoryStore {
                     entry.value = pod_value(entry.families.iter().map(|(_, v)| v));
                     entry.last_seen_ms = now;
                     entry.address = entry.address.or(ingest.peer);
+                    // A string compare per message; the table only on a change.
+                    if *entry.replica != *ingest.replica {
+                        entry.replica = inner.intern_name(ingest.replica);
+                    }
                     window::push(&mut entry.history, now, entry.value, inner.max_window);
                     (entry.value != before, refused)
                 }
@@ -326,6 +333,7 @@ impl Store for MemoryStore {
                             identity,
                             families: kept,
                             address,
+                            replica: inner.intern_name(ingest.replica),
                             value,
                             last_seen_ms: now,
                             history,
@@ -454,6 +462,7 @@ impl Store for MemoryStore {
                     .map(|(n, v)| (n.to_string(), *v))
                     .collect(),
                 age: Duration::from_millis(now.saturating_sub(p.last_seen_ms)),
+                replica: Some(Arc::clone(&p.replica)),
             })
             .collect();
         views.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
@@ -605,13 +614,15 @@ mod tests {
             .record(&app_pod("ns", "p2", "web"), &[("f".into(), 2.0)])
             .await
             .unwrap();
-        assert_eq!(store.inner.names.lock().unwrap().len(), 1);
+        // The family name and the replica's.
+        assert_eq!(store.inner.names.lock().unwrap().len(), 2);
         let namespaces = store.inner.namespaces.read().unwrap();
         let pods = &namespaces["ns"];
         assert!(Arc::ptr_eq(
             &pods["p1"].identity.labels,
             &pods["p2"].identity.labels
         ));
+        assert!(Arc::ptr_eq(&pods["p1"].replica, &pods["p2"].replica));
     }
 
     fn intern(name: &str) -> Arc<str> {
@@ -703,6 +714,7 @@ mod tests {
                         families: &families,
                         peer,
                         max_families: 64,
+                        replica: "r",
                     })
                     .await
                     .unwrap()
@@ -723,6 +735,7 @@ mod tests {
             families: &families,
             peer: Some(b),
             max_families: 64,
+            replica: "r",
         };
         assert_eq!(
             store.ingest(&ingest).await.unwrap(),

@@ -76,6 +76,11 @@ pub struct PodView {
     /// Time since the pod's sidecar last reported.
     #[serde(serialize_with = "serialize_secs")]
     pub age: Duration,
+    /// The activescale replica holding the pod's sidecar stream: the one
+    /// whose sink wrote it last. `None` where the read did not ask for it
+    /// (the Redis store's scaling answers) or nothing recorded it (a pod
+    /// written by a version before it).
+    pub replica: Option<Arc<str>>,
 }
 
 fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -145,6 +150,9 @@ pub struct Ingest<'a> {
     /// Distinct families the pod may hold. New families past it are refused;
     /// those it holds keep updating.
     pub max_families: usize,
+    /// The activescale replica whose sink holds the pod's stream (see
+    /// [`replica_name`]): kept per pod, the latest writer's, for `/v1/pods`.
+    pub replica: &'a str,
 }
 
 /// What became of an [`Ingest`].
@@ -196,6 +204,7 @@ pub trait Store: Send + Sync + 'static {
             families,
             peer: None,
             max_families: DEFAULT_MAX_FAMILIES,
+            replica: local_replica(),
         })
         .await
         .map(drop)
@@ -324,6 +333,40 @@ impl Notifier {
     }
 }
 
+/// Longest replica name kept: a DNS subdomain's, which a pod name is.
+pub const MAX_REPLICA_NAME: usize = 253;
+
+/// This replica's name: the pod name where Kubernetes sets `HOSTNAME`, else
+/// the process id. Bounded (see [`bounded_replica`]): it is stored per pod
+/// and shown on every `/v1/pods` row.
+pub fn replica_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .map(|h| bounded_replica(&h).to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| std::process::id().to_string())
+}
+
+/// `name` cut to at most [`MAX_REPLICA_NAME`] bytes, at a char boundary.
+/// Kubernetes never sets a longer `HOSTNAME`; an environment that does
+/// must not make every pod's entry large.
+pub fn bounded_replica(name: &str) -> &str {
+    if name.len() <= MAX_REPLICA_NAME {
+        return name;
+    }
+    let mut end = MAX_REPLICA_NAME;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// [`replica_name`], read once: the replica [`Store::record`] writes as.
+fn local_replica() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(replica_name)
+}
+
 /// Sum of a pod's families: its requests in flight over every inbound port.
 /// Exact: the values are whole numbers far below 2^53. From `0.0`: `sum()`
 /// of no floats is `-0.0`.
@@ -368,6 +411,26 @@ mod tests {
         );
         assert!(sorted_families(&[]).is_empty());
         assert_eq!(pod_value(&[]).to_bits(), 0.0f64.to_bits(), "0, not -0");
+    }
+
+    #[test]
+    fn replica_names_are_cut_at_a_char_boundary() {
+        assert_eq!(
+            bounded_replica("activescale-7d9f-x2x"),
+            "activescale-7d9f-x2x"
+        );
+        assert_eq!(bounded_replica(""), "");
+        let exact = "a".repeat(MAX_REPLICA_NAME);
+        assert_eq!(bounded_replica(&exact), exact);
+        let long = "b".repeat(MAX_REPLICA_NAME + 40);
+        assert_eq!(bounded_replica(&long).len(), MAX_REPLICA_NAME);
+        // 'é' is two bytes: byte 253 falls inside the 127th.
+        let wide = "é".repeat(200);
+        let cut = bounded_replica(&wide);
+        assert_eq!(cut.len(), MAX_REPLICA_NAME - 1);
+        assert!(wide.starts_with(cut));
+        let emoji = "🦀".repeat(100);
+        assert_eq!(bounded_replica(&emoji).len(), 252, "63 crabs of 4 bytes");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! # Data model
 //!
-//! Per namespace nine keys that share the hash tag `{<prefix>:<namespace>}`,
+//! Per namespace ten keys that share the hash tag `{<prefix>:<namespace>}`,
 //! so one script can touch all of them on a Redis Cluster too:
 //!
 //! | key | type | content |
@@ -20,8 +20,9 @@
 //! | `{p:ns}:gs` | HASH | group id → sum of the values of its pods |
 //! | `{p:ns}:gc` | HASH | group id → number of its pods |
 //! | `{p:ns}:addr` | HASH | pod → the address its stream was first seen from: writes from another address are refused while the pod is live |
+//! | `{p:ns}:rep` | HASH | pod → the activescale replica holding its sidecar stream (the latest writer), for `/v1/pods` only |
 //!
-//! Activator route loads live in a tenth key of the namespace, which no pod
+//! Activator route loads live in an eleventh key of the namespace, which no pod
 //! script reads: `{p:ns}:rt`, a HASH of `<route>\n<replica>` → `"<last seen
 //! ms> <ms> <value> ..."` (the replica's change points, the last one its load
 //! now). `route.lua` writes one entry, drops entries past `pod_ttl` and
@@ -41,7 +42,8 @@
 //! - **One round trip per Envoy message**: `ingest` is one `EVALSHA` of
 //!   `record.lua`. It updates the last-seen score always, and the state and
 //!   history only when a family's value changed; an unchanged pod costs one
-//!   `ZADD`, one `HGET` of its address and the key `PEXPIRE`s. The merge is
+//!   `ZADD`, one `HGET` of its address, one of its replica (written only
+//!   when the stream moved to another replica) and the key `PEXPIRE`s. The merge is
 //!   linear (a Lua table indexes the pod's families) and keeps at most
 //!   `max_families_per_pod` of them; the address binding is compared inside
 //!   the same script, so replicas agree on it.
@@ -55,7 +57,9 @@
 //! - **Reads** (`values`, `pods`) are one `EVALSHA` of `read.lua` over the
 //!   asked namespace's keys: no `KEYS`/`SCAN` anywhere. Selectors are matched
 //!   here, windows reduced here with [`window::reduce`]; `record.lua` keeps
-//!   the history with the same rule as [`window::push`].
+//!   the history with the same rule as [`window::push`]. Only `pods` (the
+//!   debugging list) asks `read.lua` for the replicas too: scaling reads
+//!   (`values`, `answer_pods`) get the same reply as before them.
 //! - **Summaries** (`summary`, what GetMetrics reads) of sum and avg triggers
 //!   without a window are one `EVALSHA` of `summary.lua`: the count and sum of
 //!   each group, minus the pods past their TTL that nothing removed yet
@@ -74,7 +78,10 @@
 //!   classic `PUBLISH` reaches every node, so the subscriber uses any one.
 //! - **Expiry signals**: for namespaces with local watchers only, a sweeper
 //!   runs `sweep.lua`, which removes expired pods, publishes when it removed
-//!   one, and says when the next pod will expire.
+//!   one, and says when the next pod will expire. It also deletes `rep`
+//!   fields of pods no longer in `seen`, which only a writer of the version
+//!   before them leaves (its expiry does not know the hash): checked with
+//!   `HLEN` against `ZCARD`, so it costs two O(1) reads otherwise.
 //!
 //! # Failure
 //!
@@ -205,7 +212,10 @@ impl RedisStore {
         let young_server = engine.warmup.unwrap_or(YOUNG_SERVER);
         // Inside the documented ACL key pattern `~{<prefix>:*`; the suffix has
         // a ':', which no namespace's keys (`{<prefix>:<ns>}:seen`...) have.
-        let probe_key = format!("{{{prefix}:probe}}:replica:{}", replica_name());
+        // Named by the process, not by `run` (see `nth_replica` in lib.rs):
+        // replicas sharing a name share a key, which costs nothing but the
+        // key's distinctness.
+        let probe_key = format!("{{{prefix}:probe}}:replica:{}", super::replica_name());
         let inner = Arc::new(Inner {
             pool,
             notifier: Notifier::default(),
@@ -260,16 +270,6 @@ const YOUNG_SERVER: Duration = Duration::from_secs(10);
 /// How long the probe key outlives its last write: a few readiness probes,
 /// so that it disappears soon after its replica.
 const PROBE_TTL_MS: u64 = 60_000;
-
-/// This replica's name for its probe key: the pod name where Kubernetes sets
-/// `HOSTNAME`, else the process id. Replicas sharing a name share a key,
-/// which costs nothing but the key's distinctness.
-fn replica_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty() && h.len() <= 253)
-        .unwrap_or_else(|| std::process::id().to_string())
-}
 
 /// Whether a Redis error says the server refuses writes while it may still
 /// answer reads. Errors a script raises on bad input (`ERR`) are not in
@@ -394,9 +394,11 @@ fn recovered(refused_at: u64, ok_at: u64, now: u64, hold_ms: u64) -> bool {
 }
 
 /// The keys of a namespace, in the order the scripts take them.
-fn keys(prefix: &str, namespace: &str) -> [String; 9] {
-    ["seen", "id", "st", "h", "g", "gl", "gs", "gc", "addr"]
-        .map(|k| format!("{{{prefix}:{namespace}}}:{k}"))
+fn keys(prefix: &str, namespace: &str) -> [String; 10] {
+    [
+        "seen", "id", "st", "h", "g", "gl", "gs", "gc", "addr", "rep",
+    ]
+    .map(|k| format!("{{{prefix}:{namespace}}}:{k}"))
 }
 
 /// The key of a namespace's activator route loads (see the data model).
@@ -497,9 +499,15 @@ impl Inner {
     }
 
     /// The live pods of `namespace`, with their history when `history`.
-    async fn read(&self, namespace: &str, history: bool) -> Result<Snapshot, StoreError> {
-        let raw = self.read_raw(namespace, history).await?;
-        Snapshot::parse(namespace, raw)
+    /// With `replicas`, each pod's stream's replica too.
+    async fn read(
+        &self,
+        namespace: &str,
+        history: bool,
+        replicas: bool,
+    ) -> Result<Snapshot, StoreError> {
+        let raw = self.read_raw(namespace, history, replicas).await?;
+        Snapshot::parse(namespace, raw, replicas)
     }
 
     /// `read.lua`'s flat answer, unparsed.
@@ -507,17 +515,20 @@ impl Inner {
         &self,
         namespace: &str,
         history: bool,
+        replicas: bool,
     ) -> Result<Vec<Option<String>>, StoreError> {
+        let flag = |on: bool| if on { "1" } else { "0" };
         let mut call = self.read.prepare_invoke();
         for k in keys(&self.prefix, namespace) {
             call.key(k);
         }
-        call.arg(self.ttl_ms).arg(if history { "1" } else { "0" });
+        call.arg(self.ttl_ms).arg(flag(history)).arg(flag(replicas));
         self.eval(&call).await
     }
 
     /// The pods of `namespace` matching `selector`; with `answer`, refused
-    /// while the node is too young to be trusted.
+    /// while the node is too young to be trusted, and read without replicas
+    /// (a scaling answer does not show them).
     async fn pods(
         &self,
         namespace: &str,
@@ -526,7 +537,7 @@ impl Inner {
         window: Option<window::Window>,
     ) -> Result<Vec<PodView>, StoreError> {
         self.writes.check()?;
-        let snap = self.read(namespace, window.is_some()).await?;
+        let snap = self.read(namespace, window.is_some(), !answer).await?;
         if answer {
             self.check_uptime(snap.uptime)?;
         }
@@ -548,7 +559,7 @@ impl Inner {
     /// The per-pod path of `values` (and of `summary` where groups cannot answer).
     async fn values(&self, query: &PodQuery) -> Result<Vec<f64>, StoreError> {
         let raw = self
-            .read_raw(&query.namespace, query.window.is_some())
+            .read_raw(&query.namespace, query.window.is_some(), false)
             .await?;
         let (uptime, values) = values_of(&query.namespace, raw, query)?;
         self.check_uptime(uptime)?;
@@ -701,6 +712,8 @@ struct StoredPod {
     families: Vec<(String, f64)>,
     /// Change points, when the read asked for them.
     history: Option<Vec<window::Point>>,
+    /// The stream's replica, when the read asked and one is recorded.
+    replica: Option<Arc<str>>,
 }
 
 /// The answer of `read.lua`.
@@ -734,6 +747,7 @@ fn views_of(
             identity: p.identity,
             value,
             families: p.families.into_iter().collect(),
+            replica: p.replica,
         });
     }
     views.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
@@ -833,7 +847,12 @@ fn parse_history(
 }
 
 impl Snapshot {
-    fn parse(namespace: &str, raw: Vec<Option<String>>) -> Result<Self, StoreError> {
+    /// `replicas`: whether the read asked for them (a sixth field per pod).
+    fn parse(
+        namespace: &str,
+        raw: Vec<Option<String>>,
+        replicas: bool,
+    ) -> Result<Self, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt(format!("namespace {namespace}: {what}"));
         let mut it = raw.into_iter();
         let now_ms = number(
@@ -849,12 +868,27 @@ impl Snapshot {
         // (a map: with per-pod labels a linear search would be quadratic).
         let mut labels: std::collections::HashMap<String, (Arc<Labels>, Option<String>)> =
             std::collections::HashMap::new();
+        // Likewise the few replica names every pod shares.
+        let mut names: HashSet<Arc<str>> = HashSet::new();
         while let Some(name) = it.next() {
             let name = name.ok_or_else(|| corrupt("pod without a name"))?;
             let (Some(seen), Some(id), Some(st), Some(history)) =
                 (it.next(), it.next(), it.next(), it.next())
             else {
                 return Err(corrupt("short reply"));
+            };
+            let replica = match replicas.then(|| it.next()) {
+                None => None,
+                Some(None) => return Err(corrupt("short reply")),
+                Some(Some(None)) => None,
+                Some(Some(Some(r))) => Some(match names.get(r.as_str()) {
+                    Some(shared) => Arc::clone(shared),
+                    None => {
+                        let shared: Arc<str> = r.into();
+                        names.insert(Arc::clone(&shared));
+                        shared
+                    }
+                }),
             };
             // A pod removed between the ZSET read and the hash reads cannot
             // happen inside one script; missing fields mean foreign writes.
@@ -900,6 +934,7 @@ impl Snapshot {
                 value,
                 families,
                 history,
+                replica,
             });
         }
         Ok(Self {
@@ -927,7 +962,8 @@ impl Store for RedisStore {
             .arg(&inner.channel)
             .arg(&pod.namespace)
             .arg(ingest.peer.map(|a| a.to_string()).unwrap_or_default())
-            .arg(ingest.max_families);
+            .arg(ingest.max_families)
+            .arg(ingest.replica);
         for (name, value) in sorted_families(ingest.families).iter() {
             // Display of f64 is the shortest string that parses back exactly
             // (whole numbers as plain digits).
@@ -1360,6 +1396,8 @@ mod tests {
     fn namespace_keys_share_one_hash_tag() {
         let k = keys("as", "shop");
         assert_eq!(k[0], "{as:shop}:seen");
+        // Lua's KEYS[10]: record.lua, sweep.lua and read.lua name it so.
+        assert_eq!(k[9], "{as:shop}:rep");
         assert!(k.iter().all(|k| k.starts_with("{as:shop}:")));
     }
 
@@ -1393,7 +1431,7 @@ mod tests {
             s(r#"["3","a","1","b","2"]"#),
             s(r#"["900","1","950","3"]"#),
         ];
-        let snap = Snapshot::parse("ns", raw.clone()).unwrap();
+        let snap = Snapshot::parse("ns", raw.clone(), false).unwrap();
         assert_eq!(snap.now_ms, 1000);
         let p = &snap.pods[0];
         assert_eq!((p.value, p.last_seen_ms), (3.0, 990));
@@ -1407,13 +1445,55 @@ mod tests {
             length: Duration::from_millis(100),
             reduce: window::WindowReduce::Avg,
         };
-        let views = views_of(Snapshot::parse("ns", raw.clone()).unwrap(), None, Some(avg));
+        let views = views_of(
+            Snapshot::parse("ns", raw.clone(), false).unwrap(),
+            None,
+            Some(avg),
+        );
         assert_eq!(
             (views[0].identity.name.as_str(), views[0].value),
             ("p1", 2.0)
         );
-        let views = views_of(Snapshot::parse("ns", raw.clone()).unwrap(), None, None);
+        let views = views_of(
+            Snapshot::parse("ns", raw.clone(), false).unwrap(),
+            None,
+            None,
+        );
         assert_eq!(views[0].value, 3.0, "no window: the value now");
+        assert_eq!(views[0].replica, None, "not asked for");
+        // Asked for: a sixth field per pod, shared between pods, nil when
+        // nothing recorded one; missing is a short reply.
+        let mut with = raw.clone();
+        with.push(s("activescale-0"));
+        with.extend(
+            raw[2..]
+                .iter()
+                .cloned()
+                .map(|f| f.map(|f| f.replace("p1", "p2"))),
+        );
+        with.push(s("activescale-0"));
+        with.extend(
+            raw[2..]
+                .iter()
+                .cloned()
+                .map(|f| f.map(|f| f.replace("p1", "p3"))),
+        );
+        with.push(None);
+        let views = views_of(
+            Snapshot::parse("ns", with.clone(), true).unwrap(),
+            None,
+            None,
+        );
+        let reps: Vec<_> = views.iter().map(|v| v.replica.as_deref()).collect();
+        assert_eq!(reps, [Some("activescale-0"), Some("activescale-0"), None]);
+        assert!(Arc::ptr_eq(
+            views[0].replica.as_ref().unwrap(),
+            views[1].replica.as_ref().unwrap()
+        ));
+        assert!(matches!(
+            Snapshot::parse("ns", with[..with.len() - 1].to_vec(), true),
+            Err(StoreError::Corrupt(_))
+        ));
         // The values-only path: uptime, selector, and the history for a window.
         let query = |window| PodQuery {
             namespace: "ns".into(),
@@ -1444,11 +1524,11 @@ mod tests {
             None,
         ];
         assert!(matches!(
-            Snapshot::parse("ns", bad),
+            Snapshot::parse("ns", bad, false),
             Err(StoreError::Corrupt(_))
         ));
         assert!(matches!(
-            Snapshot::parse("ns", vec![s("1000"), s("p1")]),
+            Snapshot::parse("ns", vec![s("1000"), s("p1")], false),
             Err(StoreError::Corrupt(_))
         ));
     }

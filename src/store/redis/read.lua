@@ -1,7 +1,10 @@
 -- The live pods of one namespace, read-only.
--- KEYS: 1 seen, 2 id, 3 st, 4 h   ARGV: 1 pod_ttl ms, 2 '1' to include history
+-- KEYS: 1 seen, 2 id, 3 st, 4 h, 10 rep   ARGV: 1 pod_ttl ms, 2 '1' to include
+-- history, 3 '1' to include replicas
 -- Returns a flat array: now ms, the server's uptime in seconds, then per live
--- pod: name, last seen ms, identity, state, history (false when not asked).
+-- pod: name, last seen ms, identity, state, history (false when not asked),
+-- and only when replicas are asked the replica (false when none is recorded).
+-- Replicas are for the pods listing: the scaling reads do not pay for them.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function fmt(x) return string.format('%.17g', x) end
@@ -28,11 +31,13 @@ local ids = hmget(KEYS[2], names)
 local sts = hmget(KEYS[3], names)
 local hs = {}
 if ARGV[2] == '1' then hs = hmget(KEYS[4], names) end
+local reps = ARGV[3] == '1' and hmget(KEYS[10], names)
 for i = 1, #names do
   out[#out + 1] = names[i]
   out[#out + 1] = live[2 * i]
   out[#out + 1] = ids[i]
   out[#out + 1] = sts[i]
   out[#out + 1] = hs[i] or false
+  if reps then out[#out + 1] = reps[i] end
 end
 return out

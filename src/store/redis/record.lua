@@ -1,11 +1,12 @@
 -- One Envoy message for one pod, in one round trip. Runs after groups.lua.
 -- KEYS: 1 seen (ZSET pod -> last-seen ms), 2 id (HASH pod -> identity JSON),
 --       3 st (HASH pod -> state), 4 h (HASH pod -> history), 5-8 groups.lua's,
---       9 addr (HASH pod -> the address it is bound to)
+--       9 addr (HASH pod -> the address it is bound to), 10 rep (HASH pod ->
+--       the replica holding its stream)
 -- ARGV: 1 pod, 2 identity JSON, 3 pod_ttl ms, 4 max_window ms, 5 key ttl ms,
 --       6 channel, 7 namespace, 8 peer address ('' when unknown),
---       9 max families, 10.. family name, value (pairs, sorted by name, no
---       repeats; values whole numbers in [0, 1e9])
+--       9 max families, 10 replica, 11.. family name, value (pairs, sorted by
+--       name, no repeats; values whole numbers in [0, 1e9])
 -- Returns {status, refused, bound}: status 1 when the namespace changed (a
 -- watcher must re-read), 0 when not, 2 when nothing was written because the
 -- live pod is bound to another address (then `bound`, else ''); refused is
@@ -21,7 +22,7 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now - ttl), 'LIMIT
 if #dead > 0 then
   for _, d in ipairs(dead) do uncount(d) end
   redis.call('ZREM', KEYS[1], unpack(dead))
-  for _, k in ipairs({2, 3, 4, 9}) do redis.call('HDEL', KEYS[k], unpack(dead)) end
+  for _, k in ipairs({2, 3, 4, 9, 10}) do redis.call('HDEL', KEYS[k], unpack(dead)) end
   changed = true
 end
 
@@ -100,7 +101,7 @@ if not fresh then
   end
 end
 local held = (#merged - 1) / 2
-for i = 10, #ARGV - 1, 2 do
+for i = 11, #ARGV - 1, 2 do
   local name, v = ARGV[i], ARGV[i + 1]
   local j = at[name]
   if j then
@@ -152,11 +153,18 @@ elseif peer ~= '' and not bound then
   redis.call('HSET', KEYS[9], pod, peer)
 end
 
+-- The stream's replica, for the pods listing: a read, and a write only when
+-- the stream moved (a reconnect to another replica), so a steady pod costs
+-- one HGET. Not a change for watchers: no scaling answer depends on it.
+if redis.call('HGET', KEYS[10], pod) ~= ARGV[10] then
+  redis.call('HSET', KEYS[10], pod, ARGV[10])
+end
+
 -- Also on an unchanged message: heals a count that a writer without groups
 -- (a replica of the previous version, during a rolling upgrade) left behind.
 count(pod, ARGV[2], value)
 redis.call('ZADD', KEYS[1], fmt(now), pod)
-for k = 1, 9 do redis.call('PEXPIRE', KEYS[k], ARGV[5]) end
+for k = 1, 10 do redis.call('PEXPIRE', KEYS[k], ARGV[5]) end
 if changed then
   redis.call('PUBLISH', ARGV[6], ARGV[7])
   return {1, refused, ''}
