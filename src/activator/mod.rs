@@ -13,13 +13,13 @@
 //!                  Route::watch (pending+active)  probe (connect, ≤100 ms apart while waiting)
 //! ```
 //!
-//! - [`route`]: matching Host / `:authority` and path prefix.
-//! - [`hold`]: the bounded FIFO of held requests and the readiness flag.
-//! - [`early`]: a cold HTTP/1.1 connection's first request held before
+//! - `route`: matching Host / `:authority` and path prefix.
+//! - `hold`: the bounded FIFO of held requests and the readiness flag.
+//! - `early`: a cold HTTP/1.1 connection's first request held before
 //!   hyper (a few hundred bytes instead of hyper's two 8 KiB buffers).
-//! - [`probe`]: connect probing and its schedule.
-//! - [`forward`]: HTTP/1.1 pool, HTTP/2, upgrades, hop-by-hop headers.
-//! - [`metrics`]: the `activescale_activator_*` families.
+//! - `probe`: connect probing and its schedule.
+//! - `forward`: HTTP/1.1 pool, HTTP/2, upgrades, hop-by-hop headers.
+//! - `metrics`: the `activescale_activator_*` families.
 //!
 //! Bounds on what clients control: request heads ≤ 32 KiB (HTTP/1.1 read
 //! buffer; HTTP/2 header list), at most 100 header fields (hyper's HTTP/1.1

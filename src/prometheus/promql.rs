@@ -13,7 +13,7 @@
 //! Depth: `promql-parser`'s parser, its printer, its comparisons and the
 //! drop of its AST all recurse, as deep as the tree is, and the text comes
 //! from tenants (16,000 unary minus signs overflow any thread's stack and
-//! abort the process). So before anything is parsed, [`check_tokens`] runs
+//! abort the process). So before anything is parsed, `check_tokens` runs
 //! the crate's own lexer (the same comments, strings and escapes the parser
 //! will see) and bounds, from its tokens alone, how deep the tree can be. It
 //! also refuses the numbers the parser would panic on, and a panic of the

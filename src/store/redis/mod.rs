@@ -101,7 +101,7 @@
 //! `noeviction`, a replica after a failover, a failed RDB save, too few
 //! replicas, an ACL without write rights) is the dangerous case: reads go on
 //! serving what was written before, stale and, once pods pass their TTL,
-//! 0. Every write of ours reports a refusal to [`WriteHealth`]; while it
+//! 0. Every write of ours reports a refusal to `WriteHealth`; while it
 //! holds one, `values`, `summary` and `pods` fail with
 //! [`StoreError::Unavailable`] and the replica is not ready. `ready()` writes
 //! a probe key (`{<prefix>:probe}:replica:<name>`, expiring after a minute),
