@@ -530,6 +530,38 @@ async fn idle_and_slow_clients_are_disconnected() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_connection_owes_each_next_head_within_the_deadline() {
+    let port = free_port();
+    let mut s = settings(vec![route("web.example.com", None, port.n)]);
+    s.config.header_read_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(s).await;
+    let _upstream = Upstream::echo(&port).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    for path in ["/1", "/2"] {
+        // Heads on one keep-alive connection, each answered.
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: web.example.com\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let start = seen.len();
+        while !String::from_utf8_lossy(&seen[start..]).contains(&format!("GET {path}")) {
+            let n = within(conn.read(&mut buf)).await.unwrap();
+            assert!(n > 0, "closed before the answer to {path}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    // Then silence: the next head is owed within header_read_timeout of
+    // the last response, so the server closes (EOF, or a reset).
+    loop {
+        match within(conn.read(&mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => continue,
+        }
+    }
+}
+
+#[tokio::test]
 async fn route_handles_expose_namespace_and_lookup() {
     let port = free_port();
     let mut r = route("web.example.com", Some("/api/"), port.n);
