@@ -2,13 +2,6 @@
 //!
 //! - HTTP/1.1 requests go over HTTP/1.1 connections from a small idle pool
 //!   per route (at most [`MAX_IDLE`] kept, each for at most [`IDLE_TIMEOUT`]).
-//!   A client HTTP/1.1 connection *owns* the upstream connections it uses
-//!   ([`Owner`]): their connection futures are polled by the client
-//!   connection's own task, beside hyper's server connection, instead of
-//!   each being a task of its own. A request and its response then never
-//!   cross tasks (two wake-ups on other workers per request, otherwise).
-//!   When the client connection ends, its idle upstream connections go back
-//!   to the pool undriven, for the next client connection to adopt.
 //! - Requests that arrived over HTTP/2 (gRPC) go over one shared HTTP/2
 //!   prior-knowledge connection per route, so response trailers pass through.
 //! - HTTP/1.1 `Upgrade` requests (WebSocket) get a connection of their own;
@@ -113,119 +106,9 @@ pub(crate) struct Upstream {
     stop: CancellationToken,
 }
 
-/// An HTTP/1.1 upstream connection's future (hyper's client side).
-type H1Conn = http1::Connection<TokioIo<TcpStream>, Incoming>;
-
 struct Idle {
     since: Instant,
     sender: http1::SendRequest<Incoming>,
-    /// `None`: a spawned task drives the connection. `Some`: nobody does
-    /// (it was owned by a client connection that ended); whoever takes it
-    /// drives it.
-    driver: Option<Pin<Box<H1Conn>>>,
-}
-
-/// Upstream HTTP/1.1 connections driven by one client connection's task
-/// (see the module docs). Only for HTTP/1.1 client connections, whose
-/// service futures hyper polls inside the connection's own future.
-#[derive(Default)]
-pub(crate) struct Owner {
-    conns: Mutex<Vec<Owned>>,
-    next_id: std::sync::atomic::AtomicU64,
-}
-
-struct Owned {
-    id: u64,
-    route: Arc<RouteState>,
-    driver: Pin<Box<H1Conn>>,
-    /// The connection's sender while no request uses it.
-    idle: Option<http1::SendRequest<Incoming>>,
-}
-
-impl Owner {
-    /// Polls every owned connection; those that ended are forgotten (a
-    /// request on one then fails as it would have with a task of its own).
-    /// Never ready: the caller polls it beside the client connection.
-    pub(crate) fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain_mut(|c| match c.driver.as_mut().poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(r) => {
-                if let Err(e) = r {
-                    debug!(error = %e, "upstream connection ended");
-                }
-                false
-            }
-        });
-        Poll::Pending
-    }
-
-    fn adopt(&self, route: &Arc<RouteState>, driver: Pin<Box<H1Conn>>) -> u64 {
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.push(Owned {
-            id,
-            route: route.clone(),
-            driver,
-            idle: None,
-        });
-        id
-    }
-
-    /// An idle owned connection to `route`'s upstream.
-    fn take_idle(&self, route: &Arc<RouteState>) -> Option<(u64, http1::SendRequest<Incoming>)> {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns
-            .iter_mut()
-            .rev()
-            .filter(|c| Arc::ptr_eq(&c.route, route))
-            .find_map(|c| Some((c.id, c.idle.take()?)))
-    }
-
-    /// Gives back a connection whose response has been read to the end.
-    pub(crate) fn checkin(&self, id: u64, sender: http1::SendRequest<Incoming>) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = conns.iter_mut().find(|c| c.id == id) {
-            c.idle = Some(sender);
-        }
-    }
-
-    /// The client connection ended: idle connections go to their routes'
-    /// pools (undriven), the rest close. When the activator stops, all close.
-    pub(crate) fn release(&self, stopping: bool) {
-        let conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|e| e.into_inner()));
-        if stopping {
-            return;
-        }
-        for c in conns {
-            if let Some(sender) = c.idle {
-                c.route.upstream_pool().put(Idle {
-                    since: Instant::now(),
-                    sender,
-                    driver: Some(c.driver),
-                });
-            }
-        }
-    }
-}
-
-/// How a finished response's HTTP/1.1 connection goes back.
-pub(crate) enum Reuse {
-    /// To the route's pool.
-    Pool(Arc<RouteState>, http1::SendRequest<Incoming>),
-    /// To the client connection that owns it.
-    Owned(Arc<Owner>, u64, http1::SendRequest<Incoming>),
-}
-
-impl Reuse {
-    fn give_back(self) {
-        match self {
-            Reuse::Pool(route, sender) => route.upstream_pool().checkin(sender),
-            Reuse::Owned(owner, id, sender) => owner.checkin(id, sender),
-        }
-    }
 }
 
 impl Upstream {
@@ -243,22 +126,16 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` to `addr`; for HTTP/1.1 also returns how its connection
-    /// goes back once the response body ends. `owner`: the HTTP/1.1 client
-    /// connection whose task is to drive the upstream connection.
+    /// Sends `req` to `addr`; for HTTP/1.1 also returns the connection, to
+    /// be given back with [`Upstream::checkin`] once the response body ends.
     pub(crate) async fn send(
         &self,
-        route: &Arc<RouteState>,
         addr: SocketAddr,
         req: Request<Incoming>,
         kind: Kind,
-        owner: Option<&Arc<Owner>>,
-    ) -> Result<(Response<Incoming>, Option<Reuse>), ForwardError> {
+    ) -> Result<(Response<Incoming>, Option<http1::SendRequest<Incoming>>), ForwardError> {
         match kind {
-            Kind::Http1 => match owner {
-                Some(owner) => self.send_owned(route, owner, addr, req).await,
-                None => self.send_h1(route, addr, req).await,
-            },
+            Kind::Http1 => self.send_h1(addr, req).await,
             Kind::Http2 => self.send_h2(addr, req).await.map(|r| (r, None)),
             Kind::Upgrade => self.send_upgrade(addr, req).await.map(|r| (r, None)),
         }
@@ -266,10 +143,9 @@ impl Upstream {
 
     async fn send_h1(
         &self,
-        route: &Arc<RouteState>,
         addr: SocketAddr,
         mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<Reuse>), ForwardError> {
+    ) -> Result<(Response<Incoming>, Option<http1::SendRequest<Incoming>>), ForwardError> {
         loop {
             let (mut sender, pooled) = match self.checkout() {
                 Some(s) => (s, true),
@@ -279,7 +155,7 @@ impl Upstream {
                 },
             };
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Some(Reuse::Pool(route.clone(), sender)))),
+                Ok(resp) => return Ok((resp, Some(sender))),
                 Err(mut e) => match e.take_message() {
                     // The pooled connection closed before the request went
                     // out: try again (the pool shrinks each time round).
@@ -288,82 +164,6 @@ impl Upstream {
                 },
             }
         }
-    }
-
-    /// [`Upstream::send_h1`] over a connection `owner`'s task drives: one
-    /// it already has, else one from the pool, else a new one.
-    async fn send_owned(
-        &self,
-        route: &Arc<RouteState>,
-        owner: &Arc<Owner>,
-        addr: SocketAddr,
-        mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<Reuse>), ForwardError> {
-        loop {
-            let (id, mut sender, reused) = match owner.take_idle(route) {
-                Some((id, s)) => (id, s, true),
-                None => match self.checkout_owned(route, owner) {
-                    Some((id, s)) => (id, s, true),
-                    None => {
-                        let tcp = connect(addr, self.connect_timeout)
-                            .await
-                            .map_err(Setup::Connect);
-                        let tcp = match tcp {
-                            Ok(t) => t,
-                            Err(e) => return Err(e.into_error(req)),
-                        };
-                        match http1::Builder::new().handshake(TokioIo::new(tcp)).await {
-                            Ok((s, conn)) => (owner.adopt(route, Box::pin(conn)), s, false),
-                            Err(e) => return Err(ForwardError::Failed(e.to_string())),
-                        }
-                    }
-                },
-            };
-            // The owner's task polls the connection once this future yields.
-            if let Err(e) = sender.ready().await {
-                if reused {
-                    continue;
-                }
-                return Err(ForwardError::Failed(e.to_string()));
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Some(Reuse::Owned(owner.clone(), id, sender)))),
-                Err(mut e) => match e.take_message() {
-                    // Closed before the request went out: try another.
-                    Some(back) if reused => req = back,
-                    _ => return Err(ForwardError::Failed(e.into_error().to_string())),
-                },
-            }
-        }
-    }
-
-    /// A pooled connection for `owner` to drive (one whose task drives it
-    /// already is used as it is, cross-task).
-    fn checkout_owned(
-        &self,
-        route: &Arc<RouteState>,
-        owner: &Arc<Owner>,
-    ) -> Option<(u64, http1::SendRequest<Incoming>)> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(entry) = idle.pop() {
-            if entry.since.elapsed() > IDLE_TIMEOUT {
-                continue;
-            }
-            let Some(mut driver) = entry.driver else {
-                // Rare (connections of `auto` client connections): leave
-                // it to its task; this owner opens one of its own.
-                idle.push(entry);
-                return None;
-            };
-            // Undriven while idle: let it notice an upstream's close now.
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            if driver.as_mut().poll(&mut cx).is_ready() {
-                continue;
-            }
-            drop(idle);
-            return Some((owner.adopt(route, driver), entry.sender));
-        }
-        None
     }
 
     async fn send_h2(
@@ -425,11 +225,23 @@ impl Upstream {
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| Setup::Handshake(e.to_string()))?;
-        if upgrades {
-            self.spawn_driver(conn.with_upgrades());
-        } else {
-            self.spawn_driver(conn);
-        }
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let result = if upgrades {
+                tokio::select! {
+                    r = conn.with_upgrades() => r,
+                    _ = stop.cancelled() => Ok(()),
+                }
+            } else {
+                tokio::select! {
+                    r = conn => r,
+                    _ = stop.cancelled() => Ok(()),
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "upstream connection ended");
+            }
+        });
         // The connection task must run once before a request can be handed over.
         sender
             .ready()
@@ -492,15 +304,6 @@ impl Upstream {
             if entry.since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
-            if let Some(mut driver) = entry.driver.take() {
-                // Undriven: give it a task of its own (this caller has no
-                // owner to drive it), after letting it notice a close.
-                let mut cx = Context::from_waker(std::task::Waker::noop());
-                if driver.as_mut().poll(&mut cx).is_ready() {
-                    continue;
-                }
-                self.spawn_driver(driver);
-            }
             if let Some(Ok(())) = entry.sender.ready().now_or_never() {
                 return Some(entry.sender);
             }
@@ -513,36 +316,13 @@ impl Upstream {
         if sender.is_closed() {
             return;
         }
-        self.put(Idle {
-            since: Instant::now(),
-            sender,
-            driver: None,
-        });
-    }
-
-    fn put(&self, entry: Idle) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() >= MAX_IDLE {
             idle.remove(0);
         }
-        idle.push(entry);
-    }
-
-    /// Drives an HTTP/1.1 connection in a task of its own until it ends or
-    /// the activator stops.
-    fn spawn_driver<F>(&self, conn: F)
-    where
-        F: Future<Output = hyper::Result<()>> + Send + 'static,
-    {
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            let result = tokio::select! {
-                r = conn => r,
-                _ = stop.cancelled() => Ok(()),
-            };
-            if let Err(e) = result {
-                debug!(error = %e, "upstream connection ended");
-            }
+        idle.push(Idle {
+            since: Instant::now(),
+            sender,
         });
     }
 
@@ -550,11 +330,6 @@ impl Upstream {
     pub(crate) fn prune(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|e| e.since.elapsed() <= IDLE_TIMEOUT && !e.sender.is_closed());
-    }
-
-    /// Closes every idle connection (the activator stopped).
-    pub(crate) fn clear(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -875,8 +650,8 @@ enum Inner {
     Upstream {
         body: Incoming,
         ended: bool,
-        /// The HTTP/1.1 connection, given back when the body ends.
-        reuse: Option<Reuse>,
+        /// The HTTP/1.1 connection, given back to the pool when the body ends.
+        reuse: Option<(Arc<RouteState>, http1::SendRequest<Incoming>)>,
         /// Counts the request as active until the body is done or dropped.
         _flight: Flight,
     },
@@ -901,7 +676,11 @@ impl ProxyBody {
         self
     }
 
-    pub(crate) fn upstream(body: Incoming, flight: Flight, reuse: Option<Reuse>) -> Self {
+    pub(crate) fn upstream(
+        body: Incoming,
+        flight: Flight,
+        reuse: Option<(Arc<RouteState>, http1::SendRequest<Incoming>)>,
+    ) -> Self {
         Self::new(Inner::Upstream {
             body,
             ended: false,
@@ -954,9 +733,9 @@ impl Drop for ProxyBody {
             body, ended, reuse, ..
         } = &mut self.inner
             && (*ended || body.is_end_stream())
-            && let Some(reuse) = reuse.take()
+            && let Some((route, sender)) = reuse.take()
         {
-            reuse.give_back();
+            route.upstream_pool().checkin(sender);
         }
     }
 }

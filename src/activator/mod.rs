@@ -519,11 +519,6 @@ impl Activator {
         );
         shared.tasks.close();
         shared.tasks.wait().await;
-        // Idle upstream connections handed back by ended client connections
-        // have no task (whose stop would close them): close them here.
-        for route in &shared.routes {
-            route.pool.clear();
-        }
         info!("activator drained");
     }
 }
@@ -567,9 +562,6 @@ struct ConnCtx {
     /// HTTP/1.1: the request-head clock (requests in flight, and since when
     /// none was).
     idle: Arc<Idle>,
-    /// HTTP/1.1 (not `auto`): the upstream connections this connection's
-    /// task drives ([`forward::Owner`]).
-    owner: Option<Arc<forward::Owner>>,
 }
 
 impl Shared {
@@ -580,6 +572,28 @@ impl Shared {
         _permit: OwnedSemaphorePermit,
         shutdown: CancellationToken,
     ) {
+        let ctx = Arc::new(ConnCtx {
+            client: forward::Client::new(peer.ip()),
+            seen: AtomicBool::new(false),
+            released: Mutex::new(None),
+            idle: Arc::new(Idle::new(self.settings.config.header_read_timeout)),
+        });
+        let service = {
+            let shared = self.clone();
+            let ctx = ctx.clone();
+            service_fn(move |mut req| {
+                // Here, not in the future: hyper reads on as soon as `call`
+                // returns (see `own_head`).
+                forward::own_head(&mut req);
+                let shared = shared.clone();
+                let ctx = ctx.clone();
+                let busy = ctx.idle.busy();
+                async move {
+                    let resp = shared.handle(req, &ctx).await;
+                    Ok::<_, Infallible>(resp.map(|b| b.busy(busy)))
+                }
+            })
+        };
         // hyper's header timeout starts once it knows the protocol; this one
         // covers the bytes before that (and an HTTP/2 connection that never
         // opens a stream).
@@ -603,29 +617,6 @@ impl Shared {
             // Draining: nothing was asked yet, so nothing is owed.
             _ = shutdown.cancelled() => return,
             _ = self.stop.cancelled() => return,
-        };
-        let ctx = Arc::new(ConnCtx {
-            client: forward::Client::new(peer.ip()),
-            seen: AtomicBool::new(false),
-            released: Mutex::new(None),
-            idle: Arc::new(Idle::new(self.settings.config.header_read_timeout)),
-            owner: (sniffed == Sniffed::Http1).then(Default::default),
-        });
-        let service = {
-            let shared = self.clone();
-            let ctx = ctx.clone();
-            service_fn(move |mut req| {
-                // Here, not in the future: hyper reads on as soon as `call`
-                // returns (see `own_head`).
-                forward::own_head(&mut req);
-                let shared = shared.clone();
-                let ctx = ctx.clone();
-                let busy = ctx.idle.busy();
-                async move {
-                    let resp = shared.handle(req, &ctx).await;
-                    Ok::<_, Infallible>(resp.map(|b| b.busy(busy)))
-                }
-            })
         };
         // After the first head: for HTTP/2 that is all (hyper pings idle
         // connections); for HTTP/1.1 each later head is due within
@@ -666,75 +657,42 @@ impl Shared {
                 // Boxed, so that a connection held before hyper (the task's
                 // future, allocated per connection) is sized for waiting,
                 // not for hyper's connection state.
-                Box::pin(self.drive(
-                    conn,
-                    |c| c.graceful_shutdown(),
-                    peer,
-                    until,
-                    ctx.owner.as_deref(),
-                ))
-                .await;
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), peer, until)).await;
             }
             // Boxed as well (one HTTP/2 connection carries many requests;
             // `auto` is rare).
             Sniffed::Http2 => {
                 let until = Until::new(&self.stop, &shutdown, deadline, first_only);
                 let conn = self.h2.serve_connection(TokioIo::new(stream), service);
-                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), peer, until, None)).await;
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), peer, until)).await;
             }
             Sniffed::Unsure => {
                 let until = Until::new(&self.stop, &shutdown, deadline, first_only);
                 let conn = self
                     .auto
                     .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), peer, until, None)).await;
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), peer, until)).await;
             }
         }
     }
 
     /// Runs one client connection until it ends, the activator stops, its
     /// head deadline passes, or (on `shutdown`) it has shut down gracefully.
-    /// `owner`: the upstream connections this task drives, polled beside the
-    /// client connection and handed to the pool when it ends.
     async fn drive<C, E, F>(
         &self,
         conn: C,
         graceful: impl Fn(Pin<&mut C>),
         peer: SocketAddr,
-        until: Until<F>,
-        owner: Option<&forward::Owner>,
-    ) where
-        C: Future<Output = Result<(), E>>,
-        E: std::fmt::Display,
-        F: FnMut(tokio::time::Instant) -> Check + Unpin,
-    {
-        Self::drive_until(conn, graceful, peer, until, owner).await;
-        if let Some(owner) = owner {
-            owner.release(self.stop.is_cancelled());
-        }
-    }
-
-    async fn drive_until<C, E, F>(
-        conn: C,
-        graceful: impl Fn(Pin<&mut C>),
-        peer: SocketAddr,
         mut until: Until<F>,
-        owner: Option<&forward::Owner>,
     ) where
         C: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
         F: FnMut(tokio::time::Instant) -> Check + Unpin,
     {
         tokio::pin!(conn);
-        let mut upstreams = std::future::poll_fn(|cx| match owner {
-            Some(o) => o.poll_drive(cx),
-            None => std::task::Poll::Pending,
-        });
         loop {
             tokio::select! {
-                // The connection first: it is what wakes the task. Then the
-                // upstream connections its requests may just have handed
-                // a request to.
+                // The connection first: it is what wakes the task.
                 biased;
                 r = conn.as_mut() => {
                     if let Err(e) = r {
@@ -742,7 +700,6 @@ impl Shared {
                     }
                     return;
                 }
-                () = &mut upstreams => {}
                 event = &mut until => match event {
                     Event::Shutdown => graceful(conn.as_mut()),
                     Event::Deadline => {
@@ -844,8 +801,7 @@ impl Shared {
             flight.set(State::Active);
             // Boxed: a held request's future stays small (the connect and
             // handshake states are only allocated once it is forwarded).
-            let owner = ctx.owner.as_ref();
-            match Box::pin(route.pool.send(&route, addr, req, kind, owner)).await {
+            match Box::pin(route.pool.send(addr, req, kind)).await {
                 Ok((resp, reuse)) => {
                     return self.respond(&route, resp, reuse, flight, held, on_upgrade);
                 }
@@ -877,7 +833,7 @@ impl Shared {
         &self,
         route: &Arc<RouteState>,
         mut resp: Response<Incoming>,
-        reuse: Option<forward::Reuse>,
+        reuse: Option<hyper::client::conn::http1::SendRequest<Incoming>>,
         flight: Flight,
         held: Option<Duration>,
         on_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -899,6 +855,7 @@ impl Shared {
                 .spawn(tunnel(down, up, flight, self.stop.clone()));
             return resp.map(|_| ProxyBody::empty());
         }
+        let reuse = reuse.map(|s| (route.clone(), s));
         resp.map(|body| ProxyBody::upstream(body, flight, reuse))
     }
 
