@@ -10,7 +10,9 @@
 //! closed loop for `--duration` against the upstream directly, through the
 //! activator (a route to the upstream, already ready) and through nginx
 //! (`scripts/bench` starts it with `proxy_pass`/`grpc_pass` and upstream
-//! keepalive): p50/p99 and requests/s per target.
+//! keepalive): p50/p99 and requests/s per target, and CPU per request of
+//! the proxy (the activator's `--pid`, or nginx's master and workers,
+//! `--nginx-pid`) and of the load tool itself (clients and upstream).
 //!
 //! Cold starts (`--cold-starts`, through the activator over HTTP/1.1): the
 //! upstream is stopped (listener and connections closed), one request is
@@ -46,7 +48,8 @@ use crate::{
     Cli, Res,
     prom::jitter,
     report::{
-        Call, closed_loop, cpu_between, emit, nanos, new_hist, server_metric_labelled, snap, us,
+        Call, closed_loop, cpu_between, emit, nanos, new_hist, server_metric_labelled, snap,
+        tree_snap, us,
     },
     sidecars::wait_for,
 };
@@ -66,6 +69,10 @@ pub struct ProxyArgs {
     /// nginx's h2c port (`grpc_pass` to the upstream); unset: skipped.
     #[arg(long)]
     nginx_grpc: Option<SocketAddr>,
+    /// nginx's master process: its CPU and its workers' is reported beside
+    /// the activator's, so CPU per request compares like with like.
+    #[arg(long)]
+    nginx_pid: Option<u32>,
     /// The activator route's host (sent as Host / :authority everywhere).
     #[arg(long, default_value = "bench.example.com")]
     host: String,
@@ -323,10 +330,19 @@ pub async fn proxy(cli: &Cli, a: &ProxyArgs) -> Res {
             .await?;
             let _ = closed_loop(callers(protocol, target, a).await?, Duration::from_secs(1)).await;
             let clients = callers(protocol, target, a).await?;
-            let pid = (name == "activator").then_some(cli.pid).flatten();
-            let p0 = snap(pid);
+            // The proxy's CPU (the activator's process, or nginx's master
+            // and workers) and the load tool's own (clients and upstream).
+            let proxy_snap = || match name {
+                "activator" => snap(cli.pid),
+                "nginx" => tree_snap(a.nginx_pid),
+                _ => None,
+            };
+            let me = Some(std::process::id());
+            let (p0, l0) = (proxy_snap(), snap(me));
             let r = closed_loop(clients, duration).await;
-            let cpu = cpu_between(p0, snap(pid));
+            let cpu = cpu_between(p0, proxy_snap());
+            let load_cpu = cpu_between(l0, snap(me));
+            let per_request = |c: Option<f64>| c.map(|c| c * 1e6 / r.calls.max(1) as f64);
             emit(
                 cli,
                 json!({
@@ -338,7 +354,9 @@ pub async fn proxy(cli: &Cli, a: &ProxyArgs) -> Res {
                     "p50_us": us(&r.hist, 0.5),
                     "p99_us": us(&r.hist, 0.99),
                     "max_us": r.hist.max() as f64 / 1000.0,
-                    "activator_cpu_us_per_request": cpu.map(|c| c * 1e6 / r.calls as f64),
+                    "activator_cpu_us_per_request": (name == "activator").then(|| per_request(cpu)).flatten(),
+                    "proxy_cpu_us_per_request": per_request(cpu),
+                    "load_cpu_us_per_request": per_request(load_cpu),
                     "failed": r.failures,
                 }),
             );

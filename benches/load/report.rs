@@ -84,6 +84,41 @@ pub fn cpu_between(a: Option<ProcSnap>, b: Option<ProcSnap>) -> Option<f64> {
     Some(b?.cpu_s - a?.cpu_s)
 }
 
+/// CPU-seconds of `pid` and of its direct children (nginx's master and its
+/// worker processes, which do the proxying).
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut total = cpu_seconds(pid)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if parent_pid(child) == Some(pid) {
+            total += cpu_seconds(child).unwrap_or(0.0);
+        }
+    }
+    Some(total)
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) state": ppid is the second field.
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+pub fn tree_snap(pid: Option<u32>) -> Option<ProcSnap> {
+    Some(ProcSnap {
+        cpu_s: tree_cpu_seconds(pid?)?,
+    })
+}
+
 /// A counter or gauge from the server's /metrics.
 pub async fn server_metric(http: Option<SocketAddr>, name: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://{}/metrics", http?))

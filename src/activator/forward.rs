@@ -43,7 +43,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{Flight, RouteState};
+use super::{Flight, RouteState, until::Busy};
 
 /// Idle HTTP/1.1 connections kept per route.
 pub(crate) const MAX_IDLE: usize = 128;
@@ -381,8 +381,26 @@ fn tokens(values: header::GetAll<'_, HeaderValue>) -> impl Iterator<Item = &str>
         .filter(|t| !t.is_empty())
 }
 
+/// Whether `name` is one of [`HOP_BY_HOP`] (compared as parsed: standard
+/// names are an enum, the two others short strings).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::PROXY_AUTHENTICATE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
 /// Removes hop-by-hop fields and those `Connection` names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopByHop {
+    // Most requests and responses carry none: one pass over the names
+    // instead of a lookup (and a removal attempt) per hop-by-hop name.
+    // `Connection` is itself hop-by-hop, so without one nothing is listed.
+    if !headers.keys().any(is_hop_by_hop) {
+        return HopByHop::default();
+    }
     let mut found = HopByHop {
         te_trailers: tokens(headers.get_all(header::TE)).any(|t| {
             t.split(';')
@@ -412,11 +430,32 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopByHop {
     found
 }
 
+/// A client connection's address as the forwarding headers spell it,
+/// formatted once per connection rather than once per request.
+pub(crate) struct Client {
+    /// For `X-Forwarded-For`: `10.1.2.3`, `::1`.
+    addr: String,
+    /// The `Forwarded` element's start: `for=10.1.2.3`, `for="[::1]"`.
+    forwarded_for: String,
+}
+
+impl Client {
+    pub(crate) fn new(peer: IpAddr) -> Self {
+        Self {
+            addr: peer.to_string(),
+            forwarded_for: match peer {
+                IpAddr::V4(ip) => format!("for={ip}"),
+                IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+            },
+        }
+    }
+}
+
 /// Rewrites a client's request for the upstream; `Some(kind)` with the
 /// downstream upgrade handle for upgrade requests.
 pub(crate) fn prepare(
     req: &mut Request<Incoming>,
-    peer: IpAddr,
+    client: &Client,
 ) -> (Kind, Option<hyper::upgrade::OnUpgrade>) {
     let h2 = req.version() == Version::HTTP_2;
     let hop = strip_hop_by_hop(req.headers_mut());
@@ -438,32 +477,23 @@ pub(crate) fn prepare(
     }
     if !h2 {
         // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2);
-        // the upstream gets origin form.
-        if let Some(authority) = req.uri().authority()
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
-            req.headers_mut().insert(header::HOST, v);
+        // the upstream gets origin form. The usual origin-form target is
+        // left as it is (not re-parsed).
+        if let Some(authority) = req.uri().authority() {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = None;
+            parts.authority = None;
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
         }
-        let origin = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .parse::<Uri>()
-            .unwrap_or_else(|_| Uri::from_static("/"));
-        *req.uri_mut() = origin;
         *req.version_mut() = Version::HTTP_11;
     }
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(String::from)
-        });
-    add_forwarding(req.headers_mut(), peer, host.as_deref());
+    add_forwarding(req, client);
     (kind, on_upgrade)
 }
 
@@ -506,44 +536,79 @@ pub(crate) fn own_head<B>(req: &mut Request<B>) {
 }
 
 /// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets
-/// `X-Forwarded-Proto` when no earlier proxy did.
-pub(crate) fn add_forwarding(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>) {
+/// `X-Forwarded-Proto` when no earlier proxy did. Both values are written
+/// into one buffer (one allocation), then split.
+pub(crate) fn add_forwarding<B>(req: &mut Request<B>, client: &Client) {
     let xff = HeaderName::from_static("x-forwarded-for");
-    let mut chain: Vec<String> = headers
+    // The Forwarded element's host: the HTTP/2 authority, else Host.
+    let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    });
+    let host = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic()));
+    let earlier: usize = req
+        .headers()
         .get_all(&xff)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .collect();
-    chain.push(peer.to_string());
-    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+        .map(|v| v.len() + 2)
+        .sum();
+    let mut buf = BytesMut::with_capacity(
+        earlier
+            + client.addr.len()
+            + client.forwarded_for.len()
+            + host.map_or(0, |h| h.len() + 8)
+            + 12,
+    );
+    // Earlier values, each trimmed, empty ones left out.
+    for v in req.headers().get_all(&xff) {
+        if let Ok(v) = v.to_str().map(str::trim)
+            && !v.is_empty()
+        {
+            buf.extend_from_slice(v.as_bytes());
+            buf.extend_from_slice(b", ");
+        }
+    }
+    buf.extend_from_slice(client.addr.as_bytes());
+    let xff_len = buf.len();
+    buf.extend_from_slice(client.forwarded_for.as_bytes());
+    if let Some(host) = host {
+        buf.extend_from_slice(b";host=");
+        push_quoted_if_needed(&mut buf, host);
+    }
+    buf.extend_from_slice(b";proto=http");
+    let all = buf.freeze();
+    let headers = req.headers_mut();
+    if let Ok(v) = HeaderValue::from_maybe_shared(all.slice(..xff_len)) {
         headers.insert(xff, v);
     }
     let xfp = HeaderName::from_static("x-forwarded-proto");
     if !headers.contains_key(&xfp) {
         headers.insert(xfp, HeaderValue::from_static("http"));
     }
-    let mut element = match peer {
-        IpAddr::V4(ip) => format!("for={ip}"),
-        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
-    };
-    if let Some(host) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic())) {
-        element.push_str(";host=");
-        element.push_str(&quote_if_needed(host));
-    }
-    element.push_str(";proto=http");
-    if let Ok(v) = HeaderValue::from_str(&element) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(all.slice(xff_len..)) {
         headers.append(header::FORWARDED, v);
     }
 }
 
+/// [`quote_if_needed`], written into `buf`.
+fn push_quoted_if_needed(buf: &mut BytesMut, s: &str) {
+    if is_token(s) {
+        buf.extend_from_slice(s.as_bytes());
+    } else {
+        buf.extend_from_slice(quote_if_needed(s).as_bytes());
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// An RFC 7230 token as is, anything else as a quoted string.
 fn quote_if_needed(s: &str) -> String {
-    let token = !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if token {
+    if is_token(s) {
         return s.to_string();
     }
     let mut out = String::with_capacity(s.len() + 2);
@@ -574,7 +639,11 @@ pub(crate) fn clean_response(resp: &mut Response<Incoming>) {
 
 /// Every response body the activator sends: the upstream's, streamed, or a
 /// short text of its own.
-pub(crate) struct ProxyBody(Inner);
+pub(crate) struct ProxyBody {
+    inner: Inner,
+    /// Keeps the client connection's head clock stopped until the body ends.
+    busy: Option<Busy>,
+}
 
 enum Inner {
     Local(Option<Bytes>),
@@ -589,12 +658,22 @@ enum Inner {
 }
 
 impl ProxyBody {
+    fn new(inner: Inner) -> Self {
+        Self { inner, busy: None }
+    }
+
     pub(crate) fn text(text: String) -> Self {
-        Self(Inner::Local(Some(Bytes::from(text))))
+        Self::new(Inner::Local(Some(Bytes::from(text))))
     }
 
     pub(crate) fn empty() -> Self {
-        Self(Inner::Local(None))
+        Self::new(Inner::Local(None))
+    }
+
+    /// Counts the response as in flight on its connection until it ends.
+    pub(crate) fn busy(mut self, busy: Busy) -> Self {
+        self.busy = Some(busy);
+        self
     }
 
     pub(crate) fn upstream(
@@ -602,7 +681,7 @@ impl ProxyBody {
         flight: Flight,
         reuse: Option<(Arc<RouteState>, http1::SendRequest<Incoming>)>,
     ) -> Self {
-        Self(Inner::Upstream {
+        Self::new(Inner::Upstream {
             body,
             ended: false,
             reuse,
@@ -619,7 +698,7 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().inner {
             Inner::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream { body, ended, .. } => {
                 let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
@@ -632,14 +711,14 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.0 {
+        match &self.inner {
             Inner::Local(bytes) => bytes.is_none(),
             Inner::Upstream { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.0 {
+        match &self.inner {
             Inner::Local(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
@@ -652,7 +731,7 @@ impl Drop for ProxyBody {
     fn drop(&mut self) {
         if let Inner::Upstream {
             body, ended, reuse, ..
-        } = &mut self.0
+        } = &mut self.inner
             && (*ended || body.is_end_stream())
             && let Some((route, sender)) = reuse.take()
         {
@@ -728,23 +807,31 @@ mod tests {
 
     #[test]
     fn forwarding_headers_extend_the_chain() {
-        let mut h = headers(&[
+        let h = headers(&[
             ("x-forwarded-for", "203.0.113.7"),
             ("x-forwarded-proto", "https"),
         ]);
-        add_forwarding(
-            &mut h,
-            "10.1.2.3".parse().unwrap(),
-            Some("web.example.com:8081"),
-        );
+        let mut req = Request::builder()
+            .header(header::HOST, "web.example.com:8081")
+            .body(())
+            .unwrap();
+        req.headers_mut().extend(h);
+        add_forwarding(&mut req, &Client::new("10.1.2.3".parse().unwrap()));
+        let h = req.headers();
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(
             h["forwarded"],
             "for=10.1.2.3;host=\"web.example.com:8081\";proto=http"
         );
-        let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "::1".parse().unwrap(), Some("web"));
+        // HTTP/2: the host is the authority.
+        let mut req = Request::builder()
+            .uri("http://web/x")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        add_forwarding(&mut req, &Client::new("::1".parse().unwrap()));
+        let h = req.headers();
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["forwarded"], "for=\"[::1]\";host=web;proto=http");

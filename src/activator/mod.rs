@@ -39,10 +39,11 @@ mod metrics;
 mod probe;
 mod publish;
 mod route;
+mod until;
 
 use std::{
     convert::Infallible,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex, RwLock,
@@ -80,6 +81,7 @@ use crate::{
 use forward::{ForwardError, ProxyBody, Upstream};
 use hold::{Admit, HoldQueue, Limits, Release};
 use metrics::{Reject, RouteMetrics};
+use until::{Check, Event, Idle, Until};
 
 /// Largest request head accepted, HTTP/1.1 and HTTP/2 alike (nginx allows
 /// 32 KiB by default, Envoy 60 KiB).
@@ -169,8 +171,15 @@ pub(crate) struct RouteState {
     /// Addresses the last successful probe reached; requests go round-robin.
     addrs: RwLock<Arc<[SocketAddr]>>,
     next_addr: AtomicUsize,
-    /// Pending + active, published on every change.
-    load: watch::Sender<u64>,
+    /// Pending + active: an atomic, so that a request costs no lock and
+    /// wakes nobody unless it crosses zero.
+    load: AtomicU64,
+    /// Wakes the store publisher when `load` crosses 0 ↔ non-zero (it
+    /// re-reads the count on its own while non-zero, see [`publish`]).
+    crossed: Notify,
+    /// `load` for [`Route::watch`]ers, kept current only while somebody
+    /// watches (tests and tools; the request path then pays a lock).
+    observed: watch::Sender<u64>,
     /// Highest load since [`Route::take_peak`] last ran.
     peak: AtomicU64,
     /// Wakes the prober: a first request is held, or a connect was refused.
@@ -232,7 +241,7 @@ impl Route {
 
     /// Pending + active: what the trigger reads.
     pub fn load(&self) -> u64 {
-        *self.0.load.borrow()
+        self.0.load.load(Ordering::Acquire)
     }
 
     /// Whether the upstream was last seen accepting connections.
@@ -246,9 +255,20 @@ impl Route {
     }
 
     /// Pending + active, changed on every arrival and completion: the 0 → 1
-    /// of a first held request is visible before that request waits.
+    /// of a first held request is visible before that request waits. For
+    /// observers (tests, tools): while any receiver lives, every change
+    /// takes the channel's lock; the store publisher uses [`Route::crossed`].
     pub fn watch(&self) -> watch::Receiver<u64> {
-        self.0.load.subscribe()
+        let rx = self.0.observed.subscribe();
+        self.0.observe();
+        rx
+    }
+
+    /// Completes when pending + active crosses 0 ↔ non-zero (at once if it
+    /// did since the previous call returned): the publisher's wake-up, one
+    /// waiter per route.
+    pub(crate) async fn crossed(&self) {
+        self.0.crossed.notified().await
     }
 
     /// Held requests the upstream has woken for since start (the
@@ -261,7 +281,7 @@ impl Route {
     /// so a publisher reading every second still sees a burst in between.
     /// Meant for one reader (the store publisher).
     pub fn take_peak(&self) -> u64 {
-        let now = *self.0.load.borrow();
+        let now = self.load();
         self.0.peak.swap(now, Ordering::AcqRel).max(now)
     }
 }
@@ -372,7 +392,9 @@ impl Activator {
                     seq: AtomicU64::new(0),
                     addrs: RwLock::new(Arc::from(Vec::new())),
                     next_addr: AtomicUsize::new(0),
-                    load: watch::channel(0).0,
+                    load: AtomicU64::new(0),
+                    crossed: Notify::new(),
+                    observed: watch::channel(0).0,
                     peak: AtomicU64::new(0),
                     kick: Notify::new(),
                     pool: Upstream::new(
@@ -406,8 +428,10 @@ impl Activator {
             .keep_alive_interval(settings.http2_keepalive_interval)
             .keep_alive_timeout(settings.http2_keepalive_timeout);
         let mut h1 = server_h1::Builder::new();
+        // The head deadline is ours ([`until`]): hyper's arms a new timer
+        // for every request head.
         h1.timer(TokioTimer::new())
-            .header_read_timeout(settings.config.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
         let mut h2 = server_h2::Builder::new(TokioExecutor::new());
@@ -528,12 +552,16 @@ fn sniff(first: &[u8]) -> Sniffed {
 
 /// Per-connection facts the request handler needs.
 struct ConnCtx {
-    peer: IpAddr,
+    /// The client's address, formatted for the forwarding headers.
+    client: forward::Client,
     /// A request head arrived (the first-request deadline is met).
     seen: AtomicBool,
     /// The first request's place, when it was held (or admitted) before
     /// hyper: taken by the first `handle`.
     released: Mutex<Option<early::Released>>,
+    /// HTTP/1.1: the request-head clock (requests in flight, and since when
+    /// none was).
+    idle: Arc<Idle>,
 }
 
 impl Shared {
@@ -545,9 +573,10 @@ impl Shared {
         shutdown: CancellationToken,
     ) {
         let ctx = Arc::new(ConnCtx {
-            peer: peer.ip(),
+            client: forward::Client::new(peer.ip()),
             seen: AtomicBool::new(false),
             released: Mutex::new(None),
+            idle: Arc::new(Idle::new(self.settings.config.header_read_timeout)),
         });
         let service = {
             let shared = self.clone();
@@ -558,7 +587,11 @@ impl Shared {
                 forward::own_head(&mut req);
                 let shared = shared.clone();
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(shared.handle(req, &ctx).await) }
+                let busy = ctx.idle.busy();
+                async move {
+                    let resp = shared.handle(req, &ctx).await;
+                    Ok::<_, Infallible>(resp.map(|b| b.busy(busy)))
+                }
             })
         };
         // hyper's header timeout starts once it knows the protocol; this one
@@ -585,6 +618,20 @@ impl Shared {
             _ = shutdown.cancelled() => return,
             _ = self.stop.cancelled() => return,
         };
+        // After the first head: for HTTP/2 that is all (hyper pings idle
+        // connections); for HTTP/1.1 each later head is due within
+        // `header_read_timeout` of the previous response ([`Idle`]).
+        let first_only = {
+            let ctx = ctx.clone();
+            move |_| {
+                if ctx.seen.load(Ordering::Acquire) {
+                    Check::Off
+                } else {
+                    Check::Expired
+                }
+            }
+        };
+        let deadline = first.deadline();
         match sniffed {
             Sniffed::Http1 => {
                 let (io, released) = match self.early_h1(stream, first.as_mut(), &shutdown).await {
@@ -595,6 +642,14 @@ impl Shared {
                 // first-request deadline is met, even if it was then held.
                 ctx.seen.store(true, Ordering::Release);
                 *ctx.released.lock().unwrap_or_else(|e| e.into_inner()) = released;
+                ctx.idle.restart();
+                let idle = ctx.idle.clone();
+                let until = Until::new(
+                    &self.stop,
+                    &shutdown,
+                    tokio::time::Instant::now() + self.settings.config.header_read_timeout,
+                    move |now| idle.check(now),
+                );
                 let conn = self
                     .h1
                     .serve_connection(TokioIo::new(io), service)
@@ -602,62 +657,57 @@ impl Shared {
                 // Boxed, so that a connection held before hyper (the task's
                 // future, allocated per connection) is sized for waiting,
                 // not for hyper's connection state.
-                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
-                    .await;
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), peer, until)).await;
             }
             // Boxed as well (one HTTP/2 connection carries many requests;
             // `auto` is rare).
             Sniffed::Http2 => {
+                let until = Until::new(&self.stop, &shutdown, deadline, first_only);
                 let conn = self.h2.serve_connection(TokioIo::new(stream), service);
-                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
-                    .await;
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), peer, until)).await;
             }
             Sniffed::Unsure => {
+                let until = Until::new(&self.stop, &shutdown, deadline, first_only);
                 let conn = self
                     .auto
                     .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), &ctx, peer, first, shutdown))
-                    .await;
+                Box::pin(self.drive(conn, |c| c.graceful_shutdown(), peer, until)).await;
             }
         }
     }
 
-    /// Runs one client connection until it ends, the activator stops, or
-    /// (on `shutdown`) it has shut down gracefully.
-    async fn drive<C, E>(
+    /// Runs one client connection until it ends, the activator stops, its
+    /// head deadline passes, or (on `shutdown`) it has shut down gracefully.
+    async fn drive<C, E, F>(
         &self,
         conn: C,
         graceful: impl Fn(Pin<&mut C>),
-        ctx: &ConnCtx,
         peer: SocketAddr,
-        mut first: Pin<&mut tokio::time::Sleep>,
-        shutdown: CancellationToken,
+        mut until: Until<F>,
     ) where
         C: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
+        F: FnMut(tokio::time::Instant) -> Check + Unpin,
     {
         tokio::pin!(conn);
-        let (mut first_done, mut draining) = (false, false);
         loop {
             tokio::select! {
+                // The connection first: it is what wakes the task.
+                biased;
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "activator connection ended");
                     }
                     return;
                 }
-                _ = &mut first, if !first_done => {
-                    if !ctx.seen.load(Ordering::Acquire) {
+                event = &mut until => match event {
+                    Event::Shutdown => graceful(conn.as_mut()),
+                    Event::Deadline => {
                         debug!(%peer, "no request head within header_read_timeout; closing");
                         return;
                     }
-                    first_done = true;
-                }
-                _ = shutdown.cancelled(), if !draining => {
-                    graceful(conn.as_mut());
-                    draining = true;
-                }
-                _ = self.stop.cancelled() => return,
+                    Event::Stop => return,
+                },
             }
         }
     }
@@ -711,7 +761,7 @@ impl Shared {
                 (route, flight, seq, arrived, None)
             }
         };
-        let (kind, on_upgrade) = forward::prepare(&mut req, ctx.peer);
+        let (kind, on_upgrade) = forward::prepare(&mut req, &ctx.client);
         let deadline = tokio::time::Instant::from_std(arrived + self.settings.config.hold_timeout);
         let mut requeue = false;
         // Released before hyper: go, whatever readiness says by now.
@@ -1078,8 +1128,37 @@ impl RouteState {
         &self.pool
     }
 
+    fn enter(&self) {
+        let n = self.load.fetch_add(1, Ordering::AcqRel) + 1;
+        // A load first: the peak's cache line is only written by a new high.
+        if n > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(n, Ordering::AcqRel);
+        }
+        if n == 1 {
+            self.crossed.notify_one();
+        }
+        self.observe();
+    }
+
     fn leave(&self) {
-        self.load.send_modify(|n| *n = n.saturating_sub(1));
+        let was = self.load.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(was > 0, "a route's load went below zero");
+        if was == 1 {
+            self.crossed.notify_one();
+        }
+        self.observe();
+    }
+
+    /// Brings [`Route::watch`]ers up to date, if there are any. The count is
+    /// re-read under the channel's lock, so that concurrent changes cannot
+    /// leave an older value last.
+    fn observe(&self) {
+        if self.observed.receiver_count() > 0 {
+            self.observed.send_if_modified(|seen| {
+                let now = self.load.load(Ordering::Acquire);
+                std::mem::replace(seen, now) != now
+            });
+        }
     }
 }
 
@@ -1114,10 +1193,7 @@ pub(crate) struct Flight {
 
 impl Flight {
     fn arrive(route: Arc<RouteState>) -> Self {
-        route.load.send_modify(|n| {
-            *n += 1;
-            route.peak.fetch_max(*n, Ordering::AcqRel);
-        });
+        route.enter();
         Self {
             route,
             state: State::Arrived,

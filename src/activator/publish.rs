@@ -1,13 +1,15 @@
 //! Publishing each route's load into the store, so that every replica's
 //! `source: activator` triggers read the sum over all activator replicas.
 //!
-//! One task per route watches its count and writes it as this replica's
-//! entry ([`Store::record_route`]). Writes are coalesced: a change that
-//! crosses 0 ↔ non-zero is written at once (the wake-up of a workload at
-//! zero, and its going idle, must not wait), any other change at most every
-//! [`MIN_GAP`], and an unchanged count every third of `pod_ttl`, so the
-//! entry stays live (and its window history whole) while the replica runs
-//! and drops out one TTL after it dies.
+//! One task per route reads its count and writes it as this replica's
+//! entry ([`Store::record_route`]). It is woken at once when the count
+//! crosses 0 ↔ non-zero (the wake-up of a workload at zero, and its going
+//! idle, must not wait: both are written at once), and otherwise reads the
+//! count every [`MIN_GAP`] while it is non-zero: a busy route does not wake
+//! the publisher on every request. A changed count is written at most every
+//! [`MIN_GAP`], an unchanged one every third of `pod_ttl`, so the entry
+//! stays live (and its window history whole) while the replica runs and
+//! drops out one TTL after it dies.
 //!
 //! Proxying never waits on this: the tasks only read the route's count. A
 //! failed write is retried after [`RETRY`]; meanwhile the store refuses the
@@ -24,7 +26,8 @@ use super::{Route, RouteSet};
 use crate::store::{RouteSample, SharedStore};
 
 /// Shortest time between two writes of one route's count that do not cross
-/// zero: a busy route costs at most ten writes a second.
+/// zero, and how often a non-zero count is re-read: a busy route costs at
+/// most ten writes (and ten wake-ups) a second.
 pub(crate) const MIN_GAP: Duration = Duration::from_millis(100);
 /// Wait after a failed write before the next attempt.
 pub(crate) const RETRY: Duration = Duration::from_secs(1);
@@ -85,13 +88,12 @@ async fn run(
     stop: CancellationToken,
 ) {
     let key = route.store_key();
-    let mut load = route.watch();
     let mut last: Option<Written> = None;
     let mut failures = 0u32;
     loop {
         let now = Instant::now();
-        // Changes from here on wake the wait below.
-        let current = *load.borrow_and_update();
+        // A crossing from here on wakes the wait below (`Notify` keeps it).
+        let current = route.load();
         let mut wait = next_write(last, current, now, refresh);
         if wait.is_zero() {
             let sample = RouteSample {
@@ -129,12 +131,14 @@ async fn run(
                 }
             }
         }
+        if current != 0 {
+            // Only crossings wake us: look at a busy count again soon.
+            wait = wait.min(MIN_GAP);
+        }
         wait = wait.max(Duration::from_millis(1));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            changed = load.changed() => if changed.is_err() {
-                return;
-            },
+            _ = route.crossed() => {}
             _ = stop.cancelled() => return,
         }
     }

@@ -400,6 +400,45 @@ async fn keep_alive_reuses_upstream_connections() {
 }
 
 #[tokio::test]
+async fn one_client_connection_keeps_its_upstream_connection_for_every_request() {
+    let port = free_port();
+    let proxy = Proxy::start(settings(vec![route("web.example.com", None, port.n)])).await;
+    let _upstream = Upstream::echo(&port).await;
+    // One keep-alive client connection: the activator's task for it drives
+    // the upstream connection, request after request, bodies included.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut conns = Vec::new();
+    for i in 0..3 {
+        let req = request(
+            "POST",
+            "web.example.com",
+            &format!("/{i}"),
+            &"x".repeat(100_000),
+        );
+        let resp = within(sender.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(body.ends_with(&"x".repeat(100_000)), "{}", &body[..100]);
+        conns.push(
+            body.lines()
+                .find_map(|l| l.strip_prefix("conn="))
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert!(conns.windows(2).all(|w| w[0] == w[1]), "{conns:?}");
+}
+
+#[tokio::test]
 async fn an_upstream_that_goes_away_gets_new_requests_held_not_failed() {
     let port = free_port();
     let proxy = Proxy::start(settings(vec![route("web.example.com", None, port.n)])).await;
@@ -525,6 +564,38 @@ async fn idle_and_slow_clients_are_disconnected() {
                 Ok(0) | Err(_) => break,
                 Ok(_) => continue,
             }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_owes_each_next_head_within_the_deadline() {
+    let port = free_port();
+    let mut s = settings(vec![route("web.example.com", None, port.n)]);
+    s.config.header_read_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(s).await;
+    let _upstream = Upstream::echo(&port).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    for path in ["/1", "/2"] {
+        // Heads on one keep-alive connection, each answered.
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: web.example.com\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let start = seen.len();
+        while !String::from_utf8_lossy(&seen[start..]).contains(&format!("GET {path}")) {
+            let n = within(conn.read(&mut buf)).await.unwrap();
+            assert!(n > 0, "closed before the answer to {path}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    // Then silence: the next head is owed within header_read_timeout of
+    // the last response, so the server closes (EOF, or a reset).
+    loop {
+        match within(conn.read(&mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => continue,
         }
     }
 }
