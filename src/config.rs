@@ -66,7 +66,8 @@ struct FileConfig {
     /// `memory` (one replica) or `redis` (several replicas, one view).
     pub store: StoreKind,
     /// Largest Envoy message accepted, in bytes. A full Envoy stats dump can
-    /// exceed gRPC's usual 4 MiB.
+    /// exceed gRPC's usual 4 MiB. With `sink_verify_peer_address`, also what
+    /// one pod address may hold of `sink_max_buffered_bytes` at once.
     pub max_message_bytes: usize,
     /// Stat-name globs the sink keeps (`*` matches anything).
     pub metric_include: Vec<String>,
@@ -83,7 +84,9 @@ struct FileConfig {
     /// Accept a sidecar stream only from the pod IP its node id (or its
     /// `INSTANCE_IPS`) names. Turn off where something between the sidecars
     /// and the sink rewrites source addresses (SNAT); a pod then still stays
-    /// bound to the address it was first seen from until it expires.
+    /// bound to the address it was first seen from until it expires. While
+    /// on, one address holds at most `max_message_bytes` of
+    /// `sink_max_buffered_bytes` at once (off, addresses are not pods).
     pub sink_verify_peer_address: bool,
     /// Bytes of Envoy messages all sidecar streams together may hold while
     /// they arrive (1 MiB to 1 GiB, at least `max_message_bytes`). A message

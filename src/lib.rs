@@ -369,6 +369,10 @@ pub async fn run(
             config.sink.max_buffered_bytes,
             metrics.sink_buffered_bytes.clone(),
         ),
+        peer_shares: config
+            .sink
+            .verify_peer_address
+            .then(|| Arc::new(sink::PeerShares::new(config.sink.max_message_bytes))),
     };
     let mut servers = Servers::default();
     // Per connection: a sidecar opens one stream, so a connection with many

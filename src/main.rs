@@ -74,7 +74,8 @@ struct ServeArgs {
     /// memory (one replica) | redis (several replicas, one view).
     #[arg(long)]
     store: Option<String>,
-    /// Largest Envoy message accepted, in bytes.
+    /// Largest Envoy message accepted, in bytes; also one pod address's share
+    /// of sink_max_buffered_bytes while sink_verify_peer_address is on.
     #[arg(long)]
     max_message_bytes: Option<String>,
     /// Comma-separated stat-name globs to keep.

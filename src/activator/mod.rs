@@ -257,7 +257,7 @@ impl Route {
     /// Pending + active, changed on every arrival and completion: the 0 → 1
     /// of a first held request is visible before that request waits. For
     /// observers (tests, tools): while any receiver lives, every change
-    /// takes the channel's lock; the store publisher uses [`Route::crossed`].
+    /// takes the channel's lock; the store publisher uses `Route::crossed`.
     pub fn watch(&self) -> watch::Receiver<u64> {
         let rx = self.0.observed.subscribe();
         self.0.observe();

@@ -24,15 +24,19 @@
 //! Admitting whole messages is what lets every stream finish when thousands
 //! flush at once (granted frame by frame, each held part of the budget and
 //! waited for more that nobody could give back). Its price: a declared
-//! length is charged before its bytes arrive, so a client declaring
-//! `max_message_bytes` and stalling holds that much of the budget for up to
-//! `sink_message_timeout`; `sink_max_buffered_bytes / max_message_bytes`
-//! such streams (4 with the defaults) make the others wait that long.
+//! length is charged before its bytes arrive. Two rules keep that from being
+//! a free hold: an admitted message must arrive at the pace that finishes it
+//! in time (`paced_by`), and one peer address holds at most one largest
+//! message of the budget at once ([`PeerShares`]). What is left:
+//! `sink_max_buffered_bytes / max_message_bytes` pods (4 with the defaults)
+//! that stall their messages make the others wait up to
+//! `sink_message_timeout`.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
-    sync::Arc,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -104,6 +108,52 @@ impl Budget {
     }
 }
 
+/// What one peer address may hold of the [`Budget`] at once: one message
+/// of the largest size (`max_message_bytes`), as a sidecar (one stream, one
+/// message at a time) never needs more. A pod opening a thousand streams
+/// then holds what one stream could, not the whole budget; its other
+/// streams wait for its own share, holding nothing. Only where addresses
+/// are identities (`sink_verify_peer_address`): behind address rewriting
+/// every sidecar would share a few addresses' shares.
+pub struct PeerShares {
+    share: usize,
+    /// A peer's semaphore, while it has a stream open.
+    peers: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+}
+
+impl PeerShares {
+    pub fn new(share: usize) -> Self {
+        Self {
+            share: share.min(u32::MAX as usize),
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn join(&self, peer: IpAddr) -> Arc<Semaphore> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let share = self.share;
+        peers
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(share)))
+            .clone()
+    }
+
+    /// Forgets `peer` when `slot` was its last open stream's.
+    fn leave(&self, peer: IpAddr, slot: Arc<Semaphore>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        drop(slot);
+        if peers.get(&peer).is_some_and(|s| Arc::strong_count(s) == 1) {
+            peers.remove(&peer);
+        }
+    }
+
+    /// Peers with a stream open.
+    #[cfg(test)]
+    fn peers(&self) -> usize {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
 /// How a stream's messages are read: the limits of one process.
 #[derive(Clone)]
 pub struct ReadLimits {
@@ -113,6 +163,8 @@ pub struct ReadLimits {
     pub message_timeout: Duration,
     /// `sink_max_buffered_bytes`.
     pub budget: Budget,
+    /// Each peer address's share of it, when addresses are identities.
+    pub peer_shares: Option<Arc<PeerShares>>,
 }
 
 /// The metrics service, ready for tonic's router.
@@ -151,7 +203,8 @@ impl Service<http::Request<Body>> for MetricsServiceServer {
         Box::pin(async move {
             let req = tonic::Request::from_http(req);
             let peer: Option<SocketAddr> = req.remote_addr();
-            let messages = Messages::new(req.into_inner(), limits);
+            let ip = peer.map(|p| p.ip().to_canonical());
+            let messages = Messages::new(req.into_inner(), limits, ip);
             Ok(match sink.stream_metrics(messages, peer).await {
                 Ok(()) => ok_response(),
                 Err(status) => status.into_http(),
@@ -236,11 +289,20 @@ pub struct Messages {
     handed: usize,
     /// When the message that has started must be whole.
     deadline: Option<Instant>,
+    /// The peer's share, which every grant is also taken from (as much of
+    /// it as of the budget: `held`).
+    peer: Option<(IpAddr, Arc<Semaphore>)>,
 }
 
 impl Messages {
-    pub fn new(body: Body, limits: ReadLimits) -> Self {
+    pub fn new(body: Body, limits: ReadLimits, peer: Option<IpAddr>) -> Self {
+        let peer = limits
+            .peer_shares
+            .as_ref()
+            .zip(peer)
+            .map(|(shares, ip)| (ip, shares.join(ip)));
         Self {
+            peer,
             body,
             limits,
             pending: Bytes::new(),
@@ -277,9 +339,26 @@ impl Messages {
                     // every 5 s); once a message has started, its clock runs,
                     // also while it waits for its grant.
                     let at = self.started();
-                    let take = self.limits.budget.take(len);
-                    if tokio::time::timeout_at(at, take).await.is_err() {
-                        return Err(self.stalled());
+                    // The peer's share first: a stream waiting for it holds
+                    // none of the budget. Both are given back together.
+                    let admit = async {
+                        let share = match &self.peer {
+                            Some((_, slot)) => {
+                                let n = u32::try_from(len).unwrap_or(u32::MAX);
+                                Some(slot.clone().acquire_many_owned(n).await)
+                            }
+                            None => None,
+                        };
+                        self.limits.budget.take(len).await;
+                        share
+                    };
+                    match tokio::time::timeout_at(at, admit).await {
+                        Err(_) => return Err(self.stalled()),
+                        Ok(share) => {
+                            if let Some(Ok(permit)) = share {
+                                permit.forget();
+                            }
+                        }
                     }
                     self.held += len;
                 }
@@ -355,6 +434,11 @@ impl Messages {
 
     fn give_back(&mut self, n: usize) {
         self.limits.budget.give_back(n);
+        if let Some((_, slot)) = &self.peer
+            && n > 0
+        {
+            slot.add_permits(n);
+        }
         self.held -= n;
     }
 
@@ -369,7 +453,11 @@ impl Messages {
 
 impl Drop for Messages {
     fn drop(&mut self) {
-        self.limits.budget.give_back(self.held);
+        let held = self.held;
+        self.give_back(held);
+        if let (Some(shares), Some((ip, slot))) = (&self.limits.peer_shares, self.peer.take()) {
+            shares.leave(ip, slot);
+        }
     }
 }
 
@@ -544,7 +632,7 @@ mod tests {
         // back after the slack's share of the timeout, not the whole of it.
         let mut prefix = vec![0u8];
         prefix.extend_from_slice(&(1u32 << 20).to_be_bytes());
-        let mut m = Messages::new(open_body(vec![Bytes::from(prefix)]), shared.clone());
+        let mut m = Messages::new_any(open_body(vec![Bytes::from(prefix)]), shared.clone());
         let started = Instant::now();
         match m.next().await {
             Err(ReadError::TooSlow {
@@ -570,13 +658,13 @@ mod tests {
             .map(Bytes::copy_from_slice)
             .collect();
         let share = Duration::from_secs(10) / 16;
-        let got = all(Messages::new(
+        let got = all(Messages::new_any(
             paced_body(chunks.clone(), share * 9 / 10),
             shared.clone(),
         ))
         .await;
         assert_eq!(got.expect("at the pace").len(), 1);
-        let got = all(Messages::new(paced_body(chunks, share * 3), shared)).await;
+        let got = all(Messages::new_any(paced_body(chunks, share * 3), shared)).await;
         assert!(matches!(got, Err(ReadError::TooSlow { .. })), "{got:?}");
         assert_eq!(held.get(), 0);
     }
@@ -586,6 +674,14 @@ mod tests {
             max_message: 1 << 20,
             message_timeout: Duration::from_secs(10),
             budget: Budget::new(budget, held.clone()),
+            peer_shares: None,
+        }
+    }
+
+    impl Messages {
+        /// A stream from no particular peer.
+        fn new_any(body: Body, limits: ReadLimits) -> Self {
+            Self::new(body, limits, None)
         }
     }
 
@@ -621,9 +717,12 @@ mod tests {
         for cut in [1, 2, 4, 5, 6, 333, whole.len()] {
             let chunks = whole.chunks(cut).map(Bytes::copy_from_slice).collect();
             let held = Gauge::default();
-            let got = all(Messages::new(ending_body(chunks), limits(1 << 20, &held)))
-                .await
-                .unwrap();
+            let got = all(Messages::new_any(
+                ending_body(chunks),
+                limits(1 << 20, &held),
+            ))
+            .await
+            .unwrap();
             let lens: Vec<usize> = got.iter().map(Bytes::len).collect();
             assert_eq!(lens, [5, 0, 1000, 4], "cut every {cut} bytes");
             assert_eq!(got[2], [7u8; 1000][..]);
@@ -637,7 +736,7 @@ mod tests {
         for cut in [3, 50] {
             let held = Gauge::default();
             let body = ending_body(vec![whole.slice(..cut)]);
-            let got = all(Messages::new(body, limits(1 << 20, &held))).await;
+            let got = all(Messages::new_any(body, limits(1 << 20, &held))).await;
             assert!(matches!(got, Err(ReadError::Truncated)), "{cut}: {got:?}");
         }
     }
@@ -646,14 +745,14 @@ mod tests {
     async fn oversized_and_compressed_messages_end_the_stream_before_any_grant() {
         let held = Gauge::default();
         let body = open_body(vec![Bytes::from_static(&[0, 0, 0x20, 0, 0])]);
-        let mut messages = Messages::new(body, limits(1 << 20, &held));
+        let mut messages = Messages::new_any(body, limits(1 << 20, &held));
         assert!(matches!(
             messages.next().await,
             Err(ReadError::Oversized { len: 0x200000, .. })
         ));
         assert_eq!(held.get(), 0);
         let body = open_body(vec![Bytes::from_static(&[1, 0, 0, 0, 1, 9])]);
-        let mut messages = Messages::new(body, limits(1 << 20, &held));
+        let mut messages = Messages::new_any(body, limits(1 << 20, &held));
         assert!(matches!(
             messages.next().await,
             Err(ReadError::Compressed(1))
@@ -665,7 +764,7 @@ mod tests {
         let held = Gauge::default();
         let mut whole = framed(&[&[1u8; 100]]).freeze();
         let part = whole.split_to(40);
-        let mut messages = Messages::new(open_body(vec![part]), limits(1 << 20, &held));
+        let mut messages = Messages::new_any(open_body(vec![part]), limits(1 << 20, &held));
         match messages.next().await {
             Err(ReadError::Stalled(timeout, 40)) => assert_eq!(timeout, Duration::from_secs(10)),
             other => panic!("{other:?}"),
@@ -683,7 +782,7 @@ mod tests {
     async fn an_idle_stream_waits_without_a_clock_and_holds_nothing() {
         let held = Gauge::default();
         let whole = framed(&[b"one"]).freeze();
-        let mut messages = Messages::new(open_body(vec![whole]), limits(1000, &held));
+        let mut messages = Messages::new_any(open_body(vec![whole]), limits(1000, &held));
         assert_eq!(messages.next().await.unwrap().unwrap(), "one");
         assert_eq!(
             held.get(),
@@ -704,7 +803,7 @@ mod tests {
         // it waits for the rest of its bytes.
         let mut a_whole = framed(&[&[1u8; 60 * KIB]]).freeze();
         let a_part = a_whole.split_to(30 * KIB);
-        let mut a = Messages::new(open_body(vec![a_part]), shared.clone());
+        let mut a = Messages::new_any(open_body(vec![a_part]), shared.clone());
         let a_wait = tokio::time::timeout(Duration::from_secs(1), a.next()).await;
         assert!(a_wait.is_err());
         assert_eq!(held.get(), (60 * KIB) as i64);
@@ -712,7 +811,7 @@ mod tests {
         // b's 20 KiB do not fit in what is left: b holds none of the budget
         // while it waits, and stalls.
         let b_whole = framed(&[&[2u8; 20 * KIB]]).freeze();
-        let mut b = Messages::new(open_body(vec![b_whole.clone()]), shared.clone());
+        let mut b = Messages::new_any(open_body(vec![b_whole.clone()]), shared.clone());
         match b.next().await {
             Err(ReadError::Stalled(_, PREFIX)) => {}
             other => panic!("{other:?}"),
@@ -722,9 +821,68 @@ mod tests {
         // Once a is gone, a stream like b gets its message.
         drop(a);
         assert_eq!(held.get(), 0);
-        let mut c = Messages::new(open_body(vec![b_whole]), shared);
+        let mut c = Messages::new_any(open_body(vec![b_whole]), shared);
         assert_eq!(c.next().await.unwrap().unwrap().len(), 20 * KIB);
         assert_eq!(held.get(), (20 * KIB) as i64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_peer_holds_at_most_its_share_and_its_other_streams_hold_nothing() {
+        const KIB: usize = 1024;
+        let held = Gauge::default();
+        let shares = Arc::new(PeerShares::new(100 * KIB));
+        let shared = ReadLimits {
+            peer_shares: Some(shares.clone()),
+            ..limits(1024 * KIB, &held)
+        };
+        let greedy: IpAddr = [10, 0, 0, 1].into();
+        let other: IpAddr = [10, 0, 0, 2].into();
+        // The greedy peer's first 60 KiB message is admitted and waits for
+        // its bytes; its second does not fit in the rest of its share, so
+        // it waits holding nothing, though the budget has room.
+        let part = |n: usize| {
+            let mut whole = framed(&[&vec![1u8; n]]).freeze();
+            whole.split_to(8 * KIB)
+        };
+        let mut first = Messages::new(
+            open_body(vec![part(60 * KIB)]),
+            shared.clone(),
+            Some(greedy),
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), first.next())
+                .await
+                .is_err()
+        );
+        let mut second = Messages::new(
+            open_body(vec![part(60 * KIB)]),
+            shared.clone(),
+            Some(greedy),
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), second.next())
+                .await
+                .is_err()
+        );
+        assert_eq!(held.get(), (60 * KIB) as i64, "the second took nothing");
+
+        // Another peer is admitted meanwhile.
+        let whole = framed(&[&[2u8; 60 * KIB]]).freeze();
+        let mut third = Messages::new(open_body(vec![whole]), shared.clone(), Some(other));
+        assert_eq!(third.next().await.unwrap().unwrap().len(), 60 * KIB);
+        assert_eq!(held.get(), (120 * KIB) as i64);
+
+        // When the first is gone, the second gets the share.
+        drop(first);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), second.next())
+                .await
+                .is_err()
+        );
+        assert_eq!(held.get(), (120 * KIB) as i64);
+        drop((second, third));
+        assert_eq!(held.get(), 0);
+        assert_eq!(shares.peers(), 0, "peers without streams are forgotten");
     }
 
     #[tokio::test(start_paused = true)]
@@ -740,7 +898,7 @@ mod tests {
                 .chunks(MAX_FRAME)
                 .map(Bytes::copy_from_slice)
                 .collect();
-            tokio::spawn(all(Messages::new(ending_body(chunks), shared.clone())))
+            tokio::spawn(all(Messages::new_any(ending_body(chunks), shared.clone())))
         });
         for (i, stream) in futures::future::join_all(streams)
             .await

@@ -47,7 +47,7 @@ use identity::IdentityError;
 use names::NameFilter;
 use wire::{KeptFamily, RawMessage};
 
-pub use grpc::{Budget, MetricsServiceServer, ReadLimits};
+pub use grpc::{Budget, MetricsServiceServer, PeerShares, ReadLimits};
 use grpc::{Messages, ReadError};
 
 /// gRPC service name, for the health reporter.

@@ -360,3 +360,49 @@ async fn declaring_the_budget_without_sending_it_holds_it_only_briefly() {
         drop(tx);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pod_holds_at_most_one_messages_share_of_the_budget() {
+    // Streams declaring 64 KiB are inside the pace's slack, so each holds its
+    // grant for the whole message timeout while sending nothing. Twenty of
+    // them from one address would hold the whole 1 MiB budget for 30 s; the
+    // address's share is one largest message (256 KiB), so the rest wait
+    // holding nothing and another pod's sidecar is admitted at once.
+    const BUDGET: usize = 1 << 20;
+    const SHARE: usize = 256 << 10;
+    let server = start_server({
+        let mut c = test_config();
+        c.sink.max_buffered_bytes = BUDGET;
+        c.sink.max_message_bytes = SHARE;
+        c.sink.message_timeout = Duration::from_secs(30);
+        c
+    })
+    .await;
+    let mut send = connection(server.sink).await;
+    let mut greedy = Vec::new();
+    for _ in 0..20 {
+        let (tx, status) = open_stream(&mut send, server.sink).await;
+        start_message(&tx, 64 << 10, 0).await;
+        greedy.push((tx, status));
+    }
+    eventually(WAIT, "the greedy pod's share is held", || async {
+        exported(&server, "activescale_sink_buffered_bytes").await == Some(SHARE as f64)
+    })
+    .await;
+
+    let node = istio_node_at("127.0.0.2", "shop", "web-1", &[("app", "web")], "web");
+    let from = Some(std::net::IpAddr::from([127, 0, 0, 2]));
+    let mut sidecar = Sidecar::connect_from(server.sink, from, node).await;
+    sidecar.push_gauges(&[(&inbound(8080), 3.0)]).await;
+    let scaler = server.scaler_client().await;
+    eventually(Duration::from_secs(20), "the other pod's value", || {
+        let mut c = scaler.clone();
+        async move { get_metric(&mut c, &web()).await.ok() == Some(3.0) }
+    })
+    .await;
+    assert_eq!(
+        exported(&server, "activescale_sink_buffered_bytes").await,
+        Some(SHARE as f64),
+        "the greedy pod still holds only its share"
+    );
+}
