@@ -89,17 +89,38 @@ fn web() -> activescale::proto::ScaledObjectRef {
     )
 }
 
+/// A server whose sink may hold `budget` bytes of messages of at most
+/// `max_message`, each whole within `timeout` (the default when `None`).
+async fn budget_server(budget: usize, max_message: usize, timeout: Option<Duration>) -> TestServer {
+    let mut c = test_config();
+    c.sink.max_buffered_bytes = budget;
+    c.sink.max_message_bytes = max_message;
+    if let Some(timeout) = timeout {
+        c.sink.message_timeout = timeout;
+    }
+    start_server(c).await
+}
+
+/// Awaits GetMetrics of `web()` answering `want`, for at most `limit`.
+async fn await_web(
+    scaler: &activescale::proto::external_scaler_client::ExternalScalerClient<
+        tonic::transport::Channel,
+    >,
+    limit: Duration,
+    what: &str,
+    want: f64,
+) {
+    eventually(limit, what, || {
+        let mut c = scaler.clone();
+        async move { get_metric(&mut c, &web()).await.ok() == Some(want) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_messages_are_held_to_the_budget_then_end_resource_exhausted() {
     const BUDGET: usize = 1 << 20;
-    let server = start_server({
-        let mut c = test_config();
-        c.sink.max_buffered_bytes = BUDGET;
-        c.sink.max_message_bytes = BUDGET;
-        c.sink.message_timeout = Duration::from_secs(2);
-        c
-    })
-    .await;
+    let server = budget_server(BUDGET, BUDGET, Some(Duration::from_secs(2))).await;
 
     // 4 connections x 50 streams x 64 KiB sent of a declared 1 MiB: 12.5 MiB
     // offered against a budget of 1 MiB.
@@ -165,11 +186,7 @@ async fn unfinished_messages_are_held_to_the_budget_then_end_resource_exhausted(
     let node = istio_node("shop", "web-1", &[("app", "web")], "web");
     let mut sidecar = Sidecar::connect(server.sink, node).await;
     sidecar.push_gauges(&[(&inbound(8080), 3.0)]).await;
-    eventually(WAIT, "the sidecar's value", || {
-        let mut c = scaler.clone();
-        async move { get_metric(&mut c, &web()).await.ok() == Some(3.0) }
-    })
-    .await;
+    await_web(&scaler, WAIT, "the sidecar's value", 3.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,13 +259,7 @@ async fn sidecars_flushing_at_once_past_the_budget_are_all_stored() {
     // of them stalled; admitted whole, they take turns and all finish.
     const BUDGET: usize = 1 << 20;
     const SIDECARS: usize = 24;
-    let server = start_server({
-        let mut c = test_config();
-        c.sink.max_buffered_bytes = BUDGET;
-        c.sink.max_message_bytes = BUDGET;
-        c
-    })
-    .await;
+    let server = budget_server(BUDGET, BUDGET, None).await;
     let mut streams = Vec::new();
     for i in 0..SIDECARS {
         // Outbound families, which the sink reads and skips, make up the size.
@@ -291,11 +302,7 @@ async fn sidecars_flushing_at_once_past_the_budget_are_all_stored() {
     }
 
     let scaler = server.scaler_client().await;
-    eventually(WAIT, "every sidecar's value", || {
-        let mut c = scaler.clone();
-        async move { get_metric(&mut c, &web()).await.ok() == Some(SIDECARS as f64) }
-    })
-    .await;
+    await_web(&scaler, WAIT, "every sidecar's value", SIDECARS as f64).await;
     let stalled = exported(
         &server,
         "activescale_sink_stream_errors_total{reason=\"stalled\"}",
@@ -321,14 +328,7 @@ async fn declaring_the_budget_without_sending_it_holds_it_only_briefly() {
     // more would each keep a real sidecar waiting the full 30 s message
     // timeout; held to the pace, each loses its grant after 1/16 of it.
     const BUDGET: usize = 1 << 20;
-    let server = start_server({
-        let mut c = test_config();
-        c.sink.max_buffered_bytes = BUDGET;
-        c.sink.max_message_bytes = BUDGET;
-        c.sink.message_timeout = Duration::from_secs(30);
-        c
-    })
-    .await;
+    let server = budget_server(BUDGET, BUDGET, Some(Duration::from_secs(30))).await;
     let mut send = connection(server.sink).await;
     let mut greedy = Vec::new();
     for _ in 0..4 {
@@ -346,11 +346,7 @@ async fn declaring_the_budget_without_sending_it_holds_it_only_briefly() {
     sidecar.push_gauges(&[(&inbound(8080), 3.0)]).await;
     let scaler = server.scaler_client().await;
     // Well inside one message timeout, let alone four.
-    eventually(Duration::from_secs(20), "the sidecar's value", || {
-        let mut c = scaler.clone();
-        async move { get_metric(&mut c, &web()).await.ok() == Some(3.0) }
-    })
-    .await;
+    await_web(&scaler, Duration::from_secs(20), "the sidecar's value", 3.0).await;
     for (tx, status) in greedy {
         let status = tokio::time::timeout(WAIT, status)
             .await
@@ -370,14 +366,7 @@ async fn one_pod_holds_at_most_one_messages_share_of_the_budget() {
     // holding nothing and another pod's sidecar is admitted at once.
     const BUDGET: usize = 1 << 20;
     const SHARE: usize = 256 << 10;
-    let server = start_server({
-        let mut c = test_config();
-        c.sink.max_buffered_bytes = BUDGET;
-        c.sink.max_message_bytes = SHARE;
-        c.sink.message_timeout = Duration::from_secs(30);
-        c
-    })
-    .await;
+    let server = budget_server(BUDGET, SHARE, Some(Duration::from_secs(30))).await;
     let mut send = connection(server.sink).await;
     let mut greedy = Vec::new();
     for _ in 0..20 {
@@ -395,10 +384,12 @@ async fn one_pod_holds_at_most_one_messages_share_of_the_budget() {
     let mut sidecar = Sidecar::connect_from(server.sink, from, node).await;
     sidecar.push_gauges(&[(&inbound(8080), 3.0)]).await;
     let scaler = server.scaler_client().await;
-    eventually(Duration::from_secs(20), "the other pod's value", || {
-        let mut c = scaler.clone();
-        async move { get_metric(&mut c, &web()).await.ok() == Some(3.0) }
-    })
+    await_web(
+        &scaler,
+        Duration::from_secs(20),
+        "the other pod's value",
+        3.0,
+    )
     .await;
     assert_eq!(
         exported(&server, "activescale_sink_buffered_bytes").await,
