@@ -30,12 +30,12 @@ for store in sorted({r["store"] for r in rows}):
     lines.append(f"### Store: {store}\n")
     sink = pick("sink", store=store)
     if sink:
-        lines.append("| sidecar streams | interval | messages/s | families/s | server cores | families per CPU-s | CPU-s per 1,000 pods per flush | RSS KiB per stream |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| sidecar streams | interval | messages/s | families/s | server cores | families per CPU-s | CPU-s per 1,000 pods per flush | RSS KiB per stream | with its connection |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in sorted(sink, key=lambda r: (r["interval_ms"] == 0, r["streams"])):
             lines.append(
                 f"| {r['streams']} | {'max' if r['interval_ms'] == 0 else str(r['interval_ms']) + ' ms'} | {fmt(r['messages_per_s'])} | {fmt(r['families_per_s'])} "
-                f"| {fmt(r['server_cores_used'], 2)} | {fmt(r['families_per_cpu_s'])} | {fmt(r['cpu_s_per_1000_pods_per_flush'], 4)} | {fmt(r['rss_kib_per_stream'], 1)} |"
+                f"| {fmt(r['server_cores_used'], 2)} | {fmt(r['families_per_cpu_s'])} | {fmt(r['cpu_s_per_1000_pods_per_flush'], 4)} | {fmt(r['rss_kib_per_stream'], 1)} | {fmt(r.get('rss_kib_per_stream_with_connections'), 1)} |"
             )
         lines.append("")
     sc = pick("scaler", store=store)

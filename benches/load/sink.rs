@@ -53,6 +53,9 @@ pub struct SinkArgs {
 
 pub async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
     let conns = a.connections.unwrap_or(a.streams.min(1000));
+    // Before connecting too: a connection's own cost (HTTP/2 codec buffers,
+    // its task) is part of what a sidecar costs the sink.
+    let rss_unconnected = cli.pid.and_then(|p| status_kib(p, "VmRSS"));
     let channels = connections(a.sink, conns).await?;
     let errors = Arc::new(AtomicU64::new(0));
     let families = common::istio_families(a.families, &common::kept(a.kept, 1.0));
@@ -174,7 +177,11 @@ pub async fn sink(cli: &Cli, a: &SinkArgs) -> Res {
             "families_per_cpu_s": cpu.filter(|c| *c > 0.0).map(|c| messages * a.families as f64 / c),
             "cpu_s_per_1000_pods_per_flush": cpu.filter(|_| messages > 0.0).map(|c| c / (messages / 1000.0)),
             "server_rss_kib": rss_after,
+            // Growth from the streams and their messages, the connections
+            // already open: the figure earlier rounds report.
             "rss_kib_per_stream": rss_before.zip(rss_after).map(|(b, a2)| (a2 as f64 - b as f64) / streams),
+            // Growth from before the connections were opened.
+            "rss_kib_per_stream_with_connections": rss_unconnected.zip(rss_after).map(|(b, a2)| (a2 as f64 - b as f64) / streams),
             "server_vmhwm_kib": cli.pid.and_then(|p| status_kib(p, "VmHWM")),
             "pods_tracked": kept_ok,
             "stream_errors": errors.load(Ordering::Relaxed),
