@@ -227,6 +227,13 @@ impl Shared {
                     }
                     Ok(_) => watch_client = false,
                 },
+                // With bytes waiting, ask the kernel whether the peer hung up.
+                _ = tokio::time::sleep(HANGUP_CHECK), if !watch_client => {
+                    if hung_up(&stream) {
+                        debug!(host = %route.config.host, "client went away while held (with bytes unread)");
+                        return Early::Done;
+                    }
+                }
                 _ = self.stop.cancelled() => return Early::Done,
             }
         };
@@ -242,6 +249,38 @@ impl Shared {
         };
         Early::Hyper(Rewind::new(buf, stream), Some(released))
     }
+}
+
+/// How often a held client with bytes waiting in its socket (a body, a
+/// pipelined request) is checked for having hung up: its readiness stays
+/// set, so the hang-up cannot be awaited. Bounds how long a gone client is
+/// counted as pending.
+const HANGUP_CHECK: Duration = Duration::from_millis(250);
+
+/// True when the peer closed or reset the connection, whether or not bytes
+/// are still unread: `POLLRDHUP` reports its FIN with data pending, which a
+/// read or peek would only see after the data. Zero timeout: never blocks.
+#[cfg(target_os = "linux")]
+fn hung_up(stream: &TcpStream) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(stream, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&now)) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        _ => false,
+    }
+}
+
+/// Elsewhere there is no `POLLRDHUP`: such a client is found at the hold
+/// timeout, as before.
+#[cfg(not(target_os = "linux"))]
+fn hung_up(_: &TcpStream) -> bool {
+    false
 }
 
 /// Writes one of our answers as a whole HTTP/1.1 response and closes.

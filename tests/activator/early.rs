@@ -110,6 +110,38 @@ async fn a_client_that_hangs_up_while_held_frees_its_place() {
 }
 
 #[tokio::test]
+async fn a_client_that_hangs_up_with_its_body_unread_frees_its_place() {
+    let port = free_port();
+    let mut s = settings(vec![route("web.example.com", None, port.n)]);
+    // Far past `within`'s wait: only noticing the hang-up frees the place.
+    s.config.hold_timeout = Duration::from_secs(600);
+    let proxy = Proxy::start(s).await;
+    let web = proxy.route(0);
+    let mut load = web.watch();
+    let mut gone = TcpStream::connect(proxy.addr).await.unwrap();
+    gone.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: web.example.com\r\nContent-Length: 100\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    within(load.wait_for(|n| *n == 1)).await.unwrap();
+    // Body bytes after the head was read stay in the socket: it stays
+    // readable, so a peek cannot see the hang-up behind them.
+    gone.write_all(b"first half").await.unwrap();
+    gone.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    drop(gone);
+    // Found by the kernel's POLLRDHUP, well within the hold timeout.
+    within(load.wait_for(|n| *n == 0)).await.unwrap();
+    assert_eq!(web.pending(), 0);
+    assert!(
+        !proxy.metrics().contains(r#"reason="timeout"} 1"#),
+        "{}",
+        proxy.metrics()
+    );
+}
+
+#[tokio::test]
 async fn full_and_timed_out_answers_before_hyper_are_the_usual_ones() {
     let port = free_port();
     let mut s = settings(vec![route("web.example.com", None, port.n)]);
