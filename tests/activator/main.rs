@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod early;
+mod hangup;
 mod memory;
 mod support;
 
