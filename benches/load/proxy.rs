@@ -13,6 +13,10 @@
 //! keepalive): p50/p99 and requests/s per target, and CPU per request of
 //! the proxy (the activator's `--pid`, or nginx's master and workers,
 //! `--nginx-pid`) and of the load tool itself (clients and upstream).
+//! The targets take turns (`--slices`, default 10 slices of half a second
+//! each for 5 s), each on its own connections kept open throughout, so
+//! that a burst of other work on the machine lands on every target's
+//! figures alike rather than on whichever ran during it.
 //!
 //! Cold starts (`--cold-starts`, through the activator over HTTP/1.1): the
 //! upstream is stopped (listener and connections closed), one request is
@@ -48,8 +52,8 @@ use crate::{
     Cli, Res,
     prom::jitter,
     report::{
-        Call, closed_loop, cpu_between, emit, nanos, new_hist, server_metric_labelled, snap,
-        tree_snap, us,
+        Call, LoopResult, closed_loop, closed_loop_keeping, cpu_between, emit, nanos, new_hist,
+        server_metric_labelled, snap, tree_snap, us,
     },
     sidecars::wait_for,
 };
@@ -82,6 +86,10 @@ pub struct ProxyArgs {
     /// Seconds per target and protocol (after one second of warm-up).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
+    /// The targets take turns in this many slices of `duration / slices`
+    /// each, on connections kept open throughout (1: one after another).
+    #[arg(long, default_value_t = 10)]
+    slices: usize,
     /// Cold starts through the activator (0: none).
     #[arg(long, default_value_t = 20)]
     cold_starts: usize,
@@ -263,6 +271,17 @@ async fn grpc_channel(target: SocketAddr, host: &str) -> Res<Channel> {
         .map_err(|e| format!("connecting to {target}: {e}"))
 }
 
+/// One target's connections and what they measured so far.
+struct Measured {
+    name: &'static str,
+    clients: Vec<Call>,
+    result: LoopResult,
+    /// CPU-seconds over its slices; `None` when a snapshot failed (or the
+    /// target has no process of its own, like the direct connection).
+    proxy_cpu: Option<f64>,
+    load_cpu: Option<f64>,
+}
+
 async fn callers(protocol: &str, target: SocketAddr, a: &ProxyArgs) -> Res<Vec<Call>> {
     let mut out: Vec<Call> = Vec::with_capacity(a.connections);
     for _ in 0..a.connections {
@@ -304,15 +323,17 @@ pub async fn proxy(cli: &Cli, a: &ProxyArgs) -> Res {
     if a.nginx_http.is_some() || a.nginx_grpc.is_some() {
         targets.push(("nginx", a.nginx_http, a.nginx_grpc));
     }
-    let duration = Duration::from_secs_f64(a.duration);
+    let slices = a.slices.max(1);
+    let slice = Duration::from_secs_f64(a.duration / slices as f64);
     for protocol in ["http1", "grpc"] {
+        let mut measured = Vec::new();
         for &(name, http, grpc) in &targets {
             let Some(target) = (if protocol == "http1" { http } else { grpc }) else {
                 continue;
             };
             // The first answer through each target (the activator probes
             // the upstream, nginx opens its keepalive pool), then a second
-            // of warm-up, then the measurement.
+            // of warm-up; the connections measured are opened after it.
             let mut probe = callers(
                 protocol,
                 target,
@@ -329,34 +350,61 @@ pub async fn proxy(cli: &Cli, a: &ProxyArgs) -> Res {
             )
             .await?;
             let _ = closed_loop(callers(protocol, target, a).await?, Duration::from_secs(1)).await;
-            let clients = callers(protocol, target, a).await?;
-            // The proxy's CPU (the activator's process, or nginx's master
-            // and workers) and the load tool's own (clients and upstream).
-            let proxy_snap = || match name {
-                "activator" => snap(cli.pid),
-                "nginx" => tree_snap(a.nginx_pid),
-                _ => None,
-            };
-            let me = Some(std::process::id());
-            let (p0, l0) = (proxy_snap(), snap(me));
-            let r = closed_loop(clients, duration).await;
-            let cpu = cpu_between(p0, proxy_snap());
-            let load_cpu = cpu_between(l0, snap(me));
+            measured.push(Measured {
+                name,
+                clients: callers(protocol, target, a).await?,
+                result: LoopResult::empty(),
+                proxy_cpu: Some(0.0),
+                load_cpu: Some(0.0),
+            });
+        }
+        // The targets take turns, a slice each, the first one rotating: a
+        // change in what else the machine runs falls on all of them alike.
+        let me = Some(std::process::id());
+        let n = measured.len();
+        for round in 0..slices {
+            for j in 0..n {
+                let m = &mut measured[(round + j) % n];
+                // The proxy's CPU (the activator's process, or nginx's
+                // master and workers) and the load tool's own (clients and
+                // upstream).
+                let proxy_snap = || match m.name {
+                    "activator" => snap(cli.pid),
+                    "nginx" => tree_snap(a.nginx_pid),
+                    _ => None,
+                };
+                let (p0, l0) = (proxy_snap(), snap(me));
+                let (r, clients) = closed_loop_keeping(std::mem::take(&mut m.clients), slice).await;
+                m.clients = clients;
+                m.proxy_cpu = m
+                    .proxy_cpu
+                    .zip(cpu_between(p0, proxy_snap()))
+                    .map(|(a, b)| a + b);
+                m.load_cpu = m
+                    .load_cpu
+                    .zip(cpu_between(l0, snap(me)))
+                    .map(|(a, b)| a + b);
+                m.result.add(&r);
+            }
+        }
+        for m in &measured {
+            let r = &m.result;
             let per_request = |c: Option<f64>| c.map(|c| c * 1e6 / r.calls.max(1) as f64);
             emit(
                 cli,
                 json!({
                     "figure": "proxy",
                     "protocol": protocol,
-                    "target": name,
+                    "target": m.name,
                     "connections": a.connections,
+                    "slices": slices,
                     "requests_per_s": r.per_s(),
                     "p50_us": us(&r.hist, 0.5),
                     "p99_us": us(&r.hist, 0.99),
                     "max_us": r.hist.max() as f64 / 1000.0,
-                    "activator_cpu_us_per_request": (name == "activator").then(|| per_request(cpu)).flatten(),
-                    "proxy_cpu_us_per_request": per_request(cpu),
-                    "load_cpu_us_per_request": per_request(load_cpu),
+                    "activator_cpu_us_per_request": (m.name == "activator").then(|| per_request(m.proxy_cpu)).flatten(),
+                    "proxy_cpu_us_per_request": per_request(m.proxy_cpu),
+                    "load_cpu_us_per_request": per_request(m.load_cpu),
                     "failed": r.failures,
                 }),
             );

@@ -156,6 +156,15 @@ impl LoopResult {
 /// Every client calls again as soon as it has its answer, until `duration`
 /// is over: the saturation figures of whatever the calls go through.
 pub async fn closed_loop(clients: Vec<Call>, duration: Duration) -> LoopResult {
+    closed_loop_keeping(clients, duration).await.0
+}
+
+/// [`closed_loop`], handing the clients (and their open connections) back,
+/// so that one set of connections can be measured in several slices.
+pub async fn closed_loop_keeping(
+    clients: Vec<Call>,
+    duration: Duration,
+) -> (LoopResult, Vec<Call>) {
     use std::time::Instant;
     let t0 = Instant::now();
     let stop = t0 + duration;
@@ -171,7 +180,7 @@ pub async fn closed_loop(clients: Vec<Call>, duration: Duration) -> LoopResult {
                     calls += 1;
                     failures += u64::from(!ok);
                 }
-                (h, calls, failures)
+                (h, calls, failures, call)
             })
         })
         .collect();
@@ -181,15 +190,37 @@ pub async fn closed_loop(clients: Vec<Call>, duration: Duration) -> LoopResult {
         failures: 0,
         elapsed_s: 0.0,
     };
+    let mut back = Vec::with_capacity(tasks.len());
     for t in tasks {
-        if let Ok((h, calls, failures)) = t.await {
+        if let Ok((h, calls, failures, call)) = t.await {
             let _ = out.hist.add(&h);
             out.calls += calls;
             out.failures += failures;
+            back.push(call);
         }
     }
     out.elapsed_s = t0.elapsed().as_secs_f64();
-    out
+    (out, back)
+}
+
+impl LoopResult {
+    /// An empty result, to add slices to.
+    pub fn empty() -> Self {
+        Self {
+            hist: new_hist(),
+            calls: 0,
+            failures: 0,
+            elapsed_s: 0.0,
+        }
+    }
+
+    /// Adds another slice measured with the same clients.
+    pub fn add(&mut self, other: &LoopResult) {
+        let _ = self.hist.add(&other.hist);
+        self.calls += other.calls;
+        self.failures += other.failures;
+        self.elapsed_s += other.elapsed_s;
+    }
 }
 
 /// A labelled sample from the server's /metrics: the first line of family
