@@ -151,6 +151,24 @@ impl LoopResult {
     pub fn per_s(&self) -> f64 {
         self.calls as f64 / self.elapsed_s
     }
+
+    /// An empty result, to add slices to.
+    pub fn empty() -> Self {
+        Self {
+            hist: new_hist(),
+            calls: 0,
+            failures: 0,
+            elapsed_s: 0.0,
+        }
+    }
+
+    /// Adds another slice measured with the same clients.
+    pub fn add(&mut self, other: &LoopResult) {
+        let _ = self.hist.add(&other.hist);
+        self.calls += other.calls;
+        self.failures += other.failures;
+        self.elapsed_s += other.elapsed_s;
+    }
 }
 
 /// Every client calls again as soon as it has its answer, until `duration`
@@ -184,12 +202,7 @@ pub async fn closed_loop_keeping(
             })
         })
         .collect();
-    let mut out = LoopResult {
-        hist: new_hist(),
-        calls: 0,
-        failures: 0,
-        elapsed_s: 0.0,
-    };
+    let mut out = LoopResult::empty();
     let mut back = Vec::with_capacity(tasks.len());
     for t in tasks {
         if let Ok((h, calls, failures, call)) = t.await {
@@ -201,26 +214,6 @@ pub async fn closed_loop_keeping(
     }
     out.elapsed_s = t0.elapsed().as_secs_f64();
     (out, back)
-}
-
-impl LoopResult {
-    /// An empty result, to add slices to.
-    pub fn empty() -> Self {
-        Self {
-            hist: new_hist(),
-            calls: 0,
-            failures: 0,
-            elapsed_s: 0.0,
-        }
-    }
-
-    /// Adds another slice measured with the same clients.
-    pub fn add(&mut self, other: &LoopResult) {
-        let _ = self.hist.add(&other.hist);
-        self.calls += other.calls;
-        self.failures += other.failures;
-        self.elapsed_s += other.elapsed_s;
-    }
 }
 
 /// A labelled sample from the server's /metrics: the first line of family

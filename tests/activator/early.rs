@@ -4,37 +4,9 @@
 use std::time::Duration;
 
 use activescale::activator::COLD_START_HEADER;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::support::*;
-
-/// Reads one response head (and a `content-length` body) off `conn`.
-async fn read_response(conn: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if got.len() >= end + 4 + len {
-                return String::from_utf8_lossy(&got[..end + 4 + len]).into_owned();
-            }
-        }
-        let n = within(conn.read(&mut buf)).await.expect("read a response");
-        assert!(
-            n > 0,
-            "connection closed after {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        got.extend_from_slice(&buf[..n]);
-    }
-}
 
 #[tokio::test]
 async fn a_raw_held_request_gets_its_cold_start_header_and_keeps_its_connection() {

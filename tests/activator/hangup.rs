@@ -11,10 +11,7 @@ use activescale::{
     activator::ActivatorSettings,
     proto::{GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tonic::transport::{Channel, Endpoint};
 
 use super::support::*;
@@ -61,9 +58,8 @@ async fn a_kept_alive_client_that_hangs_up_while_held_frees_its_place() {
         .unwrap();
     // The first answer: this connection now belongs to hyper, so its next
     // request is held there, not before it.
-    let mut buf = vec![0u8; 4096];
-    let n = within(conn.read(&mut buf)).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let first = read_response(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
 
     upstream.stop().await;
     let mut load = web.watch();

@@ -31,6 +31,7 @@ use hyper::{HeaderMap, Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::{
+    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
     sync::{Notify, mpsc},
     task::{JoinHandle, JoinSet},
@@ -448,5 +449,30 @@ impl ExternalScaler for TestScaler {
         _: tonic::Request<ScaledObjectRef>,
     ) -> Result<tonic::Response<Self::StreamMetricSpecStream>, Status> {
         Err(Status::unimplemented("not here"))
+    }
+}
+
+/// Reads one response head (and a `content-length` body) off `conn`.
+pub async fn read_response(conn: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&got[..end + 4 + len]).into_owned();
+            }
+        }
+        let n = within(conn.read(&mut buf)).await.expect("read a response");
+        assert!(
+            n > 0,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
     }
 }
