@@ -284,7 +284,7 @@ fn hung_up(_: &TcpStream) -> bool {
 }
 
 /// Writes one of our answers as a whole HTTP/1.1 response and closes.
-async fn raw(mut stream: TcpStream, metrics: &RouteMetrics, answer: Answer) -> Early {
+pub(super) async fn raw(mut stream: TcpStream, metrics: &RouteMetrics, answer: Answer) -> Early {
     metrics.answered(answer.status.as_u16());
     let bytes = answer.raw_http1();
     let _ = tokio::time::timeout(RAW_WRITE_TIMEOUT, async {
@@ -319,6 +319,12 @@ pub(crate) struct Rewind<T> {
 impl<T> Rewind<T> {
     pub(crate) fn new(pre: Vec<u8>, inner: T) -> Self {
         Self { pre, at: 0, inner }
+    }
+
+    /// The bytes not yet replayed, and the I/O object.
+    pub(crate) fn into_parts(mut self) -> (Vec<u8>, T) {
+        self.pre.drain(..self.at);
+        (self.pre, self.inner)
     }
 }
 

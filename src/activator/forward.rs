@@ -97,6 +97,9 @@ pub(crate) enum Kind {
 /// One route's upstream connections.
 pub(crate) struct Upstream {
     idle: Mutex<Vec<Idle>>,
+    /// Idle connections of the plain HTTP/1.1 path ([`super::relay`]): bare
+    /// sockets between two exchanges.
+    raw: Mutex<Vec<(Instant, TcpStream)>>,
     /// The shared HTTP/2 connection; an async lock so that requests arriving
     /// together wait for one new connection instead of each opening one.
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
@@ -119,6 +122,7 @@ impl Upstream {
     ) -> Self {
         Self {
             idle: Mutex::new(Vec::new()),
+            raw: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             connect_timeout,
             keepalive,
@@ -330,6 +334,32 @@ impl Upstream {
     pub(crate) fn prune(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|e| e.since.elapsed() <= IDLE_TIMEOUT && !e.sender.is_closed());
+        drop(idle);
+        let mut raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        raw.retain(|(since, _)| since.elapsed() <= IDLE_TIMEOUT);
+    }
+
+    /// An idle bare connection that `alive` accepts, newest first.
+    pub(crate) fn checkout_raw(&self, alive: impl Fn(&TcpStream) -> bool) -> Option<TcpStream> {
+        let mut raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((since, stream)) = raw.pop() {
+            if since.elapsed() <= IDLE_TIMEOUT && alive(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Gives back a bare connection between two exchanges (unless stopping).
+    pub(crate) fn checkin_raw(&self, stream: TcpStream) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let mut raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
+        if raw.len() >= MAX_IDLE {
+            raw.remove(0);
+        }
+        raw.push((Instant::now(), stream));
     }
 }
 
@@ -434,9 +464,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> HopByHop {
 /// formatted once per connection rather than once per request.
 pub(crate) struct Client {
     /// For `X-Forwarded-For`: `10.1.2.3`, `::1`.
-    addr: String,
+    pub(super) addr: String,
     /// The `Forwarded` element's start: `for=10.1.2.3`, `for="[::1]"`.
-    forwarded_for: String,
+    pub(super) forwarded_for: String,
 }
 
 impl Client {
@@ -607,7 +637,7 @@ fn is_token(s: &str) -> bool {
 }
 
 /// An RFC 7230 token as is, anything else as a quoted string.
-fn quote_if_needed(s: &str) -> String {
+pub(crate) fn quote_if_needed(s: &str) -> String {
     if is_token(s) {
         return s.to_string();
     }

@@ -17,6 +17,8 @@
 //! - `hold`: the bounded FIFO of held requests and the readiness flag.
 //! - `early`: a cold HTTP/1.1 connection's first request held before
 //!   hyper (a few hundred bytes instead of hyper's two 8 KiB buffers).
+//! - `relay`: plain HTTP/1.1 requests to a ready route, forwarded in the
+//!   client connection's task without hyper (anything else goes to hyper).
 //! - `probe`: connect probing and its schedule.
 //! - `forward`: HTTP/1.1 pool, HTTP/2, upgrades, hop-by-hop headers.
 //! - `metrics`: the `activescale_activator_*` families.
@@ -27,7 +29,9 @@
 //! previous response, `max_connections` connections, 200 streams per
 //! HTTP/2 connection, 64 KiB of unread request body per HTTP/2 stream
 //! (1 MiB per connection), held requests per route and in total, hold time,
-//! 8 KiB copy buffers each way for upgraded connections, and (held before
+//! 8 KiB copy buffers each way for upgraded connections, a 16 KiB upstream
+//! read buffer per relayed connection (upstream response heads ≤ 32 KiB, at
+//! most 8 interim answers), and (held before
 //! hyper) 64 KiB read and dropped, within 1 s, after a raw 503/504. Bodies are
 //! never buffered: a held request's body is simply not read yet (beyond any
 //! bytes that came in the same read as the head, inside its buffer).
@@ -38,6 +42,7 @@ mod hold;
 mod metrics;
 mod probe;
 mod publish;
+mod relay;
 mod route;
 mod until;
 
@@ -637,6 +642,15 @@ impl Shared {
                 let (io, released) = match self.early_h1(stream, first.as_mut(), &shutdown).await {
                     early::Early::Hyper(io, released) => (io, released),
                     early::Early::Done => return,
+                };
+                // Not held: plain requests are relayed until one is not.
+                // Boxed, like hyper's state below, and only once relayed.
+                let (io, released) = match released {
+                    Some(r) => (io, Some(r)),
+                    None => match Box::pin(self.relay_h1(io, &ctx.client, &shutdown)).await {
+                        early::Early::Hyper(io, released) => (io, released),
+                        early::Early::Done => return,
+                    },
                 };
                 // A whole head (or one hyper is to refuse) was read: the
                 // first-request deadline is met, even if it was then held.

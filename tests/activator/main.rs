@@ -9,6 +9,7 @@ mod common;
 mod early;
 mod hangup;
 mod memory;
+mod relay;
 mod support;
 
 // As in the binary, so that the memory measurement is representative.
@@ -391,6 +392,11 @@ async fn keep_alive_reuses_upstream_connections() {
     let port = free_port();
     let proxy = Proxy::start(settings(vec![route("web.example.com", None, port.n)])).await;
     let _upstream = Upstream::echo(&port).await;
+    // Ready first: a request held until then goes through hyper's path,
+    // whose upstream connections are pooled apart from the relayed ones.
+    within(proxy.route(0).ready_watch().wait_for(|r| *r))
+        .await
+        .unwrap();
     let mut conns = Vec::new();
     for i in 0..4 {
         // A new client connection each time: reuse is the proxy's pool, not the client's.
