@@ -1294,4 +1294,58 @@ mod tests {
             assert_eq!(sink, b"head body!");
         });
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes: no panic, and a relayed head is one hyper's path
+            /// would take too (a complete head with a known route).
+            #[test]
+            fn any_request_bytes_are_planned_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let mut out = Vec::new();
+                if let Plan::Relay(h) = plan(&table(), &bytes, &client(), &mut out) {
+                    prop_assert!(h.len + h.body <= bytes.len());
+                    prop_assert!(out.ends_with(b"\r\n\r\n"));
+                }
+            }
+
+            #[test]
+            fn any_reply_bytes_are_parsed_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..512), head in any::<bool>()) {
+                let mut out = Vec::new();
+                if let Ok(Some(r)) = reply(&bytes, head, false, &mut out) {
+                    prop_assert!(r.len <= bytes.len());
+                }
+            }
+
+            /// However a chunked body is cut into reads, it ends at the same byte.
+            #[test]
+            fn chunk_scanning_does_not_depend_on_how_bytes_arrive(
+                sizes in proptest::collection::vec(0usize..40, 0..6),
+                cuts in proptest::collection::vec(1usize..16, 1..64),
+            ) {
+                let mut body = Vec::new();
+                for n in &sizes {
+                    if *n == 0 { continue; }
+                    body.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                    body.extend(std::iter::repeat_n(b'x', *n));
+                    body.extend_from_slice(b"\r\n");
+                }
+                body.extend_from_slice(b"0\r\nT: 1\r\n\r\nNEXT");
+                let end = body.len() - 4;
+                let mut c = Chunks::default();
+                let (mut at, mut found) = (0, None);
+                for cut in cuts.iter().cycle() {
+                    if at >= body.len() || found.is_some() { break; }
+                    let to = (at + cut).min(body.len());
+                    if let Some(n) = c.feed(&body[at..to]).unwrap() {
+                        found = Some(at + n);
+                    }
+                    at = to;
+                }
+                prop_assert_eq!(found, Some(end));
+            }
+        }
+    }
 }
