@@ -42,7 +42,7 @@ use super::{
 /// bytes, a browser's under 1 KiB); it doubles up to [`MAX_HEAD_BYTES`].
 const INITIAL_HEAD_BUF: usize = 1024;
 /// hyper's own HTTP/1.1 header limit: more is hyper's 431 to give.
-const MAX_HEADERS: usize = 100;
+pub(super) const MAX_HEADERS: usize = 100;
 /// Bound on writing one of our raw answers (and lingering after it).
 const RAW_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most of a client's unread request we read and drop after such an answer.

@@ -380,7 +380,7 @@ pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<T
 // ---- headers ------------------------------------------------------------
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1) and proxy credentials.
-const HOP_BY_HOP: [&str; 8] = [
+pub(super) const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "proxy-connection",
     "keep-alive",

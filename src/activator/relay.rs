@@ -38,13 +38,11 @@ use tracing::{debug, warn};
 
 use super::{
     Answer, Flight, MAX_HEAD_BYTES, RouteState, Shared, State,
-    early::{Early, Rewind, raw},
+    early::{Early, MAX_HEADERS, Rewind, raw},
     forward::{self, Client},
     route,
 };
 
-/// hyper's own HTTP/1.1 header limit (as for [`super::early`]).
-const MAX_HEADERS: usize = 100;
 /// The upstream read buffer: response heads and body pieces.
 const UPSTREAM_BUF: usize = 16 * 1024;
 /// Interim (1xx) responses skipped before the final one, as hyper's client
@@ -198,21 +196,11 @@ fn length(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
-/// Hop-by-hop fields (RFC 9110 §7.6.1) and proxy credentials, as
-/// `forward::HOP_BY_HOP`.
+/// One of `forward::HOP_BY_HOP` (hop-by-hop fields and proxy credentials).
 fn hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+    forward::HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// What `HeaderValue::to_str` accepts: the values the hyper path reads.
