@@ -381,11 +381,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::config::ActivatorRoute;
 
-    fn table() -> route::RouteTable {
+    /// Two routes of one host, `/` (0) and `/api` (1); `relay`'s tests too.
+    pub(in crate::activator) fn table() -> route::RouteTable {
         route::RouteTable::new(&[
             ActivatorRoute {
                 host: "web.example.com".into(),

@@ -901,24 +901,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ActivatorRoute;
-
-    fn table() -> route::RouteTable {
-        route::RouteTable::new(&[
-            ActivatorRoute {
-                host: "web.example.com".into(),
-                path_prefix: None,
-                upstream: "up:80".into(),
-                namespace: "shop".into(),
-            },
-            ActivatorRoute {
-                host: "web.example.com".into(),
-                path_prefix: Some("/api".into()),
-                upstream: "api:80".into(),
-                namespace: "shop".into(),
-            },
-        ])
-    }
+    use crate::activator::early::tests::table;
 
     fn client() -> Client {
         Client::new("10.1.2.3".parse().unwrap())
