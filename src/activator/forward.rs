@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
 use http_body::{Body, Frame, SizeHint};
 use hyper::{
@@ -621,36 +621,28 @@ pub(crate) fn add_forwarding<B>(req: &mut Request<B>, client: &Client) {
     }
 }
 
-/// [`quote_if_needed`], written into `buf`.
-fn push_quoted_if_needed(buf: &mut BytesMut, s: &str) {
+/// An RFC 7230 token as is, anything else as a quoted string, written into
+/// `buf` without an allocation of its own (the relay's per-request path).
+pub(super) fn push_quoted_if_needed(buf: &mut impl BufMut, s: &str) {
     if is_token(s) {
-        buf.extend_from_slice(s.as_bytes());
-    } else {
-        buf.extend_from_slice(quote_if_needed(s).as_bytes());
+        buf.put_slice(s.as_bytes());
+        return;
     }
+    buf.put_u8(b'"');
+    // Byte by byte: `"` and `\` never occur inside a UTF-8 sequence.
+    for b in s.bytes() {
+        if b == b'"' || b == b'\\' {
+            buf.put_u8(b'\\');
+        }
+        buf.put_u8(b);
+    }
+    buf.put_u8(b'"');
 }
 
 fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-/// An RFC 7230 token as is, anything else as a quoted string.
-pub(crate) fn quote_if_needed(s: &str) -> String {
-    if is_token(s) {
-        return s.to_string();
-    }
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
 }
 
 /// Cleans the upstream's response headers (keeping `Upgrade` on a 101).
@@ -898,6 +890,12 @@ mod tests {
                 .values()
                 .all(|v| !inside(v.as_bytes().as_ptr()))
         );
+    }
+
+    fn quote_if_needed(s: &str) -> String {
+        let mut out = Vec::new();
+        push_quoted_if_needed(&mut out, s);
+        String::from_utf8(out).unwrap()
     }
 
     #[test]

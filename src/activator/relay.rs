@@ -172,19 +172,13 @@ fn plain_host(value: &[u8]) -> Option<Cow<'_, str>> {
         Some(_) => return None,
         None => value,
     };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty()
-        || !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
     {
         return None;
     }
-    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(host.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(host)
-    })
+    route::normalised(host)
 }
 
 /// A `Content-Length` value: digits only, bounded.
@@ -256,7 +250,7 @@ fn write_request(req: &httparse::Request<'_, '_>, client: &Client, out: &mut Vec
     // `check` took only plain hosts: graphic ASCII, always.
     if let Some(host) = host.and_then(|h| std::str::from_utf8(h).ok()) {
         out.extend_from_slice(b";host=");
-        out.extend_from_slice(forward::quote_if_needed(host).as_bytes());
+        forward::push_quoted_if_needed(out, host);
     }
     out.extend_from_slice(b";proto=http\r\n\r\n");
 }
@@ -366,22 +360,22 @@ pub(crate) fn reply(
             date = true;
         }
     }
-    let mut framing =
-        if head_method || (100..200).contains(&status) || status == 204 || status == 304 {
-            Framing::None
-        } else if te {
-            if chunked {
-                Framing::Chunked
-            } else {
-                Framing::ToClose
-            }
+    // No body for HEAD (its framing fields describe one not sent), 1xx, 204, 304.
+    let framing = if head_method || (100..200).contains(&status) || status == 204 || status == 304 {
+        Framing::None
+    } else if te {
+        if chunked {
+            Framing::Chunked
         } else {
-            match length_seen {
-                Some(0) => Framing::None,
-                Some(n) => Framing::Length(n),
-                None => Framing::ToClose,
-            }
-        };
+            Framing::ToClose
+        }
+    } else {
+        match length_seen {
+            Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+            None => Framing::ToClose,
+        }
+    };
     if te && length_seen.is_some() {
         // Both: Transfer-Encoding wins, and the connection is not to be
         // trusted with another request (RFC 9112 §6.3).
@@ -401,8 +395,13 @@ pub(crate) fn reply(
     }
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
-    out.push(b' ');
+    // httparse reads exactly three digits: 100–999.
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
@@ -434,10 +433,6 @@ pub(crate) fn reply(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    // A HEAD answer's framing fields describe a body that is not sent.
-    if head_method {
-        framing = Framing::None;
-    }
     Ok(Some(Reply {
         len,
         status,

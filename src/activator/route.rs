@@ -92,11 +92,17 @@ pub(crate) fn request_host<B>(req: &Request<B>) -> Result<Cow<'_, str>, Cow<'_, 
     let Some(host) = raw.get(start..start + host_len) else {
         return Err(Cow::Borrowed(raw));
     };
+    normalised(host).ok_or(Cow::Borrowed(raw))
+}
+
+/// A host (port already removed) as routes are matched: no trailing dot,
+/// lowercase; `None` when nothing is left.
+pub(crate) fn normalised(host: &str) -> Option<Cow<'_, str>> {
     let host = host.strip_suffix('.').unwrap_or(host);
     if host.is_empty() {
-        return Err(Cow::Borrowed(raw));
+        return None;
     }
-    Ok(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
         Cow::Borrowed(host)
